@@ -1,0 +1,525 @@
+"""The canvas world model: observe, train by inpainting, predict the next frame, repeat.
+
+``AutoencoderConcatPredictorWorldModel`` runs the spec's loop over any robot with the
+``get_observation() / execute_action() / action_space`` interface (the live ``ToroidalDotRobot``
+or ``ReplayRobot`` over a recorded session). One iteration:
+
+1. observe frame t and append it to the history;
+2. score the previous prediction against it (MSE);
+3. with 3 frames of history, train on the canvas ``[f(t-2)][a][f(t-1)][a][f(t)]`` (one step,
+   or until the quality gate passes);
+4. choose an action and append it;
+5. inpaint ``[f(t-1)][a(t-1)][f(t)][a(t)][blank]`` -> predicted frame t+1;
+6. execute the action; 7. trim the history.
+
+Nothing here imports gradio or matplotlib: the app turns the state and metrics into pictures.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import random
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from config import CHECKPOINT_PATH, AutoencoderConcatPredictorWorldModelConfig
+from models import TargetedMAEWrapper, build_canvas, canvas_to_tensor, patchify, tensor_to_uint8
+from models.autoencoder_concat_predictor import last_slot_x0
+
+CHECKPOINT_FORMAT = "concat-world-model/1"  # bump when the checkpoint layout changes
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be saved or loaded; the live model is left as it was."""
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) in one place."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def get_lr(step: int, cfg: AutoencoderConcatPredictorWorldModelConfig) -> float:
+    """Learning rate at an optimizer step: linear warm-up, then cosine decay to ``min_lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    if step >= cfg.lr_decay_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.lr_decay_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def configure_optimizer(model: torch.nn.Module, cfg: AutoencoderConcatPredictorWorldModelConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not biases, norms or learned tokens)."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and not n.endswith("_token")]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or n.endswith("_token"))]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas)
+
+
+def frame_mse(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean squared error of two uint8 frames on the 0-1 scale."""
+    return float(np.mean((a.astype(np.float32) / 255.0 - b.astype(np.float32) / 255.0) ** 2))
+
+
+def _is_frame(item) -> bool:
+    return isinstance(item, np.ndarray)
+
+
+# -----------------------------------------------------------------------------
+# replaying a recorded session
+
+
+class ReplayRobot:
+    """Plays a recorded session back as if it were the robot, looping at its end.
+
+    Args:
+        session: any object with ``frame(i) -> uint8 (H, W, 3)``, ``action_after(i) -> int | None``
+            and ``observations`` (a sized sequence), such as ``session_explorer_lib.Session``.
+        start_index: the recorded frame to start from.
+    """
+
+    def __init__(self, session, start_index: int = 0):
+        self.session = session
+        self.num_frames = len(session.observations)
+        if self.num_frames < 1:
+            raise ValueError("the session has no frames to replay")
+        self.index = int(start_index) % self.num_frames
+        self.episode_boundary = False  # True right after looping: the next frame does not follow from the action
+
+    @property
+    def action_space(self) -> list[dict]:
+        return [{"action": 0}, {"action": 1}]
+
+    def get_observation(self) -> np.ndarray:
+        return self.session.frame(self.index)
+
+    def recorded_action(self) -> dict:
+        """The action recorded after the current frame (stay at the session's last frame)."""
+        a = self.session.action_after(self.index)
+        return {"action": 0 if a is None else int(a)}
+
+    def execute_action(self, action) -> None:
+        self.index += 1
+        self.episode_boundary = self.index >= self.num_frames
+        if self.episode_boundary:
+            self.index = 0
+
+    def cleanup(self) -> None:
+        pass
+
+
+def create_replay_action_selector(robot: ReplayRobot) -> Callable:
+    """A selector that returns the action the session recorded after the current frame."""
+
+    def selector(observation, action_space):
+        return robot.recorded_action()
+
+    return selector
+
+
+# -----------------------------------------------------------------------------
+# the world model
+
+
+@dataclass
+class AttentionCapture:
+    """Decoder attention of one prediction, for the attention explorer.
+
+    weights: float32 (layers, heads, N, N), N = 1 + patches (token 0 is CLS).
+    patch_mask: bool (L,), True = masked (the predicted slot).
+    grid_size: (rows, columns) of the patch grid.
+    canvas: uint8 (H, W, 3) canvas the attention was computed on.
+    patch_size: patch side in pixels.
+    """
+
+    weights: np.ndarray
+    patch_mask: np.ndarray
+    grid_size: tuple[int, int]
+    canvas: np.ndarray
+    patch_size: int
+
+
+@dataclass
+class _TrainProducts:
+    canvas: np.ndarray  # uint8 (H, W, 3) the canvas of the latest training step
+    mask: torch.Tensor  # bool (L,) its patch mask
+    pred: torch.Tensor  # (1, L, P) the model's output for it, detached
+
+
+class AutoencoderConcatPredictorWorldModel:
+    """Learns to predict the next frame of a robot by inpainting the last slot of a canvas.
+
+    Args:
+        robot_interface: the robot to observe and act on.
+        action_selector: ``selector(observation, action_space) -> action dict``; defaults to the
+            replay selector for a ``ReplayRobot`` and to always-move otherwise.
+        device: torch device; CUDA when present, else CPU.
+        training_callback: called with each iteration's metrics dict.
+        config: canvas, model and optimiser settings.
+    """
+
+    def __init__(
+        self,
+        robot_interface,
+        action_selector: Callable | None = None,
+        device: torch.device | str | None = None,
+        training_callback: Callable[[dict], None] | None = None,
+        config: AutoencoderConcatPredictorWorldModelConfig | None = None,
+    ):
+        self.config = cfg = config or AutoencoderConcatPredictorWorldModelConfig()
+        self.robot = robot_interface
+        if action_selector is None:
+            action_selector = (
+                create_replay_action_selector(robot_interface)
+                if isinstance(robot_interface, ReplayRobot)
+                else (lambda observation, action_space: {"action": 1})
+            )
+        self.action_selector = action_selector
+        self.device = torch.device(device) if device is not None else default_device()
+        self.training_callback = training_callback
+        self.lock = threading.RLock()  # one model, many callers (app events, checkpoint saves)
+
+        seed_everything(cfg.seed)
+        self.model = TargetedMAEWrapper(cfg).to(self.device)
+        self.optimizer = configure_optimizer(self.model, cfg)
+        self.patch_mask = self.model.default_mask().to(self.device)  # (L,) True = last slot
+
+        self.step = 0  # optimizer steps taken
+        self.iteration = 0  # loop iterations run
+        self.interleaved_history: list = []  # [frame, action, frame, action, ...] uint8 frames, action dicts
+        self.last_training_canvas: np.ndarray | None = None
+        self.last_training_mask: torch.Tensor | None = None
+        self.last_training_loss: float | None = None  # the optimised loss of the latest step
+        self.last_training_mse: float | None = None  # plain masked MSE of the latest step
+        self.last_prediction: np.ndarray | None = None  # predicted frame t+1, uint8 (H, W, 3)
+        self.last_prediction_canvas: np.ndarray | None = None  # canvas it was inpainted from
+        self.last_observation: np.ndarray | None = None  # frame t
+        self.last_checked_prediction: np.ndarray | None = None  # the prediction that frame t was compared with
+        self.last_prediction_error: float | None = None  # MSE(last_checked_prediction, frame t)
+        self._train_products: _TrainProducts | None = None
+
+    # -- training and prediction -------------------------------------------------
+
+    def _set_lr(self) -> float:
+        lr = get_lr(self.step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_step(self, canvas: np.ndarray) -> dict:
+        """One optimizer step on one canvas; returns {'loss', 'mse', 'lr'} as Python floats."""
+        cfg = self.config
+        with self.lock:
+            self.model.train()
+            imgs = canvas_to_tensor(canvas, self.device)  # (1, 3, H, W)
+            lr = self._set_lr()
+            pred = self.model.forward_with_patch_mask(imgs, self.patch_mask)  # (1, L, P)
+            loss, mse = self.model.loss(imgs, pred, self.patch_mask)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            self._train_products = _TrainProducts(canvas=canvas, mask=self.patch_mask, pred=pred.detach())
+            self.last_training_canvas = canvas
+            self.last_training_mask = self.patch_mask
+            self.last_training_loss = loss.item()
+            self.last_training_mse = mse.item()
+            return {"loss": self.last_training_loss, "mse": self.last_training_mse, "lr": lr}
+
+    def train_autoencoder(self, canvas: np.ndarray) -> float:
+        """Train on a canvas: one step, or with the quality gate on, until the masked MSE falls
+        under ``canvas_inpainting_threshold`` (at most ``quality_gate_max_steps`` steps).
+
+        Returns:
+            The optimised loss of the last step taken.
+        """
+        cfg = self.config
+        result = self.train_step(canvas)
+        if cfg.quality_gate:
+            for _ in range(cfg.quality_gate_max_steps - 1):
+                if result["mse"] < cfg.canvas_inpainting_threshold:
+                    break
+                result = self.train_step(canvas)
+        return result["loss"]
+
+    @torch.no_grad()
+    def predict_canvas(self, canvas: np.ndarray) -> np.ndarray:
+        """Inpaint the masked slot of a canvas; returns the full reconstruction, uint8 (H, W, 3)."""
+        with self.lock:
+            pred = self.model.forward_with_patch_mask(canvas_to_tensor(canvas, self.device), self.patch_mask)
+            return tensor_to_uint8(self.model.reconstruct(pred)[0])
+
+    def predict_next_frame(self, history: list) -> np.ndarray:
+        """Predict the frame that follows a history.
+
+        Args:
+            history: ``[..., f(t-1), a(t-1), f(t), a(t)]``, ending in the action about to be taken.
+
+        Returns:
+            uint8 (H, W, 3): the inpainted last slot.
+        """
+        cfg = self.config
+        K = cfg.canvas_history_size
+        items = history[-(2 * (K - 1)) :]  # (K-1) frames with the action after each
+        if len(items) < 2 * (K - 1) or not _is_frame(items[0]):
+            raise ValueError(f"predict_next_frame needs {K - 1} frames, each followed by its action")
+        canvas = build_canvas(items, cfg.frame_size, cfg.separator_width)  # blank last slot
+        full = self.predict_canvas(canvas)
+        x0 = last_slot_x0(cfg.frame_size[1], K, cfg.separator_width)
+        self.last_prediction_canvas = canvas
+        return np.ascontiguousarray(full[:, x0 : x0 + cfg.frame_size[1]])
+
+    # -- the loop -------------------------------------------------------------------
+
+    def run_iter(self, max_iterations: int, stop_event: threading.Event | None = None) -> Iterator[dict]:
+        """Run the loop, yielding each iteration's metrics; stops early when ``stop_event`` is set."""
+        for _ in range(int(max_iterations)):
+            if stop_event is not None and stop_event.is_set():
+                return
+            yield self.run_one_iteration()
+
+    def run(self, max_iterations: int, stop_event: threading.Event | None = None) -> list[dict]:
+        """Run ``max_iterations`` iterations of the loop; returns their metrics."""
+        return list(self.run_iter(max_iterations, stop_event))
+
+    def run_one_iteration(self) -> dict:
+        """One pass of the spec's loop. Returns metrics as Python floats (None where not yet defined):
+        iteration, step, prediction_error, training_loss, training_mse, lr, iteration_time."""
+        cfg = self.config
+        K = cfg.canvas_history_size
+        with self.lock:
+            t0 = time.perf_counter()
+            obs = np.asarray(self.robot.get_observation(), dtype=np.uint8)
+            self.interleaved_history.append(obs)  # 1. observe
+            self.last_observation = obs
+
+            prediction_error = None  # 2. score the previous prediction
+            if self.last_prediction is not None:
+                prediction_error = frame_mse(self.last_prediction, obs)
+                self.last_checked_prediction = self.last_prediction
+                self.last_prediction_error = prediction_error
+
+            train = None  # 3. train on the canvas ending in frame t
+            if len(self.interleaved_history) >= 2 * K - 1:
+                canvas = build_canvas(self.interleaved_history[-(2 * K - 1) :], cfg.frame_size, cfg.separator_width)
+                self.train_autoencoder(canvas)
+                train = {"loss": self.last_training_loss, "mse": self.last_training_mse}
+
+            action = self.action_selector(obs, self.robot.action_space)  # 4. act
+            self.interleaved_history.append(action)
+
+            self.last_prediction = None  # 5. predict frame t+1
+            if len(self.interleaved_history) >= 2 * (K - 1):
+                self.last_prediction = self.predict_next_frame(self.interleaved_history)
+
+            self.robot.execute_action(action)  # 6. execute
+            if getattr(self.robot, "episode_boundary", False):
+                # a replay looped: the next frame does not follow from this action
+                self.interleaved_history.clear()
+                self.last_prediction = None
+            del self.interleaved_history[: -(2 * (K - 1))]  # 7. keep what the next canvas needs
+
+            self.iteration += 1
+            metrics = {
+                "iteration": self.iteration,
+                "step": self.step,
+                "prediction_error": prediction_error,
+                "training_loss": None if train is None else train["loss"],
+                "training_mse": None if train is None else train["mse"],
+                "lr": get_lr(max(self.step - 1, 0), cfg),
+                "iteration_time": time.perf_counter() - t0,
+            }
+        if self.training_callback is not None:
+            self.training_callback(metrics)
+        return metrics
+
+    # -- views ---------------------------------------------------------------------
+
+    def get_training_views(self) -> dict[str, np.ndarray] | None:
+        """The spec's four training views of the latest training step, uint8 (H, W, 3) each:
+        ``original``, ``masked`` (masked patches greyed), ``inpainting`` (the model's output for
+        every patch), ``composite`` (visible patches from the canvas, masked ones from the model).
+        None before the first training step."""
+        with self.lock:
+            products = self._train_products
+            if products is None:
+                return None
+            cfg = self.config
+            p = cfg.patch_size
+            gh, gw = self.model.grid_size
+            canvas = products.canvas
+            mask_px = products.mask.reshape(gh, gw).cpu().numpy().repeat(p, 0).repeat(p, 1)  # (H, W) True = masked
+            inpainting = tensor_to_uint8(self.model.reconstruct(products.pred)[0])
+        masked = canvas.copy()
+        masked[mask_px] = (0.35 * canvas[mask_px] + 0.65 * np.array([128, 128, 128])).astype(np.uint8)
+        grid = np.zeros_like(mask_px)  # patch borders inside the masked area, so single patches show
+        grid[::p, :] = True
+        grid[:, ::p] = True
+        masked[grid & mask_px] = (90, 90, 90)
+        composite = np.where(mask_px[..., None], inpainting, canvas)
+        return {"original": canvas, "masked": masked, "inpainting": inpainting, "composite": composite}
+
+    def get_prediction_views(self) -> dict:
+        """The spec's prediction views, uint8 (H, W, 3) or None: ``current`` (frame t),
+        ``predicted`` (predicted frame t+1), ``checked`` (the prediction frame t was compared with),
+        ``error`` (|checked - current| per pixel, amplified to full range for display) and
+        ``error_mse`` (its MSE, or None)."""
+        with self.lock:
+            current, predicted, checked = self.last_observation, self.last_prediction, self.last_checked_prediction
+            error_mse = self.last_prediction_error
+        error = None
+        if current is not None and checked is not None:
+            error = np.abs(checked.astype(np.int16) - current.astype(np.int16)).astype(np.uint8)
+        return {"current": current, "predicted": predicted, "checked": checked, "error": error, "error_mse": error_mse}
+
+    @torch.no_grad()
+    def capture_decoder_attention(self, canvas: np.ndarray | None = None) -> AttentionCapture | None:
+        """Decoder attention of an inpainting pass (default: the latest prediction canvas)."""
+        with self.lock:
+            canvas = self.last_prediction_canvas if canvas is None else canvas
+            if canvas is None:
+                return None
+            imgs = canvas_to_tensor(canvas, self.device)
+            _, attn = self.model.forward_with_patch_mask(imgs, self.patch_mask, return_attn=True)
+            weights = torch.stack([a[0] for a in attn]).float().cpu().numpy()  # (layers, heads, N, N)
+            return AttentionCapture(
+                weights=weights,
+                patch_mask=self.patch_mask.cpu().numpy().copy(),
+                grid_size=tuple(self.model.grid_size),
+                canvas=canvas,
+                patch_size=self.config.patch_size,
+            )
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    def _checkpoint_payload(self) -> dict:
+        cfg = self.config
+        config_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "architecture": cfg.architecture(),
+            "config": config_dict,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "step": int(self.step),
+            "iteration": int(self.iteration),
+            "saved_at": time.time(),
+        }
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
+        """Write model, optimizer, step and config atomically (temp file, fsync, rename).
+
+        A crash mid-save leaves the previous file intact; concurrent saves leave one complete file.
+        """
+        path = Path(path) if path is not None else CHECKPOINT_PATH
+        with self.lock:
+            payload = self._checkpoint_payload()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise CheckpointError(f"could not save the checkpoint to {path}: {e.strerror or e}") from e
+            raise
+        _fsync_dir(path.parent)
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike | None = None) -> dict:
+        """Load a checkpoint saved by ``save_checkpoint``; returns a summary dict.
+
+        Only plain tensors and containers are unpickled (``weights_only=True``), so a file cannot
+        run code. A file that is missing, corrupt, of another architecture or without weights
+        raises ``CheckpointError`` and leaves the live model and optimizer untouched.
+        """
+        path = Path(path) if path is not None else CHECKPOINT_PATH
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint file at {path}")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # unpickling errors come in many types
+            raise CheckpointError(f"{path.name} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+        model_state, optim_state = self._validate_payload(payload, path)
+        with self.lock:
+            backup = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.optimizer.state_dict()), self.step, self.iteration)
+            try:
+                self.model.load_state_dict(model_state, strict=True)
+                if optim_state is not None:
+                    self.optimizer.load_state_dict(optim_state)
+                self.step = int(payload.get("step", 0))
+                self.iteration = int(payload.get("iteration", 0))
+            except Exception as e:
+                self.model.load_state_dict(backup[0])
+                self.optimizer.load_state_dict(backup[1])
+                self.step, self.iteration = backup[2], backup[3]
+                raise CheckpointError(f"{path.name} does not fit this model: {str(e)[:200]}") from e
+        return {"path": str(path), "step": self.step, "iteration": self.iteration}
+
+    def _validate_payload(self, payload, path: Path) -> tuple[dict, dict | None]:
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path.name} is not a world-model checkpoint of format {CHECKPOINT_FORMAT}")
+        arch = payload.get("architecture")
+        if arch != self.config.architecture():
+            diff = {k: (v, (arch or {}).get(k)) for k, v in self.config.architecture().items() if (arch or {}).get(k) != v}
+            raise CheckpointError(f"{path.name} was trained with another architecture (this model vs file: {diff})")
+        model_state = payload.get("model")
+        live = self.model.state_dict()
+        if not isinstance(model_state, dict) or set(model_state) != set(live):
+            raise CheckpointError(f"{path.name} holds no complete set of model weights")
+        for k, v in live.items():
+            t = model_state[k]
+            if not isinstance(t, torch.Tensor) or t.shape != v.shape or not torch.isfinite(t).all():
+                raise CheckpointError(f"{path.name}: weight {k} is missing, misshapen or not finite")
+        optim_state = payload.get("optimizer")
+        return model_state, optim_state if isinstance(optim_state, dict) else None
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

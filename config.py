@@ -1,0 +1,159 @@
+"""All tunables of the Concat World Model Explorer, in one place.
+
+Every value is read-only data: frozen dataclasses (nanoGPT's ``GPTConfig``, CleanRL's ``Args``).
+Code that needs a variant builds a new object with ``dataclasses.replace(cfg, ...)``; derived
+sizes (canvas width, patch grid) are properties, never stored twice.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# -----------------------------------------------------------------------------
+# paths
+
+PROJECT_ROOT = Path(__file__).resolve().parent  # the folder holding this file
+SAVED_ROOT = Path(os.environ.get("CWM_SAVED_ROOT", PROJECT_ROOT / "saved"))  # all user data lives below here
+SESSIONS_ROOT = SAVED_ROOT / "sessions" / "toroidal_dot"  # one folder per recorded session
+CHECKPOINT_DIR = SAVED_ROOT / "checkpoints" / "toroidal_dot"  # where the world model keeps its weights
+CHECKPOINT_PATH = CHECKPOINT_DIR / "autoencoder.pth"  # the default checkpoint file (spec "Model Checkpoints")
+
+RECORDING_MODE = False  # spec flag: True makes record_session.py the intended entry point; the app ignores it
+
+
+# -----------------------------------------------------------------------------
+# environment
+
+
+@dataclass(frozen=True)
+class ToroidalDotConfig:
+    """The toroidal dot world: a white dot on a black square that wraps at its edges."""
+
+    img_size: int = 224  # frame height and width in pixels
+    dot_radius: int = 5  # dot radius in pixels (a filled disc of about 80 pixels)
+    move_pixels: int = 27  # how far action 1 ("move right") shifts the dot, in pixels
+
+
+# -----------------------------------------------------------------------------
+# session files
+
+
+@dataclass(frozen=True)
+class RecordingConfig:
+    """How sessions are written to disk (format in DESIGN.md)."""
+
+    shard_size: int = 1000  # events per events_shard_NNN.jsonl file
+    frame_format: str = "png"  # lossless; the reader also accepts the seed's older .jpg frames
+    max_session_bytes: int | None = None  # stop a recording (never delete) once a session exceeds this; None = no limit
+
+
+# -----------------------------------------------------------------------------
+# world model
+
+
+@dataclass(frozen=True)
+class AutoencoderConcatPredictorWorldModelConfig:
+    """Canvas, model and optimiser settings of the canvas-inpainting world model.
+
+    The spec's numbers are the defaults: 224x224 frames, 8 px separators, 3 frames of history
+    (a 224x688 canvas), 16 px patches, the whole last slot masked.
+    """
+
+    # canvas -----------------------------------------------------------------
+    frame_size: tuple[int, int] = (224, 224)  # (height, width) of one frame slot in pixels
+    separator_width: int = 8  # width in pixels of the action-coloured band between frames
+    canvas_history_size: int = 3  # frame slots on a canvas: 2 of history + the one to predict
+    in_chans: int = 3  # RGB
+
+    # masking ----------------------------------------------------------------
+    patch_size: int = 16  # ViT patch side in pixels: 224x688 -> a 14 x 43 grid of 602 patches
+    mask_ratio: float = 1.0  # fraction of the last slot's patches masked; 1.0 = predict the whole next frame
+
+    # MAE ViT (sizes fixed by DESIGN.md) ---------------------------------------
+    embed_dim: int = 256  # encoder token width
+    depth: int = 5  # encoder blocks
+    num_heads: int = 4  # encoder attention heads
+    decoder_embed_dim: int = 128  # decoder token width
+    decoder_depth: int = 5  # decoder blocks (the attention explorer shows layers 0-4)
+    decoder_num_heads: int = 4  # decoder attention heads (the attention explorer shows heads 0-3)
+    mlp_ratio: float = 4.0  # MLP hidden width / token width in every block
+
+    # optimisation -----------------------------------------------------------
+    learning_rate: float = 1e-3  # AdamW peak learning rate (the reference 1e-4 barely moves in minutes)
+    weight_decay: float = 0.05  # AdamW decay on weight matrices only (never on biases, norms, embeddings)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas, the MAE recipe
+    warmup_steps: int = 30  # linear warm-up length in optimizer steps (600 wasted the first minutes)
+    lr_decay_steps: int = 20_000  # cosine decay horizon in optimizer steps; the rate then stays at min_lr
+    min_lr: float = 1e-5  # floor of the cosine schedule
+    grad_clip: float = 1.0  # max gradient norm; keeps a rare large dot error from blowing up a step
+
+    # loss ------------------------------------------------------------------
+    foreground_weight: float = 0.5  # share of the loss given to dot pixels (the rest to background):
+    # the dot is ~80 of 50,176 pixels, so a plain MSE is minimised by predicting black everywhere
+    foreground_threshold: float = 0.5  # a target pixel brighter than this (0-1 scale) counts as dot
+
+    # quality gate -------------------------------------------------------------
+    canvas_inpainting_threshold: float = 0.0001  # spec: with the gate on, train until the masked loss is below this
+    quality_gate: bool = False  # off by default: one optimizer step per iteration keeps the loop live
+    quality_gate_max_steps: int = 20  # cap on extra steps one iteration may spend with the gate on
+
+    # run ------------------------------------------------------------------
+    seed: int = 0  # seeds torch, numpy and python's random in one place
+
+    # derived sizes --------------------------------------------------------------
+    @property
+    def canvas_size(self) -> tuple[int, int]:
+        """(height, width) of the canvas: frames side by side with a separator between each pair."""
+        h, w = self.frame_size
+        k = self.canvas_history_size
+        return h, k * w + (k - 1) * self.separator_width
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(rows, columns) of the patch grid over the canvas."""
+        h, w = self.canvas_size
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Number of patch tokens on the canvas (CLS excluded)."""
+        gh, gw = self.grid_size
+        return gh * gw
+
+    def architecture(self) -> dict:
+        """The fields a checkpoint must agree on to be loadable into this model."""
+        return {
+            "frame_size": list(self.frame_size),
+            "separator_width": self.separator_width,
+            "canvas_history_size": self.canvas_history_size,
+            "in_chans": self.in_chans,
+            "patch_size": self.patch_size,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "decoder_embed_dim": self.decoder_embed_dim,
+            "decoder_depth": self.decoder_depth,
+            "decoder_num_heads": self.decoder_num_heads,
+            "mlp_ratio": self.mlp_ratio,
+        }
+
+
+# -----------------------------------------------------------------------------
+# app
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Web app defaults (spec "Server Settings")."""
+
+    host: str = "0.0.0.0"  # listen address; 127.0.0.1 keeps the app private to this machine
+    port: int = 7860  # listen port
+    min_iterations: int = 1  # smallest Run request
+    max_iterations: int = 500  # largest Run request (spec: 1-500)
+    default_iterations: int = 20  # Run box default
+    update_interval_s: float = 0.4  # a running Run streams to the page at least this often (> 2 per second)
+    default_quantile: float = 95.0  # attention filter: keep connections above this percentile (strongest 5%)
+    demo_sessions: tuple[str, ...] = ("always_move", "alternate", "double_move")  # recorded when none exist
+    demo_session_steps: int = 200  # steps in each demo session

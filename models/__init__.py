@@ -1,0 +1,33 @@
+"""Canvas building, patch masks and the MAE ViT used by the world model (no gradio, no matplotlib)."""
+
+from models.autoencoder_concat_predictor import (
+    ACTION_COLOURS,
+    TargetedMAEWrapper,
+    action_value,
+    build_canvas,
+    canvas_to_tensor,
+    compute_patch_mask_for_last_slot,
+    compute_randomized_patch_mask_for_last_slot,
+    masked_frame_loss,
+    separator_colours,
+    tensor_to_uint8,
+)
+from models.masked_autoencoder_vit import MaskedAutoencoderViT, capture_attention, get_2d_sincos_pos_embed, patchify, unpatchify
+
+__all__ = [
+    "ACTION_COLOURS",
+    "MaskedAutoencoderViT",
+    "TargetedMAEWrapper",
+    "action_value",
+    "build_canvas",
+    "canvas_to_tensor",
+    "capture_attention",
+    "compute_patch_mask_for_last_slot",
+    "compute_randomized_patch_mask_for_last_slot",
+    "get_2d_sincos_pos_embed",
+    "masked_frame_loss",
+    "patchify",
+    "separator_colours",
+    "tensor_to_uint8",
+    "unpatchify",
+]

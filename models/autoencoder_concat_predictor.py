@@ -1,0 +1,257 @@
+"""Canvas building, last-slot patch masks and the targeted MAE wrapper.
+
+A canvas puts the recent frames side by side with a thin action-coloured band between each
+pair, ``[f(t-2)][a][f(t-1)][a][f(t)]``; masking every patch of the last slot turns next-frame
+prediction into inpainting (the spec's "Canvas-Based Architecture"). Everything here is pure and
+vectorised: arrays in, arrays out, no loops over frames, patches or pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from config import AutoencoderConcatPredictorWorldModelConfig
+from models.masked_autoencoder_vit import MaskedAutoencoderViT, capture_attention, patchify, unpatchify
+
+# separator colour per action (RGB): stay red, move green; any other action is drawn blue
+ACTION_COLOURS = np.array([[255, 0, 0], [0, 255, 0]], dtype=np.uint8)
+UNKNOWN_ACTION_COLOUR = np.array([0, 0, 255], dtype=np.uint8)
+
+
+def _pair(x: int | Sequence[int]) -> tuple[int, int]:
+    return (int(x), int(x)) if isinstance(x, (int, np.integer)) else (int(x[0]), int(x[1]))
+
+
+def action_value(action) -> int | None:
+    """The integer action of an action dict (``{'action': 1}``) or a bare int; None when absent."""
+    if isinstance(action, dict):
+        action = action.get("action")
+    if isinstance(action, (bool, np.bool_)) or action is None:
+        return None
+    try:
+        return int(action) if float(action) == int(action) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def separator_colours(actions: Sequence) -> np.ndarray:
+    """RGB colour of each action's separator band.
+
+    Args:
+        actions: action dicts or ints, length A.
+
+    Returns:
+        uint8 array (A, 3).
+    """
+    values = np.array([-1 if action_value(a) is None else action_value(a) for a in actions], dtype=np.int64)
+    known = (values >= 0) & (values < len(ACTION_COLOURS))
+    colours = ACTION_COLOURS[np.clip(values, 0, len(ACTION_COLOURS) - 1)]  # (A, 3)
+    return np.where(known[:, None], colours, UNKNOWN_ACTION_COLOUR[None, :]).astype(np.uint8)
+
+
+def build_canvas(interleaved: Sequence, frame_size: int | Sequence[int] = (224, 224), sep_width: int = 8) -> np.ndarray:
+    """Concatenate frames horizontally with an action-coloured separator between each pair.
+
+    Args:
+        interleaved: ``[frame, action, frame, action, ..., frame]`` or the same ending in an action,
+            in which case a black slot is appended for the frame to predict. Frames are uint8
+            (H, W, 3); actions are ``{'action': int}`` dicts or ints.
+        frame_size: (H, W) every frame must have.
+        sep_width: separator width in pixels.
+
+    Returns:
+        uint8 canvas (H, K * W + (K - 1) * sep_width, 3), K = number of frame slots.
+    """
+    H, W = _pair(frame_size)
+    frames = list(interleaved[0::2])
+    actions = list(interleaved[1::2])
+    if not frames:
+        raise ValueError("build_canvas needs at least one frame")
+    if len(actions) == len(frames):  # ends in an action: the next frame's slot is blank
+        frames.append(np.zeros((H, W, 3), dtype=np.uint8))
+    stacked = np.stack([np.asarray(f) for f in frames])  # (K, H, W, 3)
+    if stacked.shape[1:] != (H, W, 3) or stacked.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 {(H, W, 3)}, got {stacked.dtype} {stacked.shape[1:]}")
+    K = stacked.shape[0]
+    if K == 1:
+        return stacked[0].copy()
+    seps = np.broadcast_to(separator_colours(actions)[:, None, None, :], (K - 1, H, sep_width, 3))  # (K-1, H, sep, 3)
+    pairs = np.concatenate([stacked[:-1], seps], axis=2)  # (K-1, H, W+sep, 3)
+    body = pairs.transpose(1, 0, 2, 3).reshape(H, (K - 1) * (W + sep_width), 3)  # (H, (K-1)(W+sep), 3)
+    return np.ascontiguousarray(np.concatenate([body, stacked[-1]], axis=1))  # (H, K*W + (K-1)*sep, 3)
+
+
+def canvas_to_tensor(canvas: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 canvas (H, W, 3) or batch (B, H, W, 3) -> float tensor (B, 3, H, W) in [0, 1]."""
+    x = torch.as_tensor(np.asarray(canvas), device=device)
+    if x.ndim == 3:
+        x = x.unsqueeze(0)  # (1, H, W, 3)
+    return x.permute(0, 3, 1, 2).float().div_(255.0).contiguous()  # (B, 3, H, W)
+
+
+def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Float image tensor (3, H, W) or (B, 3, H, W) in [0, 1] -> uint8 (H, W, 3) or (B, H, W, 3)."""
+    x = x.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+    return (x.permute(1, 2, 0) if x.ndim == 3 else x.permute(0, 2, 3, 1)).numpy()
+
+
+def last_slot_x0(frame_width: int, K: int, sep_width: int) -> int:
+    """First pixel column of the last frame slot on a K-slot canvas."""
+    return (K - 1) * (frame_width + sep_width)
+
+
+def _last_slot_columns(img_size, patch_size: int, K: int, sep_width: int) -> tuple[torch.Tensor, int]:
+    H, W = _pair(img_size)
+    gh, gw = H // patch_size, (K * W + (K - 1) * sep_width) // patch_size
+    cols = torch.arange(gw).expand(gh, gw)  # (gh, gw) column index of each patch
+    in_slot = cols * patch_size >= last_slot_x0(W, K, sep_width)  # patch starts inside the last slot
+    return in_slot.reshape(-1), gh * gw  # (L,)
+
+
+def compute_patch_mask_for_last_slot(img_size, patch_size: int, K: int, sep_width: int) -> torch.Tensor:
+    """Mask of every patch in the last frame slot (mask ratio 1.0).
+
+    Args:
+        img_size: frame size, an int or (H, W).
+        patch_size: patch side in pixels.
+        K: frame slots on the canvas.
+        sep_width: separator width in pixels.
+
+    Returns:
+        bool tensor (L,), L = patches on the canvas; True = masked (the model must predict it).
+        For the default 224x688 canvas: 196 True values, grid columns 29-42.
+    """
+    mask, _ = _last_slot_columns(img_size, patch_size, K, sep_width)
+    return mask
+
+
+def compute_randomized_patch_mask_for_last_slot(
+    img_size,
+    patch_size: int,
+    K: int,
+    sep_width: int,
+    mask_ratio: float = 1.0,
+    batch_size: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random subset of the last slot's patches, the same count in every row of the batch.
+
+    Args:
+        mask_ratio: fraction of the last slot's patches to mask (rounded, at least 1).
+
+    Returns:
+        bool tensor (B, L); True = masked. Rows differ in which patches, never in how many,
+        so a batch shares one encoder length.
+    """
+    slot, L = _last_slot_columns(img_size, patch_size, K, sep_width)
+    n_slot = int(slot.sum())
+    n_mask = max(1, min(n_slot, int(round(mask_ratio * n_slot))))
+    noise = torch.rand(batch_size, L, generator=generator)  # (B, L)
+    noise = torch.where(slot, noise, torch.full_like(noise, 2.0))  # patches outside the slot sort last
+    ids = torch.argsort(noise, dim=1)[:, :n_mask]  # (B, n_mask) chosen slot patches
+    mask = torch.zeros(batch_size, L, dtype=torch.bool)
+    return mask.scatter_(1, ids, True)  # (B, L)
+
+
+def masked_frame_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    foreground_weight: float = 0.0,
+    foreground_threshold: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss over masked patches only, optionally rebalanced between dot and background pixels.
+
+    A plain MSE over a black frame with an 80-pixel dot is minimised by predicting black; giving
+    the dot pixels a fixed share of the loss keeps their gradient from drowning.
+
+    Args:
+        pred: (B, L, P) predicted patch pixels; P = patch_size**2 * channels.
+        target: (B, L, P) true patch pixels in [0, 1].
+        mask: (B, L) or (L,) bool, True = masked.
+        foreground_weight: share of the loss on target pixels brighter than the threshold;
+            0 gives the plain masked MSE.
+
+    Returns:
+        (loss to optimise, plain masked MSE) as 0-dim tensors.
+    """
+    m = mask.expand(pred.shape[0], -1).unsqueeze(-1).to(pred.dtype)  # (B, L, 1)
+    err = (pred.float() - target.float()) ** 2  # (B, L, P)
+    n_masked = m.sum() * pred.shape[-1]
+    mse = (err * m).sum() / n_masked.clamp_min(1)
+    if foreground_weight <= 0:
+        return mse, mse
+    fg = (target > foreground_threshold).to(err.dtype) * m  # (B, L, P) dot pixels inside the mask
+    bg = m - fg  # (B, L, P) background pixels inside the mask (broadcasts m)
+    n_fg, n_bg = fg.sum(), bg.sum()
+    loss_bg = (err * bg).sum() / n_bg.clamp_min(1)
+    loss_fg = (err * fg).sum() / n_fg.clamp_min(1)
+    w = torch.where(n_fg > 0, torch.tensor(foreground_weight, device=err.device), torch.tensor(0.0, device=err.device))
+    return w * loss_fg + (1 - w) * loss_bg, mse
+
+
+class TargetedMAEWrapper(nn.Module):
+    """A ``MaskedAutoencoderViT`` sized for the canvas, driven by explicit patch masks.
+
+    The MAE paper masks random patches; here the mask is chosen (the last frame slot), so the
+    wrapper takes the mask as an argument and keeps the canvas geometry in one place.
+    """
+
+    def __init__(self, config: AutoencoderConcatPredictorWorldModelConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or AutoencoderConcatPredictorWorldModelConfig()
+        self.mae = MaskedAutoencoderViT(
+            img_size=cfg.canvas_size,
+            patch_size=cfg.patch_size,
+            in_chans=cfg.in_chans,
+            embed_dim=cfg.embed_dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            decoder_embed_dim=cfg.decoder_embed_dim,
+            decoder_depth=cfg.decoder_depth,
+            decoder_num_heads=cfg.decoder_num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+        )
+        self.register_buffer("last_slot_mask", self.default_mask(), persistent=False)  # (L,)
+
+    def default_mask(self) -> torch.Tensor:
+        """The spec's mask: every patch of the last slot, bool (L,)."""
+        cfg = self.config
+        return compute_patch_mask_for_last_slot(cfg.frame_size, cfg.patch_size, cfg.canvas_history_size, cfg.separator_width)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.mae.grid_size
+
+    def forward_with_patch_mask(self, imgs: torch.Tensor, patch_mask: torch.Tensor, return_attn: bool = False):
+        """Inpaint the masked patches of a batch of canvases.
+
+        Args:
+            imgs: (B, 3, H, W) canvases in [0, 1].
+            patch_mask: (L,) or (B, L) bool, True = masked; every row masks the same count.
+            return_attn: also return the decoder attention weights (slower, unfused path).
+
+        Returns:
+            pred (B, L, P) pixels for every patch, visible ones included; with ``return_attn``,
+            ``(pred, attn)`` where attn is a list with one (B, heads, L+1, L+1) tensor per decoder
+            layer (token 0 is CLS).
+        """
+        if not return_attn:
+            return self.mae(imgs, patch_mask)
+        with capture_attention(self.mae.decoder_blocks) as recorded:
+            pred = self.mae(imgs, patch_mask)
+        return pred, recorded
+
+    def loss(self, imgs: torch.Tensor, pred: torch.Tensor, patch_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(optimised loss, plain masked MSE) of a prediction against its canvases."""
+        cfg = self.config
+        target = patchify(imgs, cfg.patch_size)  # (B, L, P)
+        return masked_frame_loss(pred, target, patch_mask, cfg.foreground_weight, cfg.foreground_threshold)
+
+    def reconstruct(self, pred: torch.Tensor) -> torch.Tensor:
+        """Per-patch pixels (B, L, P) -> canvases (B, 3, H, W)."""
+        return unpatchify(pred, self.config.patch_size, self.grid_size, self.config.in_chans)

@@ -1,0 +1,221 @@
+"""A masked-autoencoder ViT for non-square canvases, built from timm blocks.
+
+References: He et al., "Masked Autoencoders Are Scalable Vision Learners" (facebookresearch/mae,
+``models_mae.py``); timm's ``PatchEmbed`` and ``Block``; lucidrains' ``Recorder`` for attention
+capture. Differences from MAE: the mask is given by the caller instead of drawn at random,
+the patch grid may be wide (14 x 43 for a 224x688 canvas), and nothing assumes 3 channels.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: tuple[int, int], cls_token: bool = False) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding for a (rows, columns) patch grid.
+
+    Half the channels encode the row, half the column (MAE ``util/pos_embed.py``, without its
+    square-grid assumption).
+
+    Returns:
+        float32 (gh * gw [+1], embed_dim); a zero row first for the CLS token when asked.
+    """
+    gh, gw = grid_size
+    rows, cols = np.meshgrid(np.arange(gh, dtype=np.float64), np.arange(gw, dtype=np.float64), indexing="ij")  # (gh, gw)
+    emb = np.concatenate(
+        [_1d_sincos(embed_dim // 2, rows.reshape(-1)), _1d_sincos(embed_dim // 2, cols.reshape(-1))], axis=1
+    )  # (gh*gw, D)
+    if cls_token:
+        emb = np.concatenate([np.zeros((1, embed_dim)), emb], axis=0)  # (1 + gh*gw, D)
+    return emb.astype(np.float32)
+
+
+def _1d_sincos(dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))  # (dim/2,)
+    angles = np.einsum("m,d->md", pos, omega)  # (M, dim/2)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)  # (M, dim)
+
+
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Images (B, C, H, W) -> patches (B, L, p*p*C), row-major over the (H/p, W/p) grid."""
+    B, C, H, W = imgs.shape
+    p = patch_size
+    gh, gw = H // p, W // p
+    x = imgs.reshape(B, C, gh, p, gw, p)  # (B, C, gh, p, gw, p)
+    x = torch.einsum("bchpwq->bhwpqc", x)  # (B, gh, gw, p, p, C)
+    return x.reshape(B, gh * gw, p * p * C)  # (B, L, p*p*C)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, grid_size: tuple[int, int], in_chans: int = 3) -> torch.Tensor:
+    """Patches (B, L, p*p*C) -> images (B, C, gh*p, gw*p); the exact inverse of ``patchify``."""
+    B = x.shape[0]
+    p = patch_size
+    gh, gw = grid_size
+    x = x.reshape(B, gh, gw, p, p, in_chans)  # (B, gh, gw, p, p, C)
+    x = torch.einsum("bhwpqc->bchpwq", x)  # (B, C, gh, p, gw, p)
+    return x.reshape(B, in_chans, gh * p, gw * p)  # (B, C, H, W)
+
+
+@contextmanager
+def capture_attention(blocks: Sequence[nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """Record the softmax attention weights of timm ``Block``s during one forward pass.
+
+    timm computes attention with fused SDPA, which never materialises the weights, so for the
+    duration of the ``with`` block the given blocks take the explicit path, and a hook on each
+    ``attn_drop`` (identity at p=0) copies the weights. Hooks and the fused flag are restored
+    on exit, so training keeps the fused kernel.
+
+    Yields:
+        A list that, after the forward pass, holds one (B, heads, N, N) float tensor per block.
+    """
+    recorded: list[torch.Tensor] = []
+    saved = [blk.attn.fused_attn for blk in blocks]
+    hooks = [blk.attn.attn_drop.register_forward_hook(lambda _m, _i, out: recorded.append(out.detach())) for blk in blocks]
+    try:
+        for blk in blocks:
+            blk.attn.fused_attn = False
+        yield recorded
+    finally:
+        for blk, fused in zip(blocks, saved):
+            blk.attn.fused_attn = fused
+        for h in hooks:
+            h.remove()
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE with a ViT encoder over visible patches and a light decoder over all patches.
+
+    Args:
+        img_size: (H, W) of the input canvas; both multiples of ``patch_size``.
+        patch_size: patch side in pixels.
+        in_chans: image channels.
+        embed_dim, depth, num_heads: encoder width, blocks and heads.
+        decoder_embed_dim, decoder_depth, decoder_num_heads: decoder width, blocks and heads.
+        mlp_ratio: MLP hidden width over token width.
+    """
+
+    def __init__(
+        self,
+        img_size: tuple[int, int] = (224, 688),
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 256,
+        depth: int = 5,
+        num_heads: int = 4,
+        decoder_embed_dim: int = 128,
+        decoder_depth: int = 5,
+        decoder_num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+    ):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+
+        # encoder: patch embedding, CLS token, fixed position embedding, blocks
+        self.patch_embed = PatchEmbed(img_size=tuple(img_size), patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer("pos_embed", torch.zeros(1, num_patches + 1, embed_dim), persistent=False)
+        self.blocks = nn.ModuleList(
+            [Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+
+        # decoder: project, fill masked places with a learned token, blocks, predict pixels
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.register_buffer("decoder_pos_embed", torch.zeros(1, num_patches + 1, decoder_embed_dim), persistent=False)
+        self.decoder_blocks = nn.ModuleList(
+            [
+                Block(dim=decoder_embed_dim, num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
+                for _ in range(decoder_depth)
+            ]
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """MAE's initialisation: fixed sin-cos positions, xavier linears, small CLS/mask tokens."""
+        self.pos_embed.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size, True)).unsqueeze(0))
+        self.decoder_pos_embed.copy_(
+            torch.from_numpy(get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid_size, True)).unsqueeze(0)
+        )
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # like nn.Linear, not a conv
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    # -- stages ----------------------------------------------------------------
+
+    def split_by_mask(self, patch_mask: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of the visible patches and the permutation that restores the original order.
+
+        Args:
+            patch_mask: (L,) or (B, L) bool, True = masked; every row masks the same count.
+
+        Returns:
+            ids_keep (B, L_vis) visible patch indices in grid order; ids_restore (B, L) such that
+            gathering ``[visible tokens, mask tokens]`` with it gives grid order back.
+        """
+        mask = patch_mask.expand(B, -1) if patch_mask.ndim == 1 else patch_mask  # (B, L)
+        n_keep = mask.shape[1] - int(mask[0].sum())
+        ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # (B, L) visible first, grid order kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)  # (B, L)
+        return ids_shuffle[:, :n_keep], ids_restore
+
+    def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Encode the visible patches. imgs (B, C, H, W) -> latent (B, 1 + L_vis, D)."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # (B, L, D)
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, L_vis, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + L_vis, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Decode visible tokens plus mask tokens in grid order -> pixels (B, L, p*p*C)."""
+        x = self.decoder_embed(latent)  # (B, 1 + L_vis, Dd)
+        B, L = ids_restore.shape
+        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)  # (B, L_mask, Dd)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd) visible first, then masked
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, L, Dd) grid order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1 + L, Dd)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x))  # (B, 1 + L, p*p*C)
+        return x[:, 1:]  # (B, L, p*p*C) drop CLS
+
+    def forward(self, imgs: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        """Inpaint: imgs (B, C, H, W), patch_mask (L,) or (B, L) -> pred (B, L, p*p*C)."""
+        ids_keep, ids_restore = self.split_by_mask(patch_mask.to(imgs.device), imgs.shape[0])
+        latent = self.forward_encoder(imgs, ids_keep)
+        return self.forward_decoder(latent, ids_restore)
