@@ -82,6 +82,37 @@ def frame_mse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a.astype(np.float32) / 255.0 - b.astype(np.float32) / 255.0) ** 2))
 
 
+def dot_centroid(frame: np.ndarray, threshold: int = 127) -> tuple[float, float] | None:
+    """Centre (x, y) of the bright pixels of a frame on the torus, or None when there are none.
+
+    A circular mean per axis, so a dot split across an edge is found where it is, not in the middle.
+    """
+    bright = frame.astype(np.float32).mean(-1) > threshold  # (H, W)
+    if not bright.any():
+        return None
+    H, W = bright.shape
+    ys, xs = np.nonzero(bright)
+    ax, ay = xs * (2 * np.pi / W), ys * (2 * np.pi / H)
+    x = (np.arctan2(np.sin(ax).mean(), np.cos(ax).mean()) * W / (2 * np.pi)) % W
+    y = (np.arctan2(np.sin(ay).mean(), np.cos(ay).mean()) * H / (2 * np.pi)) % H
+    return float(x), float(y)
+
+
+def dot_error(predicted: np.ndarray, actual: np.ndarray) -> float | None:
+    """Toroidal distance in pixels between the dots of two frames; inf when the prediction has no
+    dot, None when the actual frame has none."""
+    truth = dot_centroid(actual)
+    if truth is None:
+        return None
+    guess = dot_centroid(predicted)
+    if guess is None:
+        return float("inf")
+    H, W = actual.shape[:2]
+    dx = abs(guess[0] - truth[0])
+    dy = abs(guess[1] - truth[1])
+    return float(np.hypot(min(dx, W - dx), min(dy, H - dy)))
+
+
 def _is_frame(item) -> bool:
     return isinstance(item, np.ndarray)
 
@@ -307,7 +338,9 @@ class AutoencoderConcatPredictorWorldModel:
 
     def run_one_iteration(self) -> dict:
         """One pass of the spec's loop. Returns metrics as Python floats (None where not yet defined):
-        iteration, step, prediction_error, training_loss, training_mse, lr, iteration_time."""
+        iteration, step, prediction_error (MSE of the previous prediction against frame t),
+        dot_error (px between their dots; inf when no dot was predicted), copy_error (MSE of
+        simply repeating frame t-1), training_loss, training_mse, lr, iteration_time."""
         cfg = self.config
         K = cfg.canvas_history_size
         with self.lock:
@@ -316,9 +349,11 @@ class AutoencoderConcatPredictorWorldModel:
             self.interleaved_history.append(obs)  # 1. observe
             self.last_observation = obs
 
-            prediction_error = None  # 2. score the previous prediction
+            prediction_error = prediction_dot_error = copy_error = None  # 2. score the previous prediction
             if self.last_prediction is not None:
                 prediction_error = frame_mse(self.last_prediction, obs)
+                prediction_dot_error = dot_error(self.last_prediction, obs)
+                copy_error = frame_mse(self.interleaved_history[-3], obs)  # baseline: repeat frame t-1
                 self.last_checked_prediction = self.last_prediction
                 self.last_prediction_error = prediction_error
 
@@ -347,6 +382,8 @@ class AutoencoderConcatPredictorWorldModel:
                 "iteration": self.iteration,
                 "step": self.step,
                 "prediction_error": prediction_error,
+                "dot_error": prediction_dot_error,
+                "copy_error": copy_error,
                 "training_loss": None if train is None else train["loss"],
                 "training_mse": None if train is None else train["mse"],
                 "lr": get_lr(max(self.step - 1, 0), cfg),

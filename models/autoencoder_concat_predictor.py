@@ -73,9 +73,10 @@ def build_canvas(interleaved: Sequence, frame_size: int | Sequence[int] = (224, 
         raise ValueError("build_canvas needs at least one frame")
     if len(actions) == len(frames):  # ends in an action: the next frame's slot is blank
         frames.append(np.zeros((H, W, 3), dtype=np.uint8))
-    stacked = np.stack([np.asarray(f) for f in frames])  # (K, H, W, 3)
-    if stacked.shape[1:] != (H, W, 3) or stacked.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8 {(H, W, 3)}, got {stacked.dtype} {stacked.shape[1:]}")
+    bad = [np.asarray(f) for f in frames if np.asarray(f).shape != (H, W, 3) or np.asarray(f).dtype != np.uint8]
+    if bad:
+        raise ValueError(f"frames must be uint8 {(H, W, 3)}, got {bad[0].dtype} {bad[0].shape}")
+    stacked = np.stack(frames)  # (K, H, W, 3)
     K = stacked.shape[0]
     if K == 1:
         return stacked[0].copy()

@@ -1,0 +1,160 @@
+"""Canvas geometry, masks, patchify and the MAE ViT (tiny widths where only shapes matter)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from config import AutoencoderConcatPredictorWorldModelConfig
+from models import (
+    MaskedAutoencoderViT,
+    TargetedMAEWrapper,
+    build_canvas,
+    canvas_to_tensor,
+    compute_patch_mask_for_last_slot,
+    compute_randomized_patch_mask_for_last_slot,
+    masked_frame_loss,
+    patchify,
+    tensor_to_uint8,
+    unpatchify,
+)
+
+TINY = dataclasses.replace(
+    AutoencoderConcatPredictorWorldModelConfig(),
+    embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
+)
+
+
+def _frame(value: int) -> np.ndarray:
+    return np.full((224, 224, 3), value, dtype=np.uint8)
+
+
+def test_canvas_is_224_by_688_with_action_coloured_separators():
+    canvas = build_canvas([_frame(10), {"action": 0}, _frame(20), {"action": 1}, _frame(30)])
+    assert canvas.shape == (224, 688, 3) and canvas.dtype == np.uint8
+    assert (canvas[:, 0:224] == 10).all() and (canvas[:, 232:456] == 20).all() and (canvas[:, 464:688] == 30).all()
+    assert (canvas[:, 224:232] == [255, 0, 0]).all()  # stay: red
+    assert (canvas[:, 456:464] == [0, 255, 0]).all()  # move: green
+
+
+def test_unknown_action_is_blue_and_trailing_action_leaves_a_blank_slot():
+    canvas = build_canvas([_frame(10), {"action": 7}, _frame(20), 1])
+    assert canvas.shape == (224, 688, 3)
+    assert (canvas[:, 224:232] == [0, 0, 255]).all()
+    assert (canvas[:, 456:464] == [0, 255, 0]).all()
+    assert (canvas[:, 464:] == 0).all()
+
+
+def test_build_canvas_refuses_wrong_frame_size():
+    with pytest.raises(ValueError, match="uint8"):
+        build_canvas([np.zeros((100, 100, 3), np.uint8), 0, _frame(1)])
+
+
+def test_last_slot_mask_is_196_patches_in_columns_29_to_42():
+    mask = compute_patch_mask_for_last_slot(224, 16, 3, 8)
+    assert mask.shape == (602,) and mask.dtype == torch.bool
+    assert int(mask.sum()) == 196
+    cols = torch.nonzero(mask.view(14, 43).any(0)).flatten().tolist()
+    assert cols == list(range(29, 43))
+    assert mask.view(14, 43)[:, 29:].all()
+
+
+def test_randomized_mask_stays_in_the_last_slot_with_equal_counts():
+    g = torch.Generator().manual_seed(0)
+    mask = compute_randomized_patch_mask_for_last_slot(224, 16, 3, 8, mask_ratio=0.5, batch_size=4, generator=g)
+    assert mask.shape == (4, 602)
+    assert (mask.sum(1) == 98).all()
+    assert not mask.view(4, 14, 43)[:, :, :29].any()
+    assert not torch.equal(mask[0], mask[1])
+
+
+def test_patchify_round_trip_on_the_wide_canvas_is_exact():
+    x = torch.rand(2, 3, 224, 688)
+    patches = patchify(x, 16)
+    assert patches.shape == (2, 602, 768)
+    assert torch.equal(unpatchify(patches, 16, (14, 43), 3), x)
+    # patch 1 is the second patch of the first row
+    assert torch.equal(patches[0, 1].view(16, 16, 3), x[0, :, :16, 16:32].permute(1, 2, 0))
+
+
+def test_canvas_tensor_round_trip():
+    canvas = build_canvas([_frame(10), 0, _frame(200), 1, _frame(30)])
+    assert np.array_equal(tensor_to_uint8(canvas_to_tensor(canvas))[0], canvas)
+
+
+def test_loss_ignores_visible_patches():
+    target = torch.zeros(1, 602, 768)
+    pred = torch.zeros(1, 602, 768)
+    mask = compute_patch_mask_for_last_slot(224, 16, 3, 8)
+    pred[0, ~mask] = 5.0  # huge errors only where the model is not asked to predict
+    loss, mse = masked_frame_loss(pred, target, mask, foreground_weight=0.5)
+    assert loss.item() == 0.0 and mse.item() == 0.0
+    pred[0, mask] = 0.1
+    _, mse = masked_frame_loss(pred, target, mask)
+    assert mse.item() == pytest.approx(0.01)
+
+
+def test_foreground_weight_gives_the_dot_its_share():
+    mask = torch.ones(602, dtype=torch.bool)
+    target = torch.zeros(1, 602, 768)
+    target[0, 0, :10] = 1.0  # a 10-value "dot"
+    pred = torch.zeros_like(target)  # predicts black everywhere
+    loss, mse = masked_frame_loss(pred, target, mask, foreground_weight=0.5)
+    assert mse.item() == pytest.approx(10 / (602 * 768))
+    assert loss.item() == pytest.approx(0.5)  # the whole dot is missed
+
+
+def test_mae_forward_backward_every_parameter_gets_a_gradient():
+    model = TargetedMAEWrapper(TINY)
+    imgs = torch.rand(2, 3, 224, 688)
+    mask = model.default_mask()
+    pred = model.forward_with_patch_mask(imgs, mask)
+    assert pred.shape == (2, 602, 768) and torch.isfinite(pred).all()
+    loss, _ = model.loss(imgs, pred, mask)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+
+
+def test_encoder_sees_only_visible_patches():
+    model = TargetedMAEWrapper(TINY).eval()
+    mask = model.default_mask()
+    a = torch.rand(1, 3, 224, 688)
+    b = a.clone()
+    b[..., 464:] = torch.rand(1, 3, 224, 224)  # change only the masked slot
+    with torch.no_grad():
+        assert torch.allclose(model.forward_with_patch_mask(a, mask), model.forward_with_patch_mask(b, mask))
+
+
+def test_batched_forward_matches_per_sample_forward():
+    model = TargetedMAEWrapper(TINY).eval()
+    imgs = torch.rand(3, 3, 224, 688)
+    mask = compute_randomized_patch_mask_for_last_slot(224, 16, 3, 8, mask_ratio=0.5, batch_size=3)
+    with torch.no_grad():
+        batched = model.forward_with_patch_mask(imgs, mask)
+        single = torch.cat([model.forward_with_patch_mask(imgs[i : i + 1], mask[i : i + 1]) for i in range(3)])
+    assert torch.allclose(batched, single, atol=1e-5)
+
+
+def test_captured_attention_matches_fused_forward_and_rows_sum_to_one():
+    model = TargetedMAEWrapper(AutoencoderConcatPredictorWorldModelConfig()).eval()  # the real sizes
+    imgs = torch.rand(1, 3, 224, 688)
+    mask = model.default_mask()
+    with torch.no_grad():
+        fused = model.forward_with_patch_mask(imgs, mask)
+        pred, attn = model.forward_with_patch_mask(imgs, mask, return_attn=True)
+    assert torch.allclose(fused, pred, atol=1e-5)
+    assert len(attn) == 5 and all(a.shape == (1, 4, 603, 603) for a in attn)
+    assert torch.allclose(torch.stack(attn).sum(-1), torch.ones(5, 1, 4, 603), atol=1e-5)
+    # the fused path is back on and no hooks remain
+    assert all(blk.attn.fused_attn for blk in model.mae.decoder_blocks)
+    assert all(len(blk.attn.attn_drop._forward_hooks) == 0 for blk in model.mae.decoder_blocks)
+
+
+def test_sincos_position_embedding_is_non_square_and_fixed():
+    mae = MaskedAutoencoderViT(img_size=(224, 688), embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1)
+    assert mae.pos_embed.shape == (1, 603, 32)
+    assert not mae.pos_embed.requires_grad
+    assert torch.all(mae.pos_embed[0, 0] == 0)
+    assert torch.unique(mae.pos_embed[0, 1:], dim=0).shape[0] == 602  # every patch distinct

@@ -1,0 +1,232 @@
+"""The world model's loop, views, replay and checkpoints, through its public methods."""
+
+import dataclasses
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autoencoder_concat_predictor_world_model import (
+    AutoencoderConcatPredictorWorldModel,
+    CheckpointError,
+    ReplayRobot,
+    dot_centroid,
+    dot_error,
+    get_lr,
+)
+from config import AutoencoderConcatPredictorWorldModelConfig
+from toroidal_action_selectors import make_selector
+from toroidal_dot_robot import ToroidalDotRobot
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dataclasses.replace(
+    AutoencoderConcatPredictorWorldModelConfig(),
+    embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
+)
+
+
+def _tiny_world_model(pattern="alternate", seed=3, config=TINY):
+    robot = ToroidalDotRobot(seed=seed)
+    return AutoencoderConcatPredictorWorldModel(robot, make_selector(pattern), device="cpu", config=config)
+
+
+class _FakeSession:
+    """Three distinct frames with recorded actions, shaped like session_explorer_lib.Session."""
+
+    def __init__(self, n=4):
+        robot = ToroidalDotRobot(seed=0)
+        self.frames, self.actions = [], []
+        for i in range(n):
+            self.frames.append(robot.get_observation())
+            self.actions.append(i % 2)
+            robot.execute_action(i % 2)
+        self.observations = self.frames
+
+    def frame(self, i):
+        return self.frames[i]
+
+    def action_after(self, i):
+        return self.actions[i] if i < len(self.frames) - 1 else None
+
+
+def test_loop_trains_from_the_third_frame_and_predicts_from_the_second():
+    wm = _tiny_world_model()
+    m1, m2, m3 = wm.run(3)
+    assert m1["training_loss"] is None and m1["prediction_error"] is None
+    assert m2["training_loss"] is None and m2["prediction_error"] is None  # first prediction made here
+    assert m3["training_loss"] is not None and m3["prediction_error"] is not None and wm.step == 1
+    assert wm.last_training_canvas.shape == (224, 688, 3)
+    assert wm.last_prediction.shape == (224, 224, 3) and wm.last_prediction.dtype == np.uint8
+    assert len(wm.interleaved_history) == 4  # [f(t-1), a(t-1), f(t), a(t)]
+
+
+def test_views_have_the_spec_shapes():
+    wm = _tiny_world_model()
+    wm.run(4)
+    views = wm.get_training_views()
+    assert set(views) == {"original", "masked", "inpainting", "composite"}
+    assert all(v.shape == (224, 688, 3) and v.dtype == np.uint8 for v in views.values())
+    assert np.array_equal(views["composite"][:, :464], views["original"][:, :464])  # visible part kept
+    pv = wm.get_prediction_views()
+    assert pv["error"].shape == (224, 224, 3) and pv["error_mse"] == pytest.approx(
+        float(np.mean((pv["checked"] / 255.0 - pv["current"] / 255.0) ** 2)), rel=1e-5)
+
+
+def test_stop_event_ends_the_run_between_iterations():
+    import threading
+
+    wm = _tiny_world_model()
+    stop = threading.Event()
+    seen = []
+    for metrics in wm.run_iter(50, stop):
+        seen.append(metrics)
+        if len(seen) == 3:
+            stop.set()
+    assert len(seen) == 3 and wm.iteration == 3
+
+
+def test_replay_robot_plays_recorded_frames_and_actions_and_loops():
+    session = _FakeSession(4)
+    robot = ReplayRobot(session)
+    wm = AutoencoderConcatPredictorWorldModel(robot, device="cpu", config=TINY)
+    wm.run(4)
+    assert robot.index == 0  # looped after the 4th frame
+    assert wm.interleaved_history == []  # no canvas may span the seam
+    wm.run(1)
+    assert np.array_equal(wm.last_observation, session.frames[0])
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = AutoencoderConcatPredictorWorldModelConfig()
+    assert get_lr(0, cfg) < get_lr(cfg.warmup_steps - 1, cfg) == pytest.approx(cfg.learning_rate)
+    assert get_lr(cfg.lr_decay_steps, cfg) == cfg.min_lr
+    assert get_lr(cfg.warmup_steps + 100, cfg) < cfg.learning_rate
+
+
+def test_dot_metrics_handle_wrap_and_missing_dots():
+    robot = ToroidalDotRobot(seed=0)
+    frame = robot.get_observation()
+    x, y = robot.get_position()
+    cx, cy = dot_centroid(frame)
+    assert abs(cx - x) < 0.5 and abs(cy - y) < 0.5
+    assert dot_error(frame, frame) == pytest.approx(0.0, abs=1e-6)
+    assert dot_error(np.zeros_like(frame), frame) == float("inf")
+    edge = np.zeros((224, 224, 3), np.uint8)
+    edge[100:103, :2] = 255
+    edge[100:103, -2:] = 255  # a dot split across the left/right edge
+    assert min(abs(dot_centroid(edge)[0] - 0), abs(dot_centroid(edge)[0] - 224)) < 1.0
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_and_step(tmp_path):
+    wm = _tiny_world_model()
+    wm.run(5)
+    path = wm.save_checkpoint(tmp_path / "ck.pth")
+    other = _tiny_world_model(seed=9)
+    info = other.load_checkpoint(path)
+    assert info["step"] == wm.step == other.step
+    for (k, a), (_, b) in zip(wm.model.state_dict().items(), other.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert other.optimizer.state_dict()["state"].keys() == wm.optimizer.state_dict()["state"].keys()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _assert_refused_and_untouched(wm, path, match):
+    before = {k: v.clone() for k, v in wm.model.state_dict().items()}
+    step = wm.step
+    with pytest.raises(CheckpointError, match=match):
+        wm.load_checkpoint(path)
+    assert wm.step == step
+    assert all(torch.equal(before[k], v) for k, v in wm.model.state_dict().items())
+
+
+def test_corrupt_checkpoints_are_refused_with_the_model_untouched(tmp_path):
+    wm = _tiny_world_model()
+    wm.run(4)
+    good = wm.save_checkpoint(tmp_path / "good.pth").read_bytes()
+    cases = {
+        "empty.pth": b"",
+        "truncated.pth": good[: len(good) // 2],
+        "random.pth": np.random.default_rng(0).bytes(4096),
+        "flipped.pth": good[:200] + bytes([good[200] ^ 0xFF]) + good[201:],
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        before = {k: v.clone() for k, v in wm.model.state_dict().items()}
+        try:
+            wm.load_checkpoint(tmp_path / name)
+        except CheckpointError:
+            pass  # refused: the usual outcome
+        # a flipped byte in a region torch never reads can load; either way nothing half-loaded
+        after = wm.model.state_dict()
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert changed == [] or name == "flipped.pth", name
+    _assert_refused_and_untouched(wm, tmp_path / "missing.pth", "no checkpoint file")
+    (tmp_path / "dir.pth").mkdir()
+    _assert_refused_and_untouched(wm, tmp_path / "dir.pth", "no checkpoint file")
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    wm = _tiny_world_model()
+    wm.run(3)
+    path = wm.save_checkpoint(tmp_path / "tiny.pth")
+    wider = _tiny_world_model(config=dataclasses.replace(TINY, decoder_embed_dim=64))
+    _assert_refused_and_untouched(wider, path, "another architecture")
+
+
+def test_checkpoint_without_weights_is_refused(tmp_path):
+    wm = _tiny_world_model()
+    payload = wm._checkpoint_payload()
+    del payload["model"]
+    torch.save(payload, tmp_path / "noweights.pth")
+    _assert_refused_and_untouched(wm, tmp_path / "noweights.pth", "no complete set of model weights")
+
+
+class _Boom:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/cwm_pickle_ran"),))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = Path("/tmp/cwm_pickle_ran")
+    marker.unlink(missing_ok=True)
+    path = tmp_path / "evil.pth"
+    torch.save({"format": "x", "payload": _Boom()}, path)
+    wm = _tiny_world_model()
+    _assert_refused_and_untouched(wm, path, "not a readable checkpoint")
+    with open(tmp_path / "evil2.pth", "wb") as f:
+        pickle.dump(_Boom(), f)
+    _assert_refused_and_untouched(wm, tmp_path / "evil2.pth", "not a readable checkpoint")
+    assert not marker.exists()
+
+
+def test_a_new_process_loads_the_checkpoint_and_predicts_the_same_frame(tmp_path):
+    """The issue's 'done when': run on a recorded session, save, reload elsewhere, same prediction."""
+    from record_session import record_session
+    from session_explorer_lib import load_session
+
+    session_dir = record_session("alternate", 50, 1, root=tmp_path)
+    session = load_session(session_dir.name, root=tmp_path)
+    wm = AutoencoderConcatPredictorWorldModel(ReplayRobot(session), device="cpu")
+    wm.run(20)
+    ck = wm.save_checkpoint(tmp_path / "autoencoder.pth")
+    history = wm.interleaved_history
+    np.save(tmp_path / "history.npy", np.stack([history[0], history[2]]))
+    expected = wm.predict_next_frame(history)
+    script = f"""
+import sys, numpy as np, torch
+sys.path.insert(0, {str(ROOT)!r})
+torch.set_num_threads(1)
+from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel
+from toroidal_dot_robot import ToroidalDotRobot
+wm = AutoencoderConcatPredictorWorldModel(ToroidalDotRobot(seed=5), device="cpu")
+wm.load_checkpoint({str(ck)!r})
+f = np.load({str(tmp_path / 'history.npy')!r})
+np.save({str(tmp_path / 'pred.npy')!r}, wm.predict_next_frame([f[0], {history[1]!r}, f[1], {history[3]!r}]))
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    got = np.load(tmp_path / "pred.npy")
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1  # same frame up to float rounding

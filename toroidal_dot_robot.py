@@ -1,0 +1,143 @@
+"""The toroidal dot world: a white dot on a black square whose edges wrap around.
+
+The environment behind the robot interface the rest of the explorer expects
+(``get_observation()``, ``execute_action(action)``, ``action_space``, ``cleanup()``).
+Action 0 keeps the dot where it is; action 1 moves it ``move_pixels`` to the right, wrapping past the
+right edge back to the left. The frame is a torus in both directions, so a dot near any edge is drawn
+split across the opposite edges. Same seed, same start, same frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from config import ToroidalDotConfig
+
+# -----------------------------------------------------------------------------
+# constants
+
+_DEFAULTS = ToroidalDotConfig()
+DOT_COLOUR = (255, 255, 255)  # white dot
+STAY, MOVE_RIGHT = 0, 1  # the two action values
+ACTION_SPACE: tuple[dict[str, int], ...] = ({"action": STAY}, {"action": MOVE_RIGHT})
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def parse_action(action: Any) -> int:
+    """Return the action value 0 or 1 from an action dict ``{'action': a}`` or a bare int.
+
+    Args:
+        action: ``{'action': 0|1}`` or ``0``/``1`` (numpy integers are accepted too).
+
+    Raises:
+        ValueError: for anything else, naming the bad action.
+    """
+    value = action.get("action") if isinstance(action, dict) and set(action) == {"action"} else action
+    # bool is an int subclass; True is not a sensible action, so refuse it explicitly
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value in (STAY, MOVE_RIGHT):
+        return int(value)
+    raise ValueError(f"Invalid action {action!r}: expected {{'action': 0}} (stay) or {{'action': 1}} (move right)")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+# -----------------------------------------------------------------------------
+# environment
+
+
+class ToroidalDotRobot:
+    """A white filled disc on a black ``img_size`` x ``img_size`` RGB frame that wraps at every edge.
+
+    Args:
+        img_size: frame height and width in pixels.
+        dot_radius: disc radius in pixels; a pixel is white when its toroidal distance to the centre is <= this.
+        move_pixels: how far action 1 shifts the dot to the right, in pixels.
+        seed: seeds the start position (``np.random.default_rng(seed)``); None draws a fresh one.
+        start: optional explicit ``(x, y)`` start position (wrapped into the frame); overrides the seeded draw.
+    """
+
+    def __init__(
+        self,
+        img_size: int = _DEFAULTS.img_size,
+        dot_radius: int = _DEFAULTS.dot_radius,
+        move_pixels: int = _DEFAULTS.move_pixels,
+        seed: int | None = None,
+        *,
+        start: tuple[int, int] | None = None,
+    ) -> None:
+        self.img_size = _check_int("img_size", img_size, 1)
+        self.dot_radius = _check_int("dot_radius", dot_radius, 0)
+        self.move_pixels = _check_int("move_pixels", move_pixels, 0)
+        self.seed = None if seed is None else _check_int("seed", seed, 0)
+        if start is None:
+            rng = np.random.default_rng(self.seed)
+            start = tuple(int(v) for v in rng.integers(0, self.img_size, size=2))
+        self._start = (int(start[0]) % self.img_size, int(start[1]) % self.img_size)
+        self._x, self._y = self._start
+        # pixel coordinates along one axis, reused by every render (the frame is square)
+        self._coords = np.arange(self.img_size)  # (N,)
+
+    # ---- robot interface ------------------------------------------------------
+
+    @property
+    def action_space(self) -> list[dict[str, int]]:
+        """The two actions: ``[{'action': 0}, {'action': 1}]`` (stay, move right); a fresh list each call."""
+        return [dict(a) for a in ACTION_SPACE]
+
+    def get_observation(self) -> np.ndarray:
+        """Return the current frame as a new uint8 array of shape (img_size, img_size, 3); no side effects."""
+        n, r = self.img_size, self.dot_radius
+        # toroidal distance along each axis: the shorter way round, so the dot splits across opposite edges
+        dx = np.abs(self._coords - self._x)  # (N,)
+        dx = np.minimum(dx, n - dx)
+        dy = np.abs(self._coords - self._y)  # (N,)
+        dy = np.minimum(dy, n - dy)
+        inside = dy[:, None] ** 2 + dx[None, :] ** 2 <= r * r  # (H, W) by broadcasting
+        frame = np.zeros((n, n, 3), dtype=np.uint8)  # (H, W, 3) black
+        frame[inside] = DOT_COLOUR
+        return frame
+
+    def execute_action(self, action: dict[str, int] | int) -> None:
+        """Apply one action: 0 stays, 1 moves right by ``move_pixels`` (wrapping past the right edge).
+
+        Args:
+            action: ``{'action': 0|1}`` or a bare ``0``/``1``.
+
+        Raises:
+            ValueError: for any other action; the dot does not move.
+        """
+        if parse_action(action) == MOVE_RIGHT:
+            self._x = (self._x + self.move_pixels) % self.img_size
+
+    def cleanup(self) -> None:
+        """Nothing to release; present for the robot interface."""
+
+    # ---- helpers for tests and session metadata ---------------------------------
+
+    def reset(self) -> None:
+        """Return the dot to its seeded start position."""
+        self._x, self._y = self._start
+
+    def get_position(self) -> tuple[int, int]:
+        """Return the dot centre as ``(x, y)`` pixel coordinates (x grows right, y grows down)."""
+        return self._x, self._y
+
+    def params(self) -> dict[str, Any]:
+        """Return the environment parameters recorded in a session's metadata."""
+        return {
+            "img_size": self.img_size,
+            "dot_radius": self.dot_radius,
+            "move_pixels": self.move_pixels,
+            "seed": self.seed,
+            "start_x": self._start[0],
+            "start_y": self._start[1],
+        }
