@@ -217,7 +217,9 @@ class TargetedMAEWrapper(nn.Module):
             decoder_num_heads=cfg.decoder_num_heads,
             mlp_ratio=cfg.mlp_ratio,
         )
-        self.register_buffer("last_slot_mask", self.default_mask(), persistent=False)  # (L,)
+        if cfg.zero_init_pred_head:
+            nn.init.zeros_(self.mae.decoder_pred.weight)
+            nn.init.zeros_(self.mae.decoder_pred.bias)
 
     def default_mask(self) -> torch.Tensor:
         """The spec's mask: every patch of the last slot, bool (L,)."""
