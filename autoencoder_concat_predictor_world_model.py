@@ -17,6 +17,7 @@ Nothing here imports gradio or matplotlib: the app turns the state and metrics i
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import math
@@ -249,6 +250,8 @@ class AutoencoderConcatPredictorWorldModel:
         self.last_checked_prediction: np.ndarray | None = None  # the prediction that frame t was compared with
         self.last_prediction_error: float | None = None  # MSE(last_checked_prediction, frame t)
         self._train_products: _TrainProducts | None = None
+        self.replay_buffer: collections.deque = collections.deque(maxlen=cfg.replay_buffer_size)  # uint8 canvases
+        self.replay_rng = np.random.default_rng(cfg.seed)  # replay sampling, seeded with the rest
 
     # -- training and prediction -------------------------------------------------
 
@@ -258,22 +261,30 @@ class AutoencoderConcatPredictorWorldModel:
             group["lr"] = lr
         return lr
 
+    def _training_batch(self, canvas: np.ndarray) -> np.ndarray:
+        """The canvas plus up to ``replay_batch_size`` earlier ones, uint8 (B, H, W, 3)."""
+        k = min(self.config.replay_batch_size, len(self.replay_buffer))
+        picks = self.replay_rng.choice(len(self.replay_buffer), size=k, replace=False) if k else []
+        return np.stack([canvas] + [self.replay_buffer[i] for i in picks])  # (B, H, W, 3)
+
     def train_step(self, canvas: np.ndarray) -> dict:
-        """One optimizer step on one canvas; returns {'loss', 'mse', 'lr'} as Python floats."""
+        """One optimizer step on a canvas (plus replayed ones); returns {'loss', 'mse', 'lr'} as
+        Python floats, where 'mse' is the plain masked MSE of the given canvas alone."""
         cfg = self.config
         with self.lock:
             self.model.train()
-            imgs = canvas_to_tensor(canvas, self.device)  # (1, 3, H, W)
+            imgs = canvas_to_tensor(self._training_batch(canvas), self.device)  # (B, 3, H, W)
             lr = self._set_lr()
-            pred = self.model.forward_with_patch_mask(imgs, self.patch_mask)  # (1, L, P)
-            loss, mse = self.model.loss(imgs, pred, self.patch_mask)
+            pred = self.model.forward_with_patch_mask(imgs, self.patch_mask)  # (B, L, P)
+            loss, _ = self.model.loss(imgs, pred, self.patch_mask)
+            _, mse = self.model.loss(imgs[:1], pred[:1].detach(), self.patch_mask)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.step += 1
-            self._train_products = _TrainProducts(canvas=canvas, mask=self.patch_mask, pred=pred.detach())
+            self._train_products = _TrainProducts(canvas=canvas, mask=self.patch_mask, pred=pred[:1].detach())
             self.last_training_canvas = canvas
             self.last_training_mask = self.patch_mask
             self.last_training_loss = loss.item()
@@ -294,6 +305,8 @@ class AutoencoderConcatPredictorWorldModel:
                 if result["mse"] < cfg.canvas_inpainting_threshold:
                     break
                 result = self.train_step(canvas)
+        if cfg.replay_batch_size:
+            self.replay_buffer.append(canvas)
         return result["loss"]
 
     @torch.no_grad()

@@ -89,13 +89,26 @@ class AutoencoderConcatPredictorWorldModelConfig:
     min_lr: float = 1e-5  # floor of the cosine schedule
     grad_clip: float = 1.0  # max gradient norm; keeps a rare large dot error from blowing up a step
 
+    correspondence_init_layers: int = 1  # decoder blocks whose attention starts out looking at the same
+    # place in the previous frame slot (0 = MAE's random init). With random init, each masked query
+    # attends ~uniformly to 600 tokens, the dot's signal is diluted 600x and nothing is learned in
+    # minutes; see models.masked_autoencoder_vit.init_correspondence_attention
+    correspondence_offsets: tuple[float, ...] = (-1.0, 0.0, 1.0, 2.0)  # per head: extra columns beyond the
+    # slot pitch (14.5 patches), so the heads cover "stayed" and "moved right by up to ~2 patches"
+    correspondence_gain: float = 8.0  # sharpness of that initial attention (query scale)
+    decoder_embed_init_gain: float = 1.0  # with correspondence init: scale of the initial content projection;
+    # 0.25 let position dominate the first look-up but starved the copied content (no learning in 300 steps)
     zero_init_pred_head: bool = True  # start the pixel head at exactly 0: the first predictions are black
     # frames, already close (MSE ~0.0016), instead of xavier noise (MSE ~0.25) the model must unlearn
 
     # loss ------------------------------------------------------------------
-    foreground_weight: float = 0.5  # share of the loss given to dot pixels (the rest to background):
+    foreground_weight: float = 20.0  # dot pixels count this many times a background pixel (1 = plain MSE):
     # the dot is ~80 of 50,176 pixels, so a plain MSE is minimised by predicting black everywhere
     foreground_threshold: float = 0.5  # a target pixel brighter than this (0-1 scale) counts as dot
+
+    # replay ------------------------------------------------------------------
+    replay_batch_size: int = 0  # earlier canvases added to each optimizer step (0 = the current canvas only)
+    replay_buffer_size: int = 512  # how many recent training canvases the replay draws from
 
     # quality gate -------------------------------------------------------------
     canvas_inpainting_threshold: float = 0.0001  # spec: with the gate on, train until the masked loss is below this

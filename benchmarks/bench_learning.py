@@ -80,6 +80,7 @@ def run_one(pattern: str, source: str, seconds: float, max_iterations: int, ever
         if len(records) % every == 0:
             point = {"iteration": len(records), "seconds": round(time.perf_counter() - t0, 1), **window_summary(records[-every:])}
             curve.append(point)
+            print(f"{pattern}/{source} {json.dumps(point)}", file=sys.stderr, flush=True)
             if point.get("n"):
                 if reached["dot_present"] is None and point["dot_present"] >= 0.9:
                     reached["dot_present"] = point["seconds"]

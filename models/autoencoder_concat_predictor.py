@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from config import AutoencoderConcatPredictorWorldModelConfig
-from models.masked_autoencoder_vit import MaskedAutoencoderViT, capture_attention, patchify, unpatchify
+from models.masked_autoencoder_vit import MaskedAutoencoderViT, capture_attention, init_correspondence_attention, patchify, unpatchify
 
 # separator colour per action (RGB): stay red, move green; any other action is drawn blue
 ACTION_COLOURS = np.array([[255, 0, 0], [0, 255, 0]], dtype=np.uint8)
@@ -162,37 +162,31 @@ def masked_frame_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
     mask: torch.Tensor,
-    foreground_weight: float = 0.0,
+    foreground_weight: float = 1.0,
     foreground_threshold: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss over masked patches only, optionally rebalanced between dot and background pixels.
+    """Loss over masked patches only, with dot pixels counted ``foreground_weight`` times.
 
-    A plain MSE over a black frame with an 80-pixel dot is minimised by predicting black; giving
-    the dot pixels a fixed share of the loss keeps their gradient from drowning.
+    A plain MSE over a black frame with an 80-pixel dot is minimised by predicting black; weighting
+    the dot pixels keeps their gradient from drowning in the background.
 
     Args:
         pred: (B, L, P) predicted patch pixels; P = patch_size**2 * channels.
         target: (B, L, P) true patch pixels in [0, 1].
         mask: (B, L) or (L,) bool, True = masked.
-        foreground_weight: share of the loss on target pixels brighter than the threshold;
-            0 gives the plain masked MSE.
+        foreground_weight: weight of target pixels brighter than the threshold relative to the
+            rest; 1 gives the plain masked MSE.
 
     Returns:
         (loss to optimise, plain masked MSE) as 0-dim tensors.
     """
-    m = mask.expand(pred.shape[0], -1).unsqueeze(-1).to(pred.dtype)  # (B, L, 1)
+    m = mask.expand(pred.shape[0], -1).unsqueeze(-1).to(torch.float32)  # (B, L, 1)
     err = (pred.float() - target.float()) ** 2  # (B, L, P)
-    n_masked = m.sum() * pred.shape[-1]
-    mse = (err * m).sum() / n_masked.clamp_min(1)
-    if foreground_weight <= 0:
+    mse = (err * m).sum() / (m.sum() * pred.shape[-1]).clamp_min(1)
+    if foreground_weight == 1.0:
         return mse, mse
-    fg = (target > foreground_threshold).to(err.dtype) * m  # (B, L, P) dot pixels inside the mask
-    bg = m - fg  # (B, L, P) background pixels inside the mask (broadcasts m)
-    n_fg, n_bg = fg.sum(), bg.sum()
-    loss_bg = (err * bg).sum() / n_bg.clamp_min(1)
-    loss_fg = (err * fg).sum() / n_fg.clamp_min(1)
-    w = torch.where(n_fg > 0, torch.tensor(foreground_weight, device=err.device), torch.tensor(0.0, device=err.device))
-    return w * loss_fg + (1 - w) * loss_bg, mse
+    w = (1.0 + (foreground_weight - 1.0) * (target > foreground_threshold).float()) * m  # (B, L, P)
+    return (err * w).sum() / w.sum().clamp_min(1), mse
 
 
 class TargetedMAEWrapper(nn.Module):
@@ -217,6 +211,14 @@ class TargetedMAEWrapper(nn.Module):
             decoder_num_heads=cfg.decoder_num_heads,
             mlp_ratio=cfg.mlp_ratio,
         )
+        if cfg.correspondence_init_layers:
+            # the same place one slot to the left, plus a few columns either side (see config)
+            pitch = (cfg.frame_size[1] + cfg.separator_width) / cfg.patch_size  # slot pitch in patch columns
+            shifts = [pitch + o for o in cfg.correspondence_offsets]
+            for blk in self.mae.decoder_blocks[: cfg.correspondence_init_layers]:
+                init_correspondence_attention(blk.attn, shifts[: blk.attn.num_heads], cfg.correspondence_gain)
+            with torch.no_grad():  # keep token content small next to position, so that look-up works
+                self.mae.decoder_embed.weight.mul_(cfg.decoder_embed_init_gain)
         if cfg.zero_init_pred_head:
             nn.init.zeros_(self.mae.decoder_pred.weight)
             nn.init.zeros_(self.mae.decoder_pred.bias)

@@ -66,6 +66,44 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid_size: tuple[int, int], in_
     return x.reshape(B, in_chans, gh * p, gw * p)  # (B, C, H, W)
 
 
+@torch.no_grad()
+def init_correspondence_attention(attn: nn.Module, column_shifts: Sequence[float], gain: float) -> None:
+    """Initialise one timm ``Attention`` so each head looks a fixed number of columns to the left.
+
+    The decoder's tokens carry the 2-D sin-cos position embedding (rows in channels [0, D/2),
+    columns in [D/2, D), each half ``[sin(w_k x) ..., cos(w_k x) ...]``). Keys are set to that
+    embedding and queries to the same embedding rotated by ``w_k * shift`` in every column
+    frequency, so ``q_i . k_j`` peaks where ``row_j = row_i`` and ``col_j = col_i - shift``: a
+    query in one frame slot starts out attending to the same place in the previous slot. Every
+    head uses the ``head_dim / 4`` highest frequencies of both axes (periods of 6 to ~50 patches). Values and outputs keep their
+    random initialisation; training learns what to copy and how far things moved.
+
+    Args:
+        attn: a timm Attention with ``qkv`` of shape (3D, D) and D divisible by 4 * num_heads.
+        column_shifts: one shift in patch columns per head (may be fractional).
+        gain: scale of the queries; larger means sharper initial attention.
+    """
+    D = attn.qkv.in_features
+    H, hd = attn.num_heads, attn.head_dim
+    half, quarter = D // 2, D // 4  # channels per axis; frequencies per axis
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,) as in the embedding
+    Wq = torch.zeros(D, D, dtype=torch.float64)
+    Wk = torch.zeros(D, D, dtype=torch.float64)
+    for h in range(H):  # a handful of heads
+        ks = torch.arange(hd // 4)  # (hd/4,) the highest frequencies: a sharp peak, little aliasing
+        out = h * hd + 4 * torch.arange(len(ks))  # first of 4 output channels per frequency
+        row_sin, row_cos, col_sin, col_cos = ks, ks + quarter, ks + half, ks + half + quarter
+        c, s = torch.cos(omega[ks] * column_shifts[h]), torch.sin(omega[ks] * column_shifts[h])
+        Wk[out, row_sin] = Wk[out + 1, row_cos] = Wk[out + 2, col_sin] = Wk[out + 3, col_cos] = 1.0
+        Wq[out, row_sin] = Wq[out + 1, row_cos] = 1.0
+        Wq[out + 2, col_sin], Wq[out + 2, col_cos] = c, -s  # sin(w(x - shift))
+        Wq[out + 3, col_sin], Wq[out + 3, col_cos] = s, c  # cos(w(x - shift))
+    attn.qkv.weight[:D] = (gain * Wq).to(attn.qkv.weight.dtype)
+    attn.qkv.weight[D : 2 * D] = Wk.to(attn.qkv.weight.dtype)
+    if attn.qkv.bias is not None:
+        attn.qkv.bias[: 2 * D] = 0
+
+
 @contextmanager
 def capture_attention(blocks: Sequence[nn.Module]) -> Iterator[list[torch.Tensor]]:
     """Record the softmax attention weights of timm ``Block``s during one forward pass.

@@ -88,21 +88,22 @@ def test_loss_ignores_visible_patches():
     pred = torch.zeros(1, 602, 768)
     mask = compute_patch_mask_for_last_slot(224, 16, 3, 8)
     pred[0, ~mask] = 5.0  # huge errors only where the model is not asked to predict
-    loss, mse = masked_frame_loss(pred, target, mask, foreground_weight=0.5)
+    loss, mse = masked_frame_loss(pred, target, mask, foreground_weight=20.0)
     assert loss.item() == 0.0 and mse.item() == 0.0
     pred[0, mask] = 0.1
     _, mse = masked_frame_loss(pred, target, mask)
     assert mse.item() == pytest.approx(0.01)
 
 
-def test_foreground_weight_gives_the_dot_its_share():
+def test_foreground_weight_counts_dot_pixels_more():
     mask = torch.ones(602, dtype=torch.bool)
     target = torch.zeros(1, 602, 768)
     target[0, 0, :10] = 1.0  # a 10-value "dot"
     pred = torch.zeros_like(target)  # predicts black everywhere
-    loss, mse = masked_frame_loss(pred, target, mask, foreground_weight=0.5)
-    assert mse.item() == pytest.approx(10 / (602 * 768))
-    assert loss.item() == pytest.approx(0.5)  # the whole dot is missed
+    n = 602 * 768
+    loss, mse = masked_frame_loss(pred, target, mask, foreground_weight=20.0)
+    assert mse.item() == pytest.approx(10 / n)
+    assert loss.item() == pytest.approx(200 / (n - 10 + 200))
 
 
 def test_mae_forward_backward_every_parameter_gets_a_gradient():
