@@ -26,6 +26,7 @@ import random
 import tempfile
 import threading
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -488,6 +489,7 @@ class AutoencoderConcatPredictorWorldModel:
         with self.lock:
             payload = self._checkpoint_payload()
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -498,7 +500,7 @@ class AutoencoderConcatPredictorWorldModel:
         except BaseException as e:
             Path(tmp).unlink(missing_ok=True)
             if isinstance(e, OSError):
-                raise CheckpointError(f"could not save the checkpoint to {path}: {e.strerror or e}") from e
+                raise CheckpointError(f"could not save the checkpoint {path.name}: {e.strerror or e}") from e
             raise
         _fsync_dir(path.parent)
         return path
@@ -512,11 +514,16 @@ class AutoencoderConcatPredictorWorldModel:
         """
         path = Path(path) if path is not None else CHECKPOINT_PATH
         if not path.is_file():
-            raise CheckpointError(f"no checkpoint file at {path}")
+            raise CheckpointError(f"no checkpoint file named {path.name}")
         try:
+            with zipfile.ZipFile(path) as zf:  # torch.load skips the CRC-32s: a flipped bit would load silently
+                bad = zf.testzip()
+            if bad is not None:
+                raise ValueError(f"checksum mismatch in {bad}")
             payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling errors come in many types
-            raise CheckpointError(f"{path.name} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+        except Exception as e:  # unpickling and zip errors come in many types
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(f"{path.name} is not a readable checkpoint ({type(e).__name__}: {first_line})") from e
         model_state, optim_state = self._validate_payload(payload, path)
         with self.lock:
             backup = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.optimizer.state_dict()), self.step, self.iteration)
@@ -548,8 +555,32 @@ class AutoencoderConcatPredictorWorldModel:
             t = model_state[k]
             if not isinstance(t, torch.Tensor) or t.shape != v.shape or not torch.isfinite(t).all():
                 raise CheckpointError(f"{path.name}: weight {k} is missing, misshapen or not finite")
+        for key in ("step", "iteration"):
+            value = payload.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CheckpointError(f"{path.name}: '{key}' must be a whole number >= 0, got {value!r}")
         optim_state = payload.get("optimizer")
-        return model_state, optim_state if isinstance(optim_state, dict) else None
+        if optim_state is not None:
+            self._validate_optimizer_state(optim_state, path)
+        return model_state, optim_state
+
+    def _validate_optimizer_state(self, state, path: Path) -> None:
+        """AdamW moments must match their parameters, be finite, and second moments >= 0; a bad
+        moment would otherwise load and turn the weights to NaN at the next step."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        groups = state.get("param_groups") if isinstance(state, dict) else None
+        moments = state.get("state") if isinstance(state, dict) else None
+        if not isinstance(groups, list) or not isinstance(moments, dict):
+            raise CheckpointError(f"{path.name}: the optimizer state is malformed")
+        for index, entry in moments.items():
+            if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(entry, dict):
+                raise CheckpointError(f"{path.name}: the optimizer state names an unknown parameter {index!r}")
+            for name in ("exp_avg", "exp_avg_sq"):
+                t = entry.get(name)
+                if not isinstance(t, torch.Tensor) or t.shape != params[index].shape or not torch.isfinite(t).all():
+                    raise CheckpointError(f"{path.name}: optimizer {name} of parameter {index} is missing, misshapen or not finite")
+            if (entry["exp_avg_sq"] < 0).any():
+                raise CheckpointError(f"{path.name}: optimizer exp_avg_sq of parameter {index} is negative")
 
 
 def _to_cpu(obj):
@@ -560,6 +591,17 @@ def _to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+def _remove_stale_temp_files(path: Path, older_than_s: float = 600.0) -> None:
+    """Delete temp files that a killed save of this checkpoint left behind (ours by their name)."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if tmp.is_file() and now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+        except OSError:
+            pass
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -57,6 +57,8 @@ _OPTIONAL_META = {  # checked only when present: older sessions lack most of the
     "start_x": int,
     "start_y": int,
 }
+_MODE_NAMES = {"L": "grayscale", "LA": "grayscale with alpha", "RGBA": "RGBA (alpha dropped)", "P": "palette",
+               "PA": "palette with alpha", "1": "black and white", "I;16": "16-bit grayscale", "CMYK": "CMYK"}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", type(None): "null"}
 
 
@@ -90,7 +92,8 @@ class Session:
     """A loaded session: metadata and event index in memory, frames decoded on demand.
 
     ``observations[i]`` is ``{step, timestamp, frame_path, full_path}``; ``actions[j]`` is
-    ``{step, timestamp, action}``; ``notes`` lists repairs made while loading (e.g. a dropped torn line).
+    ``{step, timestamp, action}``; ``notes`` lists repairs made while loading (e.g. a dropped torn line)
+    and while decoding frames (a grayscale, RGBA or palette frame converted to RGB).
     """
 
     name: str
@@ -102,6 +105,7 @@ class Session:
     frame_size: tuple[int, int] = (_DEFAULT_FRAME_SIZE, _DEFAULT_FRAME_SIZE)  # expected (height, width)
     _action_after: list[int | None] = field(default_factory=list, repr=False)
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
+    _converted_modes: set = field(default_factory=set, repr=False, compare=False)
 
     @property
     def num_frames(self) -> int:
@@ -126,7 +130,14 @@ class Session:
         index = self._check_index(index)
         cached = self._cache.get(index)
         if cached is None:
-            cached = load_frame_image(self.observations[index]["full_path"], size=self.frame_size)
+            path = self.observations[index]["full_path"]
+            cached, mode = _decode_frame(path, self.frame_size)
+            if mode != "RGB" and mode not in self._converted_modes:
+                self._converted_modes.add(mode)  # one note per mode, not one per frame
+                self.notes.append(
+                    f"{self.name}/{self.observations[index]['frame_path']} was stored as "
+                    f"{_MODE_NAMES.get(mode, mode)} and was converted to RGB (as is any other {mode} frame)"
+                )
             self._cache[index] = cached
             while len(self._cache) > FRAME_CACHE_SIZE:
                 # tolerate a concurrent eviction (Gradio may call from several worker threads)
@@ -286,7 +297,11 @@ def load_session_metadata(session_dir: str | os.PathLike) -> dict[str, Any]:
     path = session_dir / META_FILENAME
     try:
         if not path.is_file():
+            if path.exists() or path.is_symlink():
+                raise SessionError(f"{label} is not a regular file")
             raise SessionError(f"{label} is missing")
+        if not _inside(path, session_dir):
+            raise SessionError(f"{label} is a link leading outside the session folder")
         if path.stat().st_size > MAX_META_BYTES:
             raise SessionError(f"{label} is too large ({path.stat().st_size} bytes) to be session metadata")
         raw = path.read_bytes()
@@ -300,6 +315,8 @@ def load_session_metadata(session_dir: str | os.PathLike) -> dict[str, Any]:
         raise SessionError(f"{label} is not valid JSON (not UTF-8 text)") from None
     except json.JSONDecodeError as e:
         raise SessionError(f"{label} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # absurdly deep nesting, integers of thousands of digits
+        raise SessionError(f"{label} is not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(meta, dict):
         raise SessionError(f"{label} is not a JSON object (found {type(meta).__name__})")
     missing = [key for key in _REQUIRED_META if key not in meta]
@@ -310,6 +327,8 @@ def load_session_metadata(session_dir: str | os.PathLike) -> dict[str, Any]:
             raise SessionError(
                 f"{label}: '{key}' should be {_type_label(expected)}, found {type(meta[key]).__name__}"
             )
+    if "img_size" in meta and not 1 <= meta["img_size"] <= math.isqrt(MAX_FRAME_PIXELS):
+        raise SessionError(f"{label}: 'img_size' should be a frame side in pixels, found {meta['img_size']!r}"[:200])
     if not all(isinstance(a, dict) for a in meta["action_space"]):
         raise SessionError(f"{label}: 'action_space' should be a list of objects such as {{\"action\": 0}}")
     return meta
@@ -326,6 +345,11 @@ def _parse_event(obj: Any, where: str) -> dict[str, Any]:
         raise SessionError(f"{where}: 'type' should be 'observation' or 'action', found {kind!r}"[:200])
     if not isinstance(data, dict):
         raise SessionError(f"{where}: 'data' should be an object")
+    if kind == "observation" and not (isinstance(data.get("frame_path"), str) and data["frame_path"]):
+        found = data.get("frame_path")
+        raise SessionError(f"{where}: an observation needs a 'frame_path' string, found {found!r}"[:200])
+    if kind == "action" and not _is_int(data.get("action")):
+        raise SessionError(f"{where}: an action needs an integer 'action', found {data.get('action')!r}"[:200])
     if timestamp is not None and not _type_ok(timestamp, float):
         raise SessionError(f"{where}: 'timestamp' should be a number, found {timestamp!r}"[:200])
     return {"step": step, "type": kind, "data": data, "timestamp": timestamp}
@@ -349,6 +373,11 @@ def _list_shards(session_dir: Path) -> list[tuple[int, Path]]:
         raise SessionError(f"{label}: no event shards found")
     shards.sort()
     numbers = [n for n, _ in shards]
+    twins = [(a, b) for (n, a), (m, b) in zip(shards, shards[1:]) if n == m]
+    if twins:
+        a, b = twins[0]
+        number = int(SHARD_PATTERN.match(a.name).group(1))
+        raise SessionError(f"{_label(session_dir, a.name)} and {b.name} are both shard {number}")
     expected = list(range(len(shards)))
     if numbers != expected:
         gap = next(i for i, (n, e) in enumerate(zip(numbers, expected)) if n != e)
@@ -362,8 +391,8 @@ def _list_shards(session_dir: Path) -> list[tuple[int, Path]]:
 def load_session_events_with_notes(session_dir: str | os.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
     """Read every ``events_shard_NNN.jsonl`` in numeric order, validating each event.
 
-    A killed recording can leave a torn last line in the last shard: that one line is dropped and
-    reported in the notes. Any other unreadable line is an error.
+    A killed recording can leave a torn last line in the last shard, or that shard empty: the line (or
+    the empty shard) is dropped and reported in the notes. Any other unreadable line is an error.
 
     Args:
         session_dir: the session folder.
@@ -373,30 +402,43 @@ def load_session_events_with_notes(session_dir: str | os.PathLike) -> tuple[list
         human-readable notes about repairs.
 
     Raises:
-        SessionError: no shards, a missing shard number, an invalid line (naming shard and line number),
-            or steps that repeat or go backwards.
+        SessionError: no shards, a missing or duplicated shard number, an empty shard before the last, an
+            invalid line (naming shard and line number), or steps that repeat or go backwards.
     """
-    session_dir = Path(session_dir)
+    events, notes, _ = _read_events(Path(session_dir))
+    return events, notes
+
+
+def _read_events(session_dir: Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    # events, repair notes, and where each event came from ("<session>/<shard> line N", for messages)
     shards = _list_shards(session_dir)
     events: list[dict[str, Any]] = []
     notes: list[str] = []
+    wheres: list[str] = []
     last_step = -1
     for shard_number, (_, path) in enumerate(shards):
         label = _label(session_dir, path.name)
+        is_last_shard = shard_number == len(shards) - 1
         try:
             lines = path.read_bytes().split(b"\n")
         except OSError as e:
             raise SessionError(f"{label} cannot be read: {e.strerror or e}") from None
         # index of the last non-blank line: the only one allowed to be torn, and only in the last shard
         last_line = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+        if last_line < 0:
+            # a killed recording can leave the shard it had just opened empty; anywhere else events are lost
+            if not is_last_shard:
+                raise SessionError(f"{label} is empty but later shards follow (events are missing)")
+            notes.append(f"{label} is empty (recording interrupted) and was skipped")
+            continue
         for i, line in enumerate(lines):
             if not line.strip():
                 continue
             where = f"{label} line {i + 1}"
             try:
                 obj = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                if shard_number == len(shards) - 1 and i == last_line:
+            except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError covers JSONDecodeError
+                if is_last_shard and i == last_line:
                     notes.append(f"{label} line {i + 1} was incomplete (recording interrupted) and was dropped")
                     continue
                 raise SessionError(f"{where} is not valid JSON") from None
@@ -407,7 +449,8 @@ def load_session_events_with_notes(session_dir: str | os.PathLike) -> tuple[list
                 )
             last_step = event["step"]
             events.append(event)
-    return events, notes
+            wheres.append(where)
+    return events, notes, wheres
 
 
 def load_session_events(session_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -494,6 +537,11 @@ def load_frame_image(path: str | os.PathLike, size: int | tuple[int, int] | None
     Raises:
         SessionError: the file is missing, not .png/.jpg, truncated, not an image, or not ``size``.
     """
+    return _decode_frame(path, size)[0]
+
+
+def _decode_frame(path: str | os.PathLike, size: int | tuple[int, int] | None) -> tuple[np.ndarray, str]:
+    # load_frame_image, also returning the file's colour mode so callers can note a conversion
     path = Path(path)
     label = "/".join(path.parts[-3:])  # "<session>/frames/<file>"
     if path.suffix.lower() not in FRAME_SUFFIXES:
@@ -509,6 +557,7 @@ def load_frame_image(path: str | os.PathLike, size: int | tuple[int, int] | None
                     f"{label} is {width}x{height} pixels but this session's frames are {expected[1]}x{expected[0]}"
                 )
             image.load()  # decode now, so a truncated file fails here rather than later
+            mode = image.mode
             rgb = image.convert("RGB")
     except FileNotFoundError:
         raise SessionError(f"{label} is missing") from None
@@ -519,7 +568,7 @@ def load_frame_image(path: str | os.PathLike, size: int | tuple[int, int] | None
             raise
         raise SessionError(f"{label} is truncated or unreadable ({e})"[:300]) from None
     frame = np.asarray(rgb, dtype=np.uint8)  # (H, W, 3)
-    return np.ascontiguousarray(frame)
+    return np.ascontiguousarray(frame), mode
 
 
 # -----------------------------------------------------------------------------
@@ -570,22 +619,31 @@ def load_session(name_or_dir: str | os.PathLike, root: str | os.PathLike | None 
             raise SessionError(f"{session_dir.name}/ is not a session folder")
     meta = load_session_metadata(session_dir)
     _check_action_space(meta, session_dir)
-    events, notes = load_session_events_with_notes(session_dir)
+    events, notes, wheres = _read_events(session_dir)
     observations = extract_observations(events, session_dir)
     actions = extract_actions(events)
     name = session_dir.name
     if len(observations) < MIN_FRAMES:
         raise SessionError(
             f"{name}: {len(observations)} frame(s) recorded; need at least {MIN_FRAMES} frames for a canvas"
+            + (f" ({'; '.join(notes)})" if notes else "")
         )
-    bad = next((a for a in actions if a["action"] not in ACTION_NAMES), None)
+    bad = next(
+        (i for i, e in enumerate(events) if e["type"] == "action" and e["data"]["action"] not in ACTION_NAMES), None
+    )
     if bad is not None:
-        raise SessionError(f"{name}: action {bad['action']!r} at step {bad['step']} is not in the action space")
+        raise SessionError(
+            f"{wheres[bad]}: action {events[bad]['data']['action']!r} is not in the action space "
+            f"{json.dumps(DOT_ACTION_SPACE)}"
+        )
     missing = [o for o in observations if not o["full_path"].is_file()]
     if missing:
+        first = missing[0]["full_path"]
+        problem = "is not a regular file" if first.exists() or first.is_symlink() else "is missing"
         raise SessionError(
-            f"{name}/{missing[0]['frame_path']} is missing"
-            + (f" (and {len(missing) - 1} more frame files)" if len(missing) > 1 else "")
+            f"{name}/{missing[0]['frame_path']} {problem}"
+            + (f" (and {len(missing) - 1} more frame files are missing or not regular files)"
+               if len(missing) > 1 else "")
         )
     status = meta.get("status")
     if status == "recording":
