@@ -1,0 +1,831 @@
+"""Concat World Model Explorer: the Gradio web app.
+
+Load a recorded toroidal-dot session, scrub its frames, press Run and watch the canvas-inpainting
+world model (``AutoencoderConcatPredictorWorldModel``) learn to predict the next frame, then ask
+why it predicts what it does by exploring its decoder attention.
+
+The file reads top to bottom (STYLE.md habits 9-11, the Gradio demos' layout):
+
+1. per-browser-tab state (``UserState``) and the registry that frees a closed tab's model;
+2. input checks and small picture/markdown helpers;
+3. the event handlers, plain module-level functions that tests import and call;
+4. ``build_demo()``, which only declares the layout and wires the handlers;
+5. the command line (``main``); nothing launches on import.
+
+Endpoints (``api_name``, tests and tools call them): ``/refresh_sessions``, ``/load_session``,
+``/update_frame``, ``/jump_to_frame``, ``/run_world_model`` (a generator), ``/stop`` and
+``/update_attention_viz``. Usage::
+
+    python concat_world_model_explorer_gradio.py [--host 0.0.0.0] [--port 7860] [--share]
+        [--auth USER:PASS] [--public] [--no-browser]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import numbers
+import os
+import sys
+import threading
+import time
+import weakref
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+import torch
+
+import config
+from attention_viz import AGGREGATIONS, VIZ_HEATMAP, VIZ_LINES, VIZ_TYPES, render_attention
+from autoencoder_concat_predictor_world_model import (
+    AttentionCapture,
+    AutoencoderConcatPredictorWorldModel,
+    CheckpointError,
+    ReplayRobot,
+    create_replay_action_selector,
+)
+from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig
+from record_session import record_session
+from session_explorer_lib import (
+    ACTION_NAMES,
+    Session,
+    SessionError,
+    format_timestamp,
+    load_session as load_session_from_disk,
+    resolve_session_dir,
+    scan_sessions,
+    session_info_markdown,
+)
+
+# -----------------------------------------------------------------------------
+# constants
+
+APP = AppConfig()
+MODEL_CFG = AutoencoderConcatPredictorWorldModelConfig()
+N_LAYERS = MODEL_CFG.decoder_depth  # attention explorer layer checkboxes (5)
+N_HEADS = MODEL_CFG.decoder_num_heads  # attention explorer head checkboxes (4)
+FRAME_UPSCALE = 2  # single frames are shown at 2x (nearest neighbour) so a 16 px patch is easy to see
+MAX_PLOT_POINTS = 2000  # longer metric histories are thinned to this many points per series
+CANVAS_HEIGHT, FRAME_HEIGHT, ATTENTION_HEIGHT = 260, 470, 480  # display heights in CSS pixels
+RUN_LOCK_WAIT_S = 5.0  # a Run waits this long for the tab's previous run to wind down
+STOP_WAIT_S = 30.0  # /stop waits this long for the run to end so it can show the final state
+UNKNOWN_SESSION = "Unknown session: that name is not a session folder in the sessions folder. Press Refresh sessions and choose one from the list."
+NO_SESSION = "Load a session first: choose one in the list and press Load session."
+NO_MODEL_YET = "_No model yet: it is created at the first Run (from the saved checkpoint when there is one)._"
+NOTHING_RUN_YET = "_Nothing to show yet: run the world model once; its decoder attention is captured at the end of every run._"
+LOG = logging.getLogger("concat_world_model_explorer")
+
+CSS = """
+.pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+#app-title h1 { margin-bottom: 0; }
+.section-title h2 { margin: 0.6em 0 0.1em 0; }
+"""
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
+
+# the components every run update writes, in order (see _display_outputs)
+RUN_OUTPUT_KEYS = (
+    "progress", "checkpoint", "train_original", "train_masked", "train_inpainting", "train_composite",
+    "pred_current", "pred_next", "pred_error", "prediction_info", "plot_error", "plot_time", "plot_loss",
+    "attn_image", "attn_stats", "frame_slider",
+)
+
+
+# -----------------------------------------------------------------------------
+# per-tab state
+
+
+class UserState:
+    """Everything one browser tab owns: its session, world model, metric history and attention.
+
+    A plain class, not a dataclass: Gradio serialises dataclass values with ``dataclasses.asdict``
+    (which deep-copies). Gradio deep-copies a ``gr.State`` default for every new tab;
+    ``__deepcopy__`` hands out a fresh, empty object instead (locks and models cannot be copied,
+    and must never be shared between tabs).
+    """
+
+    def __init__(self) -> None:
+        self.session: Session | None = None
+        self.frame_index = 0  # the slider's frame: the next Run starts its replay here
+        self.world_model: AutoencoderConcatPredictorWorldModel | None = None
+        self.checkpoint_origin = NO_MODEL_YET  # where this tab's model came from (kept for its lifetime)
+        self.checkpoint_saved = ""  # the latest save (or why it failed)
+        self.refused_checkpoint = False  # the checkpoint file was refused; keep it aside before the first save
+        self.history: list[dict] = []  # one metrics dict per iteration, across runs of this tab's model
+        self.attention: AttentionCapture | None = None  # captured once at the end of every run
+        self.attention_note = ""
+        self.attention_controls = (APP.default_quantile, tuple(range(N_LAYERS)), tuple(range(N_HEADS)), "mean", VIZ_LINES)
+        self.run_done = 0
+        self.run_total = 0
+        self.pending_finish = False  # a run ended without saving its checkpoint and attention (it was cancelled)
+        self.stop_event = threading.Event()
+        self.run_lock = threading.Lock()  # one run at a time per tab (released from whichever thread ends it)
+
+    def __deepcopy__(self, memo) -> UserState:
+        return UserState()
+
+
+def release_user(user: UserState | None) -> None:
+    """Stop the tab's run and drop its model (the ``gr.State`` delete callback; never blocks)."""
+    if not isinstance(user, UserState):
+        return
+    user.stop_event.set()
+    had_model = user.world_model is not None
+    user.world_model, user.attention, user.session = None, None, None
+    if had_model:
+        LOG.info("freed the world model of a closed browser tab")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class TabRegistry:
+    """Maps open browser tabs to their ``UserState`` so ``demo.unload`` can free a closed tab's model
+    at once instead of an hour later (when Gradio deletes the state of a closed session)."""
+
+    def __init__(self) -> None:
+        self._users: weakref.WeakValueDictionary[str, UserState] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def register(self, user: UserState, request: gr.Request) -> UserState:
+        """Page-load handler: remember this tab's state (and hand it back so Gradio tracks it)."""
+        if request is not None and request.session_hash:
+            with self._lock:
+                self._users[request.session_hash] = user
+        return user
+
+    def release(self, request: gr.Request) -> None:
+        """Unload handler: the tab closed, free its model now."""
+        if request is None or not request.session_hash:
+            return
+        with self._lock:
+            user = self._users.pop(request.session_hash, None)
+        release_user(user)
+
+
+# -----------------------------------------------------------------------------
+# input checks (each raises gr.Error naming the problem; nothing changes before they pass)
+
+
+def _shown(value: Any) -> str:
+    return repr(value)[:40]
+
+
+def whole_number(value: Any, what: str, low: int, high: int) -> int:
+    """Return ``value`` as an int in ``[low, high]``; otherwise raise ``gr.Error`` naming ``what``.
+
+    Accepts ints and integral floats (a slider sends 12.0); refuses bools, None, strings, NaN,
+    infinities, fractions and anything out of range.
+    """
+    rule = f"{what} must be a whole number from {low} to {high}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise gr.Error(f"{rule} (got {_shown(value)}).")
+    number = float(value)
+    if not math.isfinite(number) or number != int(number):
+        raise gr.Error(f"{rule} (got {_shown(value)}).")
+    if not low <= int(number) <= high:
+        raise gr.Error(f"{rule} (got {int(number)}).")
+    return int(number)
+
+
+def parse_quantile(value: Any) -> float:
+    """Return the attention quantile as a float in [0, 100]; otherwise raise ``gr.Error``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise gr.Error(f"Quantile must be a number from 0 to 100 (got {_shown(value)}).")
+    if not 0.0 <= float(value) <= 100.0:
+        raise gr.Error(f"Quantile must be a number from 0 to 100 (got {float(value):g}).")
+    return float(value)
+
+
+def selected_indices(flags: Sequence[Any], what: str) -> tuple[int, ...]:
+    """Indices of the ticked checkboxes; a value that is not true/false raises ``gr.Error``."""
+    for i, flag in enumerate(flags):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise gr.Error(f"{what} {i} checkbox must be true or false (got {_shown(flag)}).")
+    return tuple(i for i, flag in enumerate(flags) if flag)
+
+
+def choice(value: Any, options: Sequence[str], what: str) -> str:
+    """``value`` if it is one of ``options``; otherwise raise ``gr.Error`` listing them."""
+    if not isinstance(value, str) or value not in options:
+        raise gr.Error(f"{what} must be one of: {', '.join(options)} (got {_shown(value)}).")
+    return value
+
+
+def require_session(user: UserState) -> Session:
+    if user.session is None:
+        raise gr.Error(NO_SESSION)
+    return user.session
+
+
+# -----------------------------------------------------------------------------
+# pictures and text
+
+
+def upscale(image: np.ndarray | None, factor: int = FRAME_UPSCALE) -> np.ndarray | None:
+    """Nearest-neighbour enlargement (np.repeat): crisp pixels, never a blurry resample."""
+    if image is None or factor == 1:
+        return image
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)  # (H*f, W*f, 3)
+
+
+def amplify_error(error: np.ndarray | None) -> tuple[np.ndarray | None, float]:
+    """Stretch an |prediction - actual| map so its largest difference is white; returns (image, gain)."""
+    if error is None:
+        return None, 1.0
+    peak = int(error.max())
+    gain = 255.0 / peak if peak > 0 else 1.0
+    return np.clip(error.astype(np.float32) * gain, 0, 255).astype(np.uint8), gain
+
+
+def _md_escape(text: Any) -> str:
+    return "".join("\\" + c if c in "\\`*_{}[]<>#|!" else c for c in str(text))
+
+
+def _fmt(value: float | None, digits: int = 5) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(config.PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def frame_markdown(session: Session, index: int) -> str:
+    """Step, timestamp and the action taken after frame ``index``."""
+    obs = session.observations[index]
+    action = session.action_after(index)
+    after = "none (the last frame)" if action is None else f"{action} = {ACTION_NAMES.get(action, '?')}"
+    return (
+        f"**Frame {index}** of 0-{session.num_frames - 1} | **Step:** {obs['step']} | "
+        f"**Time:** {format_timestamp(obs['timestamp'])} | **Action after it:** {after}"
+    )
+
+
+def frame_outputs(session: Session, index: int) -> tuple[np.ndarray, str]:
+    try:
+        image = session.frame(index)
+    except SessionError as e:
+        raise gr.Error(f"Cannot show frame {index}: {e}") from None
+    return upscale(image), frame_markdown(session, index)
+
+
+def broken_sessions_markdown(summaries: list) -> str:
+    broken = [s for s in summaries if not s.ok]
+    if not summaries:
+        root = _display_path(config.SESSIONS_ROOT)
+        return f"No sessions in `{root}`. Record one: `python record_session.py --pattern alternate --steps 200`."
+    if not broken:
+        return ""
+    lines = [f"**{len(broken)} session(s) cannot be loaded:**"]
+    lines += [f"- {_md_escape(s.name)}: {_md_escape(s.reason)}" for s in broken]
+    return "\n".join(lines)
+
+
+def training_settings_markdown(cfg: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG) -> str:
+    """The training settings in use, from ``config.py``."""
+    h, w = cfg.canvas_size
+    gate = (
+        f"on (train until masked MSE < {cfg.canvas_inpainting_threshold:g}, at most {cfg.quality_gate_max_steps} steps)"
+        if cfg.quality_gate else "off (one optimizer step per iteration)"
+    )
+    device = "CUDA" if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    return "\n".join([
+        f"- **Canvas:** {h}x{w} px ({cfg.canvas_history_size} frames, {cfg.separator_width} px separators), "
+        f"{cfg.patch_size} px patches, grid {cfg.grid_size[0]}x{cfg.grid_size[1]}, mask ratio {cfg.mask_ratio:g}",
+        f"- **Model:** encoder {cfg.embed_dim} wide x {cfg.depth} blocks x {cfg.num_heads} heads; "
+        f"decoder {cfg.decoder_embed_dim} wide x {cfg.decoder_depth} blocks x {cfg.decoder_num_heads} heads",
+        f"- **Optimizer:** AdamW, learning rate {cfg.learning_rate:g}, warm-up {cfg.warmup_steps} steps, cosine decay "
+        f"over {cfg.lr_decay_steps} steps to {cfg.min_lr:g}, weight decay {cfg.weight_decay:g}, gradient clip {cfg.grad_clip:g}",
+        f"- **Loss:** masked patches only; dot-pixel (foreground) weight {cfg.foreground_weight:g}, "
+        f"foreground threshold {cfg.foreground_threshold:g}",
+        f"- **Quality gate:** {gate}",
+        f"- **Device:** {device}",
+    ])
+
+
+def _series(rows: list[dict], key: str, label: str, scale: float = 1.0) -> pd.DataFrame:
+    points = [(r["iteration"], r[key] * scale) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+    if len(points) > MAX_PLOT_POINTS:  # thin evenly, always keeping the first and the latest point
+        keep = np.unique(np.linspace(0, len(points) - 1, MAX_PLOT_POINTS).round().astype(int))
+        points = [points[i] for i in keep]
+    return pd.DataFrame({"iteration": np.array([p[0] for p in points], dtype=np.float64),
+                         "value": np.array([p[1] for p in points], dtype=np.float64),
+                         "series": [label] * len(points)})
+
+
+SERIES_PREDICTION, SERIES_BASELINE = "model prediction", "baseline: repeat last frame"
+SERIES_LOSS, SERIES_MSE = "training loss (weighted)", "masked-patch MSE"
+ERROR_COLOURS = {SERIES_PREDICTION: "#4f46e5", SERIES_BASELINE: "#9ca3af"}
+LOSS_COLOURS = {SERIES_LOSS: "#dc2626", SERIES_MSE: "#f59e0b"}
+
+
+def series_anchors(colours: dict[str, str]) -> pd.DataFrame:
+    """One empty (null) row per series name. Gradio's LinePlot fixes the colour domain from the data it
+    first draws, so without these a series that appears later would be drawn without a colour
+    (invisible); Vega skips the null rows."""
+    return pd.DataFrame({"iteration": [np.nan] * len(colours), "value": [np.nan] * len(colours),
+                         "series": list(colours)})
+
+
+def metric_frames(history: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Long-format DataFrames for the three graphs: prediction error, iteration time, training loss."""
+    error = pd.concat([series_anchors(ERROR_COLOURS), _series(history, "prediction_error", SERIES_PREDICTION),
+                       _series(history, "copy_error", SERIES_BASELINE)], ignore_index=True)
+    timing = _series(history, "iteration_time", "iteration time", scale=1000.0)
+    loss = pd.concat([series_anchors(LOSS_COLOURS), _series(history, "training_loss", SERIES_LOSS),
+                      _series(history, "training_mse", SERIES_MSE)], ignore_index=True)
+    return error, timing, loss
+
+
+def progress_markdown(user: UserState, running: bool) -> str:
+    """Progress k/N with the latest prediction error, iteration time and loss."""
+    last = user.history[-1] if user.history else {}
+    if running:
+        state = "Running"
+    elif user.stop_event.is_set() and user.run_done < user.run_total:
+        state = "Stopped"
+    else:
+        state = "Done"
+    time_ms = None if last.get("iteration_time") is None else 1000.0 * last["iteration_time"]
+    return (
+        f"**{state}: {user.run_done}/{user.run_total}** iterations | "
+        f"**prediction error (MSE):** {_fmt(last.get('prediction_error'))} | "
+        f"**iteration time:** {_fmt(time_ms, 4)} ms | **training loss:** {_fmt(last.get('training_loss'))} | "
+        f"model step {last.get('step', 0)}, iteration {last.get('iteration', 0)}"
+    )
+
+
+def prediction_outputs(wm: AutoencoderConcatPredictorWorldModel) -> tuple:
+    """Current frame, predicted next frame, amplified error map (with its label) and a summary."""
+    views = wm.get_prediction_views()
+    error, gain = amplify_error(views["error"])
+    mse = views["error_mse"]
+    label = f"Prediction error |predicted - actual| (MSE {_fmt(mse)}; brightness x{gain:.1f} for visibility)"
+    info = (
+        f"**Prediction error of the current frame (MSE):** {_fmt(mse)}. The error map compares the prediction "
+        f"made one iteration earlier with the frame that then arrived; it is amplified x{gain:.1f} so faint "
+        "differences show. _Predicted next frame_ is the model's guess for the frame after the current one."
+    )
+    return upscale(views["current"]), upscale(views["predicted"]), gr.update(value=upscale(error), label=label), info
+
+
+def attention_outputs(user: UserState) -> tuple[np.ndarray | None, str]:
+    """Redraw the cached attention capture with the tab's current controls (never runs the model)."""
+    if user.attention is None:
+        return None, NOTHING_RUN_YET
+    quantile, layers, heads, aggregation, viz_type = user.attention_controls
+    if not layers:
+        return None, "_Select at least one decoder layer to show attention._"
+    if not heads:
+        return None, "_Select at least one attention head to show attention._"
+    try:
+        image, _, summary = render_attention(user.attention, quantile, layers, heads, aggregation, viz_type)
+    except ValueError as e:
+        raise gr.Error(f"Cannot draw the attention: {e}") from None
+    return image, f"{user.attention_note}\n\n{summary}"
+
+
+# -----------------------------------------------------------------------------
+# the world model of a tab
+
+
+def create_world_model(user: UserState, robot: ReplayRobot) -> AutoencoderConcatPredictorWorldModel:
+    """A new model for this tab, resumed from the saved checkpoint when it is present and compatible."""
+    path = Path(config.CHECKPOINT_PATH)
+    wm = AutoencoderConcatPredictorWorldModel(robot)
+    shown = f"`{_display_path(path)}`"
+    if not path.is_file():
+        user.checkpoint_origin = f"**Checkpoint:** none found at {shown}; training a fresh model."
+        return wm
+    try:
+        info = wm.load_checkpoint(path)
+        user.checkpoint_origin = f"**Checkpoint:** loaded {shown} at step {info['step']} (iteration {info['iteration']})."
+    except CheckpointError as e:
+        user.refused_checkpoint = True
+        user.checkpoint_origin = (
+            f"**Checkpoint refused:** {_md_escape(e)}. Training a fresh model instead; the refused file is "
+            "kept beside it under a new name when this model first saves."
+        )
+    return wm
+
+
+def checkpoint_markdown(user: UserState) -> str:
+    """Which checkpoint this tab's model came from and where it was last saved."""
+    return "\n\n".join(part for part in (user.checkpoint_origin, user.checkpoint_saved) if part)
+
+
+def attach_replay(wm: AutoencoderConcatPredictorWorldModel, session: Session, start: int) -> None:
+    """Point the model at ``session`` from frame ``start``; a run that resumes where the last one
+    stopped keeps its history, any other start clears it (the frames would not follow each other)."""
+    robot = wm.robot
+    if isinstance(robot, ReplayRobot) and robot.session is session and robot.index == start:
+        return
+    robot = ReplayRobot(session, start_index=start)
+    with wm.lock:
+        wm.robot = robot
+        wm.action_selector = create_replay_action_selector(robot)
+        wm.interleaved_history.clear()
+        wm.last_prediction = None
+
+
+def finish_run(user: UserState, wm: AutoencoderConcatPredictorWorldModel) -> None:
+    """After a run: save the checkpoint (atomically, by the engine) and capture decoder attention once."""
+    path = Path(config.CHECKPOINT_PATH)
+    aside = ""
+    try:
+        if user.refused_checkpoint and path.is_file():  # never overwrite a file we could not read
+            kept = path.with_name(f"{path.stem}.refused-{datetime.now():%Y%m%d-%H%M%S}{path.suffix}")
+            os.replace(path, kept)
+            aside = f" The refused file was kept as `{kept.name}`."
+        user.refused_checkpoint = False
+        wm.save_checkpoint(path)
+        user.checkpoint_saved = (f"**Saved** to `{_display_path(path)}` after the last run: step {wm.step}, "
+                                 f"iteration {wm.iteration}.{aside}")
+    except (CheckpointError, OSError) as e:
+        user.checkpoint_saved = f"**Checkpoint not saved:** {_md_escape(e)}"
+    user.attention = wm.capture_decoder_attention()
+    user.attention_note = f"_Decoder attention captured after iteration {wm.iteration} (model step {wm.step})._"
+    robot = wm.robot
+    if isinstance(robot, ReplayRobot) and robot.session is user.session:
+        user.frame_index = robot.index  # the next Run continues from here
+    user.pending_finish = False
+
+
+def _display_outputs(user: UserState, final: bool, first: bool = False) -> tuple:
+    """Values for RUN_OUTPUT_KEYS; while running, the slow-changing outputs are skipped."""
+    wm = user.world_model
+    if wm is None:
+        return (progress_markdown(user, not final),) + (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 1)
+    train = wm.get_training_views() or {}
+    views = tuple(train.get(k) for k in ("original", "masked", "inpainting", "composite"))
+    plots = metric_frames(user.history)
+    tail = (*attention_outputs(user), gr.Slider(value=user.frame_index)) if final else (gr.skip(),) * 3
+    checkpoint = checkpoint_markdown(user) if final or first else gr.skip()
+    return (progress_markdown(user, not final), checkpoint, *views, *prediction_outputs(wm), *plots, *tail)
+
+
+# -----------------------------------------------------------------------------
+# handlers
+
+
+def refresh_sessions() -> tuple[gr.Dropdown, str]:
+    """Scan the sessions folder: loadable sessions go in the list, broken ones are listed with the reason."""
+    summaries = scan_sessions()
+    names = [s.name for s in summaries if s.ok]
+    return gr.Dropdown(choices=names, value=names[0] if names else None), broken_sessions_markdown(summaries)
+
+
+def load_session(session_choice: Any, user: UserState) -> tuple:
+    """Load a session by name; the tab's model (if any) is kept and replays it at the next Run."""
+    if session_choice is None or session_choice == "":
+        raise gr.Error("Choose a session in the list first (press Refresh sessions if it is empty).")
+    try:
+        session_dir = resolve_session_dir(session_choice)
+    except ValueError:
+        raise gr.Error(UNKNOWN_SESSION) from None
+    try:
+        session = load_session_from_disk(session_dir)
+    except SessionError as e:
+        raise gr.Error(f"Cannot load session {session_choice}: {e}") from None
+    image, frame_md = frame_outputs(session, 0)
+    user.session, user.frame_index = session, 0
+    info = session_info_markdown(session)
+    if user.world_model is not None:
+        info += "\n\n_The world model is kept: the next Run replays this session from the slider's frame._"
+    slider = gr.Slider(minimum=0, maximum=session.num_frames - 1, value=0, step=1, interactive=True)
+    return user, info, slider, image, frame_md, 0
+
+
+def update_frame(frame_index: Any, user: UserState) -> tuple[np.ndarray, str]:
+    """Show frame ``frame_index`` (the slider) with its step, timestamp and following action."""
+    session = require_session(user)
+    index = whole_number(frame_index, "Frame index", 0, session.num_frames - 1)
+    image, frame_md = frame_outputs(session, index)
+    user.frame_index = index
+    return image, frame_md
+
+
+def jump_to_frame(frame_number: Any, user: UserState) -> tuple:
+    """Jump straight to a frame number; moves the slider too."""
+    session = require_session(user)
+    index = whole_number(frame_number, "Frame number", 0, session.num_frames - 1)
+    image, frame_md = frame_outputs(session, index)
+    user.frame_index = index
+    return gr.Slider(value=index), image, frame_md
+
+
+def run_world_model(num_iterations: Any, user: UserState):
+    """Train for ``num_iterations`` (1-500) on the loaded session, streaming progress a few times a second."""
+    total = whole_number(num_iterations, "Number of iterations", APP.min_iterations, APP.max_iterations)
+    session = require_session(user)
+    if not user.run_lock.acquire(timeout=RUN_LOCK_WAIT_S):
+        raise gr.Error("A run is already in progress in this tab: press Stop or wait for it to finish.")
+    try:
+        user.stop_event.clear()
+        if user.world_model is None:
+            user.world_model = create_world_model(user, ReplayRobot(session, start_index=user.frame_index))
+        wm = user.world_model
+        attach_replay(wm, session, user.frame_index)
+        user.run_done, user.run_total, user.pending_finish = 0, total, True
+        yield (user, *_display_outputs(user, final=False, first=True))
+        last_yield = time.monotonic()
+        for metrics in wm.run_iter(total, user.stop_event):
+            user.history.append(metrics)
+            user.run_done += 1
+            if time.monotonic() - last_yield >= APP.update_interval_s:
+                yield (user, *_display_outputs(user, final=False))
+                last_yield = time.monotonic()
+        finish_run(user, wm)
+        yield (user, *_display_outputs(user, final=True))
+    finally:
+        user.run_lock.release()
+
+
+def stop_run(user: UserState) -> tuple:
+    """Ask the tab's run to stop after its current iteration, wait for it, then show the final state."""
+    user.stop_event.set()
+    if not user.run_lock.acquire(timeout=STOP_WAIT_S):
+        return ("**Stopping:** the run ends after its current iteration.",) + (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 1)
+    try:
+        if user.world_model is None:
+            return ("_Nothing is running._",) + (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 1)
+        if user.pending_finish:  # the run was cancelled between two updates: finish it here
+            finish_run(user, user.world_model)
+        return _display_outputs(user, final=True)
+    finally:
+        user.run_lock.release()
+
+
+def update_attention_viz(
+    quantile: Any, layer0: Any, layer1: Any, layer2: Any, layer3: Any, layer4: Any,
+    head0: Any, head1: Any, head2: Any, head3: Any, aggregation: Any, viz_type: Any, user: UserState,
+) -> tuple[np.ndarray | None, str]:
+    """Redraw the decoder attention from the capture of the last run with new controls."""
+    q = parse_quantile(quantile)
+    layers = selected_indices((layer0, layer1, layer2, layer3, layer4), "Decoder layer")
+    heads = selected_indices((head0, head1, head2, head3), "Attention head")
+    aggregation = choice(aggregation, AGGREGATIONS, "Aggregation")
+    viz_type = choice(viz_type, VIZ_TYPES, "Visualization type")
+    user.attention_controls = (q, layers, heads, aggregation, viz_type)
+    return attention_outputs(user)
+
+
+# -----------------------------------------------------------------------------
+# layout
+
+
+def _image(label: str, elem_id: str, height: int, **kwargs) -> gr.Image:
+    # a fixed height keeps the block from collapsing while its (lazy-loaded) picture is off screen
+    return gr.Image(label=label, elem_id=elem_id, height=height, format="png", type="numpy", interactive=False,
+                    elem_classes=["pixelated"], buttons=["download", "fullscreen"], **kwargs)
+
+
+def _plot(label: str, elem_id: str, y_title: str, colours: dict[str, str] | None = None) -> gr.LinePlot:
+    # Gradio sizes the Vega view to the whole block: a block label or a legend would push the axes
+    # out of sight, so the title lives inside the view and the colours are named under the graphs
+    if colours:
+        empty = series_anchors(colours)
+    else:
+        empty = pd.DataFrame({"iteration": pd.Series(dtype="float64"), "value": pd.Series(dtype="float64")})
+    return gr.LinePlot(empty, x="iteration", y="value", color="series" if colours else None, color_map=colours,
+                       colors_in_legend=[] if colours else None, title=label, label=label, show_label=False,
+                       elem_id=elem_id, x_title="iteration", y_title=y_title, height=280,
+                       buttons=["fullscreen", "export"])
+
+
+def build_demo(cache_frequency_s: int = 600, cache_age_s: int = 3600) -> gr.Blocks:
+    """Declare the page and wire the handlers; launches nothing.
+
+    Args:
+        cache_frequency_s: how often Gradio sweeps its image cache.
+        cache_age_s: cached image files older than this are deleted.
+    """
+    registry = TabRegistry()
+    with gr.Blocks(title="Concat World Model Explorer", delete_cache=(cache_frequency_s, cache_age_s)) as demo:
+        user = gr.State(UserState(), delete_callback=release_user)
+        gr.Markdown(
+            "# Concat World Model Explorer\nLoad a recorded toroidal-dot session, scrub its frames, run the "
+            "canvas-inpainting world model and explore why it predicts what it does.", elem_id="app-title")
+
+        gr.Markdown("## 1. Session and frames", elem_classes=["section-title"])
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2):
+                with gr.Row():
+                    session_dropdown = gr.Dropdown(label="Session", choices=[], allow_custom_value=True,
+                                                   elem_id="session-dropdown", scale=3)
+                    refresh_btn = gr.Button("↻ Refresh sessions", elem_id="refresh-btn", scale=1)
+                    load_btn = gr.Button("Load session", variant="primary", elem_id="load-btn", scale=1)
+                broken_md = gr.Markdown(elem_id="broken-sessions")
+                session_info = gr.Markdown("_No session loaded._", elem_id="session-info")
+            with gr.Column(scale=1):
+                frame_image = _image("Frame (shown at 2x)", "frame-image", 470)
+                frame_slider = gr.Slider(0, 1, value=0, step=1, label="Frame (the next Run starts its replay here)",
+                                         elem_id="frame-slider", interactive=False)
+                with gr.Row():
+                    jump_number = gr.Number(value=0, precision=0, label="Frame number", elem_id="jump-number", scale=2)
+                    jump_btn = gr.Button("Jump to frame", elem_id="jump-btn", scale=1)
+                frame_info = gr.Markdown(elem_id="frame-info")
+
+        gr.Markdown("## 2. Run the world model", elem_classes=["section-title"])
+        with gr.Row():
+            iterations = gr.Number(value=APP.default_iterations, precision=0, elem_id="iterations",
+                                   label=f"Iterations ({APP.min_iterations}-{APP.max_iterations})", scale=1)
+            run_btn = gr.Button("▶ Run world model", variant="primary", elem_id="run-btn", scale=1)
+            stop_btn = gr.Button("■ Stop", variant="stop", elem_id="stop-btn", scale=1)
+        progress = gr.Markdown("_Not run yet._", elem_id="progress")
+        checkpoint_info = gr.Markdown(NO_MODEL_YET, elem_id="checkpoint-info")
+        with gr.Accordion("Training settings (from config.py)", open=False):
+            gr.Markdown(training_settings_markdown(), elem_id="training-settings")
+
+        gr.Markdown("## 3. Training views (latest training canvas)", elem_classes=["section-title"])
+        with gr.Row():
+            train_original = _image("Original canvas: frames t-2, t-1, t with action separators", "train-original", CANVAS_HEIGHT)
+            train_masked = _image("Masked canvas overlay (grey = masked patches to inpaint)", "train-masked", CANVAS_HEIGHT)
+        with gr.Row():
+            train_inpainting = _image("Full inpainting output (every patch as the model sees it)", "train-inpainting", CANVAS_HEIGHT)
+            train_composite = _image("Composite: visible patches + inpainted masked slot", "train-composite", CANVAS_HEIGHT)
+
+        gr.Markdown("## 4. Prediction views", elem_classes=["section-title"])
+        with gr.Row():
+            pred_current = _image("Current frame t (2x)", "pred-current", FRAME_HEIGHT)
+            pred_next = _image("Predicted next frame t+1 (2x)", "pred-next", FRAME_HEIGHT)
+            pred_error = _image("Prediction error |predicted - actual| (amplified)", "pred-error", FRAME_HEIGHT)
+        prediction_info = gr.Markdown(elem_id="prediction-info")
+
+        gr.Markdown("## 5. Metric graphs (kept across runs of this tab's model)", elem_classes=["section-title"])
+        with gr.Row():
+            plot_error = _plot("Prediction error (MSE)", "plot-error", "MSE", ERROR_COLOURS)
+            plot_time = _plot("Iteration time", "plot-time", "milliseconds")
+            plot_loss = _plot("Training loss", "plot-loss", "loss", LOSS_COLOURS)
+        gr.Markdown(
+            "**Prediction error:** the model (indigo line) against a baseline that simply repeats the last frame "
+            "(grey line); a model below the baseline has learned the motion. **Training loss:** the optimised, "
+            "dot-weighted loss (red line) and the plain masked-patch MSE (orange line). Histories longer than "
+            "2000 points are thinned evenly.", elem_id="plot-legend")
+
+        gr.Markdown("## 6. Decoder attention (from the last run; controls redraw without running the model)",
+                    elem_classes=["section-title"])
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=300):
+                quantile = gr.Slider(0, 100, value=APP.default_quantile, step=0.5, elem_id="attn-quantile",
+                                     label="Quantile threshold (95 = strongest 5%)")
+                gr.Markdown("**Decoder layers** (line colours: L0 red, L1 gold, L2 green, L3 blue, L4 violet)")
+                with gr.Row():
+                    layer_boxes = [gr.Checkbox(value=True, label=f"L{i}", elem_id=f"attn-layer-{i}", min_width=60)
+                                   for i in range(N_LAYERS)]
+                gr.Markdown("**Attention heads** (combined by the aggregation below)")
+                with gr.Row():
+                    head_boxes = [gr.Checkbox(value=True, label=f"H{i}", elem_id=f"attn-head-{i}", min_width=60)
+                                  for i in range(N_HEADS)]
+                aggregation = gr.Radio(list(AGGREGATIONS), value="mean", label="Aggregation over heads",
+                                       elem_id="attn-aggregation")
+                viz_type = gr.Radio(list(VIZ_TYPES), value=VIZ_LINES, label="Visualization", elem_id="attn-viz-type")
+            with gr.Column(scale=5):
+                attn_image = _image("Decoder attention", "attn-image", ATTENTION_HEIGHT)
+                attn_stats = gr.Markdown(NOTHING_RUN_YET, elem_id="attn-stats")
+
+        # -- wiring -------------------------------------------------------------------
+        run_outputs = [progress, checkpoint_info, train_original, train_masked, train_inpainting, train_composite,
+                       pred_current, pred_next, pred_error, prediction_info, plot_error, plot_time, plot_loss,
+                       attn_image, attn_stats, frame_slider]
+        refresh_outputs = [session_dropdown, broken_md]
+        demo.load(refresh_sessions, None, refresh_outputs, api_name="initial_sessions", api_visibility="private")
+        demo.load(registry.register, [user], [user], api_name="register_tab", api_visibility="private")
+        demo.unload(registry.release)
+        refresh_btn.click(refresh_sessions, None, refresh_outputs, api_name="refresh_sessions")
+        load_btn.click(load_session, [session_dropdown, user],
+                       [user, session_info, frame_slider, frame_image, frame_info, jump_number],
+                       api_name="load_session", preprocess=False)
+        frame_slider.change(update_frame, [frame_slider, user], [frame_image, frame_info], api_name="update_frame",
+                            preprocess=False, trigger_mode="always_last", concurrency_limit=None,
+                            show_progress="hidden")
+        jump_inputs, jump_outputs = [jump_number, user], [frame_slider, frame_image, frame_info]
+        jump_btn.click(jump_to_frame, jump_inputs, jump_outputs, api_name="jump_to_frame", preprocess=False)
+        jump_number.submit(jump_to_frame, jump_inputs, jump_outputs, api_visibility="private", preprocess=False)
+        # concurrency_id is global across users, so the limit lets several tabs train at once;
+        # each tab's own runs are serialised by the run lock in its UserState
+        run_event = run_btn.click(run_world_model, [iterations, user], [user, *run_outputs], api_name="run_world_model",
+                                  preprocess=False, concurrency_id="model", concurrency_limit=4,
+                                  show_progress="minimal", show_progress_on=[progress])
+        stop_btn.click(stop_run, [user], run_outputs, api_name="stop", cancels=[run_event], concurrency_limit=None,
+                       show_progress="hidden")
+        attention_controls = [quantile, *layer_boxes, *head_boxes, aggregation, viz_type]
+        gr.on([c.change for c in attention_controls], update_attention_viz, [*attention_controls, user],
+              [attn_image, attn_stats], api_name="update_attention_viz", preprocess=False,
+              trigger_mode="always_last", concurrency_limit=None, show_progress="hidden")
+    return demo
+
+
+# -----------------------------------------------------------------------------
+# command line and launch
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {port}")
+    return port
+
+
+def _auth(text: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError("expected USER:PASS with a non-empty user name and password")
+    return user, password
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; GRADIO_SERVER_NAME and GRADIO_SERVER_PORT supply the defaults when set."""
+    parser = argparse.ArgumentParser(prog="concat_world_model_explorer_gradio.py",
+                                     description="Serve the Concat World Model Explorer web app.")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or APP.host,
+                        help="listen address (default 0.0.0.0; 127.0.0.1 keeps it private to this machine)")
+    parser.add_argument("--port", type=_port, default=os.environ.get("GRADIO_SERVER_PORT") or str(APP.port),
+                        help="listen port (default 7860)")
+    parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    parser.add_argument("--auth", type=_auth, default=None, metavar="USER:PASS",
+                        help="require this user name and password on every page and API route")
+    parser.add_argument("--public", action="store_true", help="allow --share without --auth (anyone with the link)")
+    parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    return parser
+
+
+def share_refusal(args: argparse.Namespace) -> str | None:
+    """Why the options are refused (a public link that anybody could use to run code on this machine), or None."""
+    if args.share and args.auth is None and not args.public:
+        return ("Refusing --share without --auth: a share link is public, and anyone who finds it could use "
+                "this machine's CPU/GPU and write checkpoints. Add --auth USER:PASS, or --public if you really "
+                "want an open link.")
+    return None
+
+
+def should_open_browser(no_browser: bool) -> bool:
+    """Open a browser tab only where there is a display to show it."""
+    if no_browser:
+        return False
+    return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def ensure_demo_sessions() -> list[Path]:
+    """Record the demo sessions when the sessions folder holds no loadable session."""
+    if any(s.ok for s in scan_sessions()):
+        return []
+    patterns = APP.demo_sessions
+    print(f"No loadable sessions in {config.SESSIONS_ROOT}: recording {len(patterns)} demo sessions "
+          f"({', '.join(patterns)}; {APP.demo_session_steps} steps each).", flush=True)
+    return [record_session(p, APP.demo_session_steps, seed) for seed, p in enumerate(patterns)]
+
+
+def allow_nested_event_loop() -> None:
+    """Inside a running event loop (a notebook) let Gradio's own asyncio calls nest."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    import nest_asyncio
+
+    nest_asyncio.apply(loop)
+
+
+def launch(demo: gr.Blocks, args: argparse.Namespace, block: bool = True) -> gr.Blocks:
+    """Queue and serve ``demo``; say so when the share tunnel cannot be made and keep serving locally."""
+    allow_nested_event_loop()
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.auth,
+                inbrowser=should_open_browser(args.no_browser), show_error=True, prevent_thread_lock=True,
+                theme=THEME, css=CSS)
+    if args.share and not demo.share_url:
+        print(f"Could not create a public share link (is this machine offline?). "
+              f"Still serving locally at {demo.local_url}", flush=True)
+    if block:
+        demo.block_thread()
+    return demo
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the flags, record demo sessions when needed and serve the app; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    refusal = share_refusal(args)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    LOG.setLevel(logging.INFO)
+    ensure_demo_sessions()
+    launch(build_demo(), args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

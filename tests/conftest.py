@@ -1,0 +1,149 @@
+"""Shared pytest fixtures.
+
+- torch is limited to 2 threads before anything imports a model (the test machines have 2 cores).
+- ``saved_root``: a temporary ``saved/`` folder with small recorded sessions (and one broken one).
+- ``app_server``: the real app (``python concat_world_model_explorer_gradio.py``) launched as a
+  subprocess on a free port against ``saved_root``; ready once its HTTP root answers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import pytest  # noqa: E402
+
+from record_session import record_session  # noqa: E402
+
+# the sessions every app test can rely on: name -> (pattern, steps, seed)
+APP_SESSIONS = {
+    "alternate_small": ("alternate", 40, 0),
+    "always_move_small": ("always_move", 30, 1),
+}
+BROKEN_SESSION = "broken_no_metadata"  # a session folder without session_meta.json
+APP_START_TIMEOUT_S = 120.0
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = APP_START_TIMEOUT_S) -> None:
+    """Poll ``url`` until it answers (any HTTP status); fail early if the process dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the app exited with code {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered (e.g. 401 behind --auth)
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.25)
+    raise RuntimeError(f"the app did not answer at {url} within {timeout:.0f} s:\n{log_path.read_text()[-4000:]}")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate a process we started, killing it if it does not exit."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+@dataclass
+class AppServer:
+    """A running app subprocess."""
+
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+    saved_root: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def launch_app(saved_root: Path, work_dir: Path, extra_args: tuple[str, ...] = (), env_extra: dict | None = None) -> AppServer:
+    """Start the app on a free port with its data under ``saved_root``; returns once it answers."""
+    port = free_port()
+    temp = work_dir / "gradio-tmp"
+    temp.mkdir(parents=True, exist_ok=True)
+    env = dict(
+        os.environ,
+        CWM_SAVED_ROOT=str(saved_root),
+        GRADIO_TEMP_DIR=str(temp),
+        GRADIO_ANALYTICS_ENABLED="False",
+        GRADIO_IS_E2E_TEST="1",  # Gradio: 0.25 s heartbeats and a 1 s state TTL after a tab closes
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(env_extra or {})
+    log_path = work_dir / f"app-{port}.log"
+    cmd = [sys.executable, "concat_world_model_explorer_gradio.py", "--host", "127.0.0.1", "--port", str(port),
+           "--no-browser", *extra_args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for_http(url, proc, log_path)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return AppServer(url=url, proc=proc, log_path=log_path, saved_root=saved_root)
+
+
+def record_app_sessions(saved_root: Path) -> Path:
+    """Record APP_SESSIONS and a broken session under ``saved_root``; returns the sessions folder."""
+    sessions = saved_root / "sessions" / "toroidal_dot"
+    for name, (pattern, steps, seed) in APP_SESSIONS.items():
+        record_session(pattern, steps, seed, name=name, root=sessions)
+    broken = sessions / BROKEN_SESSION
+    (broken / "frames").mkdir(parents=True)
+    (broken / "events_shard_000.jsonl").write_text("")
+    return sessions
+
+
+# -----------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="session")
+def saved_root(tmp_path_factory) -> Path:
+    """A ``saved/`` folder holding APP_SESSIONS and one broken session."""
+    root = tmp_path_factory.mktemp("saved")
+    record_app_sessions(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def app_server(saved_root, tmp_path_factory):
+    """The app served by a subprocess for the whole test session (API and browser tests share it)."""
+    server = launch_app(saved_root, tmp_path_factory.mktemp("app"))
+    yield server
+    stop_process(server.proc)

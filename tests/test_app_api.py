@@ -1,0 +1,361 @@
+"""API tests: gradio_client against the real app, launched as a subprocess (see conftest.app_server).
+
+Every endpoint is called by its fixed api_name with real recorded sessions; images come back as PNG
+files and are decoded; bad inputs must fail with a message that names the problem and leave the
+tab's state as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from conftest import APP_SESSIONS, BROKEN_SESSION, launch_app, stop_process
+
+ALT, MOVE = "alternate_small", "always_move_small"
+ALT_FRAMES = APP_SESSIONS[ALT][1] + 1
+ALL_ON = (True,) * 9  # layers 0-4, heads 0-3
+LINES, HEATMAP = "Patch-to-Patch Lines", "Heatmap"
+UNKNOWN = "Unknown session: that name is not a session folder in the sessions folder"
+# output positions of /run_world_model and /stop (the state output is not part of the API)
+PROGRESS, CHECKPOINT, T_ORIGINAL, T_MASKED, T_INPAINT, T_COMPOSITE = 0, 1, 2, 3, 4, 5
+P_CURRENT, P_NEXT, P_ERROR, P_INFO, PLOT_ERROR, PLOT_TIME, PLOT_LOSS, ATTN_IMAGE, ATTN_STATS, SLIDER = range(6, 16)
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def connect(url: str, downloads: Path, **kwargs) -> Client:
+    return Client(url, verbose=False, download_files=str(downloads), **kwargs)
+
+
+@pytest.fixture
+def client(app_server, tmp_path):
+    c = connect(app_server.url, tmp_path)
+    yield c
+    c.close()
+
+
+def png(path) -> np.ndarray:
+    """Decode an image output; it must be a real PNG file (lossless)."""
+    path = Path(path["value"] if isinstance(path, dict) else path)
+    assert path.suffix == ".png"
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))
+
+
+def white_pixels(image: np.ndarray) -> int:
+    return int((image.min(axis=2) >= 250).sum())
+
+
+def points(plot: dict, series: str | None = None) -> list[tuple[float, float]]:
+    """The (iteration, value) points of a LinePlot output, skipping the null colour-anchor rows."""
+    cols = plot["columns"]
+    rows = [dict(zip(cols, row)) for row in plot["data"]]
+    return [(r["iteration"], r["value"]) for r in rows
+            if r["iteration"] is not None and (series is None or r.get("series") == series)]
+
+
+def raw_call(client: Client, api_name: str, data_json: str) -> tuple[str, str]:
+    """Call an endpoint over plain HTTP in ``client``'s browser session with a hand-written JSON body.
+
+    gradio_client refuses to encode NaN and infinities, but any HTTP client can send them, so the
+    app must refuse them too. Returns the (event, data) of the last server-sent event.
+    """
+    import json
+    import urllib.request
+
+    body = f'{{"data": {data_json}, "session_hash": {json.dumps(client.session_hash)}}}'.encode()
+    base = client.src.rstrip("/") + f"/gradio_api/call{api_name}"
+    post = urllib.request.Request(base, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(post, timeout=30) as response:
+        event_id = json.loads(response.read())["event_id"]
+    with urllib.request.urlopen(f"{base}/{event_id}", timeout=120) as response:
+        lines = response.read().decode().splitlines()
+    event = [line[7:] for line in lines if line.startswith("event: ")][-1]
+    data = [line[6:] for line in lines if line.startswith("data: ")][-1]
+    return event, data
+
+
+NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}  # JSON tokens Python's json accepts
+
+
+def error_of(client: Client, *args, api_name: str) -> str:
+    """The error message of a call that must fail (non-finite floats go over raw HTTP)."""
+    if any(isinstance(a, float) and not np.isfinite(a) for a in args):
+        import json
+
+        items = [NON_FINITE[repr(a)] if isinstance(a, float) and not np.isfinite(a) else json.dumps(a) for a in args]
+        event, data = raw_call(client, api_name, "[" + ", ".join(items) + "]")
+        assert event == "error", (event, data)
+        return data
+    with pytest.raises(AppError) as info:
+        client.predict(*args, api_name=api_name)
+    return str(info.value)
+
+
+def load(client: Client, name: str = ALT):
+    return client.predict(name, api_name="/load_session")
+
+
+def run(client: Client, n: int):
+    return client.predict(n, api_name="/run_world_model")
+
+
+def digest(path) -> str:
+    return hashlib.sha256(png(path).tobytes()).hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# sessions and frames
+
+
+def test_refresh_lists_loadable_sessions_and_explains_broken_ones(client):
+    dropdown, broken = client.predict(api_name="/refresh_sessions")
+    choices = [c[0] if isinstance(c, (list, tuple)) else c for c in dropdown["choices"]]
+    assert set(APP_SESSIONS) <= set(choices) and BROKEN_SESSION not in choices
+    assert dropdown["value"] in choices
+    plain = broken.replace("\\", "")
+    assert f"{BROKEN_SESSION}: {BROKEN_SESSION}/session_meta.json is missing" in plain
+
+
+def test_load_shows_the_session_metadata_and_its_first_frame(client):
+    info, slider, frame, frame_md, jump = load(client)
+    for text in (f"**Frames:** {ALT_FRAMES}", f"**Actions:** {ALT_FRAMES - 1}", "**Start:**", "**End:**",
+                 "**Robot:** ToroidalDotRobot", "**Action space:** 0 = stay, 1 = move right"):
+        assert text in info
+    assert slider["maximum"] == ALT_FRAMES - 1 and slider["value"] == 0 and jump == 0
+    image = png(frame)
+    assert image.shape == (448, 448, 3) and white_pixels(image) > 100  # the dot, at 2x
+    assert "**Frame 0**" in frame_md
+
+
+def test_a_broken_session_is_refused_with_its_reason(client):
+    message = error_of(client, BROKEN_SESSION, api_name="/load_session")
+    assert f"Cannot load session {BROKEN_SESSION}" in message and "session_meta.json is missing" in message
+
+
+def test_slider_and_jump_show_step_timestamp_and_action(client):
+    load(client)
+    frame, frame_md = client.predict(7, api_name="/update_frame")
+    image = png(frame)
+    assert white_pixels(image) > 100
+    assert "**Frame 7**" in frame_md and "**Step:** 14" in frame_md and "**Time:** 20" in frame_md
+    assert "**Action after it:** 1 = move right" in frame_md  # alternate: stay, move, stay, ...
+    slider, frame, frame_md = client.predict(ALT_FRAMES - 1, api_name="/jump_to_frame")
+    assert slider["value"] == ALT_FRAMES - 1 and "none (the last frame)" in frame_md
+    assert not np.array_equal(png(frame), image)  # the dot moved
+
+
+# -----------------------------------------------------------------------------
+# running
+
+
+def test_run_five_iterations_streams_and_fills_every_view(client, app_server):
+    load(client, MOVE)
+    job = client.submit(5, api_name="/run_world_model")
+    final = job.result(timeout=300)
+    assert final[PROGRESS].startswith("**Done: 5/5**")
+    assert len(job.outputs()) >= 2  # the first update, then the final state
+    for key in (T_ORIGINAL, T_MASKED, T_INPAINT, T_COMPOSITE, P_CURRENT, P_NEXT, P_ERROR):
+        image = png(final[key])
+        assert image.max() > 0, key  # not black
+    assert png(final[T_ORIGINAL]).shape == (224, 688, 3)
+    assert white_pixels(png(final[P_CURRENT])) > 100
+    assert len(points(final[PLOT_TIME])) == 5
+    assert len(points(final[PLOT_ERROR], "model prediction")) == 3  # a prediction needs 2 frames first
+    assert len(points(final[PLOT_LOSS], "training loss (weighted)")) == 3
+    assert "MSE" in final[P_ERROR]["label"] and "**Prediction error of the current frame (MSE):**" in final[P_INFO]
+    assert png(final[ATTN_IMAGE]).shape[1] == 688 and "connections" in final[ATTN_STATS]
+    assert "**Saved**" in final[CHECKPOINT]
+    assert (app_server.saved_root / "checkpoints" / "toroidal_dot" / "autoencoder.pth").is_file()
+    assert final[SLIDER]["value"] == 5
+    again = run(client, 2)  # the history is kept across runs of the same model
+    assert len(points(again[PLOT_TIME])) == 7
+
+
+def test_stop_ends_a_long_run_early_and_the_next_run_works(client):
+    load(client)
+    job = client.submit(200, api_name="/run_world_model")
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        outputs = job.outputs()
+        if outputs and outputs[-1][PROGRESS].startswith("**Running:") and "**Running: 0/" not in outputs[-1][PROGRESS]:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the run never streamed progress")
+    started = time.monotonic()
+    stopped = client.predict(api_name="/stop")
+    assert time.monotonic() - started < 30
+    done = int(stopped[PROGRESS].split("**Stopped: ")[1].split("/")[0])
+    assert 1 <= done < 100
+    assert job.result(timeout=60)[PROGRESS].startswith(f"**Stopped: {done}/200**")
+    assert "connections" in stopped[ATTN_STATS]
+    assert run(client, 2)[PROGRESS].startswith("**Done: 2/2**")
+
+
+def test_two_tabs_train_independent_models_at_once(app_server, tmp_path):
+    clients = [connect(app_server.url, tmp_path / str(i)) for i in range(2)]
+    try:
+        load(clients[0], ALT)
+        load(clients[1], MOVE)
+        jobs = [c.submit(n, api_name="/run_world_model") for c, n in zip(clients, (3, 4))]
+        results = [job.result(timeout=300) for job in jobs]
+    finally:
+        for c in clients:
+            c.close()
+    assert results[0][PROGRESS].startswith("**Done: 3/3**") and results[1][PROGRESS].startswith("**Done: 4/4**")
+    assert [len(points(r[PLOT_TIME])) for r in results] == [3, 4]
+
+
+def test_attention_in_both_modes_and_all_aggregations_redraws_without_training(client):
+    load(client)
+    before = run(client, 3)
+    step = before[PROGRESS].split("model step ")[1]
+    pictures = {}
+    for viz in (LINES, HEATMAP):
+        for aggregation in ("mean", "max", "sum"):
+            started = time.monotonic()
+            image, stats = client.predict(90, *ALL_ON, aggregation, viz, api_name="/update_attention_viz")
+            assert time.monotonic() - started < 5
+            assert "connections" in stats and "| Layer |" in stats and "| Head (dominant) |" in stats
+            assert "min | p25 | median | p75 | max" in stats
+            pictures[viz, aggregation] = (digest(image), stats)
+    for viz in (LINES, HEATMAP):
+        assert pictures[viz, "max"][0] != pictures[viz, "mean"][0]
+        assert pictures[viz, "sum"][1] != pictures[viz, "mean"][1]  # same picture (sum = 4 x mean), other sums
+    assert pictures[LINES, "mean"][0] != pictures[HEATMAP, "mean"][0]
+    few, _ = client.predict(99, *ALL_ON, "mean", LINES, api_name="/update_attention_viz")
+    assert digest(few) != pictures[LINES, "mean"][0]
+    one_layer, stats = client.predict(90, True, False, False, False, False, True, True, True, True, "mean", LINES,
+                                      api_name="/update_attention_viz")
+    assert "| L0 |" in stats and "| L1 |" not in stats
+    image, stats = client.predict(90, *(False,) * 5, *(True,) * 4, "mean", LINES, api_name="/update_attention_viz")
+    assert image is None and "Select at least one decoder layer" in stats
+    image, stats = client.predict(90, *(True,) * 5, *(False,) * 4, "mean", LINES, api_name="/update_attention_viz")
+    assert image is None and "Select at least one attention head" in stats
+    after = client.predict(api_name="/stop")  # nothing running: shows the model as it is
+    assert after[PROGRESS].split("model step ")[1] == step
+
+
+def test_attention_before_any_run_says_so(client):
+    image, stats = client.predict(95, *ALL_ON, "mean", LINES, api_name="/update_attention_viz")
+    assert image is None and "run the world model once" in stats
+
+
+# -----------------------------------------------------------------------------
+# bad inputs: a clear message, nothing runs, the state stays as it was
+
+
+@pytest.fixture(scope="module")
+def trained(app_server, tmp_path_factory):
+    """One client with a session loaded, frame 4 selected and one iteration run."""
+    c = connect(app_server.url, tmp_path_factory.mktemp("bad-inputs"))
+    load(c)
+    c.predict(4, api_name="/update_frame")
+    c.state_before = run(c, 1)[PROGRESS]
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("value", [0, -1, 501, 10**12, float("nan"), float("inf"), float("-inf"), None, "abc",
+                                   "5", 3.5, True])
+def test_bad_iteration_counts_are_refused(trained, value):
+    message = error_of(trained, value, api_name="/run_world_model")
+    assert "Number of iterations must be a whole number from 1 to 500" in message
+
+
+@pytest.mark.parametrize("value", [-1, ALT_FRAMES, 2.5, float("nan"), "3", None, True])
+def test_bad_frame_numbers_are_refused(trained, value):
+    assert f"Frame index must be a whole number from 0 to {ALT_FRAMES - 1}" in error_of(
+        trained, value, api_name="/update_frame")
+    assert f"Frame number must be a whole number from 0 to {ALT_FRAMES - 1}" in error_of(
+        trained, value, api_name="/jump_to_frame")
+
+
+@pytest.mark.parametrize("value", [-0.5, 100.5, float("nan"), float("inf"), "high", None, False])
+def test_bad_quantiles_are_refused(trained, value):
+    message = error_of(trained, value, *ALL_ON, "mean", LINES, api_name="/update_attention_viz")
+    assert "Quantile must be a number from 0 to 100" in message
+
+
+@pytest.mark.parametrize("args, expected", [
+    ((95, *ALL_ON, "median", LINES), "Aggregation must be one of: mean, max, sum"),
+    ((95, *ALL_ON, "mean", "3D"), "Visualization type must be one of: Patch-to-Patch Lines, Heatmap"),
+    ((95, "yes", *(True,) * 8, "mean", LINES), "Decoder layer 0 checkbox must be true or false"),
+    ((95, *(True,) * 5, None, True, True, True, "mean", LINES), "Attention head 0 checkbox must be true or false"),
+])
+def test_bad_attention_controls_are_refused(trained, args, expected):
+    assert expected in error_of(trained, *args, api_name="/update_attention_viz")
+
+
+@pytest.mark.parametrize("name", ["../../etc", "/etc/passwd", "..", f"{ALT}/../..", "no_such_session", "", None])
+def test_bad_session_names_are_refused_without_echoing_paths(trained, name):
+    message = error_of(trained, name, api_name="/load_session")
+    if name in ("", None):
+        assert "Choose a session in the list first" in message
+    else:
+        assert UNKNOWN in message and "/etc" not in message and "passwd" not in message
+
+
+def test_after_the_bad_inputs_the_state_is_unchanged_and_valid_calls_work(trained):
+    iteration = int(trained.state_before.split("iteration ")[-1])
+    final = run(trained, 1)
+    assert final[PROGRESS].startswith("**Done: 1/1**")
+    assert int(final[PROGRESS].split("iteration ")[-1]) == iteration + 1  # no bad call trained the model
+    assert final[SLIDER]["value"] == 6  # started at frame 4 (kept), moved 1 + 1 iterations
+    frame, frame_md = trained.predict(3, api_name="/update_frame")
+    assert "**Frame 3**" in frame_md and f"of 0-{ALT_FRAMES - 1}" in frame_md  # still the same session
+    image, stats = trained.predict(95, *ALL_ON, "mean", LINES, api_name="/update_attention_viz")
+    assert image is not None and "connections" in stats
+
+
+def test_running_before_loading_asks_to_load_a_session_first(client):
+    assert "Load a session first" in error_of(client, 5, api_name="/run_world_model")
+    assert "Load a session first" in error_of(client, 0, api_name="/update_frame")
+
+
+# -----------------------------------------------------------------------------
+# launch options
+
+
+def test_auth_protects_every_route_and_an_offline_share_keeps_serving(saved_root, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    server = launch_app(saved_root, tmp_path, ("--share", "--auth", "ann:secret"))
+    try:
+        for route in ("config", "gradio_api/info", "gradio_api/file=/etc/hostname"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(server.url + route, timeout=10)
+            assert info.value.code == 401, route
+        with pytest.raises(Exception):
+            connect(server.url, tmp_path / "anonymous")
+        c = connect(server.url, tmp_path / "ann", auth=("ann", "secret"))
+        dropdown, _ = c.predict(api_name="/refresh_sessions")
+        assert ALT in [ch[0] for ch in dropdown["choices"]]
+        c.close()
+        # offline (as on the project machines) the tunnel fails: the app must say so and keep serving
+        outcomes = ("Still serving locally", "Running on public URL")
+        deadline = time.monotonic() + 60
+        while not any(o in server.log() for o in outcomes) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        log = server.log()
+        assert any(o in log for o in outcomes), log[-2000:]
+        if "Still serving locally" in log:
+            assert "Could not create a public share link" in log
+        assert server.proc.poll() is None
+        assert urllib.request.urlopen(server.url, timeout=10).status == 200
+    finally:
+        stop_process(server.proc)

@@ -1,0 +1,361 @@
+"""Direct tests of the explorer's handlers (no server): input checks, one real run, stop, attention
+redraw speed, checkpoints, tab clean-up and the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import statistics
+import threading
+import time
+import types
+import urllib.request
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+
+import concat_world_model_explorer_gradio as app
+import config
+from conftest import free_port
+from record_session import record_session
+
+SESSION = "handler_alternate"
+FIXED_ENDPOINTS = {"refresh_sessions", "load_session", "update_frame", "jump_to_frame", "run_world_model", "stop",
+                   "update_attention_viz"}
+ALL_ON = (True,) * 9  # 5 layers + 4 heads
+
+
+# -----------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def sessions_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("handler_sessions")
+    record_session("alternate", 24, 0, name=SESSION, root=root)
+    return root
+
+
+@pytest.fixture
+def env(sessions_root, tmp_path, monkeypatch) -> Path:
+    """Point the app at the recorded sessions and a private checkpoint path; returns the checkpoint path."""
+    checkpoint = tmp_path / "checkpoints" / "autoencoder.pth"
+    monkeypatch.setattr(config, "SESSIONS_ROOT", sessions_root)
+    monkeypatch.setattr(config, "CHECKPOINT_PATH", checkpoint)
+    return checkpoint
+
+
+@pytest.fixture
+def loaded(env) -> app.UserState:
+    user = app.UserState()
+    app.load_session(SESSION, user)
+    return user
+
+
+def run_all(num_iterations, user: app.UserState) -> list[tuple]:
+    """Consume a run; returns every streamed update (state first, then RUN_OUTPUT_KEYS)."""
+    return list(app.run_world_model(num_iterations, user))
+
+
+def out(update: tuple, key: str):
+    return update[1 + app.RUN_OUTPUT_KEYS.index(key)]
+
+
+def error_message(fn, *args) -> str:
+    with pytest.raises(gr.Error) as info:
+        result = fn(*args)
+        if isinstance(result, types.GeneratorType):
+            next(result)
+    return str(info.value.message)
+
+
+# -----------------------------------------------------------------------------
+# structure
+
+
+def test_build_demo_declares_the_fixed_endpoints_without_launching():
+    demo = app.build_demo()
+    api_names = {fn.api_name for fn in demo.fns.values()}
+    assert FIXED_ENDPOINTS <= api_names
+    run = next(fn for fn in demo.fns.values() if fn.api_name == "run_world_model")
+    assert run.concurrency_id == "model" and run.concurrency_limit == 4
+    images = [b for b in demo.blocks.values() if isinstance(b, gr.Image)]
+    assert len(images) == 9 and all(b.format == "png" for b in images)
+    assert not any(isinstance(b, gr.Plot) for b in demo.blocks.values())  # native LinePlots only
+    assert getattr(demo, "server", None) is None  # nothing was launched
+
+
+def test_module_keeps_no_global_state_and_no_pyplot():
+    source = Path(app.__file__).read_text()
+    assert re.search(r"^\s*global\s", source, re.M) is None
+    assert "pyplot" not in source and "plt." not in source
+
+
+# -----------------------------------------------------------------------------
+# input checks
+
+
+@pytest.mark.parametrize("value, expected", [(1, 1), (500, 500), (7.0, 7), (np.int64(3), 3)])
+def test_whole_number_accepts_whole_numbers_in_range(value, expected):
+    assert app.whole_number(value, "Number of iterations", 1, 500) == expected
+
+
+@pytest.mark.parametrize("value", [0, -1, 501, 10**12, float("nan"), float("inf"), float("-inf"), None, "5", "abc",
+                                   3.5, True, False, [5]])
+def test_whole_number_refuses_everything_else_naming_the_field(value):
+    with pytest.raises(gr.Error) as info:
+        app.whole_number(value, "Number of iterations", 1, 500)
+    assert "Number of iterations must be a whole number from 1 to 500" in info.value.message
+
+
+@pytest.mark.parametrize("value", [-0.1, 100.5, float("nan"), float("inf"), None, "95", True])
+def test_quantile_outside_0_to_100_is_refused(value):
+    with pytest.raises(gr.Error, match="Quantile must be a number from 0 to 100"):
+        app.parse_quantile(value)
+
+
+@pytest.mark.parametrize("name", ["../../etc", "/etc/passwd", "..", ".", "a/b", "no_such_session", 42, ["x"]])
+def test_hostile_or_unknown_session_names_get_one_generic_message(env, name):
+    user = app.UserState()
+    message = error_message(app.load_session, name, user)
+    assert message == app.UNKNOWN_SESSION and "/etc" not in message
+    assert user.session is None
+
+
+def test_running_or_scrubbing_before_loading_asks_to_load_first(env):
+    user = app.UserState()
+    assert "Load a session first" in error_message(app.run_world_model, 5, user)
+    assert "Load a session first" in error_message(app.update_frame, 0, user)
+    assert "Load a session first" in error_message(app.jump_to_frame, 0, user)
+    assert user.world_model is None
+
+
+# -----------------------------------------------------------------------------
+# sessions and frames
+
+
+def test_load_shows_info_and_frame_zero(env):
+    user = app.UserState()
+    _, info, slider, image, frame_md, jump = app.load_session(SESSION, user)
+    assert "**Frames:** 25" in info and "**Actions:** 24" in info and "ToroidalDotRobot" in info
+    assert slider.maximum == 24 and image.shape == (448, 448, 3) and image.max() == 255
+    assert "**Frame 0**" in frame_md and "**Action after it:** 0 = stay" in frame_md and jump == 0
+
+
+def test_update_frame_and_jump_move_the_start_frame(loaded):
+    image, frame_md = app.update_frame(3.0, loaded)
+    assert loaded.frame_index == 3 and "**Frame 3**" in frame_md and "**Step:** 6" in frame_md
+    slider, _, frame_md = app.jump_to_frame(24, loaded)
+    assert slider.value == 24 and "none (the last frame)" in frame_md
+    for bad in (25, -1, 2.5, float("nan"), "3", None):
+        assert "Frame index must be a whole number from 0 to 24" in error_message(app.update_frame, bad, loaded)
+    assert loaded.frame_index == 24
+
+
+# -----------------------------------------------------------------------------
+# running
+
+
+def test_run_streams_progress_saves_a_checkpoint_and_captures_attention(loaded, env):
+    started = time.monotonic()
+    stamps = []
+    updates = []
+    for update in app.run_world_model(4, loaded):
+        stamps.append(time.monotonic() - started)
+        updates.append(update)
+    final = updates[-1]
+    assert out(final, "progress").startswith("**Done: 4/4**")
+    assert len(updates) >= 2 and loaded.run_done == 4 and not loaded.run_lock.locked()
+    longest = max(m["iteration_time"] for m in loaded.history)
+    gaps = np.diff([0.0, *stamps])
+    assert gaps.max() <= app.APP.update_interval_s + longest + 1.0  # updates arrive on a time budget
+    assert env.is_file() and "**Saved**" in out(final, "checkpoint")
+    assert loaded.attention is not None and "connections" in out(final, "attn_stats")
+    error, timing, loss = out(final, "plot_error"), out(final, "plot_time"), out(final, "plot_loss")
+    assert timing["iteration"].notna().sum() == 4
+    assert error[error.series == app.SERIES_PREDICTION]["iteration"].notna().sum() == 2  # from iteration 3 on
+    assert loss[loss.series == app.SERIES_LOSS]["iteration"].notna().sum() == 2
+    for key in ("train_original", "train_composite", "pred_current"):
+        assert out(final, key).max() > 0
+    assert out(final, "frame_slider").value == 4  # the next run continues where this one stopped
+
+
+def test_history_is_kept_across_runs_and_a_new_session_keeps_the_model(loaded):
+    run_all(2, loaded)
+    model = loaded.world_model
+    run_all(1, loaded)
+    assert [m["iteration"] for m in loaded.history] == [1, 2, 3]
+    app.load_session(SESSION, loaded)
+    final = run_all(1, loaded)[-1]
+    assert loaded.world_model is model and len(loaded.history) == 4
+    assert out(final, "plot_time")["iteration"].notna().sum() == 4
+
+
+def test_stop_ends_the_run_within_one_iteration(loaded):
+    updates = []
+    runner = threading.Thread(target=lambda: updates.extend(app.run_world_model(300, loaded)))
+    runner.start()
+    deadline = time.monotonic() + 120
+    while loaded.run_done < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    result = app.stop_run(loaded)
+    done_at_stop = loaded.run_done
+    runner.join(timeout=60)
+    assert not runner.is_alive()
+    assert result[0].startswith(f"**Stopped: {done_at_stop}/300**") and done_at_stop < 300
+    assert out(updates[-1], "progress").startswith("**Stopped:")
+    assert loaded.attention is not None and not loaded.pending_finish
+    final = run_all(1, loaded)[-1]  # the model is consistent: the next run works
+    assert out(final, "progress").startswith("**Done: 1/1**")
+
+
+def test_stop_finishes_a_run_that_the_queue_cancelled(loaded, env):
+    run = app.run_world_model(50, loaded)
+    next(run)
+    next(run, None)  # at least one more update: some iterations ran
+    run.close()  # what Gradio does on cancels=[...] (GeneratorExit at the yield)
+    assert loaded.pending_finish and not loaded.run_lock.locked() and loaded.attention is None
+    result = app.stop_run(loaded)
+    assert not loaded.pending_finish and loaded.attention is not None and env.is_file()
+    assert result[app.RUN_OUTPUT_KEYS.index("attn_image")] is not None
+
+
+def test_refused_checkpoint_is_reported_kept_aside_and_replaced(loaded, env):
+    env.parent.mkdir(parents=True)
+    env.write_bytes(b"not a checkpoint")
+    updates = run_all(1, loaded)
+    assert out(updates[0], "checkpoint").startswith("**Checkpoint refused:**")
+    final = out(updates[-1], "checkpoint")
+    assert "**Checkpoint refused:**" in final and "The refused file was kept as" in final
+    kept = list(env.parent.glob("autoencoder.refused-*.pth"))
+    assert len(kept) == 1 and kept[0].read_bytes() == b"not a checkpoint"
+    fresh = app.UserState()
+    app.load_session(SESSION, fresh)
+    assert out(run_all(1, fresh)[0], "checkpoint").startswith("**Checkpoint:** loaded")
+
+
+# -----------------------------------------------------------------------------
+# attention
+
+
+def test_attention_messages_before_a_run_and_for_empty_selections(loaded):
+    image, md = app.update_attention_viz(95, *ALL_ON, "mean", app.VIZ_LINES, loaded)
+    assert image is None and md == app.NOTHING_RUN_YET
+    run_all(2, loaded)
+    image, md = app.update_attention_viz(95, False, False, False, False, False, True, True, True, True, "mean",
+                                         app.VIZ_LINES, loaded)
+    assert image is None and "Select at least one decoder layer" in md
+    image, md = app.update_attention_viz(95, *(True,) * 5, *(False,) * 4, "sum", app.VIZ_HEATMAP, loaded)
+    assert image is None and "Select at least one attention head" in md
+    assert "Aggregation must be one of: mean, max, sum" in error_message(
+        app.update_attention_viz, 95, *ALL_ON, "median", app.VIZ_LINES, loaded)
+    assert "Visualization type must be one of" in error_message(
+        app.update_attention_viz, 95, *ALL_ON, "mean", "3D", loaded)
+    assert "Decoder layer 2 checkbox must be true or false" in error_message(
+        app.update_attention_viz, 95, True, True, "yes", True, True, True, True, True, True, "mean", app.VIZ_LINES, loaded)
+
+
+def test_attention_redraws_from_the_cache_in_under_300_ms(loaded):
+    run_all(2, loaded)  # the second iteration makes the first prediction, whose attention is captured
+    step = loaded.world_model.step
+    pictures = {}
+    for viz in app.VIZ_TYPES:
+        for aggregation in app.AGGREGATIONS:
+            times = []
+            for _ in range(3):
+                started = time.perf_counter()
+                image, md = app.update_attention_viz(90, *ALL_ON, aggregation, viz, loaded)
+                times.append(time.perf_counter() - started)
+            assert statistics.median(times) < 0.3, (viz, aggregation, times)
+            assert image.dtype == np.uint8 and "connections" in md
+            pictures[viz, aggregation] = (image.tobytes(), md)
+    for viz in app.VIZ_TYPES:  # sum is mean x heads, so only its statistics (weight sum) differ
+        assert pictures[viz, "max"][0] != pictures[viz, "mean"][0]
+        assert pictures[viz, "sum"][1] != pictures[viz, "mean"][1]
+    assert pictures[app.VIZ_LINES, "mean"][0] != pictures[app.VIZ_HEATMAP, "mean"][0]
+    assert loaded.world_model.step == step  # no training happened
+
+
+# -----------------------------------------------------------------------------
+# tab clean-up
+
+
+def test_closing_a_tab_frees_its_model(loaded):
+    run_all(1, loaded)
+    registry = app.TabRegistry()
+    request = types.SimpleNamespace(session_hash="tab-1")
+    assert registry.register(loaded, request) is loaded
+    registry.release(request)
+    assert loaded.world_model is None and loaded.attention is None and loaded.stop_event.is_set()
+    registry.release(request)  # a second unload is harmless
+
+
+def test_state_copies_are_fresh_and_independent(loaded):
+    import copy
+
+    twin = copy.deepcopy(loaded)
+    assert twin.session is None and twin.world_model is None and twin.run_lock is not loaded.run_lock
+
+
+# -----------------------------------------------------------------------------
+# command line and launch
+
+
+def test_share_without_auth_is_refused_with_an_explanation(capsys):
+    assert app.main(["--share"]) == 2
+    err = capsys.readouterr().err
+    assert "--auth" in err and "--public" in err
+    args = app.build_parser().parse_args(["--share", "--public"])
+    assert app.share_refusal(args) is None
+    assert app.share_refusal(app.build_parser().parse_args(["--share", "--auth", "u:p"])) is None
+
+
+def test_flags_default_to_the_gradio_environment_variables(monkeypatch):
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "127.0.0.1")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    args = app.build_parser().parse_args([])
+    assert (args.host, args.port, args.share, args.auth) == ("127.0.0.1", 7999, False, None)
+    monkeypatch.delenv("GRADIO_SERVER_NAME")
+    monkeypatch.delenv("GRADIO_SERVER_PORT")
+    assert app.build_parser().parse_args([]).port == 7860
+    assert app.build_parser().parse_args(["--auth", "ann:secret"]).auth == ("ann", "secret")
+    for bad in (["--port", "0"], ["--port", "http"], ["--auth", "nopassword"], ["--auth", ":pw"]):
+        with pytest.raises(SystemExit):
+            app.build_parser().parse_args(bad)
+
+
+def test_browser_opens_only_where_there_is_a_display(monkeypatch):
+    monkeypatch.setattr(app.sys, "platform", "linux")
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert not app.should_open_browser(False)
+    monkeypatch.setenv("DISPLAY", ":0")
+    assert app.should_open_browser(False) and not app.should_open_browser(True)
+    monkeypatch.delenv("DISPLAY")
+    monkeypatch.setattr(app.sys, "platform", "darwin")
+    assert app.should_open_browser(False)
+
+
+def test_demo_sessions_are_recorded_only_when_none_load(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(config, "SESSIONS_ROOT", tmp_path / "sessions")
+    paths = app.ensure_demo_sessions()
+    assert len(paths) == len(app.APP.demo_sessions) and "recording 3 demo sessions" in capsys.readouterr().out
+    names, _ = app.refresh_sessions()
+    assert len(names.choices) == 3
+    assert app.ensure_demo_sessions() == []
+
+
+def test_launch_works_inside_a_running_event_loop(env):
+    args = app.build_parser().parse_args(["--host", "127.0.0.1", "--port", str(free_port()), "--no-browser"])
+
+    async def in_a_notebook():
+        demo = app.launch(app.build_demo(), args, block=False)
+        try:
+            with urllib.request.urlopen(demo.local_url, timeout=10) as response:
+                return response.status
+        finally:
+            demo.close()
+
+    assert asyncio.run(in_a_notebook()) == 200
