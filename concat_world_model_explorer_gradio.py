@@ -10,7 +10,9 @@ The file reads top to bottom (STYLE.md habits 9-11, the Gradio demos' layout):
 2. input checks and small picture/markdown helpers;
 3. the event handlers, plain module-level functions that tests import and call;
 4. ``build_demo()``, which only declares the layout and wires the handlers;
-5. the command line (``main``); nothing launches on import.
+5. what the server hands out and to whom (no uploads, project and data folders never served, the
+   ``--auth`` login guard);
+6. the command line (``main``); nothing launches on import.
 
 Endpoints (``api_name``, tests and tools call them): ``/refresh_sessions``, ``/load_session``,
 ``/update_frame``, ``/jump_to_frame``, ``/run_world_model`` (a generator), ``/stop`` and
@@ -28,6 +30,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import sys
 import threading
 import time
@@ -40,6 +43,10 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 import torch
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware import Middleware
+from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse
 
 import config
 from attention_viz import AGGREGATIONS, VIZ_HEATMAP, VIZ_LINES, VIZ_TYPES, render_attention
@@ -123,6 +130,7 @@ class UserState:
         self.run_done = 0
         self.run_total = 0
         self.pending_finish = False  # a run ended without saving its checkpoint and attention (it was cancelled)
+        self.run_problem = ""  # why the last run stopped early by itself (an unreadable frame), else ""
         self.stop_event = threading.Event()
         self.run_lock = threading.Lock()  # one run at a time per tab (released from whichever thread ends it)
 
@@ -136,9 +144,11 @@ def release_user(user: UserState | None) -> None:
         return
     user.stop_event.set()
     had_model = user.world_model is not None
+    session_name = user.session.name if user.session is not None else "no session"
     user.world_model, user.attention, user.session = None, None, None
     if had_model:
-        LOG.info("freed the world model of a closed browser tab")
+        LOG.info("freed the world model of a closed browser tab (%d iterations run, last session: %s)",
+                 len(user.history), session_name)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -257,6 +267,17 @@ def _display_path(path: Path) -> str:
         return str(path)
 
 
+def _hide_paths(text: Any) -> str:
+    """``text`` with the server's data and project folders replaced by short names (for messages
+    that quote an error from the operating system, which may hold an absolute path)."""
+    text = str(text)
+    for folder, shown in ((config.SESSIONS_ROOT, "<sessions>"), (config.CHECKPOINT_DIR, "<checkpoints>"),
+                          (config.SAVED_ROOT, "<saved>"), (config.PROJECT_ROOT, "<project>")):
+        for form in sorted({str(Path(folder)), str(Path(folder).resolve())}, key=len, reverse=True):
+            text = text.replace(form, shown)
+    return text
+
+
 def frame_markdown(session: Session, index: int) -> str:
     """Step, timestamp and the action taken after frame ``index``."""
     obs = session.observations[index]
@@ -272,7 +293,7 @@ def frame_outputs(session: Session, index: int) -> tuple[np.ndarray, str]:
     try:
         image = session.frame(index)
     except SessionError as e:
-        raise gr.Error(f"Cannot show frame {index}: {e}") from None
+        raise gr.Error(f"Cannot show frame {index}: {_hide_paths(e)}") from None
     return upscale(image), frame_markdown(session, index)
 
 
@@ -349,17 +370,20 @@ def progress_markdown(user: UserState, running: bool) -> str:
     last = user.history[-1] if user.history else {}
     if running:
         state = "Running"
-    elif user.stop_event.is_set() and user.run_done < user.run_total:
+    elif user.run_problem or (user.stop_event.is_set() and user.run_done < user.run_total):
         state = "Stopped"
     else:
         state = "Done"
     time_ms = None if last.get("iteration_time") is None else 1000.0 * last["iteration_time"]
-    return (
+    text = (
         f"**{state}: {user.run_done}/{user.run_total}** iterations | "
         f"**prediction error (MSE):** {_fmt(last.get('prediction_error'))} | "
         f"**iteration time:** {_fmt(time_ms, 4)} ms | **training loss:** {_fmt(last.get('training_loss'))} | "
         f"model step {last.get('step', 0)}, iteration {last.get('iteration', 0)}"
     )
+    if user.run_problem and not running:
+        text += f"\n\n**Run stopped early:** {_md_escape(user.run_problem)}"
+    return text
 
 
 def prediction_outputs(wm: AutoencoderConcatPredictorWorldModel) -> tuple:
@@ -493,7 +517,7 @@ def load_session(session_choice: Any, user: UserState) -> tuple:
     try:
         session = load_session_from_disk(session_dir)
     except SessionError as e:
-        raise gr.Error(f"Cannot load session {session_choice}: {e}") from None
+        raise gr.Error(f"Cannot load session {session_choice}: {_hide_paths(e)}") from None
     image, frame_md = frame_outputs(session, 0)
     user.session, user.frame_index = session, 0
     info = session_info_markdown(session)
@@ -522,13 +546,18 @@ def jump_to_frame(frame_number: Any, user: UserState) -> tuple:
 
 
 def run_world_model(num_iterations: Any, user: UserState):
-    """Train for ``num_iterations`` (1-500) on the loaded session, streaming progress a few times a second."""
+    """Train for ``num_iterations`` (1-500) on the loaded session, streaming progress a few times a second.
+
+    A frame that cannot be read (changed on disk after the session was loaded) ends the run: the
+    iterations done so far are kept and saved, and the run fails with a message naming the frame.
+    """
     total = whole_number(num_iterations, "Number of iterations", APP.min_iterations, APP.max_iterations)
     session = require_session(user)
     if not user.run_lock.acquire(timeout=RUN_LOCK_WAIT_S):
         raise gr.Error("A run is already in progress in this tab: press Stop or wait for it to finish.")
     try:
         user.stop_event.clear()
+        user.run_problem = ""
         if user.world_model is None:
             user.world_model = create_world_model(user, ReplayRobot(session, start_index=user.frame_index))
         wm = user.world_model
@@ -536,14 +565,21 @@ def run_world_model(num_iterations: Any, user: UserState):
         user.run_done, user.run_total, user.pending_finish = 0, total, True
         yield (user, *_display_outputs(user, final=False, first=True))
         last_yield = time.monotonic()
-        for metrics in wm.run_iter(total, user.stop_event):
-            user.history.append(metrics)
-            user.run_done += 1
-            if time.monotonic() - last_yield >= APP.update_interval_s:
-                yield (user, *_display_outputs(user, final=False))
-                last_yield = time.monotonic()
+        try:
+            for metrics in wm.run_iter(total, user.stop_event):
+                user.history.append(metrics)
+                user.run_done += 1
+                if time.monotonic() - last_yield >= APP.update_interval_s:
+                    yield (user, *_display_outputs(user, final=False))
+                    last_yield = time.monotonic()
+        except SessionError as e:
+            # the engine reads the frame before it changes anything, so the model is as it was after
+            # the last complete iteration; the message names the file ("<session>/frames/<file>")
+            user.run_problem = f"cannot read the next frame of session {session.name}: {_hide_paths(e)}"
         finish_run(user, wm)
         yield (user, *_display_outputs(user, final=True))
+        if user.run_problem:
+            raise gr.Error(f"The run stopped after {user.run_done} of {total} iterations: {user.run_problem}.")
     finally:
         user.run_lock.release()
 
@@ -724,6 +760,111 @@ def build_demo(cache_frequency_s: int = 600, cache_age_s: int = 3600) -> gr.Bloc
 
 
 # -----------------------------------------------------------------------------
+# what the server hands out, and to whom
+
+# the app takes no files from a browser, so Gradio's upload route refuses any non-empty file:
+# whatever the server hands out is a picture the app drew itself
+MAX_UPLOAD_BYTES = 0
+# with --auth, the only routes open without a login: the login page, its static files and the login itself
+LOGIN_FREE_PATHS = frozenset({
+    "/", "/login", "/login/", "/logout", "/favicon.ico", "/theme.css", "/robots.txt", "/manifest.json", "/pwa_icon",
+    "/gradio_api/theme.css", "/gradio_api/login_check", "/gradio_api/login_check/", "/gradio_api/user",
+    "/gradio_api/user/", "/gradio_api/token", "/gradio_api/token/", "/gradio_api/app_id", "/gradio_api/app_id/",
+    "/gradio_api/startup-events",
+})
+LOGIN_FREE_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon/")
+_API_INFO_SCRIPT = re.compile(rb"<script>\s*window\.gradio_api_info\s*=.*?</script>", re.S)
+_NO_API_INFO = b'<script>window.gradio_api_info = {"named_endpoints": {}, "unnamed_endpoints": {}};</script>'
+_NOT_AUTHENTICATED = {"detail": {"error": "Not authenticated", "auth_message": None}}
+
+
+def never_served_paths(temp_dir: str | os.PathLike) -> list[str]:
+    """Folders Gradio must never serve, even where ``GRADIO_ALLOWED_PATHS`` opens them by mistake: the
+    project (source code, a ``.env``) and the saved data (sessions, checkpoints), plus any
+    ``GRADIO_BLOCKED_PATHS``. Where Gradio's temp folder (the pictures it hands out) lies inside one of
+    them, everything beside the branch that holds it is blocked instead."""
+    temp = Path(temp_dir).resolve()
+    blocked = [p.strip() for p in os.environ.get("GRADIO_BLOCKED_PATHS", "").split(",") if p.strip()]
+    for folder in dict.fromkeys(Path(f).resolve() for f in (config.PROJECT_ROOT, config.SAVED_ROOT)):
+        if not temp.is_relative_to(folder):
+            blocked.append(str(folder))
+        elif temp != folder:
+            branch = folder / temp.relative_to(folder).parts[0]
+            try:
+                blocked += [str(p) for p in sorted(folder.iterdir()) if p != branch]
+            except OSError:
+                pass
+    return blocked
+
+
+def _logged_in(gradio_app: Any, scope: dict) -> bool:
+    """Whether the request carries the cookie of a login to this Gradio app (as Gradio checks it)."""
+    tokens = getattr(gradio_app, "tokens", None)
+    cookie_id = getattr(gradio_app, "cookie_id", None)
+    if not tokens or not cookie_id:
+        return False
+    cookies = HTTPConnection(scope).cookies
+    return any(cookies.get(f"{name}-{cookie_id}") in tokens for name in ("access-token", "access-token-unsecure"))
+
+
+class LoginGuard:
+    """ASGI middleware installed with ``--auth``: a request without a login reaches only the login page.
+
+    Gradio (6.31) leaves some routes open without a login (heartbeat, cancel, reset, stream, run
+    history) and embeds its whole API description, which ``/gradio_api/info`` keeps behind the
+    login, in the page it serves before the login. This refuses every route outside
+    ``LOGIN_FREE_PATHS`` with 401 and blanks the API description in the HTML it lets through.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket") or _logged_in(scope.get("app"), scope):
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        root = scope.get("root_path") or ""
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        if path not in LOGIN_FREE_PATHS and not path.startswith(LOGIN_FREE_PREFIXES):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            else:
+                await JSONResponse(_NOT_AUTHENTICATED, status_code=401)(scope, receive, send)
+            return
+        if scope["type"] != "http" or scope.get("method") != "GET":
+            await self.app(scope, receive, send)
+            return
+        await self.app(scope, receive, self._without_api_info(send))
+
+    @staticmethod
+    def _without_api_info(send):
+        start: dict | None = None
+        chunks: list[bytes] = []
+
+        async def send_page(message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                if Headers(raw=message["headers"]).get("content-type", "").startswith("text/html"):
+                    start = message  # hold it: the length changes
+                    return
+            elif message["type"] == "http.response.body" and start is not None:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                page = _API_INFO_SCRIPT.sub(_NO_API_INFO, b"".join(chunks))
+                headers = MutableHeaders(raw=list(start["headers"]))
+                headers["content-length"] = str(len(page))
+                await send({**start, "headers": headers.raw})
+                await send({"type": "http.response.body", "body": page})
+                return
+            await send(message)
+
+        return send_page
+
+
+# -----------------------------------------------------------------------------
 # command line and launch
 
 
@@ -769,6 +910,10 @@ def share_refusal(args: argparse.Namespace) -> str | None:
     return None
 
 
+PUBLIC_WARNING = ("Warning: --share --public without --auth: anyone who finds the share link can use this app, "
+                  "its CPU/GPU and its checkpoint file.")
+
+
 def should_open_browser(no_browser: bool) -> bool:
     """Open a browser tab only where there is a display to show it."""
     if no_browser:
@@ -800,10 +945,14 @@ def allow_nested_event_loop() -> None:
 def launch(demo: gr.Blocks, args: argparse.Namespace, block: bool = True) -> gr.Blocks:
     """Queue and serve ``demo``; say so when the share tunnel cannot be made and keep serving locally."""
     allow_nested_event_loop()
+    if args.share and args.auth is None:
+        print(PUBLIC_WARNING, file=sys.stderr, flush=True)
     demo.queue(default_concurrency_limit=1)
+    app_kwargs = {"middleware": [Middleware(LoginGuard)]} if args.auth else None
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.auth,
                 inbrowser=should_open_browser(args.no_browser), show_error=True, prevent_thread_lock=True,
-                theme=THEME, css=CSS)
+                theme=THEME, css=CSS, blocked_paths=never_served_paths(gr.utils.get_upload_folder()),
+                max_file_size=MAX_UPLOAD_BYTES, app_kwargs=app_kwargs)
     if args.share and not demo.share_url:
         print(f"Could not create a public share link (is this machine offline?). "
               f"Still serving locally at {demo.local_url}", flush=True)

@@ -85,13 +85,18 @@ class AppServer:
     proc: subprocess.Popen
     log_path: Path
     saved_root: Path
+    temp_dir: Path | None = None  # GRADIO_TEMP_DIR: the only folder whose files the app hands out
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
 
-def launch_app(saved_root: Path, work_dir: Path, extra_args: tuple[str, ...] = (), env_extra: dict | None = None) -> AppServer:
-    """Start the app on a free port with its data under ``saved_root``; returns once it answers."""
+def launch_app(saved_root: Path, work_dir: Path, extra_args: tuple[str, ...] = (), env_extra: dict | None = None,
+               cwd: Path = REPO) -> AppServer:
+    """Start the app on a free port with its data under ``saved_root``; returns once it answers.
+
+    ``cwd`` is the app's working directory (the repository by default, as with ``make run``).
+    """
     port = free_port()
     temp = work_dir / "gradio-tmp"
     temp.mkdir(parents=True, exist_ok=True)
@@ -105,17 +110,18 @@ def launch_app(saved_root: Path, work_dir: Path, extra_args: tuple[str, ...] = (
     )
     env.update(env_extra or {})
     log_path = work_dir / f"app-{port}.log"
-    cmd = [sys.executable, "concat_world_model_explorer_gradio.py", "--host", "127.0.0.1", "--port", str(port),
-           "--no-browser", *extra_args]
+    cmd = [sys.executable, str(REPO / "concat_world_model_explorer_gradio.py"), "--host", "127.0.0.1",
+           "--port", str(port), "--no-browser", *extra_args]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_for_http(url, proc, log_path)
     except BaseException:
         stop_process(proc)
         raise
-    return AppServer(url=url, proc=proc, log_path=log_path, saved_root=saved_root)
+    return AppServer(url=url, proc=proc, log_path=log_path, saved_root=saved_root,
+                     temp_dir=Path(env["GRADIO_TEMP_DIR"]))
 
 
 def record_app_sessions(saved_root: Path) -> Path:
