@@ -71,12 +71,24 @@ def get_lr(step: int, cfg: AutoencoderConcatPredictorWorldModelConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
+def get_foreground_weight(step: int, cfg: AutoencoderConcatPredictorWorldModelConfig) -> float:
+    """Dot-pixel loss weight at an optimizer step: ``foreground_weight``, annealed geometrically to
+    ``foreground_weight_final`` over ``foreground_weight_decay_steps`` (a large weight finds the dot;
+    a small one keeps the predicted dot from growing into a large blob)."""
+    start, end, n = cfg.foreground_weight, cfg.foreground_weight_final, cfg.foreground_weight_decay_steps
+    if end is None or n <= 0:
+        return start
+    t = min(1.0, step / n)
+    return float(start * (end / start) ** t)
+
+
 def configure_optimizer(model: torch.nn.Module, cfg: AutoencoderConcatPredictorWorldModelConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on weight matrices only (not biases, norms or learned tokens)."""
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and not n.endswith("_token")]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or n.endswith("_token"))]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas)
+    # the fused kernel (CPU and CUDA) takes ~3 ms a step here against ~10 ms for the foreach one
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, fused=True)
 
 
 def frame_mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -277,7 +289,7 @@ class AutoencoderConcatPredictorWorldModel:
             imgs = canvas_to_tensor(self._training_batch(canvas), self.device)  # (B, 3, H, W)
             lr = self._set_lr()
             pred = self.model.forward_with_patch_mask(imgs, self.patch_mask)  # (B, L, P)
-            loss, _ = self.model.loss(imgs, pred, self.patch_mask)
+            loss, _ = self.model.loss(imgs, pred, self.patch_mask, get_foreground_weight(self.step, cfg))
             _, mse = self.model.loss(imgs[:1], pred[:1].detach(), self.patch_mask)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

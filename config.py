@@ -81,7 +81,9 @@ class AutoencoderConcatPredictorWorldModelConfig:
     mlp_ratio: float = 4.0  # MLP hidden width / token width in every block
 
     # optimisation -----------------------------------------------------------
-    learning_rate: float = 1e-3  # AdamW peak learning rate (the reference 1e-4 barely moves in minutes)
+    learning_rate: float = 1e-3  # AdamW peak learning rate (the reference 1e-4 barely moves in minutes;
+    # always_move: 2e-3 had 4% within 3 px and a median error of 53 px at 250 its where 1e-3 had 28% and
+    # 5.5 px; 5e-4 had 0% and 80 px at 200 its where 1e-3 had 22% and 12.5 px)
     weight_decay: float = 0.05  # AdamW decay on weight matrices only (never on biases, norms, embeddings)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas, the MAE recipe
     warmup_steps: int = 30  # linear warm-up length in optimizer steps (600 wasted the first minutes)
@@ -93,21 +95,41 @@ class AutoencoderConcatPredictorWorldModelConfig:
     # place in the previous frame slot (0 = MAE's random init). With random init, each masked query
     # attends ~uniformly to 600 tokens, the dot's signal is diluted 600x and nothing is learned in
     # minutes; see models.masked_autoencoder_vit.init_correspondence_attention
-    correspondence_offsets: tuple[float, ...] = (-1.0, 0.0, 1.0, 2.0)  # per head: extra columns beyond the
-    # slot pitch (14.5 patches), so the heads cover "stayed" and "moved right by up to ~2 patches"
-    correspondence_gain: float = 8.0  # sharpness of that initial attention (query scale)
-    decoder_embed_init_gain: float = 1.0  # with correspondence init: scale of the initial content projection;
-    # 0.25 let position dominate the first look-up but starved the copied content (no learning in 300 steps)
+    correspondence_offsets: tuple[float, ...] = (-0.5, 0.5, 1.5, 2.5)  # per head: extra columns beyond the
+    # slot pitch (14.5 patches), i.e. whole-patch shifts of 14, 15, 16 and 17 columns. "Stay" reads
+    # columns 14-15 to the left, "move 27 px" columns 16 (13 px of the patch) and 17 (3 px). Whole
+    # shifts let each head read ONE source patch; the earlier half-patch offsets made every head
+    # average two neighbours (and alias onto masked tokens), which blurred the dot sideways
+    correspondence_gain: float = 16.0  # sharpness of that initial attention (query scale): at 16 a masked
+    # query puts ~99% of its weight on its source patch at init (8: ~50%, the rest on neighbours/masked tokens)
+    decoder_embed_init_gain: float = 0.25  # with correspondence init: scale of the initial content projection.
+    # The decoder's LayerNorm mixes content and position; at 1.0 a patch's content outweighs its position
+    # and the look-up lands on masked tokens instead of the previous slot (measured at init). With the
+    # whole-patch offsets and gain 16, 0.25 learned fastest (always_move, 500 its: 60% within 3 px in the
+    # last 50 vs 26% with the old setting); 0.5 never localised the dot (median error ~80 px at 200 its)
+    action_lookup_heads: int = 1  # heads of the NEXT decoder block that start out reading the separator
+    # band before the predicted slot (the action just taken), so a masked patch can tell "stay" from
+    # "move". alternate, 400 its: 12-20% within 3 px, median 14-16 px with it; 0-2%, median 75-95 px without
+    # (always_move is within noise either way: 34-36% vs 34-60% at 450-500 its)
     zero_init_pred_head: bool = True  # start the pixel head at exactly 0: the first predictions are black
     # frames, already close (MSE ~0.0016), instead of xavier noise (MSE ~0.25) the model must unlearn
 
     # loss ------------------------------------------------------------------
-    foreground_weight: float = 20.0  # dot pixels count this many times a background pixel (1 = plain MSE):
+    foreground_weight: float = 20.0  # dot pixels count this many times a background pixel (1 = plain MSE;
+    # with the old init, 5 drew no dot until ~250 its, then 16-34% within 3 px at MSE ratio 0.67-1.04;
+    # 20 finds the dot sooner but overestimates the blob, ~200-400 bright px vs 80; 5-10 with the
+    # current init is untested):
     # the dot is ~80 of 50,176 pixels, so a plain MSE is minimised by predicting black everywhere
+    foreground_weight_final: float | None = None  # None = keep foreground_weight; else anneal to this value
+    # geometrically over foreground_weight_decay_steps (a large weight finds the dot, a small one would
+    # keep the predicted blob dot-sized). Off: 20 -> 3 over 300 steps lost the dot again (no dot predicted
+    # at 350-400 its); a later or gentler anneal is untested
+    foreground_weight_decay_steps: int = 400  # length of that anneal in optimizer steps
     foreground_threshold: float = 0.5  # a target pixel brighter than this (0-1 scale) counts as dot
 
     # replay ------------------------------------------------------------------
-    replay_batch_size: int = 0  # earlier canvases added to each optimizer step (0 = the current canvas only)
+    replay_batch_size: int = 0  # earlier canvases added to each optimizer step (0 = the current canvas only;
+    # 1 was no better per iteration, 16% within 3 px at 250 its vs 28%, and costs ~1.5x time per iteration)
     replay_buffer_size: int = 512  # how many recent training canvases the replay draws from
 
     # quality gate -------------------------------------------------------------

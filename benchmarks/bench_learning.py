@@ -112,8 +112,13 @@ def main(argv=None) -> None:
     overrides = {}
     for item in args.set:
         key, value = item.split("=", 1)
-        field_type = type(getattr(cfg, key))
-        overrides[key] = field_type(json.loads(value)) if field_type is not str else value
+        current = getattr(cfg, key)
+        if isinstance(current, str):
+            overrides[key] = value
+        elif current is None:  # optional fields: take the JSON value as it is
+            overrides[key] = json.loads(value)
+        else:
+            overrides[key] = type(current)(json.loads(value))
     cfg = dataclasses.replace(cfg, **overrides)
 
     runs = [run_one(p, s, args.seconds, args.max_iterations, args.every, args.seed + i, cfg, args.device)
@@ -125,6 +130,7 @@ def main(argv=None) -> None:
         "threads": args.threads,
         "torch": torch.__version__,
         "config_overrides": overrides,
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items()},
         "all_targets_met": all(r["last_100"]["target_met"] for r in runs),
         "runs": runs,
     }

@@ -15,7 +15,14 @@ import torch
 import torch.nn as nn
 
 from config import AutoencoderConcatPredictorWorldModelConfig
-from models.masked_autoencoder_vit import MaskedAutoencoderViT, capture_attention, init_correspondence_attention, patchify, unpatchify
+from models.masked_autoencoder_vit import (
+    MaskedAutoencoderViT,
+    capture_attention,
+    init_column_lookup_attention,
+    init_correspondence_attention,
+    patchify,
+    unpatchify,
+)
 
 # separator colour per action (RGB): stay red, move green; any other action is drawn blue
 ACTION_COLOURS = np.array([[255, 0, 0], [0, 255, 0]], dtype=np.uint8)
@@ -217,6 +224,13 @@ class TargetedMAEWrapper(nn.Module):
             shifts = [pitch + o for o in cfg.correspondence_offsets]
             for blk in self.mae.decoder_blocks[: cfg.correspondence_init_layers]:
                 init_correspondence_attention(blk.attn, shifts[: blk.attn.num_heads], cfg.correspondence_gain)
+            n_action = min(cfg.action_lookup_heads, cfg.decoder_num_heads)
+            if n_action and cfg.correspondence_init_layers < cfg.decoder_depth:
+                # the next block: heads that read the separator band between the last two slots (the action)
+                x_sep = last_slot_x0(cfg.frame_size[1], cfg.canvas_history_size, cfg.separator_width) - cfg.separator_width
+                col = (x_sep + cfg.separator_width / 2) / cfg.patch_size - 0.5  # patch column holding the band's centre
+                blk = self.mae.decoder_blocks[cfg.correspondence_init_layers]
+                init_column_lookup_attention(blk.attn, col, cfg.correspondence_gain, heads=range(n_action))
             with torch.no_grad():  # keep token content small next to position, so that look-up works
                 self.mae.decoder_embed.weight.mul_(cfg.decoder_embed_init_gain)
         if cfg.zero_init_pred_head:
@@ -251,11 +265,16 @@ class TargetedMAEWrapper(nn.Module):
             pred = self.mae(imgs, patch_mask)
         return pred, recorded
 
-    def loss(self, imgs: torch.Tensor, pred: torch.Tensor, patch_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(optimised loss, plain masked MSE) of a prediction against its canvases."""
+    def loss(
+        self, imgs: torch.Tensor, pred: torch.Tensor, patch_mask: torch.Tensor, foreground_weight: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(optimised loss, plain masked MSE) of a prediction against its canvases.
+
+        ``foreground_weight`` overrides the config's (the world model anneals it over training)."""
         cfg = self.config
         target = patchify(imgs, cfg.patch_size)  # (B, L, P)
-        return masked_frame_loss(pred, target, patch_mask, cfg.foreground_weight, cfg.foreground_threshold)
+        fw = cfg.foreground_weight if foreground_weight is None else foreground_weight
+        return masked_frame_loss(pred, target, patch_mask, fw, cfg.foreground_threshold)
 
     def reconstruct(self, pred: torch.Tensor) -> torch.Tensor:
         """Per-patch pixels (B, L, P) -> canvases (B, 3, H, W)."""

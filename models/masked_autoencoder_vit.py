@@ -104,6 +104,41 @@ def init_correspondence_attention(attn: nn.Module, column_shifts: Sequence[float
         attn.qkv.bias[: 2 * D] = 0
 
 
+@torch.no_grad()
+def init_column_lookup_attention(attn: nn.Module, column: float, gain: float, heads: Sequence[int] = (0,)) -> None:
+    """Initialise some heads of a timm ``Attention`` to look at one fixed column of the query's row.
+
+    Like ``init_correspondence_attention``, but the column half of the query comes from the
+    bias (the sin-cos embedding of ``column``) instead of the query's own position, so every
+    query in a row starts out attending to the same place: the separator band that carries the
+    action. Other heads keep their initialisation.
+
+    Args:
+        attn: a timm Attention with ``qkv`` of shape (3D, D), a bias, and D divisible by 4 * num_heads.
+        column: the patch column to look at (may be fractional).
+        gain: scale of the queries; larger means sharper initial attention.
+        heads: which heads to initialise.
+    """
+    D = attn.qkv.in_features
+    hd = attn.head_dim
+    half, quarter = D // 2, D // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+    W = attn.qkv.weight
+    for h in heads:
+        ks = torch.arange(hd // 4)  # the highest frequencies, as in init_correspondence_attention
+        out = h * hd + 4 * torch.arange(len(ks))
+        row_sin, row_cos, col_sin, col_cos = ks, ks + quarter, ks + half, ks + half + quarter
+        rows = slice(h * hd, (h + 1) * hd)
+        W[rows] = 0  # queries of this head: rows from the position, columns from the bias
+        W[D + h * hd : D + (h + 1) * hd] = 0  # keys of this head
+        W[out, row_sin] = W[out + 1, row_cos] = gain
+        W[D + out, row_sin] = W[D + out + 1, row_cos] = W[D + out + 2, col_sin] = W[D + out + 3, col_cos] = 1.0
+        attn.qkv.bias[rows] = 0
+        attn.qkv.bias[D + h * hd : D + (h + 1) * hd] = 0
+        attn.qkv.bias[out + 2] = gain * torch.sin(omega[ks] * column).to(W.dtype)
+        attn.qkv.bias[out + 3] = gain * torch.cos(omega[ks] * column).to(W.dtype)
+
+
 @contextmanager
 def capture_attention(blocks: Sequence[nn.Module]) -> Iterator[list[torch.Tensor]]:
     """Record the softmax attention weights of timm ``Block``s during one forward pass.
