@@ -40,6 +40,7 @@ from PIL import Image
 import concat_world_model_explorer_gradio as app
 from conftest import REPO, free_port, launch_app, stop_process
 from record_session import record_session
+from suite_census import assert_suite_collected
 from test_app_api import (
     ALL_ON, ALT, ALT_FRAMES, ATTN_STATS, CHECKPOINT, HEATMAP, LINES, MOVE, P_CURRENT, PLOT_ERROR, PLOT_TIME,
     PROGRESS, SLIDER, T_ORIGINAL, connect, error_of, load, png, points, run,
@@ -695,26 +696,6 @@ REQUIRED_CASES = {
 }
 
 
-def _declared_cases(function) -> int:
-    count = 1
-    for mark in getattr(function, "pytestmark", []):
-        if mark.name == "parametrize":
-            count *= len(mark.args[1])
-    return count
-
-
 def test_the_security_suite_is_all_collected_and_none_is_skipped(request):
-    module = sys.modules[__name__]
-    tests = {name: fn for name, fn in vars(module).items() if name.startswith("test_") and callable(fn)}
-    assert set(tests) == set(REQUIRED_CASES), "a test was added, renamed or removed: update REQUIRED_CASES"
-    for name, minimum in REQUIRED_CASES.items():
-        assert _declared_cases(tests[name]) >= minimum, f"{name} lost cases"
-        marks = {m.name for m in getattr(tests[name], "pytestmark", [])}
-        assert not marks & {"skip", "skipif", "xfail"}, f"{name} is marked {marks}"
-        body = Path(__file__).read_text().split(f"def {name}(")[1].split("\ndef ")[0]
-        assert "pytest." + "skip(" not in body, f"{name} skips itself"
     assert len(HOSTILE_NAMES) >= 50 and len(BAD_FRAMES) >= 10 and len(BAD_QUANTILES) >= 8
-    collected = [item for item in request.session.items if item.path == Path(__file__)]
-    narrowed = request.config.option.keyword or any("::" in arg for arg in request.config.args)
-    if not narrowed:  # with -k or a test id only a subset is collected, by design
-        assert len(collected) == sum(_declared_cases(fn) for fn in tests.values())
+    assert_suite_collected(request, sys.modules[__name__], REQUIRED_CASES)
