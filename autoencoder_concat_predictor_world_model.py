@@ -36,7 +36,7 @@ import torch
 
 from config import CHECKPOINT_PATH, AutoencoderConcatPredictorWorldModelConfig
 from models import TargetedMAEWrapper, build_canvas, canvas_to_tensor, patchify, tensor_to_uint8
-from models.autoencoder_concat_predictor import last_slot_x0
+from models.autoencoder_concat_predictor import last_slot_x0, roll_canvas_frames
 
 CHECKPOINT_FORMAT = "concat-world-model/1"  # bump when the checkpoint layout changes
 
@@ -275,10 +275,18 @@ class AutoencoderConcatPredictorWorldModel:
         return lr
 
     def _training_batch(self, canvas: np.ndarray) -> np.ndarray:
-        """The canvas plus up to ``replay_batch_size`` earlier ones, uint8 (B, H, W, 3)."""
-        k = min(self.config.replay_batch_size, len(self.replay_buffer))
-        picks = self.replay_rng.choice(len(self.replay_buffer), size=k, replace=False) if k else []
-        return np.stack([canvas] + [self.replay_buffer[i] for i in picks])  # (B, H, W, 3)
+        """The canvas plus ``replay_batch_size`` canvases drawn from the replay buffer (which holds
+        this one too), each rolled on the torus when ``torus_roll`` is on; uint8 (B, H, W, 3)."""
+        cfg = self.config
+        k = cfg.replay_batch_size if self.replay_buffer else 0
+        if not k:
+            return canvas[None]  # (1, H, W, 3)
+        picks = self.replay_rng.integers(0, len(self.replay_buffer), size=k)  # with replacement: the buffer starts small
+        extra = np.stack([self.replay_buffer[i] for i in picks])  # (k, H, W, 3)
+        if cfg.torus_roll:
+            shifts = self.replay_rng.integers(0, np.array(cfg.frame_size), size=(k, 2))  # (k, 2) dy, dx
+            extra = roll_canvas_frames(extra, shifts, cfg.frame_size, cfg.separator_width)
+        return np.concatenate([canvas[None], extra])  # (B, H, W, 3)
 
     def train_step(self, canvas: np.ndarray) -> dict:
         """One optimizer step on a canvas (plus replayed ones); returns {'loss', 'mse', 'lr'} as
@@ -312,14 +320,14 @@ class AutoencoderConcatPredictorWorldModel:
             The optimised loss of the last step taken.
         """
         cfg = self.config
+        if cfg.replay_batch_size:
+            self.replay_buffer.append(canvas)
         result = self.train_step(canvas)
         if cfg.quality_gate:
             for _ in range(cfg.quality_gate_max_steps - 1):
                 if result["mse"] < cfg.canvas_inpainting_threshold:
                     break
                 result = self.train_step(canvas)
-        if cfg.replay_batch_size:
-            self.replay_buffer.append(canvas)
         return result["loss"]
 
     @torch.no_grad()

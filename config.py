@@ -71,19 +71,17 @@ class AutoencoderConcatPredictorWorldModelConfig:
     patch_size: int = 16  # ViT patch side in pixels: 224x688 -> a 14 x 43 grid of 602 patches
     mask_ratio: float = 1.0  # fraction of the last slot's patches masked; 1.0 = predict the whole next frame
 
-    # MAE ViT (sizes fixed by DESIGN.md) ---------------------------------------
-    embed_dim: int = 256  # encoder token width
-    depth: int = 5  # encoder blocks
+    # MAE ViT (decoder depth and heads fixed by the spec; widths chosen for learning per second) ---------
+    embed_dim: int = 128  # encoder token width; with depth 1 an iteration costs ~1/4 of 256 x 5 (docs/LEARNING.md)
+    depth: int = 1  # encoder blocks: the decoder does the look-ups, the encoder only describes each patch
     num_heads: int = 4  # encoder attention heads
-    decoder_embed_dim: int = 128  # decoder token width
+    decoder_embed_dim: int = 64  # decoder token width: 64 learned as well as 128 per iteration at ~1.6x the speed
     decoder_depth: int = 5  # decoder blocks (the attention explorer shows layers 0-4)
     decoder_num_heads: int = 4  # decoder attention heads (the attention explorer shows heads 0-3)
-    mlp_ratio: float = 4.0  # MLP hidden width / token width in every block
+    mlp_ratio: float = 2.0  # MLP hidden width / token width in every block: 2 ran 7% more iterations than 4 and learned no worse
 
     # optimisation -----------------------------------------------------------
-    learning_rate: float = 1e-3  # AdamW peak learning rate (the reference 1e-4 barely moves in minutes;
-    # always_move: 2e-3 had 4% within 3 px and a median error of 53 px at 250 its where 1e-3 had 28% and
-    # 5.5 px; 5e-4 had 0% and 80 px at 200 its where 1e-3 had 22% and 12.5 px)
+    learning_rate: float = 6e-4  # AdamW peak rate: 1e-3 and 2e-3 localised the dot less precisely, 4e-4 no better
     weight_decay: float = 0.05  # AdamW decay on weight matrices only (never on biases, norms, embeddings)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas, the MAE recipe
     warmup_steps: int = 30  # linear warm-up length in optimizer steps (600 wasted the first minutes)
@@ -91,46 +89,23 @@ class AutoencoderConcatPredictorWorldModelConfig:
     min_lr: float = 1e-5  # floor of the cosine schedule
     grad_clip: float = 1.0  # max gradient norm; keeps a rare large dot error from blowing up a step
 
-    correspondence_init_layers: int = 1  # decoder blocks whose attention starts out looking at the same
-    # place in the previous frame slot (0 = MAE's random init). With random init, each masked query
-    # attends ~uniformly to 600 tokens, the dot's signal is diluted 600x and nothing is learned in
-    # minutes; see models.masked_autoencoder_vit.init_correspondence_attention
-    correspondence_offsets: tuple[float, ...] = (-0.5, 0.5, 1.5, 2.5)  # per head: extra columns beyond the
-    # slot pitch (14.5 patches), i.e. whole-patch shifts of 14, 15, 16 and 17 columns. "Stay" reads
-    # columns 14-15 to the left, "move 27 px" columns 16 (13 px of the patch) and 17 (3 px). Whole
-    # shifts let each head read ONE source patch; the earlier half-patch offsets made every head
-    # average two neighbours (and alias onto masked tokens), which blurred the dot sideways
-    correspondence_gain: float = 16.0  # sharpness of that initial attention (query scale): at 16 a masked
-    # query puts ~99% of its weight on its source patch at init (8: ~50%, the rest on neighbours/masked tokens)
-    decoder_embed_init_gain: float = 0.25  # with correspondence init: scale of the initial content projection.
-    # The decoder's LayerNorm mixes content and position; at 1.0 a patch's content outweighs its position
-    # and the look-up lands on masked tokens instead of the previous slot (measured at init). With the
-    # whole-patch offsets and gain 16, 0.25 learned fastest (always_move, 500 its: 60% within 3 px in the
-    # last 50 vs 26% with the old setting); 0.5 never localised the dot (median error ~80 px at 200 its)
-    action_lookup_heads: int = 1  # heads of the NEXT decoder block that start out reading the separator
-    # band before the predicted slot (the action just taken), so a masked patch can tell "stay" from
-    # "move". alternate, 400 its: 12-20% within 3 px, median 14-16 px with it; 0-2%, median 75-95 px without
-    # (always_move is within noise either way: 34-36% vs 34-60% at 450-500 its)
-    zero_init_pred_head: bool = True  # start the pixel head at exactly 0: the first predictions are black
-    # frames, already close (MSE ~0.0016), instead of xavier noise (MSE ~0.25) the model must unlearn
+    correspondence_init_layers: int = 1  # decoder blocks whose attention starts out reading the same place in the previous slot (0 = MAE's random init)
+    correspondence_offsets: tuple[float, ...] = (-0.5, 0.5, 1.5, 2.5)  # per head, columns beyond the slot pitch (14.5): shifts 14 and 15 cover "stay", 16 and 17 "move 27 px"
+    correspondence_gain: float = 16.0  # query scale of that look-up: ~99% of a query's weight on its source patch at init
+    decoder_embed_init_gain: float = 0.25  # initial scale of token content next to the position embedding, so the look-up lands on positions
+    action_lookup_heads: int = 1  # heads of the next decoder block that start out reading the separator before the predicted slot (the action)
+    zero_init_pred_head: bool = True  # the first predictions are black frames (MSE ~0.0016) rather than noise (~0.25)
 
     # loss ------------------------------------------------------------------
-    foreground_weight: float = 20.0  # dot pixels count this many times a background pixel (1 = plain MSE;
-    # with the old init, 5 drew no dot until ~250 its, then 16-34% within 3 px at MSE ratio 0.67-1.04;
-    # 20 finds the dot sooner but overestimates the blob, ~200-400 bright px vs 80; 5-10 with the
-    # current init is untested):
-    # the dot is ~80 of 50,176 pixels, so a plain MSE is minimised by predicting black everywhere
-    foreground_weight_final: float | None = None  # None = keep foreground_weight; else anneal to this value
-    # geometrically over foreground_weight_decay_steps (a large weight finds the dot, a small one would
-    # keep the predicted blob dot-sized). Off: 20 -> 3 over 300 steps lost the dot again (no dot predicted
-    # at 350-400 its); a later or gentler anneal is untested
+    foreground_weight: float = 5.0  # dot pixels count this many times a background pixel: ~80 of 50,176 pixels, a plain MSE predicts black; 20 drew oversized blobs
+    foreground_weight_final: float | None = None  # None keeps foreground_weight; else anneal geometrically to this value
     foreground_weight_decay_steps: int = 400  # length of that anneal in optimizer steps
     foreground_threshold: float = 0.5  # a target pixel brighter than this (0-1 scale) counts as dot
 
-    # replay ------------------------------------------------------------------
-    replay_batch_size: int = 0  # earlier canvases added to each optimizer step (0 = the current canvas only;
-    # 1 was no better per iteration, 16% within 3 px at 250 its vs 28%, and costs ~1.5x time per iteration)
-    replay_buffer_size: int = 512  # how many recent training canvases the replay draws from
+    # batch of the one optimizer step ---------------------------------------
+    replay_batch_size: int = 3  # canvases drawn from the replay buffer and added to the current one (batch of 4): both actions, many places per step
+    replay_buffer_size: int = 64  # recent training canvases kept for that (uint8, ~0.46 MB each)
+    torus_roll: bool = True  # roll each drawn canvas's frames by a random (dy, dx): still a true transition on the torus, with the dot where the robot has not been
 
     # quality gate -------------------------------------------------------------
     canvas_inpainting_threshold: float = 0.0001  # spec: with the gate on, train until the masked loss is below this

@@ -10,6 +10,14 @@ JSON object. Not part of the test suite.
 
     python benchmarks/bench_learning.py                      # all patterns, replay + live, 180 s each
     python benchmarks/bench_learning.py --patterns always_move --sources live --seconds 60
+    python benchmarks/bench_learning.py --matrix --seeds 11 22 33 --threads-list 1 2   # the issue-9 grid
+
+``--matrix`` runs every cell of patterns x seeds x sources x thread counts, each cell in its own
+process (``--jobs`` of them at once; by default as many as the cores allow at that thread count,
+so two 1-thread cells share the 2-core machine, one core each), appends each finished cell to
+``benchmarks/out/learning_matrix.jsonl``, prints one JSON object with every cell's last-100
+summary and the worst cell per pattern, and draws the learning curves to
+``benchmarks/out/learning_matrix.png`` (matplotlib, never inside the server).
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ from toroidal_action_selectors import make_selector  # noqa: E402
 from toroidal_dot_robot import ToroidalDotRobot  # noqa: E402
 
 PATTERNS = ("always_move", "alternate", "double_move")
+MATRIX_PATTERNS = ("always_move", "alternate", "double_move", "random")
+OUT_DIR = Path(__file__).resolve().parent / "out"
 
 
 def window_summary(records: list[dict]) -> dict:
@@ -70,7 +80,7 @@ def run_one(pattern: str, source: str, seconds: float, max_iterations: int, ever
         selector = None
     else:
         robot = ToroidalDotRobot(img_size=env.img_size, dot_radius=env.dot_radius, move_pixels=env.move_pixels, seed=seed)
-        selector = make_selector(pattern)
+        selector = make_selector(pattern, seed)
     wm = AutoencoderConcatPredictorWorldModel(robot, action_selector=selector, device=device, config=cfg)
     records, curve = [], []
     t0 = time.perf_counter()
@@ -94,23 +104,10 @@ def run_one(pattern: str, source: str, seconds: float, max_iterations: int, ever
             "seconds": round(time.perf_counter() - t0, 1), "seconds_to": reached, "last_100": final, "curve": curve}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), help="action patterns to run")
-    parser.add_argument("--sources", nargs="+", default=["replay", "live"], choices=["replay", "live"], help="replayed session and/or live robot")
-    parser.add_argument("--seconds", type=float, default=180.0, help="wall-clock budget per run")
-    parser.add_argument("--max-iterations", type=int, default=100_000, help="iteration budget per run")
-    parser.add_argument("--every", type=int, default=100, help="iterations per curve point")
-    parser.add_argument("--seed", type=int, default=1234, help="environment seed (start position); the model seed is in config")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when present)")
-    parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1), help="torch CPU threads")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override config fields (experiments)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
+def _config(overrides_text: list[str]) -> tuple[AutoencoderConcatPredictorWorldModelConfig, dict]:
     cfg = AutoencoderConcatPredictorWorldModelConfig()
     overrides = {}
-    for item in args.set:
+    for item in overrides_text:
         key, value = item.split("=", 1)
         current = getattr(cfg, key)
         if isinstance(current, str):
@@ -119,14 +116,136 @@ def main(argv=None) -> None:
             overrides[key] = json.loads(value)
         else:
             overrides[key] = type(current)(json.loads(value))
-    cfg = dataclasses.replace(cfg, **overrides)
+    return dataclasses.replace(cfg, **overrides), overrides
+
+
+def _cell(job: dict) -> dict:
+    """One matrix cell in a fresh process: its own thread count, nothing shared with the others."""
+    torch.set_num_threads(job["threads"])
+    cfg, _ = _config(job["set"])
+    result = run_one(job["pattern"], job["source"], job["seconds"], job["max_iterations"], job["every"], job["seed"], cfg, job["device"])
+    result["threads"] = job["threads"]
+    return result
+
+
+def worst_cell(cells: list[dict]) -> dict:
+    """The cell with the lowest within-3-px share of its last 100 predictions (ties: higher MSE ratio)."""
+    def key(c):
+        last = c["last_100"]
+        return (last.get("within_3px", 0.0), -(last.get("mse_ratio") or float("inf")))
+    c = min(cells, key=key)
+    return {k: c[k] for k in ("pattern", "source", "seed", "threads", "iterations", "seconds")} | {"last_100": c["last_100"]}
+
+
+def plot_matrix(cells: list[dict], path: Path) -> None:
+    """Learning curves of every cell: within-3-px share and MSE ratio against iterations and seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9), sharey="row")
+    colours = dict(zip(MATRIX_PATTERNS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    for c in cells:
+        pts = [p for p in c["curve"] if p.get("n")]
+        if not pts:
+            continue
+        style = {"color": colours.get(c["pattern"], "grey"), "alpha": 0.6, "lw": 1,
+                 "ls": "-" if c["source"] == "live" else "--", "marker": "o" if c["threads"] == 1 else None, "ms": 2}
+        for col, xkey in enumerate(("iteration", "seconds")):
+            xs = [p[xkey] for p in pts]
+            axes[0, col].plot(xs, [p["within_3px"] for p in pts], **style)
+            axes[1, col].plot(xs, [p["mse_ratio"] for p in pts], **style)
+    for col, xlabel in enumerate(("iterations", "seconds")):
+        axes[0, col].axhline(0.9, color="k", lw=0.8, ls=":")
+        axes[1, col].axhline(0.5, color="k", lw=0.8, ls=":")
+        axes[1, col].set_xlabel(xlabel)
+    axes[0, 0].set_ylabel("share of predictions within 3 px (window)")
+    axes[1, 0].set_ylabel("prediction MSE / copy-last-frame MSE")
+    axes[1, 0].set_yscale("log")
+    handles = [plt.Line2D([], [], color=v, label=k) for k, v in colours.items()]
+    handles += [plt.Line2D([], [], color="k", ls="-", label="live"), plt.Line2D([], [], color="k", ls="--", label="replay"),
+                plt.Line2D([], [], color="k", marker="o", ms=3, label="1 thread"), plt.Line2D([], [], color="k", label="2 threads")]
+    axes[0, 1].legend(handles=handles, loc="lower right", fontsize=8)
+    fig.suptitle(f"Learning matrix: {len(cells)} cells, fresh model, default config; dotted lines are the targets")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def run_matrix(args) -> dict:
+    import multiprocessing as mp
+
+    cfg, overrides = _config(args.set)
+    patterns = args.patterns if args.patterns != list(PATTERNS) else list(MATRIX_PATTERNS)
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    log = OUT_DIR / "learning_matrix.jsonl"
+    cells = []
+    for threads in args.threads_list:  # one thread count at a time, so cells never fight for cores
+        jobs = [{"pattern": p, "seed": seed, "source": src, "threads": threads, "seconds": args.seconds,
+                 "max_iterations": args.max_iterations, "every": args.every, "device": args.device, "set": args.set}
+                for p in patterns for seed in args.seeds for src in args.sources]
+        n_proc = args.jobs or max(1, (os.cpu_count() or 1) // threads)
+        with mp.get_context("spawn").Pool(n_proc, maxtasksperchild=1) as pool:
+            for result in pool.imap_unordered(_cell, jobs):
+                cells.append(result)
+                with open(log, "a") as f:
+                    f.write(json.dumps(result) + "\n")
+                print(f"cell {result['pattern']}/{result['source']}/seed {result['seed']}/{result['threads']}t: "
+                      f"{json.dumps(result['last_100'])}", file=sys.stderr, flush=True)
+    plot_matrix(cells, OUT_DIR / "learning_matrix.png")
+    by_pattern = {p: worst_cell([c for c in cells if c["pattern"] == p]) for p in patterns if any(c["pattern"] == p for c in cells)}
+    return {
+        "benchmark": "learning_matrix",
+        "device": _device_name(args.device),
+        "torch": torch.__version__,
+        "seconds_per_cell": args.seconds,
+        "parallel_cells": {str(t): args.jobs or max(1, (os.cpu_count() or 1) // t) for t in args.threads_list},
+        "config_overrides": overrides,
+        "config": dataclasses.asdict(cfg),
+        "targets": {"within_3px": 0.9, "mse_ratio": 0.5},
+        "cells_at_target": sum(c["last_100"]["target_met"] for c in cells),
+        "cells": len(cells),
+        "worst_cell": worst_cell(cells),
+        "worst_cell_per_pattern": by_pattern,
+        "all": [{k: c[k] for k in ("pattern", "source", "seed", "threads", "iterations", "seconds")} | {"last_100": c["last_100"]} for c in cells],
+        "png": str(OUT_DIR / "learning_matrix.png"),
+    }
+
+
+def _device_name(device: str | None) -> str:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), help="action patterns to run (matrix: all four)")
+    parser.add_argument("--sources", nargs="+", default=["replay", "live"], choices=["replay", "live"], help="replayed session and/or live robot")
+    parser.add_argument("--seconds", type=float, default=180.0, help="wall-clock budget per run")
+    parser.add_argument("--max-iterations", type=int, default=100_000, help="iteration budget per run")
+    parser.add_argument("--every", type=int, default=100, help="iterations per curve point")
+    parser.add_argument("--seed", type=int, default=1234, help="environment seed (start position); the model seed is in config")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when present)")
+    parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1), help="torch CPU threads")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override config fields (experiments)")
+    parser.add_argument("--matrix", action="store_true", help="run the grid patterns x seeds x sources x threads")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[11, 22, 33], help="matrix: start seeds (never tuned on)")
+    parser.add_argument("--threads-list", nargs="+", type=int, default=[1, 2], help="matrix: CPU thread counts")
+    parser.add_argument("--jobs", type=int, default=0, help="matrix: cells at once (0: cores // threads)")
+    args = parser.parse_args(argv)
+    if args.matrix:
+        print(json.dumps(run_matrix(args), indent=1))
+        return
+    torch.set_num_threads(args.threads)
+    cfg, overrides = _config(args.set)
 
     runs = [run_one(p, s, args.seconds, args.max_iterations, args.every, args.seed + i, cfg, args.device)
             for i, p in enumerate(args.patterns) for s in args.sources]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = {
         "benchmark": "learning",
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
+        "device": _device_name(args.device),
         "threads": args.threads,
         "torch": torch.__version__,
         "config_overrides": overrides,

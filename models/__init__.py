@@ -9,6 +9,7 @@ from models.autoencoder_concat_predictor import (
     compute_patch_mask_for_last_slot,
     compute_randomized_patch_mask_for_last_slot,
     masked_frame_loss,
+    roll_canvas_frames,
     separator_colours,
     tensor_to_uint8,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "compute_randomized_patch_mask_for_last_slot",
     "get_2d_sincos_pos_embed",
     "masked_frame_loss",
+    "roll_canvas_frames",
     "patchify",
     "separator_colours",
     "tensor_to_uint8",

@@ -107,6 +107,34 @@ def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.permute(1, 2, 0) if x.ndim == 3 else x.permute(0, 2, 3, 1)).numpy()
 
 
+def roll_canvas_frames(canvases: np.ndarray, shifts: np.ndarray, frame_size, sep_width: int) -> np.ndarray:
+    """Roll every frame slot of each canvas by that canvas's own (dy, dx), separators kept in place.
+
+    The toroidal world wraps at its edges, so a transition rolled as a whole is another true
+    transition with the dot elsewhere: a free, exact augmentation that takes away any prior on
+    where the dot lives (the live robot never leaves its row).
+
+    Args:
+        canvases: uint8 (B, H, W_canvas, 3) canvases of frames and separators.
+        shifts: int (B, 2) rows down and columns right to roll each canvas's frames by.
+        frame_size: (H, W) of one frame slot.
+        sep_width: separator width in pixels.
+
+    Returns:
+        uint8 (B, H, W_canvas, 3), a new array.
+    """
+    H, W = _pair(frame_size)
+    B, _, Wc, _ = canvases.shape
+    pitch = W + sep_width
+    x = np.arange(Wc)  # (Wc,) canvas columns
+    slot_x0, within = (x // pitch) * pitch, x % pitch  # first column of each column's slot; offset in it
+    in_frame = within < W  # separator columns stay put
+    dy, dx = shifts[:, :1], shifts[:, 1:]  # (B, 1) each
+    rows = (np.arange(H)[None, :] - dy) % H  # (B, H) source row of each row
+    cols = np.where(in_frame[None, :], slot_x0[None, :] + (within[None, :] - dx) % W, x[None, :])  # (B, Wc)
+    return canvases[np.arange(B)[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, H, Wc, 3)
+
+
 def last_slot_x0(frame_width: int, K: int, sep_width: int) -> int:
     """First pixel column of the last frame slot on a K-slot canvas."""
     return (K - 1) * (frame_width + sep_width)

@@ -1,15 +1,15 @@
-"""Learning regression: the real model, default settings, learns where the dot goes.
+"""Learning regression: the real model, default settings, learns where the dot goes and lets the
+action choose it.
 
-A fixed-seed version of ``benchmarks/bench_learning.py`` (always_move on the live robot): a fresh
-model at the spec's sizes runs the default loop (one optimizer step per iteration) and must put
-the predicted dot within 3 px of the true one on a fair share of the last predictions.
+A fixed-seed cell of ``benchmarks/bench_learning.py --matrix``: double_move (move, move, stay) on
+the live robot, so both actions occur and a model that ignores the action cannot pass. A fresh
+model at the default sizes runs the app's loop (one ``train_autoencoder`` call per iteration, then
+a prediction) for 500 iterations on one thread and must put the predicted dot within 3 px of the
+true one on most of the last 100 predictions, and beat the copy-last-frame baseline well.
 
-Thresholds come from measurements on the 2-core CPU machine, with margin. With these defaults
-(single-thread runs, always_move, live): seed 1234 had 34% and 36% within 3 px (median 5.5 and
-3.9 px) in the windows of 50 iterations ending at 450 and 500; seed 7 had 32% and 38%; without
-the action look-up head, seed 1234 had 34% and 60%. The old half-patch correspondence offsets
-reached 26-30% with a median of 7.5-8.5 px; no correspondence init never drew a dot. The CPU
-thread count changes the float reduction order and with it the exact trajectory, hence the margin.
+Thresholds come from the measurement of this exact run on the 2-core CPU machine (docs/LEARNING.md):
+over iterations 401-500, 83% within 3 px, median ~1 px, MSE 0.45x copy, dot present 95%; the old
+recipe had 0-6% within 3 px and 3.9x copy here. The margin covers another CPU's float order.
 """
 
 from __future__ import annotations
@@ -23,16 +23,14 @@ from config import AutoencoderConcatPredictorWorldModelConfig
 from toroidal_action_selectors import make_selector
 from toroidal_dot_robot import ToroidalDotRobot
 
-ITERATIONS = 500  # ~2 min at ~0.2 s per iteration on 2 free cores
+ITERATIONS = 500  # ~2.5 min at ~0.28 s per iteration on one free core
 WINDOW = 100  # the predictions judged
 
 
 @pytest.mark.slow
-def test_real_model_learns_where_the_dot_goes():
-    # one thread: the measured trajectory. With 2 threads the same run diverged and failed
-    # (2% within 3 px, median 86 px): learning at these settings is still fragile
+def test_real_model_learns_where_the_action_sends_the_dot():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the measured trajectory
     try:
         _check_learning()
     finally:
@@ -42,7 +40,7 @@ def test_real_model_learns_where_the_dot_goes():
 def _check_learning():
     robot = ToroidalDotRobot(seed=1234)
     wm = AutoencoderConcatPredictorWorldModel(
-        robot, make_selector("always_move"), device="cpu", config=AutoencoderConcatPredictorWorldModelConfig()
+        robot, make_selector("double_move"), device="cpu", config=AutoencoderConcatPredictorWorldModelConfig()
     )
     metrics = wm.run(ITERATIONS)
     last = [m for m in metrics[-WINDOW:] if m["dot_error"] is not None]
@@ -51,7 +49,9 @@ def _check_learning():
     within_3px = float(np.mean(errors <= 3.0))
     median = float(np.median(errors))
     dot_present = float(np.mean(np.isfinite(errors)))
-    summary = f"within 3 px {within_3px:.2f}, median {median:.1f} px, dot present {dot_present:.2f}"
-    assert dot_present >= 0.9, summary  # a dot is drawn, not a black frame
-    assert median <= 8.0, summary  # it lands near the right place
-    assert within_3px >= 0.2, summary  # and often within 3 px
+    ratio = float(np.mean([m["prediction_error"] for m in last]) / np.mean([m["copy_error"] for m in last]))
+    summary = f"within 3 px {within_3px:.2f}, median {median:.1f} px, dot present {dot_present:.2f}, MSE {ratio:.2f}x copy"
+    assert dot_present >= 0.9, summary  # a dot is drawn, not a black frame or a smeared row
+    assert median <= 3.0, summary  # it lands where the action sends it
+    assert within_3px >= 0.6, summary  # on most predictions
+    assert ratio <= 0.7, summary  # and the picture beats repeating the last frame

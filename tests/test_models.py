@@ -16,6 +16,7 @@ from models import (
     compute_randomized_patch_mask_for_last_slot,
     masked_frame_loss,
     patchify,
+    roll_canvas_frames,
     tensor_to_uint8,
     unpatchify,
 )
@@ -49,6 +50,31 @@ def test_unknown_action_is_blue_and_trailing_action_leaves_a_blank_slot():
 def test_build_canvas_refuses_wrong_frame_size():
     with pytest.raises(ValueError, match="uint8"):
         build_canvas([np.zeros((100, 100, 3), np.uint8), 0, _frame(1)])
+
+
+def test_torus_roll_moves_every_frame_alike_and_keeps_the_separators():
+    from toroidal_dot_robot import ToroidalDotRobot
+
+    robot = ToroidalDotRobot(seed=3, start=(210, 218))  # near the corner: the roll must wrap both ways
+    frames = []
+    for action in (1, 0, None):
+        frames.append(robot.get_observation())
+        if action is not None:
+            robot.execute_action(action)
+    canvases = np.stack([build_canvas([frames[0], {"action": 1}, frames[1], {"action": 0}, frames[2]])] * 2)
+    shifts = np.array([[10, 200], [223, 1]])
+    rolled = roll_canvas_frames(canvases, shifts, (224, 224), 8)
+    assert rolled.shape == canvases.shape and rolled.dtype == np.uint8
+    for b, (dy, dx) in enumerate(shifts):
+        rolled_frames = [np.roll(f, (dy, dx), axis=(0, 1)) for f in frames]
+        expected = build_canvas([rolled_frames[0], {"action": 1}, rolled_frames[1], {"action": 0}, rolled_frames[2]])
+        np.testing.assert_array_equal(rolled[b], expected)
+        # still a true transition: the same rolled world, moved right 27 px by the recorded move
+        robot2 = ToroidalDotRobot(seed=3, start=((210 + dx) % 224, (218 + dy) % 224))
+        np.testing.assert_array_equal(rolled[b][:, :224], robot2.get_observation())
+    np.testing.assert_array_equal(rolled[:, :, 224:232], canvases[:, :, 224:232])  # separators stay put
+    np.testing.assert_array_equal(rolled[:, :, 456:464], canvases[:, :, 456:464])
+    np.testing.assert_array_equal(roll_canvas_frames(canvases, np.zeros((2, 2), int), (224, 224), 8), canvases)
 
 
 def test_last_slot_mask_is_196_patches_in_columns_29_to_42():

@@ -19,6 +19,7 @@ from autoencoder_concat_predictor_world_model import (
     get_lr,
 )
 from config import AutoencoderConcatPredictorWorldModelConfig
+from models import canvas_to_tensor
 from toroidal_action_selectors import make_selector
 from toroidal_dot_robot import ToroidalDotRobot
 
@@ -62,6 +63,21 @@ def test_loop_trains_from_the_third_frame_and_predicts_from_the_second():
     assert wm.last_training_canvas.shape == (224, 688, 3)
     assert wm.last_prediction.shape == (224, 224, 3) and wm.last_prediction.dtype == np.uint8
     assert len(wm.interleaved_history) == 4  # [f(t-1), a(t-1), f(t), a(t)]
+
+
+def test_each_step_trains_on_the_current_canvas_plus_rolled_replays():
+    wm = _tiny_world_model(pattern="double_move")
+    seen = []
+    forward = wm.model.forward_with_patch_mask
+    wm.model.forward_with_patch_mask = lambda imgs, *a, **k: (seen.append(imgs.detach().clone()), forward(imgs, *a, **k))[1]
+    wm.run(6)
+    batches = [x for x in seen if x.shape[0] > 1]  # training passes; predictions are single canvases
+    assert len(batches) == 4 and all(x.shape[0] == 1 + TINY.replay_batch_size for x in batches)
+    last = batches[-1]
+    assert torch.equal(last[0], canvas_to_tensor(wm.last_training_canvas)[0])  # the current canvas comes first, as it is
+    dots = [tuple(np.argwhere(x[0, :, 464:].numpy() > 0.5).mean(0).round()) for x in last]  # dot centre in the target slot
+    assert len(set(dots)) > 1  # the replayed copies are rolled elsewhere on the torus
+    assert len(wm.replay_buffer) == 4  # every training canvas goes to the buffer
 
 
 def test_views_have_the_spec_shapes():
