@@ -99,7 +99,7 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
 RUN_OUTPUT_KEYS = (
     "progress", "checkpoint", "train_original", "train_masked", "train_inpainting", "train_composite",
     "pred_current", "pred_next", "pred_error", "prediction_info", "plot_error", "plot_time", "plot_loss",
-    "attn_image", "attn_stats", "frame_slider",
+    "plot_dot", "attn_image", "attn_stats", "frame_slider",
 )
 
 
@@ -355,14 +355,36 @@ def series_anchors(colours: dict[str, str]) -> pd.DataFrame:
                          "series": list(colours)})
 
 
-def metric_frames(history: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Long-format DataFrames for the three graphs: prediction error, iteration time, training loss."""
+def dot_found_rows(history: list[dict], window: int) -> list[dict]:
+    """Per scored prediction, the share (%) of the last ``window`` predictions whose dot landed within
+    3 px of the true one (no predicted dot counts as a miss): the moment the model finds the dot."""
+    scored = [r for r in history if r.get("dot_error") is not None]
+    if not scored:
+        return []
+    hit = np.array([r["dot_error"] <= 3.0 for r in scored], dtype=np.float64)  # (n,) inf compares False
+    csum = np.concatenate([[0.0], np.cumsum(hit)])  # (n+1,)
+    n = np.arange(1, len(hit) + 1)
+    share = 100.0 * (csum[n] - csum[np.maximum(n - window, 0)]) / np.minimum(n, window)  # (n,) rolling mean
+    return [{"iteration": r["iteration"], "within_3px_share": float(v)} for r, v in zip(scored, share)]
+
+
+def metric_frames(history: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Long-format DataFrames for the four graphs: prediction error, iteration time, training loss and
+    the rolling share of predictions that put the dot within 3 px."""
     error = pd.concat([series_anchors(ERROR_COLOURS), _series(history, "prediction_error", SERIES_PREDICTION),
                        _series(history, "copy_error", SERIES_BASELINE)], ignore_index=True)
     timing = _series(history, "iteration_time", "iteration time", scale=1000.0)
     loss = pd.concat([series_anchors(LOSS_COLOURS), _series(history, "training_loss", SERIES_LOSS),
                       _series(history, "training_mse", SERIES_MSE)], ignore_index=True)
-    return error, timing, loss
+    dot = _series(dot_found_rows(history, APP.dot_window), "within_3px_share", "within 3 px")
+    return error, timing, loss, dot
+
+
+def _px(value: float | None) -> str:
+    """A dot error for the page: pixels, 'no dot drawn' for a prediction without one, '-' before any."""
+    if value is None:
+        return "-"
+    return "no dot drawn" if not math.isfinite(value) else f"{value:.1f} px"
 
 
 def progress_markdown(user: UserState, running: bool) -> str:
@@ -378,6 +400,7 @@ def progress_markdown(user: UserState, running: bool) -> str:
     text = (
         f"**{state}: {user.run_done}/{user.run_total}** iterations | "
         f"**prediction error (MSE):** {_fmt(last.get('prediction_error'))} | "
+        f"**dot error:** {_px(last.get('dot_error'))} | "
         f"**iteration time:** {_fmt(time_ms, 4)} ms | **training loss:** {_fmt(last.get('training_loss'))} | "
         f"model step {last.get('step', 0)}, iteration {last.get('iteration', 0)}"
     )
@@ -698,11 +721,15 @@ def build_demo(cache_frequency_s: int = 600, cache_age_s: int = 3600) -> gr.Bloc
         gr.Markdown("## 5. Metric graphs (kept across runs of this tab's model)", elem_classes=["section-title"])
         with gr.Row():
             plot_error = _plot("Prediction error (MSE)", "plot-error", "MSE", ERROR_COLOURS)
+            plot_dot = _plot(f"Dot found: share of the last {APP.dot_window} predictions within 3 px", "plot-dot", "%")
+        with gr.Row():
             plot_time = _plot("Iteration time", "plot-time", "milliseconds")
             plot_loss = _plot("Training loss", "plot-loss", "loss", LOSS_COLOURS)
         gr.Markdown(
             "**Prediction error:** the model (indigo line) against a baseline that simply repeats the last frame "
-            "(grey line); a model below the baseline has learned the motion. **Training loss:** the optimised, "
+            "(grey line); a model below the baseline has learned the motion. **Dot found:** of the last "
+            f"{APP.dot_window} predictions, the share whose dot centre lies within 3 px of the true one (a prediction "
+            "without a dot counts as a miss); it jumps when the model localises the dot. **Training loss:** the optimised, "
             "dot-weighted loss (red line) and the plain masked-patch MSE (orange line). Histories longer than "
             "2000 points are thinned evenly.", elem_id="plot-legend")
 
@@ -730,7 +757,7 @@ def build_demo(cache_frequency_s: int = 600, cache_age_s: int = 3600) -> gr.Bloc
         # -- wiring -------------------------------------------------------------------
         run_outputs = [progress, checkpoint_info, train_original, train_masked, train_inpainting, train_composite,
                        pred_current, pred_next, pred_error, prediction_info, plot_error, plot_time, plot_loss,
-                       attn_image, attn_stats, frame_slider]
+                       plot_dot, attn_image, attn_stats, frame_slider]
         refresh_outputs = [session_dropdown, broken_md]
         demo.load(refresh_sessions, None, refresh_outputs, api_name="initial_sessions", api_visibility="private")
         demo.load(registry.register, [user], [user], api_name="register_tab", api_visibility="private")

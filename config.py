@@ -168,6 +168,7 @@ class AppConfig:
     default_iterations: int = 20  # Run box default
     update_interval_s: float = 0.25  # a running Run streams to the page once this much time has passed since
     # the last update (checked after each iteration): at ~0.28 s per CPU iteration 0.4 gave 1.8 updates/s, 0.25 gives one per iteration
+    dot_window: int = 50  # predictions in the rolling 'within 3 px' share of the Dot found graph
     default_quantile: float = 95.0  # attention filter: keep connections above this percentile (strongest 5%)
     demo_sessions: tuple[str, ...] = ("always_move", "alternate", "double_move")  # recorded when none exist
     demo_session_steps: int = 200  # steps in each demo session

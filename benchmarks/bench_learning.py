@@ -174,6 +174,27 @@ def plot_matrix(cells: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def matrix_report(cells: list[dict], cfg, overrides: dict, seconds: float, parallel: dict, device: str) -> dict:
+    """The matrix JSON: every cell's last-100 summary, the worst cell overall and per pattern."""
+    patterns = list(dict.fromkeys(c["pattern"] for c in cells))
+    return {
+        "benchmark": "learning_matrix",
+        "device": device,
+        "torch": torch.__version__,
+        "seconds_per_cell": seconds,
+        "parallel_cells": parallel,
+        "config_overrides": overrides,
+        "config": dataclasses.asdict(cfg),
+        "targets": {"within_3px": 0.9, "mse_ratio": 0.5},
+        "cells_at_target": sum(c["last_100"]["target_met"] for c in cells),
+        "cells": len(cells),
+        "worst_cell": worst_cell(cells),
+        "worst_cell_per_pattern": {p: worst_cell([c for c in cells if c["pattern"] == p]) for p in patterns},
+        "all": [{k: c[k] for k in ("pattern", "source", "seed", "threads", "iterations", "seconds")} | {"last_100": c["last_100"]} for c in cells],
+        "png": str(OUT_DIR / "learning_matrix.png"),
+    }
+
+
 def run_matrix(args) -> dict:
     import multiprocessing as mp
 
@@ -195,23 +216,20 @@ def run_matrix(args) -> dict:
                 print(f"cell {result['pattern']}/{result['source']}/seed {result['seed']}/{result['threads']}t: "
                       f"{json.dumps(result['last_100'])}", file=sys.stderr, flush=True)
     plot_matrix(cells, OUT_DIR / "learning_matrix.png")
-    by_pattern = {p: worst_cell([c for c in cells if c["pattern"] == p]) for p in patterns if any(c["pattern"] == p for c in cells)}
-    return {
-        "benchmark": "learning_matrix",
-        "device": _device_name(args.device),
-        "torch": torch.__version__,
-        "seconds_per_cell": args.seconds,
-        "parallel_cells": {str(t): args.jobs or max(1, (os.cpu_count() or 1) // t) for t in args.threads_list},
-        "config_overrides": overrides,
-        "config": dataclasses.asdict(cfg),
-        "targets": {"within_3px": 0.9, "mse_ratio": 0.5},
-        "cells_at_target": sum(c["last_100"]["target_met"] for c in cells),
-        "cells": len(cells),
-        "worst_cell": worst_cell(cells),
-        "worst_cell_per_pattern": by_pattern,
-        "all": [{k: c[k] for k in ("pattern", "source", "seed", "threads", "iterations", "seconds")} | {"last_100": c["last_100"]} for c in cells],
-        "png": str(OUT_DIR / "learning_matrix.png"),
-    }
+    parallel = {str(t): args.jobs or max(1, (os.cpu_count() or 1) // t) for t in args.threads_list}
+    return matrix_report(cells, cfg, overrides, args.seconds, parallel, _device_name(args.device))
+
+
+def summarise_log(path: Path) -> dict:
+    """Re-read the cells a matrix run (or several) appended to a JSONL log: report and picture again."""
+    cells = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not cells:
+        raise SystemExit(f"{path} holds no matrix cells")
+    plot_matrix(cells, OUT_DIR / "learning_matrix.png")
+    threads = sorted({c["threads"] for c in cells})
+    seconds = max(c["seconds"] for c in cells)
+    parallel = {str(t): max(1, (os.cpu_count() or 1) // t) for t in threads}
+    return matrix_report(cells, AutoencoderConcatPredictorWorldModelConfig(), {}, seconds, parallel, _device_name(None))
 
 
 def _device_name(device: str | None) -> str:
@@ -234,7 +252,11 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[11, 22, 33], help="matrix: start seeds (never tuned on)")
     parser.add_argument("--threads-list", nargs="+", type=int, default=[1, 2], help="matrix: CPU thread counts")
     parser.add_argument("--jobs", type=int, default=0, help="matrix: cells at once (0: cores // threads)")
+    parser.add_argument("--summarise", type=Path, metavar="JSONL", help="report the cells of a matrix log again (runs nothing)")
     args = parser.parse_args(argv)
+    if args.summarise:
+        print(json.dumps(summarise_log(args.summarise), indent=1))
+        return
     if args.matrix:
         print(json.dumps(run_matrix(args), indent=1))
         return

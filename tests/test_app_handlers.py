@@ -177,9 +177,19 @@ def test_run_streams_progress_saves_a_checkpoint_and_captures_attention(loaded, 
     assert timing["iteration"].notna().sum() == 4
     assert error[error.series == app.SERIES_PREDICTION]["iteration"].notna().sum() == 2  # from iteration 3 on
     assert loss[loss.series == app.SERIES_LOSS]["iteration"].notna().sum() == 2
+    dot = out(final, "plot_dot")  # one share per scored prediction, in percent
+    assert dot["iteration"].notna().sum() == 2 and dot["value"].between(0, 100).all()
     for key in ("train_original", "train_composite", "pred_current"):
         assert out(final, key).max() > 0
     assert out(final, "frame_slider").value == 4  # the next run continues where this one stopped
+
+
+def test_dot_found_graph_is_the_rolling_share_within_3px_and_a_missing_dot_is_a_miss():
+    history = [{"iteration": i + 1, "dot_error": e} for i, e in enumerate([None, float("inf"), 1.0, 5.0, 2.0, 0.5])]
+    rows = app.dot_found_rows(history, window=2)
+    assert [r["iteration"] for r in rows] == [2, 3, 4, 5, 6]  # iterations without a scored dot are skipped
+    assert [r["within_3px_share"] for r in rows] == [0.0, 50.0, 50.0, 50.0, 100.0]
+    assert app.dot_found_rows([{"iteration": 1, "dot_error": None}], window=50) == []
 
 
 def test_history_is_kept_across_runs_and_a_new_session_keeps_the_model(loaded):
