@@ -27,7 +27,7 @@ LINES, HEATMAP = "Patch-to-Patch Lines", "Heatmap"
 UNKNOWN = "Unknown session: that name is not a session folder in the sessions folder"
 # output positions of /run_world_model and /stop (the state output is not part of the API)
 PROGRESS, CHECKPOINT, T_ORIGINAL, T_MASKED, T_INPAINT, T_COMPOSITE = 0, 1, 2, 3, 4, 5
-P_CURRENT, P_NEXT, P_ERROR, P_INFO, PLOT_ERROR, PLOT_TIME, PLOT_LOSS, ATTN_IMAGE, ATTN_STATS, SLIDER = range(6, 16)
+P_CURRENT, P_NEXT, P_ERROR, P_INFO, PLOT_ERROR, PLOT_TIME, PLOT_LOSS, PLOT_DOT, ATTN_IMAGE, ATTN_STATS, SLIDER = range(6, 17)
 
 
 # -----------------------------------------------------------------------------
@@ -175,6 +175,7 @@ def test_run_five_iterations_streams_and_fills_every_view(client, app_server):
     assert len(points(final[PLOT_TIME])) == 5
     assert len(points(final[PLOT_ERROR], "model prediction")) == 3  # a prediction needs 2 frames first
     assert len(points(final[PLOT_LOSS], "training loss (weighted)")) == 3
+    assert len(points(final[PLOT_DOT])) == 3  # one rolling within-3-px share per scored prediction
     assert "MSE" in final[P_ERROR]["label"] and "**Prediction error of the current frame (MSE):**" in final[P_INFO]
     assert png(final[ATTN_IMAGE]).shape[1] == 688 and "connections" in final[ATTN_STATS]
     assert "**Saved**" in final[CHECKPOINT]
