@@ -659,6 +659,137 @@ def _plot(label: str, elem_id: str, y_title: str, colours: dict[str, str] | None
                        buttons=["fullscreen", "export"])
 
 
+def _session_section() -> dict[str, Any]:
+    """Section 1: choose and load a session, scrub its frames."""
+    gr.Markdown("## 1. Session and frames", elem_classes=["section-title"])
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            with gr.Row():
+                session_dropdown = gr.Dropdown(label="Session", choices=[], allow_custom_value=True,
+                                               elem_id="session-dropdown", scale=3)
+                refresh_btn = gr.Button("↻ Refresh sessions", elem_id="refresh-btn", scale=1)
+                load_btn = gr.Button("Load session", variant="primary", elem_id="load-btn", scale=1)
+            broken_md = gr.Markdown(elem_id="broken-sessions")
+            session_info = gr.Markdown("_No session loaded._", elem_id="session-info")
+        with gr.Column(scale=1):
+            frame_image = _image("Frame (shown at 2x)", "frame-image", 470)
+            frame_slider = gr.Slider(0, 1, value=0, step=1, label="Frame (the next Run starts its replay here)",
+                                     elem_id="frame-slider", interactive=False)
+            with gr.Row():
+                jump_number = gr.Number(value=0, precision=0, label="Frame number", elem_id="jump-number", scale=2)
+                jump_btn = gr.Button("Jump to frame", elem_id="jump-btn", scale=1)
+            frame_info = gr.Markdown(elem_id="frame-info")
+    return {"session_dropdown": session_dropdown, "refresh_btn": refresh_btn, "load_btn": load_btn, "broken_md": broken_md, "session_info": session_info, "frame_image": frame_image, "frame_slider": frame_slider, "jump_number": jump_number, "jump_btn": jump_btn, "frame_info": frame_info}
+
+
+def _run_section() -> dict[str, Any]:
+    """Section 2: iterations, Run and Stop, progress and checkpoint status."""
+    gr.Markdown("## 2. Run the world model", elem_classes=["section-title"])
+    with gr.Row():
+        iterations = gr.Number(value=APP.default_iterations, precision=0, elem_id="iterations",
+                               label=f"Iterations ({APP.min_iterations}-{APP.max_iterations})", scale=1)
+        run_btn = gr.Button("▶ Run world model", variant="primary", elem_id="run-btn", scale=1)
+        stop_btn = gr.Button("■ Stop", variant="stop", elem_id="stop-btn", scale=1)
+    progress = gr.Markdown("_Not run yet._", elem_id="progress")
+    checkpoint = gr.Markdown(NO_MODEL_YET, elem_id="checkpoint-info")
+    with gr.Accordion("Training settings (from config.py)", open=False):
+        gr.Markdown(training_settings_markdown(), elem_id="training-settings")
+    return {"iterations": iterations, "run_btn": run_btn, "stop_btn": stop_btn, "progress": progress, "checkpoint": checkpoint}
+
+
+def _views_sections() -> dict[str, Any]:
+    """Sections 3 and 4: the four training views and the three prediction views."""
+    gr.Markdown("## 3. Training views (latest training canvas)", elem_classes=["section-title"])
+    with gr.Row():
+        train_original = _image("Original canvas: frames t-2, t-1, t with action separators", "train-original", CANVAS_HEIGHT)
+        train_masked = _image("Masked canvas overlay (grey = masked patches to inpaint)", "train-masked", CANVAS_HEIGHT)
+    with gr.Row():
+        train_inpainting = _image("Full inpainting output (every patch as the model sees it)", "train-inpainting", CANVAS_HEIGHT)
+        train_composite = _image("Composite: visible patches + inpainted masked slot", "train-composite", CANVAS_HEIGHT)
+
+    gr.Markdown("## 4. Prediction views", elem_classes=["section-title"])
+    with gr.Row():
+        pred_current = _image("Current frame t (2x)", "pred-current", FRAME_HEIGHT)
+        pred_next = _image("Predicted next frame t+1 (2x)", "pred-next", FRAME_HEIGHT)
+        pred_error = _image("Prediction error |predicted - actual| (amplified)", "pred-error", FRAME_HEIGHT)
+    prediction_info = gr.Markdown(elem_id="prediction-info")
+    return {"train_original": train_original, "train_masked": train_masked, "train_inpainting": train_inpainting, "train_composite": train_composite, "pred_current": pred_current, "pred_next": pred_next, "pred_error": pred_error, "prediction_info": prediction_info}
+
+
+def _metrics_section() -> dict[str, Any]:
+    """Section 5: the metric graphs and their legend."""
+    gr.Markdown("## 5. Metric graphs (kept across runs of this tab's model)", elem_classes=["section-title"])
+    with gr.Row():
+        plot_error = _plot("Prediction error (MSE)", "plot-error", "MSE", ERROR_COLOURS)
+        plot_dot = _plot(f"Dot found: share of the last {APP.dot_window} predictions within 3 px", "plot-dot", "%")
+    with gr.Row():
+        plot_time = _plot("Iteration time", "plot-time", "milliseconds")
+        plot_loss = _plot("Training loss", "plot-loss", "loss", LOSS_COLOURS)
+    gr.Markdown(
+        "**Prediction error:** the model (indigo line) against a baseline that simply repeats the last frame "
+        "(grey line); a model below the baseline has learned the motion. **Dot found:** of the last "
+        f"{APP.dot_window} predictions, the share whose dot centre lies within 3 px of the true one (a prediction "
+        "without a dot counts as a miss); it jumps when the model localises the dot. **Training loss:** the optimised, "
+        "dot-weighted loss (red line) and the plain masked-patch MSE (orange line). Histories longer than "
+        "2000 points are thinned evenly.", elem_id="plot-legend")
+    return {"plot_error": plot_error, "plot_dot": plot_dot, "plot_time": plot_time, "plot_loss": plot_loss}
+
+
+def _attention_section() -> dict[str, Any]:
+    """Section 6: attention controls, picture and statistics."""
+    gr.Markdown("## 6. Decoder attention (from the last run; controls redraw without running the model)",
+                elem_classes=["section-title"])
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=300):
+            quantile = gr.Slider(0, 100, value=APP.default_quantile, step=0.5, elem_id="attn-quantile",
+                                 label="Quantile threshold (95 = strongest 5%)")
+            gr.Markdown("**Decoder layers** (line colours: L0 red, L1 gold, L2 green, L3 blue, L4 violet)")
+            with gr.Row():
+                layer_boxes = [gr.Checkbox(value=True, label=f"L{i}", elem_id=f"attn-layer-{i}", min_width=60)
+                               for i in range(N_LAYERS)]
+            gr.Markdown("**Attention heads** (combined by the aggregation below)")
+            with gr.Row():
+                head_boxes = [gr.Checkbox(value=True, label=f"H{i}", elem_id=f"attn-head-{i}", min_width=60)
+                              for i in range(N_HEADS)]
+            aggregation = gr.Radio(list(AGGREGATIONS), value="mean", label="Aggregation over heads",
+                                   elem_id="attn-aggregation")
+            viz_type = gr.Radio(list(VIZ_TYPES), value=VIZ_LINES, label="Visualization", elem_id="attn-viz-type")
+        with gr.Column(scale=5):
+            attn_image = _image("Decoder attention", "attn-image", ATTENTION_HEIGHT)
+            attn_stats = gr.Markdown(NOTHING_RUN_YET, elem_id="attn-stats")
+    return {"quantile": quantile, "layer_boxes": layer_boxes, "head_boxes": head_boxes, "aggregation": aggregation, "viz_type": viz_type, "attn_image": attn_image, "attn_stats": attn_stats}
+
+
+def _wire(demo: gr.Blocks, registry: TabRegistry, user: gr.State, c: dict[str, Any]) -> None:
+    """Connect the page's components (``c``, by name) to the handlers and name the API endpoints."""
+    run_outputs = [c[key] for key in RUN_OUTPUT_KEYS]
+    refresh_outputs = [c["session_dropdown"], c["broken_md"]]
+    demo.load(refresh_sessions, None, refresh_outputs, api_name="initial_sessions", api_visibility="private")
+    demo.load(registry.register, [user], [user], api_name="register_tab", api_visibility="private")
+    demo.unload(registry.release)
+    c["refresh_btn"].click(refresh_sessions, None, refresh_outputs, api_name="refresh_sessions")
+    c["load_btn"].click(load_session, [c["session_dropdown"], user],
+                        [user, c["session_info"], c["frame_slider"], c["frame_image"], c["frame_info"], c["jump_number"]],
+                        api_name="load_session", preprocess=False)
+    c["frame_slider"].change(update_frame, [c["frame_slider"], user], [c["frame_image"], c["frame_info"]],
+                             api_name="update_frame", preprocess=False, trigger_mode="always_last",
+                             concurrency_limit=None, show_progress="hidden")
+    jump_inputs, jump_outputs = [c["jump_number"], user], [c["frame_slider"], c["frame_image"], c["frame_info"]]
+    c["jump_btn"].click(jump_to_frame, jump_inputs, jump_outputs, api_name="jump_to_frame", preprocess=False)
+    c["jump_number"].submit(jump_to_frame, jump_inputs, jump_outputs, api_visibility="private", preprocess=False)
+    # concurrency_id is global across users, so the limit lets several tabs train at once;
+    # each tab's own runs are serialised by the run lock in its UserState
+    run_event = c["run_btn"].click(run_world_model, [c["iterations"], user], [user, *run_outputs],
+                                   api_name="run_world_model", preprocess=False, concurrency_id="model",
+                                   concurrency_limit=4, show_progress="minimal", show_progress_on=[c["progress"]])
+    c["stop_btn"].click(stop_run, [user], run_outputs, api_name="stop", cancels=[run_event], concurrency_limit=None,
+                        show_progress="hidden")
+    controls = [c["quantile"], *c["layer_boxes"], *c["head_boxes"], c["aggregation"], c["viz_type"]]
+    gr.on([control.change for control in controls], update_attention_viz, [*controls, user],
+          [c["attn_image"], c["attn_stats"]], api_name="update_attention_viz", preprocess=False,
+          trigger_mode="always_last", concurrency_limit=None, show_progress="hidden")
+
+
 def build_demo(cache_frequency_s: int = 600, cache_age_s: int = 3600) -> gr.Blocks:
     """Declare the page and wire the handlers; launches nothing.
 
@@ -673,116 +804,8 @@ def build_demo(cache_frequency_s: int = 600, cache_age_s: int = 3600) -> gr.Bloc
             "# Concat World Model Explorer\nLoad a recorded toroidal-dot session, scrub its frames, run the "
             "canvas-inpainting world model and explore why it predicts what it does.", elem_id="app-title")
 
-        gr.Markdown("## 1. Session and frames", elem_classes=["section-title"])
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=2):
-                with gr.Row():
-                    session_dropdown = gr.Dropdown(label="Session", choices=[], allow_custom_value=True,
-                                                   elem_id="session-dropdown", scale=3)
-                    refresh_btn = gr.Button("↻ Refresh sessions", elem_id="refresh-btn", scale=1)
-                    load_btn = gr.Button("Load session", variant="primary", elem_id="load-btn", scale=1)
-                broken_md = gr.Markdown(elem_id="broken-sessions")
-                session_info = gr.Markdown("_No session loaded._", elem_id="session-info")
-            with gr.Column(scale=1):
-                frame_image = _image("Frame (shown at 2x)", "frame-image", 470)
-                frame_slider = gr.Slider(0, 1, value=0, step=1, label="Frame (the next Run starts its replay here)",
-                                         elem_id="frame-slider", interactive=False)
-                with gr.Row():
-                    jump_number = gr.Number(value=0, precision=0, label="Frame number", elem_id="jump-number", scale=2)
-                    jump_btn = gr.Button("Jump to frame", elem_id="jump-btn", scale=1)
-                frame_info = gr.Markdown(elem_id="frame-info")
-
-        gr.Markdown("## 2. Run the world model", elem_classes=["section-title"])
-        with gr.Row():
-            iterations = gr.Number(value=APP.default_iterations, precision=0, elem_id="iterations",
-                                   label=f"Iterations ({APP.min_iterations}-{APP.max_iterations})", scale=1)
-            run_btn = gr.Button("▶ Run world model", variant="primary", elem_id="run-btn", scale=1)
-            stop_btn = gr.Button("■ Stop", variant="stop", elem_id="stop-btn", scale=1)
-        progress = gr.Markdown("_Not run yet._", elem_id="progress")
-        checkpoint_info = gr.Markdown(NO_MODEL_YET, elem_id="checkpoint-info")
-        with gr.Accordion("Training settings (from config.py)", open=False):
-            gr.Markdown(training_settings_markdown(), elem_id="training-settings")
-
-        gr.Markdown("## 3. Training views (latest training canvas)", elem_classes=["section-title"])
-        with gr.Row():
-            train_original = _image("Original canvas: frames t-2, t-1, t with action separators", "train-original", CANVAS_HEIGHT)
-            train_masked = _image("Masked canvas overlay (grey = masked patches to inpaint)", "train-masked", CANVAS_HEIGHT)
-        with gr.Row():
-            train_inpainting = _image("Full inpainting output (every patch as the model sees it)", "train-inpainting", CANVAS_HEIGHT)
-            train_composite = _image("Composite: visible patches + inpainted masked slot", "train-composite", CANVAS_HEIGHT)
-
-        gr.Markdown("## 4. Prediction views", elem_classes=["section-title"])
-        with gr.Row():
-            pred_current = _image("Current frame t (2x)", "pred-current", FRAME_HEIGHT)
-            pred_next = _image("Predicted next frame t+1 (2x)", "pred-next", FRAME_HEIGHT)
-            pred_error = _image("Prediction error |predicted - actual| (amplified)", "pred-error", FRAME_HEIGHT)
-        prediction_info = gr.Markdown(elem_id="prediction-info")
-
-        gr.Markdown("## 5. Metric graphs (kept across runs of this tab's model)", elem_classes=["section-title"])
-        with gr.Row():
-            plot_error = _plot("Prediction error (MSE)", "plot-error", "MSE", ERROR_COLOURS)
-            plot_dot = _plot(f"Dot found: share of the last {APP.dot_window} predictions within 3 px", "plot-dot", "%")
-        with gr.Row():
-            plot_time = _plot("Iteration time", "plot-time", "milliseconds")
-            plot_loss = _plot("Training loss", "plot-loss", "loss", LOSS_COLOURS)
-        gr.Markdown(
-            "**Prediction error:** the model (indigo line) against a baseline that simply repeats the last frame "
-            "(grey line); a model below the baseline has learned the motion. **Dot found:** of the last "
-            f"{APP.dot_window} predictions, the share whose dot centre lies within 3 px of the true one (a prediction "
-            "without a dot counts as a miss); it jumps when the model localises the dot. **Training loss:** the optimised, "
-            "dot-weighted loss (red line) and the plain masked-patch MSE (orange line). Histories longer than "
-            "2000 points are thinned evenly.", elem_id="plot-legend")
-
-        gr.Markdown("## 6. Decoder attention (from the last run; controls redraw without running the model)",
-                    elem_classes=["section-title"])
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=2, min_width=300):
-                quantile = gr.Slider(0, 100, value=APP.default_quantile, step=0.5, elem_id="attn-quantile",
-                                     label="Quantile threshold (95 = strongest 5%)")
-                gr.Markdown("**Decoder layers** (line colours: L0 red, L1 gold, L2 green, L3 blue, L4 violet)")
-                with gr.Row():
-                    layer_boxes = [gr.Checkbox(value=True, label=f"L{i}", elem_id=f"attn-layer-{i}", min_width=60)
-                                   for i in range(N_LAYERS)]
-                gr.Markdown("**Attention heads** (combined by the aggregation below)")
-                with gr.Row():
-                    head_boxes = [gr.Checkbox(value=True, label=f"H{i}", elem_id=f"attn-head-{i}", min_width=60)
-                                  for i in range(N_HEADS)]
-                aggregation = gr.Radio(list(AGGREGATIONS), value="mean", label="Aggregation over heads",
-                                       elem_id="attn-aggregation")
-                viz_type = gr.Radio(list(VIZ_TYPES), value=VIZ_LINES, label="Visualization", elem_id="attn-viz-type")
-            with gr.Column(scale=5):
-                attn_image = _image("Decoder attention", "attn-image", ATTENTION_HEIGHT)
-                attn_stats = gr.Markdown(NOTHING_RUN_YET, elem_id="attn-stats")
-
-        # -- wiring -------------------------------------------------------------------
-        run_outputs = [progress, checkpoint_info, train_original, train_masked, train_inpainting, train_composite,
-                       pred_current, pred_next, pred_error, prediction_info, plot_error, plot_time, plot_loss,
-                       plot_dot, attn_image, attn_stats, frame_slider]
-        refresh_outputs = [session_dropdown, broken_md]
-        demo.load(refresh_sessions, None, refresh_outputs, api_name="initial_sessions", api_visibility="private")
-        demo.load(registry.register, [user], [user], api_name="register_tab", api_visibility="private")
-        demo.unload(registry.release)
-        refresh_btn.click(refresh_sessions, None, refresh_outputs, api_name="refresh_sessions")
-        load_btn.click(load_session, [session_dropdown, user],
-                       [user, session_info, frame_slider, frame_image, frame_info, jump_number],
-                       api_name="load_session", preprocess=False)
-        frame_slider.change(update_frame, [frame_slider, user], [frame_image, frame_info], api_name="update_frame",
-                            preprocess=False, trigger_mode="always_last", concurrency_limit=None,
-                            show_progress="hidden")
-        jump_inputs, jump_outputs = [jump_number, user], [frame_slider, frame_image, frame_info]
-        jump_btn.click(jump_to_frame, jump_inputs, jump_outputs, api_name="jump_to_frame", preprocess=False)
-        jump_number.submit(jump_to_frame, jump_inputs, jump_outputs, api_visibility="private", preprocess=False)
-        # concurrency_id is global across users, so the limit lets several tabs train at once;
-        # each tab's own runs are serialised by the run lock in its UserState
-        run_event = run_btn.click(run_world_model, [iterations, user], [user, *run_outputs], api_name="run_world_model",
-                                  preprocess=False, concurrency_id="model", concurrency_limit=4,
-                                  show_progress="minimal", show_progress_on=[progress])
-        stop_btn.click(stop_run, [user], run_outputs, api_name="stop", cancels=[run_event], concurrency_limit=None,
-                       show_progress="hidden")
-        attention_controls = [quantile, *layer_boxes, *head_boxes, aggregation, viz_type]
-        gr.on([c.change for c in attention_controls], update_attention_viz, [*attention_controls, user],
-              [attn_image, attn_stats], api_name="update_attention_viz", preprocess=False,
-              trigger_mode="always_last", concurrency_limit=None, show_progress="hidden")
+        c = {**_session_section(), **_run_section(), **_views_sections(), **_metrics_section(), **_attention_section()}
+        _wire(demo, registry, user, c)
     return demo
 
 

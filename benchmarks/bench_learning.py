@@ -139,12 +139,11 @@ def worst_cell(cells: list[dict]) -> dict:
 
 def plot_matrix(cells: list[dict], path: Path) -> None:
     """Learning curves of every cell: within-3-px share and MSE ratio against iterations and seconds."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: nothing is kept in a global figure registry
+    from matplotlib.lines import Line2D
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9), sharey="row")
+    fig = Figure(figsize=(14, 9))
+    axes = fig.subplots(2, 2, sharey="row")
     colours = dict(zip(MATRIX_PATTERNS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     for c in cells:
         pts = [p for p in c["curve"] if p.get("n")]
@@ -163,15 +162,14 @@ def plot_matrix(cells: list[dict], path: Path) -> None:
     axes[0, 0].set_ylabel("share of predictions within 3 px (window)")
     axes[1, 0].set_ylabel("prediction MSE / copy-last-frame MSE")
     axes[1, 0].set_yscale("log")
-    handles = [plt.Line2D([], [], color=v, label=k) for k, v in colours.items()]
-    handles += [plt.Line2D([], [], color="k", ls="-", label="live"), plt.Line2D([], [], color="k", ls="--", label="replay"),
-                plt.Line2D([], [], color="k", marker="o", ms=3, label="1 thread"), plt.Line2D([], [], color="k", label="2 threads")]
+    handles = [Line2D([], [], color=v, label=k) for k, v in colours.items()]
+    handles += [Line2D([], [], color="k", ls="-", label="live"), Line2D([], [], color="k", ls="--", label="replay"),
+                Line2D([], [], color="k", marker="o", ms=3, label="1 thread"), Line2D([], [], color="k", label="2 threads")]
     axes[0, 1].legend(handles=handles, loc="lower right", fontsize=8)
     fig.suptitle(f"Learning matrix: {len(cells)} cells, fresh model, default config; dotted lines are the targets")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def matrix_report(cells: list[dict], cfg, overrides: dict, seconds: float, parallel: dict, device: str) -> dict:
