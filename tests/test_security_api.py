@@ -38,6 +38,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import concat_world_model_explorer_gradio as app
+import server_guard
 from conftest import REPO, free_port, launch_app, stop_process
 from record_session import record_session
 from suite_census import assert_suite_collected
@@ -573,9 +574,9 @@ def test_project_and_data_folders_are_blocked_but_the_temp_folder_stays_servable
     monkeypatch.setattr(app.config, "PROJECT_ROOT", project)
     monkeypatch.setattr(app.config, "SAVED_ROOT", saved)
     monkeypatch.setenv("GRADIO_BLOCKED_PATHS", "/srv/extra")
-    elsewhere = app.never_served_paths(tmp_path / "elsewhere")
+    elsewhere = server_guard.never_served_paths(tmp_path / "elsewhere")
     assert elsewhere == ["/srv/extra", str(project.resolve()), str(saved.resolve())]
-    inside = app.never_served_paths(project / "tmp" / "gradio")  # the temp folder inside the project
+    inside = server_guard.never_served_paths(project / "tmp" / "gradio")  # the temp folder inside the project
     assert set(inside) == {"/srv/extra", *(str((project / n).resolve()) for n in (".env", "models", "saved"))}
 
 
