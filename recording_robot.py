@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from config import RecordingConfig
+from toroidal_dot_robot import action_dict, parse_action
 
 # -----------------------------------------------------------------------------
 # constants
@@ -145,19 +146,6 @@ def _check_session_name(name: Any) -> str:
     return name
 
 
-def normalise_action(action: Any) -> dict[str, Any]:
-    """Return an action as a JSON-ready dict: ``{'action': a}`` for a bare int, a plain copy for a dict.
-
-    Args:
-        action: an action dict or a bare int.
-    """
-    if isinstance(action, dict):
-        return json.loads(_dumps(action))  # a deep, plain-Python copy (numpy ints become ints)
-    if isinstance(action, (int, np.integer)) and not isinstance(action, (bool, np.bool_)):
-        return {"action": int(action)}
-    raise ValueError(f"Invalid action {action!r}: expected an action dict or an int")
-
-
 # -----------------------------------------------------------------------------
 # writer
 
@@ -169,7 +157,7 @@ class SessionWriter:
         root: folder holding sessions; created if missing.
         session_name: the new session's folder name; refused if that folder already exists.
         robot_type: recorded as ``robot_type`` (e.g. ``'ToroidalDotRobot'``).
-        action_space: the robot's action dicts, recorded as ``action_space``.
+        action_space: the robot's action dicts (the toroidal dot's 0 and 1), recorded as ``action_space``.
         env_params: environment parameters stored as top-level metadata keys (e.g. ``robot.params()``).
         pattern: the action pattern that drives the recording (``None`` if unknown).
         shard_size: events per ``events_shard_NNN.jsonl`` file.
@@ -178,6 +166,7 @@ class SessionWriter:
         fsync_frames: also fsync each frame (survives power loss, slower); a flush is always done.
 
     Raises:
+        ValueError: a bad name, setting or action space; nothing is written.
         SessionExistsError: the session folder already exists.
         RecordingError: the folder or its metadata could not be written.
     """
@@ -228,7 +217,7 @@ class SessionWriter:
         self._meta: dict[str, Any] = {
             "session_name": session_name,
             "robot_type": str(robot_type),
-            "action_space": [normalise_action(a) for a in action_space],
+            "action_space": [action_dict(a) for a in action_space],
             "start_time": _now_iso(),
             "end_time": None,
             "total_steps": 0,
@@ -332,11 +321,12 @@ class SessionWriter:
             The event's step number.
 
         Raises:
+            ValueError: not a toroidal dot action (``toroidal_dot_robot.parse_action``); nothing is written.
             RecordingLimitError: the event would take the session past ``max_session_bytes``.
             RecordingError: the session is closed or a write failed.
         """
         self._check_open()
-        line = self._event_line("action", normalise_action(action))
+        line = self._event_line("action", action_dict(action))
         self._reserve(len(line))
         self._append_event(line)
         self._num_actions += 1
@@ -473,7 +463,8 @@ class RecordingRobot:
     """Wrap any robot so that every observation and action it sees is recorded by a ``SessionWriter``.
 
     Args:
-        robot: anything with ``get_observation()``, ``execute_action(action)``, ``action_space`` and ``cleanup()``.
+        robot: anything with ``get_observation()``, ``execute_action(action)``, ``action_space`` and ``cleanup()``
+            whose actions are the toroidal dot's (0 stay, 1 move right).
         writer: the open session writer to record into; ``cleanup()`` closes it.
     """
 
@@ -501,11 +492,11 @@ class RecordingRobot:
         Raises:
             ValueError: the action is not in the robot's action space (nothing is recorded).
         """
-        normalised = normalise_action(action)
+        value = parse_action(action)
         space = self.robot.action_space
-        if space is not None and normalised not in [normalise_action(a) for a in space]:
+        if space is not None and value not in [parse_action(a) for a in space]:
             raise ValueError(f"Invalid action {action!r}: not in the action space {space!r}")
-        self.writer.record_action(normalised)
+        self.writer.record_action(value)
         return self.robot.execute_action(action)
 
     def cleanup(self) -> None:

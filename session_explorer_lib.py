@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 import config
 from config import ToroidalDotConfig
+from toroidal_dot_robot import ACTION_NAMES, ACTION_SPACE, ACTION_VALUES, parse_action
 
 # -----------------------------------------------------------------------------
 # constants
@@ -32,8 +33,7 @@ from config import ToroidalDotConfig
 META_FILENAME = "session_meta.json"
 SHARD_PATTERN = re.compile(r"^events_shard_(\d+)\.jsonl$")
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")  # png is what we write; jpg is the seed's format
-DOT_ACTION_SPACE = [{"action": 0}, {"action": 1}]  # stay, move right
-ACTION_NAMES = {0: "stay", 1: "move right"}
+DOT_ACTION_SPACE = [dict(a) for a in ACTION_SPACE]  # stay, move right
 MIN_FRAMES = 3  # a canvas needs 3 frames: two of history and the one to predict
 FRAME_CACHE_SIZE = 64  # decoded frames kept per session (~150 kB each at 224x224)
 MAX_META_BYTES = 1 << 20  # a metadata file is a few hundred bytes; refuse to parse anything huge
@@ -215,6 +215,14 @@ def _is_session_folder(entry: Path, root_resolved: Path) -> bool:
         return False
 
 
+def _action(data: Any, where: str) -> int:
+    # the one action parser, its ValueError turned into a SessionError that says where the action was
+    try:
+        return parse_action(data)
+    except ValueError as e:
+        raise SessionError(f"{where}: {e}"[:300]) from None
+
+
 # -----------------------------------------------------------------------------
 # finding sessions
 
@@ -348,8 +356,8 @@ def _parse_event(obj: Any, where: str) -> dict[str, Any]:
     if kind == "observation" and not (isinstance(data.get("frame_path"), str) and data["frame_path"]):
         found = data.get("frame_path")
         raise SessionError(f"{where}: an observation needs a 'frame_path' string, found {found!r}"[:200])
-    if kind == "action" and not _is_int(data.get("action")):
-        raise SessionError(f"{where}: an action needs an integer 'action', found {data.get('action')!r}"[:200])
+    if kind == "action":
+        _action(data, where)
     if timestamp is not None and not _type_ok(timestamp, float):
         raise SessionError(f"{where}: 'timestamp' should be a number, found {timestamp!r}"[:200])
     return {"step": step, "type": kind, "data": data, "timestamp": timestamp}
@@ -403,18 +411,13 @@ def load_session_events_with_notes(session_dir: str | os.PathLike) -> tuple[list
 
     Raises:
         SessionError: no shards, a missing or duplicated shard number, an empty shard before the last, an
-            invalid line (naming shard and line number), or steps that repeat or go backwards.
+            invalid line (naming shard and line number), an action other than 0 or 1, or steps that repeat
+            or go backwards.
     """
-    events, notes, _ = _read_events(Path(session_dir))
-    return events, notes
-
-
-def _read_events(session_dir: Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
-    # events, repair notes, and where each event came from ("<session>/<shard> line N", for messages)
+    session_dir = Path(session_dir)
     shards = _list_shards(session_dir)
     events: list[dict[str, Any]] = []
     notes: list[str] = []
-    wheres: list[str] = []
     last_step = -1
     for shard_number, (_, path) in enumerate(shards):
         label = _label(session_dir, path.name)
@@ -449,8 +452,7 @@ def _read_events(session_dir: Path) -> tuple[list[dict[str, Any]], list[str], li
                 )
             last_step = event["step"]
             events.append(event)
-            wheres.append(where)
-    return events, notes, wheres
+    return events, notes
 
 
 def load_session_events(session_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -501,23 +503,18 @@ def extract_observations(events: list[dict[str, Any]], session_dir: str | os.Pat
 
 
 def extract_actions(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Return the action events as ``{step, timestamp, action}`` with an integer ``action``.
+    """Return the action events as ``{step, timestamp, action}`` with an integer ``action`` (0 or 1).
 
     Args:
         events: events from ``load_session_events``.
 
     Raises:
-        SessionError: an action event without an integer ``'action'``.
+        SessionError: an action event whose data is not ``{"action": 0}`` or ``{"action": 1}``.
     """
-    actions = []
-    for event in events:
-        if event["type"] != "action":
-            continue
-        action = event["data"].get("action")
-        if not _is_int(action):
-            raise SessionError(f"action at step {event['step']} has no integer 'action' (found {action!r})"[:200])
-        actions.append({"step": event["step"], "timestamp": event["timestamp"], "action": action})
-    return actions
+    return [
+        {"step": e["step"], "timestamp": e["timestamp"], "action": _action(e["data"], f"action at step {e['step']}")}
+        for e in events if e["type"] == "action"
+    ]
 
 
 # -----------------------------------------------------------------------------
@@ -577,8 +574,11 @@ def _decode_frame(path: str | os.PathLike, size: int | tuple[int, int] | None) -
 
 def _check_action_space(meta: dict[str, Any], session_dir: Path) -> None:
     space = meta["action_space"]
-    values = sorted(a.get("action", -1) if set(a) == {"action"} and _is_int(a.get("action")) else -1 for a in space)
-    if values != [0, 1]:
+    try:
+        values = sorted(parse_action(a) for a in space)
+    except ValueError:
+        values = None
+    if values != sorted(ACTION_VALUES):
         raise SessionError(
             f"{_label(session_dir, META_FILENAME)}: action_space {json.dumps(space)[:120]} is not the toroidal dot's "
             f"{json.dumps(DOT_ACTION_SPACE)}"
@@ -593,7 +593,7 @@ def _actions_after(events: list[dict[str, Any]], num_frames: int) -> list[int | 
         if event["type"] == "observation":
             index += 1
         elif 0 <= index < num_frames and after[index] is None:
-            after[index] = event["data"]["action"]
+            after[index] = parse_action(event["data"])
     if num_frames:
         after[-1] = None
     return after
@@ -619,7 +619,7 @@ def load_session(name_or_dir: str | os.PathLike, root: str | os.PathLike | None 
             raise SessionError(f"{session_dir.name}/ is not a session folder")
     meta = load_session_metadata(session_dir)
     _check_action_space(meta, session_dir)
-    events, notes, wheres = _read_events(session_dir)
+    events, notes = load_session_events_with_notes(session_dir)
     observations = extract_observations(events, session_dir)
     actions = extract_actions(events)
     name = session_dir.name
@@ -627,14 +627,6 @@ def load_session(name_or_dir: str | os.PathLike, root: str | os.PathLike | None 
         raise SessionError(
             f"{name}: {len(observations)} frame(s) recorded; need at least {MIN_FRAMES} frames for a canvas"
             + (f" ({'; '.join(notes)})" if notes else "")
-        )
-    bad = next(
-        (i for i, e in enumerate(events) if e["type"] == "action" and e["data"]["action"] not in ACTION_NAMES), None
-    )
-    if bad is not None:
-        raise SessionError(
-            f"{wheres[bad]}: action {events[bad]['data']['action']!r} is not in the action space "
-            f"{json.dumps(DOT_ACTION_SPACE)}"
         )
     missing = [o for o in observations if not o["full_path"].is_file()]
     if missing:

@@ -10,6 +10,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from toroidal_dot_robot import action_dict
+
 # -----------------------------------------------------------------------------
 # constants
 
@@ -34,18 +36,6 @@ PATTERN_NAMES: tuple[str, ...] = (*PATTERNS, RANDOM_PATTERN)
 
 
 # -----------------------------------------------------------------------------
-# helpers
-
-
-def _as_action_dict(action: Any) -> ActionDict:
-    if isinstance(action, dict):
-        return dict(action)
-    if isinstance(action, (int, np.integer)) and not isinstance(action, (bool, np.bool_)):
-        return {"action": int(action)}
-    raise ValueError(f"Invalid action {action!r}: expected an int or an action dict such as {{'action': 1}}")
-
-
-# -----------------------------------------------------------------------------
 # selectors
 
 
@@ -54,8 +44,11 @@ def create_constant_action_selector(action: ActionDict | int) -> ActionSelector:
 
     Args:
         action: an action dict such as ``{'action': 1}`` or a bare int.
+
+    Raises:
+        ValueError: not a toroidal dot action (``toroidal_dot_robot.parse_action``).
     """
-    chosen = _as_action_dict(action)
+    chosen = action_dict(action)
 
     def select(observation: Any, action_space: Sequence[ActionDict]) -> ActionDict:
         return dict(chosen)  # a copy, so a caller mutating it cannot change the next choice
@@ -68,8 +61,11 @@ def create_sequence_action_selector(sequence: Sequence[int]) -> ActionSelector:
 
     Args:
         sequence: a non-empty list of action values, e.g. ``SEQUENCE_ALTERNATE``.
+
+    Raises:
+        ValueError: an empty sequence, or an entry that is not a toroidal dot action.
     """
-    actions = [_as_action_dict(a) for a in sequence]
+    actions = [action_dict(a) for a in sequence]
     if not actions:
         raise ValueError("An action sequence needs at least one action")
     position = 0

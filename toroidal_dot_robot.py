@@ -9,7 +9,7 @@ split across the opposite edges. Same seed, same start, same frames.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 
@@ -21,27 +21,52 @@ from config import ToroidalDotConfig
 _DEFAULTS = ToroidalDotConfig()
 DOT_COLOUR = (255, 255, 255)  # white dot
 STAY, MOVE_RIGHT = 0, 1  # the two action values
-ACTION_SPACE: tuple[dict[str, int], ...] = ({"action": STAY}, {"action": MOVE_RIGHT})
+ACTION_VALUES = (STAY, MOVE_RIGHT)
+ACTION_NAMES = {STAY: "stay", MOVE_RIGHT: "move right"}
+ACTION_SPACE: tuple[dict[str, int], ...] = tuple({"action": v} for v in ACTION_VALUES)
 
 
 # -----------------------------------------------------------------------------
 # helpers
 
 
-def parse_action(action: Any) -> int:
-    """Return the action value 0 or 1 from an action dict ``{'action': a}`` or a bare int.
+def parse_action(action: Any, valid: Collection[int] | None = ACTION_VALUES) -> int:
+    """Return the integer value of an action given as a bare int or as an action dict ``{'action': a}``.
+
+    The one action parser of the project: the robot, the selectors, the recorder, the session reader
+    and the canvas builder all call it.
 
     Args:
-        action: ``{'action': 0|1}`` or ``0``/``1`` (numpy integers are accepted too).
+        action: ``{'action': a}`` (that one key, nothing else) or a bare ``a``; numpy integers are accepted.
+        valid: the values allowed, the dot's stay (0) and move right (1) by default; None allows any integer.
 
     Raises:
-        ValueError: for anything else, naming the bad action.
+        ValueError: ``Invalid action ...`` for a bool, float, string, None, a dict without exactly the key
+            ``'action'``, or a value outside ``valid``.
     """
     value = action.get("action") if isinstance(action, dict) and set(action) == {"action"} else action
     # bool is an int subclass; True is not a sensible action, so refuse it explicitly
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value in (STAY, MOVE_RIGHT):
-        return int(value)
-    raise ValueError(f"Invalid action {action!r}: expected {{'action': 0}} (stay) or {{'action': 1}} (move right)")
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        if valid is None or value in valid:
+            return int(value)
+    expected = (
+        "an integer or {'action': <integer>}" if valid is None
+        else " or ".join(f"{{'action': {v}}}" + (f" ({ACTION_NAMES[v]})" if v in ACTION_NAMES else "") for v in valid)
+    )
+    raise ValueError(f"Invalid action {action!r}: expected {expected}"[:300])
+
+
+def action_dict(action: Any, valid: Collection[int] | None = ACTION_VALUES) -> dict[str, int]:
+    """Return an action as a new plain dict ``{'action': a}`` (the form events and selectors use).
+
+    Args:
+        action: as for ``parse_action``.
+        valid: as for ``parse_action``.
+
+    Raises:
+        ValueError: as for ``parse_action``.
+    """
+    return {"action": parse_action(action, valid)}
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:

@@ -3,7 +3,6 @@
 from models.autoencoder_concat_predictor import (
     ACTION_COLOURS,
     TargetedMAEWrapper,
-    action_value,
     build_canvas,
     canvas_to_tensor,
     compute_patch_mask_for_last_slot,
@@ -19,7 +18,6 @@ __all__ = [
     "ACTION_COLOURS",
     "MaskedAutoencoderViT",
     "TargetedMAEWrapper",
-    "action_value",
     "build_canvas",
     "canvas_to_tensor",
     "capture_attention",

@@ -23,8 +23,9 @@ from models.masked_autoencoder_vit import (
     patchify,
     unpatchify,
 )
+from toroidal_dot_robot import parse_action
 
-# separator colour per action (RGB): stay red, move green; any other action is drawn blue
+# separator colour per action (RGB): stay red, move green; any other integer action is drawn blue
 ACTION_COLOURS = np.array([[255, 0, 0], [0, 255, 0]], dtype=np.uint8)
 UNKNOWN_ACTION_COLOUR = np.array([0, 0, 255], dtype=np.uint8)
 
@@ -33,28 +34,19 @@ def _pair(x: int | Sequence[int]) -> tuple[int, int]:
     return (int(x), int(x)) if isinstance(x, (int, np.integer)) else (int(x[0]), int(x[1]))
 
 
-def action_value(action) -> int | None:
-    """The integer action of an action dict (``{'action': 1}``) or a bare int; None when absent."""
-    if isinstance(action, dict):
-        action = action.get("action")
-    if isinstance(action, (bool, np.bool_)) or action is None:
-        return None
-    try:
-        return int(action) if float(action) == int(action) else None
-    except (TypeError, ValueError):
-        return None
-
-
 def separator_colours(actions: Sequence) -> np.ndarray:
-    """RGB colour of each action's separator band.
+    """RGB colour of each action's separator band: stay red, move green, any other integer blue.
 
     Args:
-        actions: action dicts or ints, length A.
+        actions: action dicts (``{'action': a}``) or ints, length A.
 
     Returns:
         uint8 array (A, 3).
+
+    Raises:
+        ValueError: an entry that is not an action (``toroidal_dot_robot.parse_action``).
     """
-    values = np.array([-1 if action_value(a) is None else action_value(a) for a in actions], dtype=np.int64)
+    values = np.array([parse_action(a, valid=None) for a in actions], dtype=np.int64)  # (A,)
     known = (values >= 0) & (values < len(ACTION_COLOURS))
     colours = ACTION_COLOURS[np.clip(values, 0, len(ACTION_COLOURS) - 1)]  # (A, 3)
     return np.where(known[:, None], colours, UNKNOWN_ACTION_COLOUR[None, :]).astype(np.uint8)

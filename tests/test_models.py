@@ -47,6 +47,12 @@ def test_unknown_action_is_blue_and_trailing_action_leaves_a_blank_slot():
     assert (canvas[:, 464:] == 0).all()
 
 
+@pytest.mark.parametrize("action", [None, "1", 1.0, True, {"move": 1}])
+def test_build_canvas_refuses_a_separator_that_is_not_an_action(action):
+    with pytest.raises(ValueError, match="Invalid action"):
+        build_canvas([_frame(10), action, _frame(20)])
+
+
 def test_build_canvas_refuses_wrong_frame_size():
     with pytest.raises(ValueError, match="uint8"):
         build_canvas([np.zeros((100, 100, 3), np.uint8), 0, _frame(1)])

@@ -14,7 +14,7 @@ from toroidal_action_selectors import (
     create_sequence_action_selector,
     make_selector,
 )
-from toroidal_dot_robot import ToroidalDotRobot
+from toroidal_dot_robot import ToroidalDotRobot, action_dict, parse_action
 
 SPACE = [{"action": 0}, {"action": 1}]
 
@@ -84,12 +84,34 @@ def test_get_observation_has_no_side_effect():
     assert np.array_equal(robot.get_observation(), ToroidalDotRobot(seed=1).get_observation())
 
 
-@pytest.mark.parametrize("bad", [2, -1, {"action": 5}, {"move": 1}, "1", None, True, 1.0])
+@pytest.mark.parametrize("bad", [2, -1, {"action": 5}, {"move": 1}, {"action": 1, "extra": 0}, "1", None, True,
+                                 np.bool_(True), 1.0, {"action": 1.0}])
 def test_bad_action_raises_naming_it(bad):
     robot = ToroidalDotRobot(seed=1)
     with pytest.raises(ValueError, match="Invalid action"):
         robot.execute_action(bad)
     assert robot.get_position() == ToroidalDotRobot(seed=1).get_position()
+
+
+@pytest.mark.parametrize("action", [1, np.int64(1), {"action": 1}, {"action": np.int8(1)}])
+def test_one_parser_reads_ints_and_action_dicts(action):
+    assert parse_action(action) == 1 and type(parse_action(action)) is int
+    assert action_dict(action) == {"action": 1}
+
+
+def test_the_parser_checks_the_range_only_when_asked():
+    assert parse_action({"action": 7}, valid=None) == 7
+    with pytest.raises(ValueError, match="Invalid action '7': expected an integer"):
+        parse_action("7", valid=None)
+    with pytest.raises(ValueError, match=r"Invalid action 7: expected \{'action': 0\} \(stay\)"):
+        parse_action(7)
+
+
+@pytest.mark.parametrize("make", [lambda: create_sequence_action_selector([0, 2]),
+                                  lambda: create_constant_action_selector({"move": 1})])
+def test_selectors_refuse_a_bad_action_when_made(make):
+    with pytest.raises(ValueError, match="Invalid action"):
+        make()
 
 
 def test_reset_returns_to_the_seeded_start():

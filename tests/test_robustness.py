@@ -283,9 +283,9 @@ SESSION_CASES = [
     ("observation-without-frame_path", _set_line(4, _event(4, "observation", {})),
      (REFUSED, "good/events_shard_000.jsonl line 5", "an observation needs a 'frame_path' string")),
     ("action-not-an-integer", _set_line(3, _event(3, "action", {"action": "1"})),
-     (REFUSED, LINE4, "an action needs an integer 'action'")),
+     (REFUSED, LINE4, "Invalid action {'action': '1'}: expected {'action': 0} (stay) or {'action': 1} (move right)")),
     ("action-outside-the-space", _set_line(3, _event(3, "action", {"action": 2})),
-     (REFUSED, LINE4, "action 2 is not in the action space")),
+     (REFUSED, LINE4, "Invalid action {'action': 2}")),
     # -- frames
     ("frame-missing", _rm("frames/frame_000003.png"), (REFUSED, FRAME3, "is missing")),
     ("frames-folder-missing", lambda d: shutil.rmtree(d / "frames"),
