@@ -22,12 +22,18 @@ import copy
 import dataclasses
 import math
 import os
+import pickle
 import random
+import shutil
 import tempfile
 import threading
 import time
+import uuid
+import weakref
 import zipfile
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -35,8 +41,12 @@ import numpy as np
 import torch
 
 from config import CHECKPOINT_PATH, AutoencoderConcatPredictorWorldModelConfig
-from models import TargetedMAEWrapper, build_canvas, canvas_to_tensor, patchify, tensor_to_uint8
-from models.autoencoder_concat_predictor import last_slot_x0, roll_canvas_frames
+from models import TargetedMAEWrapper, build_canvas, canvas_to_tensor, tensor_to_uint8
+from models.autoencoder_concat_predictor import (
+    compute_randomized_patch_mask_for_last_slot,
+    last_slot_x0,
+    roll_canvas_frames,
+)
 
 CHECKPOINT_FORMAT = "concat-world-model/1"  # bump when the checkpoint layout changes
 
@@ -265,6 +275,7 @@ class AutoencoderConcatPredictorWorldModel:
         self._train_products: _TrainProducts | None = None
         self.replay_buffer: collections.deque = collections.deque(maxlen=cfg.replay_buffer_size)  # uint8 canvases
         self.replay_rng = np.random.default_rng(cfg.seed)  # replay sampling, seeded with the rest
+        self.mask_rng = torch.Generator().manual_seed(cfg.seed)  # training masks when mask_ratio < 1
 
     # -- training and prediction -------------------------------------------------
 
@@ -288,6 +299,17 @@ class AutoencoderConcatPredictorWorldModel:
             extra = roll_canvas_frames(extra, shifts, cfg.frame_size, cfg.separator_width)
         return np.concatenate([canvas[None], extra])  # (B, H, W, 3)
 
+    def _training_mask(self, batch_size: int) -> torch.Tensor:
+        """The patch mask of a training batch: the whole last slot, or with ``mask_ratio`` < 1 a random
+        share of it per canvas, bool (L,) or (B, L). Prediction always masks the whole slot."""
+        cfg = self.config
+        if cfg.mask_ratio >= 1.0:
+            return self.patch_mask
+        mask = compute_randomized_patch_mask_for_last_slot(
+            cfg.frame_size, cfg.patch_size, cfg.canvas_history_size, cfg.separator_width,
+            mask_ratio=cfg.mask_ratio, batch_size=batch_size, generator=self.mask_rng)
+        return mask.to(self.device)  # (B, L)
+
     def train_step(self, canvas: np.ndarray) -> dict:
         """One optimizer step on a canvas (plus replayed ones); returns {'loss', 'mse', 'lr'} as
         Python floats, where 'mse' is the plain masked MSE of the given canvas alone."""
@@ -295,19 +317,21 @@ class AutoencoderConcatPredictorWorldModel:
         with self.lock:
             self.model.train()
             imgs = canvas_to_tensor(self._training_batch(canvas), self.device)  # (B, 3, H, W)
+            mask = self._training_mask(imgs.shape[0])  # (L,) or (B, L)
+            first = mask if mask.ndim == 1 else mask[0]  # (L,) the given canvas's mask
             lr = self._set_lr()
-            pred = self.model.forward_with_patch_mask(imgs, self.patch_mask)  # (B, L, P)
-            loss, _ = self.model.loss(imgs, pred, self.patch_mask, get_foreground_weight(self.step, cfg))
-            _, mse = self.model.loss(imgs[:1], pred[:1].detach(), self.patch_mask)
+            pred = self.model.forward_with_patch_mask(imgs, mask)  # (B, L, P)
+            loss, _ = self.model.loss(imgs, pred, mask, get_foreground_weight(self.step, cfg))
+            _, mse = self.model.loss(imgs[:1], pred[:1].detach(), first)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.step += 1
-            self._train_products = _TrainProducts(canvas=canvas, mask=self.patch_mask, pred=pred[:1].detach())
+            self._train_products = _TrainProducts(canvas=canvas, mask=first, pred=pred[:1].detach())
             self.last_training_canvas = canvas
-            self.last_training_mask = self.patch_mask
+            self.last_training_mask = first
             self.last_training_loss = loss.item()
             self.last_training_mse = mse.item()
             return {"loss": self.last_training_loss, "mse": self.last_training_mse, "lr": lr}
@@ -635,3 +659,558 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# -----------------------------------------------------------------------------
+# one tab's run lifecycle
+
+_CHECKPOINT_FILES_LOCK = threading.Lock()  # "set a refused file aside, then save" is one step across tabs
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which file sits at a path (device, inode, size, modification time): tells the file a tab
+    refused from one another tab wrote there since."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> FileIdentity | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class CheckpointOrigin:
+    """Where a controller's model came from: ``kind`` is "fresh" (no file), "loaded" or "refused"."""
+
+    kind: str
+    path: Path
+    step: int = 0
+    iteration: int = 0
+    reason: str = ""  # why the file was refused
+
+
+@dataclass(frozen=True)
+class CheckpointSave:
+    """The outcome of the save at the end of a run."""
+
+    ok: bool
+    path: Path
+    step: int
+    iteration: int
+    set_aside: str | None = None  # the name the refused file was kept under, when this save moved it
+    reason: str = ""  # why the save failed, or why a refused file was not set aside
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """A short status for the page.
+
+    state: "idle" (no run yet), "running", "stopped" (by Stop or a problem) or "done".
+    done / total: iterations of the latest run; model_step / model_iteration: the model's counters
+    (None before a model exists); last: the latest iteration's metrics ({} before any).
+    """
+
+    state: str
+    done: int
+    total: int
+    problem: str
+    model_step: int | None
+    model_iteration: int | None
+    last: dict
+
+
+class RunBusyError(RuntimeError):
+    """A run is already going in this controller."""
+
+
+def return_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system (glibc keeps them otherwise)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would): with one arena per worker thread,
+    memory freed by a departed tab stays scattered and is never returned. True when applied."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    M_ARENA_MAX = -8  # from glibc's malloc.h
+    return bool(libc.mallopt(M_ARENA_MAX, int(arenas)))
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or "libc" not in name:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - glibc only (musl and macOS lack them)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+# world-model attributes a parked file does not hold: rebuilt on reload
+_NOT_PARKED = frozenset({"config", "robot", "action_selector", "device", "training_callback", "lock", "model",
+                         "optimizer", "patch_mask", "mask_rng"})
+
+
+class RunController:
+    """One tab's run lifecycle, for a page or a script: its session, its world model, its runs.
+
+    - the model is created at the first run, from the checkpoint file when that is compatible; a file
+      it refuses is set aside (never overwritten) before this model's first save;
+    - ``run(total)`` replays the session from ``start_frame`` and yields each iteration's metrics; a
+      Stop (``stop()``, the stop event) ends it after the current iteration; every run ends with
+      ``finish`` (atomic checkpoint save, decoder attention captured once);
+    - ``park()`` saves an idle model to a private temporary file and frees it; any later call that
+      needs the model reloads it (``ModelPool`` decides when).
+
+    Args:
+        checkpoint_path: the shared checkpoint (default ``config.CHECKPOINT_PATH``, read at each use).
+        config: the world model's settings.
+        device: torch device (default: CUDA when present).
+        pool: the ``ModelPool`` that parks idle models (None: models stay in memory).
+        run_lock_wait_s: how long ``run`` waits for a previous run to wind down.
+        stop_grace_s: a Stop that finds nothing running also stops a run that starts this soon after.
+    """
+
+    def __init__(self, checkpoint_path: str | os.PathLike | None = None,
+                 config: AutoencoderConcatPredictorWorldModelConfig | None = None,
+                 device: torch.device | str | None = None, pool: ModelPool | None = None,
+                 run_lock_wait_s: float = 5.0, stop_grace_s: float = 1.0):
+        self._checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+        self.config = config or AutoencoderConcatPredictorWorldModelConfig()
+        self.device = device
+        self.run_lock_wait_s, self.stop_grace_s = run_lock_wait_s, stop_grace_s
+        self.session = None  # the loaded session (session_explorer_lib.Session or alike)
+        self.start_frame = 0  # the frame the next run starts its replay from
+        self.history: list[dict] = []  # one metrics dict per iteration, across runs of this model
+        self.origin: CheckpointOrigin | None = None  # set when the model is created
+        self.saved: CheckpointSave | None = None  # the latest save
+        self.attention_at: tuple[int, int] | None = None  # (iteration, step) the attention was captured at
+        self.stop_event = threading.Event()
+        self._stop_requested_at = -math.inf  # monotonic time of the latest stop request
+        self._run_lock = threading.Lock()  # one run at a time (released by whichever thread ends it)
+        self._lock = threading.RLock()  # guards the model reference, parking and counters
+        self._runs_started = 0
+        self._running = False
+        self._pending_finish = False  # a run ended without its finish (closed by a cancel)
+        self._start_moved = False  # the start frame was set during the current run: keep it after
+        self._done = self._total = 0
+        self._problem = ""
+        self._stopped = False
+        self._wm: AutoencoderConcatPredictorWorldModel | None = None
+        self._attention: AttentionCapture | None = None
+        self._refused: FileIdentity | None = None  # the checkpoint file this model refused
+        self._park_file: Path | None = None
+        self._parked_counters: tuple[int, int] | None = None  # (step, iteration) of a parked model
+        self._parked_robot: tuple | None = None  # (session, index, episode_boundary) of a parked replay
+        self._attention_canvas: np.ndarray | None = None  # to recapture attention after a reload
+        self.last_used = time.monotonic()
+        self._pool = pool
+        if pool is not None:
+            pool.register(self)
+
+    # -- what the page reads ---------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        from config import CHECKPOINT_PATH as default  # read at use: tests and the app may move it
+
+        return self._checkpoint_path if self._checkpoint_path is not None else default
+
+    @property
+    def has_model(self) -> bool:
+        """Whether this controller has a model (in memory or parked)."""
+        return self._wm is not None or self._park_file is not None
+
+    @property
+    def is_parked(self) -> bool:
+        return self._wm is None and self._park_file is not None
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def status(self) -> RunStatus:
+        """The latest run's progress and the model's counters (never reloads a parked model)."""
+        with self._lock:
+            if self._running:
+                state = "running"
+            elif self._runs_started == 0:
+                state = "idle"
+            else:
+                state = "stopped" if self._stopped or self._problem else "done"
+            counters = self._counters()
+            return RunStatus(state=state, done=self._done, total=self._total, problem=self._problem,
+                             model_step=None if counters is None else counters[0],
+                             model_iteration=None if counters is None else counters[1],
+                             last=self.history[-1] if self.history else {})
+
+    def _counters(self) -> tuple[int, int] | None:
+        if self._wm is not None:
+            return self._wm.step, self._wm.iteration
+        return self._parked_counters
+
+    def training_views(self) -> dict[str, np.ndarray] | None:
+        """The four training views of the latest training step (see the world model), or None."""
+        wm = self._model_if_any()
+        return None if wm is None else wm.get_training_views()
+
+    def prediction_views(self) -> dict | None:
+        """The prediction views of the latest iteration (see the world model), or None."""
+        wm = self._model_if_any()
+        return None if wm is None else wm.get_prediction_views()
+
+    @property
+    def attention(self) -> AttentionCapture | None:
+        """Decoder attention captured at the end of the latest run (recaptured after a reload)."""
+        with self._lock:
+            if self._attention is None and self._attention_canvas is not None:  # dropped when parked
+                self._attention = self._resident().capture_decoder_attention(self._attention_canvas)
+            return self._attention
+
+    def world_model(self) -> AutoencoderConcatPredictorWorldModel | None:
+        """The model itself (reloaded when parked), for analysis code and tests; None before the first run."""
+        return self._model_if_any()
+
+    def _model_if_any(self) -> AutoencoderConcatPredictorWorldModel | None:
+        with self._lock:
+            return self._resident() if self.has_model else None
+
+    # -- session and start frame ------------------------------------------------------
+
+    def load_session(self, session) -> None:
+        """Replay ``session`` from its first frame at the next run; the model is kept."""
+        with self._lock:
+            self.session = session
+            self.start_frame = 0
+            self._start_moved = True
+
+    def set_start_frame(self, index: int) -> None:
+        """The next run starts its replay at frame ``index`` (set during a run, it outlives the run)."""
+        if self.session is None:
+            raise ValueError("no session is loaded")
+        n = len(self.session.observations)
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+            raise ValueError(f"frame index must be a whole number from 0 to {n - 1}, got {index!r}")
+        with self._lock:
+            self.start_frame = int(index)
+            self._start_moved = True
+
+    # -- runs ---------------------------------------------------------------------------
+
+    def run(self, total: int) -> Iterator[dict | None]:
+        """Run ``total`` iterations on the loaded session from ``start_frame``.
+
+        Yields None once the model is ready (a page can show the start), then each iteration's
+        metrics. Ends after ``finish`` (checkpoint saved, attention captured). A frame that cannot
+        be read ends the run early (``status().problem`` says which); the iterations done are kept.
+
+        Raises:
+            ValueError: no session is loaded.
+            RunBusyError: another run of this controller did not end within ``run_lock_wait_s``.
+        """
+        from session_explorer_lib import SessionError
+
+        if self.session is None:
+            raise ValueError("no session is loaded")
+        if not self._run_lock.acquire(timeout=self.run_lock_wait_s):
+            raise RunBusyError("a run is already in progress")
+        try:
+            self._finish_if_pending()
+            # a Stop that arrived while this run was still queued (it found nothing running) stops it
+            if time.monotonic() - self._stop_requested_at > self.stop_grace_s:
+                self.stop_event.clear()
+            with self._lock:
+                wm = self._resident()
+                self._attach_replay(wm)
+                self._runs_started += 1
+                self._running, self._pending_finish, self._start_moved = True, True, False
+                self._done, self._total, self._problem, self._stopped = 0, int(total), "", False
+            yield None
+            try:
+                for metrics in wm.run_iter(total, self.stop_event):
+                    self.history.append(metrics)
+                    self._done += 1
+                    yield metrics
+            except SessionError as e:
+                # the engine reads the frame before it changes anything: the model is as it was after
+                # the last complete iteration
+                self._problem = f"cannot read the next frame of session {self.session.name}: {e}"
+            self._stopped = self._done < self._total
+            self._running = False
+            self._finish()
+        finally:
+            if self.stop_event.is_set():
+                self._stop_requested_at = -math.inf  # this run took the stop: the next one is not stopped
+            self._running = False
+            self._run_lock.release()
+
+    def stop(self, wait_s: float = 30.0) -> str:
+        """Stop the run after its current iteration and wait for it to end (and finish).
+
+        Returns "stopped" when a run ended (or was cancelled and is now finished), "stopping" when it
+        did not end within ``wait_s``, "idle" when no run was going or started within ``stop_grace_s``.
+        """
+        started = self._runs_started
+        was_running = self._running or self._pending_finish
+        self._stop_requested_at = time.monotonic()
+        self.stop_event.set()
+        if not self._run_lock.acquire(timeout=wait_s):
+            return "stopping"
+        try:
+            finished = self._finish_if_pending()
+        finally:
+            self._run_lock.release()
+        if was_running or finished or self._runs_started != started:
+            self._stop_requested_at = -math.inf  # taken by the run it stopped
+            return "stopped"
+        deadline = time.monotonic() + self.stop_grace_s  # a Run sent just before this Stop may not have begun
+        while time.monotonic() < deadline:
+            if self._runs_started != started:
+                with self._run_lock:  # it honours the stop: wait for it to end
+                    self._finish_if_pending()
+                return "stopped"
+            time.sleep(0.02)
+        return "idle"
+
+    def _finish_if_pending(self) -> bool:
+        if not self._pending_finish:
+            return False
+        self._stopped = True
+        self._finish()
+        return True
+
+    def _finish(self) -> None:
+        """Save the checkpoint (setting a refused file aside first) and capture decoder attention."""
+        with self._lock:
+            wm = self._resident()
+            self.saved = self._save(wm)
+            self._attention = wm.capture_decoder_attention()
+            self._attention_canvas = None if self._attention is None else self._attention.canvas
+            self.attention_at = (wm.iteration, wm.step)
+            robot = wm.robot
+            if not self._start_moved and isinstance(robot, ReplayRobot) and robot.session is self.session:
+                self.start_frame = robot.index  # the next run continues from here
+            self._pending_finish = False
+        self.touch()
+
+    def _save(self, wm: AutoencoderConcatPredictorWorldModel) -> CheckpointSave:
+        path = self.checkpoint_path
+        aside, note = None, ""
+        with _CHECKPOINT_FILES_LOCK:
+            try:
+                if self._refused is not None:
+                    aside, note = _set_aside(path, self._refused)
+                    self._refused = None
+                wm.save_checkpoint(path)
+            except (CheckpointError, OSError) as e:
+                return CheckpointSave(False, path, wm.step, wm.iteration, aside, str(e))
+        return CheckpointSave(True, path, wm.step, wm.iteration, aside, note)
+
+    # -- the model ------------------------------------------------------------------
+
+    def _resident(self) -> AutoencoderConcatPredictorWorldModel:
+        """The model in memory: reloaded when parked, created at first use. Call under ``_lock``."""
+        if self._wm is None:
+            self._wm = self._unpark() if self._park_file is not None else self._create()
+        self.touch()
+        return self._wm
+
+    def _create(self) -> AutoencoderConcatPredictorWorldModel:
+        robot = ReplayRobot(self.session, start_index=self.start_frame) if self.session is not None else None
+        wm = AutoencoderConcatPredictorWorldModel(robot, device=self.device, config=self.config)
+        path = self.checkpoint_path
+        identity = FileIdentity.of(path)
+        if identity is None or not path.is_file():
+            self.origin = CheckpointOrigin("fresh", path)
+            return wm
+        try:
+            info = wm.load_checkpoint(path)
+            self.origin = CheckpointOrigin("loaded", path, info["step"], info["iteration"])
+        except CheckpointError as e:
+            self._refused = identity
+            self.origin = CheckpointOrigin("refused", path, reason=str(e))
+        return wm
+
+    def _attach_replay(self, wm: AutoencoderConcatPredictorWorldModel) -> None:
+        """Point the model at the session from ``start_frame``; continuing where the last run stopped
+        keeps its history, any other start clears it (the frames would not follow each other)."""
+        robot = wm.robot
+        if isinstance(robot, ReplayRobot) and robot.session is self.session and robot.index == self.start_frame:
+            return
+        robot = ReplayRobot(self.session, start_index=self.start_frame)
+        with wm.lock:
+            wm.robot = robot
+            wm.action_selector = create_replay_action_selector(robot)
+            wm.interleaved_history.clear()
+            wm.last_prediction = None
+
+    # -- parking -------------------------------------------------------------------
+
+    def touch(self) -> None:
+        """Mark this controller used now (the pool parks the least recently used first)."""
+        self.last_used = time.monotonic()
+        if self._pool is not None:
+            self._pool.used(self)
+
+    def park(self, folder: str | os.PathLike) -> bool:
+        """Save the model to a private file in ``folder`` and free it; False when it is running,
+        already parked or absent. Any later call that needs the model reloads it."""
+        if not self._run_lock.acquire(blocking=False):
+            return False
+        if not self._lock.acquire(blocking=False):  # never wait here: the caller may hold another controller's lock
+            self._run_lock.release()
+            return False
+        try:
+            if self._wm is None or self._pending_finish:
+                return False
+            wm = self._wm
+            state = {k: v for k, v in vars(wm).items() if k not in _NOT_PARKED}
+            state["model"] = wm.model.state_dict()
+            state["optimizer"] = wm.optimizer.state_dict()
+            state["mask_rng"] = wm.mask_rng.get_state()
+            robot = wm.robot
+            replay = (robot.session, robot.index, robot.episode_boundary) if isinstance(robot, ReplayRobot) else None
+            path = Path(folder) / f"{id(self):x}-{os.getpid()}.park"
+            with open(path, "wb") as f:  # our own private folder: pickle is safe to read back
+                f.write(zlib.compress(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), 1))
+            self._park_file, self._parked_robot = path, replay
+            self._parked_counters = (wm.step, wm.iteration)
+            self._wm, self._attention = None, None
+            return True
+        finally:
+            self._lock.release()
+            self._run_lock.release()
+
+    def _unpark(self) -> AutoencoderConcatPredictorWorldModel:
+        path = self._park_file
+        state = pickle.loads(zlib.decompress(path.read_bytes()))
+        replay = self._parked_robot
+        robot = None if replay is None else ReplayRobot(replay[0], start_index=replay[1])
+        if robot is not None:
+            robot.episode_boundary = replay[2]
+        wm = AutoencoderConcatPredictorWorldModel(robot, device=self.device, config=self.config)
+        wm.model.load_state_dict(state.pop("model"))
+        wm.optimizer.load_state_dict(state.pop("optimizer"))
+        wm.mask_rng.set_state(state.pop("mask_rng"))
+        for key, value in state.items():
+            setattr(wm, key, value)
+        path.unlink(missing_ok=True)
+        self._park_file, self._parked_robot, self._parked_counters = None, None, None
+        return wm
+
+    def release(self) -> None:
+        """The tab is gone: stop its run, drop its model and delete its parked file."""
+        self._stop_requested_at = time.monotonic()
+        self.stop_event.set()
+        with self._lock:
+            self._wm, self._attention, self._attention_canvas, self.session = None, None, None, None
+            if self._park_file is not None:
+                self._park_file.unlink(missing_ok=True)
+                self._park_file = self._parked_robot = None
+        if self._pool is not None:
+            self._pool.forget(self)
+
+
+def _set_aside(path: Path, refused: FileIdentity) -> tuple[str | None, str]:
+    """Keep the refused checkpoint under a new name that cannot collide, but only when the file at
+    ``path`` is still that very file. Returns (new name or None, a note when it was not moved)."""
+    if FileIdentity.of(path) != refused:
+        return None, "the refused file had already been replaced or set aside, so it was left alone"
+    stamp = f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
+    kept = path.with_name(f"{path.stem}.refused-{stamp}{path.suffix}")
+    try:
+        os.link(path, kept)  # fails rather than overwrite; the checkpoint save then replaces `path`
+    except OSError:
+        if kept.exists():
+            raise
+        os.rename(path, kept)  # a file system without hard links
+    if FileIdentity.of(kept) != refused:  # another program swapped the file in between: not ours to keep
+        kept.unlink()
+        return None, "the checkpoint file changed while it was being set aside, so it was left alone"
+    return kept.name, ""
+
+
+class ModelPool:
+    """Keeps at most ``max_resident`` models of many controllers in memory and parks (saves to a
+    private temporary folder and frees) any model unused for ``idle_s``; a daemon thread sweeps
+    every ``sweep_s``. Controllers reload their parked model at their next use.
+    """
+
+    def __init__(self, idle_s: float = 300.0, max_resident: int = 4, sweep_s: float = 15.0):
+        self.idle_s, self.max_resident = float(idle_s), int(max_resident)
+        self.folder = Path(tempfile.mkdtemp(prefix="cwm-parked-"))  # mode 0700: only this user reads it
+        self._controllers: weakref.WeakSet[RunController] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._sweep_forever, args=(float(sweep_s),),
+                                        name="model-pool-sweeper", daemon=True)
+        self._thread.start()
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.folder, True)
+
+    def controller(self, **kwargs) -> RunController:
+        """A new controller whose idle model this pool parks."""
+        return RunController(pool=self, **kwargs)
+
+    def register(self, controller: RunController) -> None:
+        with self._lock:
+            self._controllers.add(controller)
+
+    def forget(self, controller: RunController) -> None:
+        with self._lock:
+            self._controllers.discard(controller)
+        return_freed_memory()
+
+    def resident(self) -> list[RunController]:
+        """Controllers whose model is in memory, least recently used first."""
+        with self._lock:
+            live = [c for c in self._controllers if c._wm is not None]
+        return sorted(live, key=lambda c: c.last_used)
+
+    def used(self, controller: RunController) -> None:
+        """Called when a controller uses its model: park the least recently used beyond the cap."""
+        excess = [c for c in self.resident() if c is not controller]
+        excess = excess[: max(0, len(excess) + 1 - self.max_resident)]
+        if excess and any(c.park(self.folder) for c in excess):
+            return_freed_memory()
+
+    def sweep(self, now: float | None = None) -> int:
+        """Park every model unused for ``idle_s``; returns how many were parked."""
+        now = time.monotonic() if now is None else now
+        parked = sum(c.park(self.folder) for c in self.resident() if now - c.last_used >= self.idle_s)
+        if parked:
+            return_freed_memory()
+        return parked
+
+    def _sweep_forever(self, every_s: float) -> None:
+        while not self._closed.wait(every_s):
+            try:
+                self.sweep()
+            except Exception:  # a sweep must never kill the thread; the next one tries again
+                pass
+
+    def close(self) -> None:
+        """Stop sweeping and delete the parked files."""
+        self._closed.set()
+        self._finalizer()

@@ -69,7 +69,7 @@ class AutoencoderConcatPredictorWorldModelConfig:
 
     # masking ----------------------------------------------------------------
     patch_size: int = 16  # ViT patch side in pixels: 224x688 -> a 14 x 43 grid of 602 patches
-    mask_ratio: float = 1.0  # fraction of the last slot's patches masked; 1.0 = predict the whole next frame
+    mask_ratio: float = 1.0  # share of the last slot's patches masked per training canvas (random ones below 1.0); prediction masks the whole slot
 
     # MAE ViT (decoder depth and heads fixed by the spec; widths chosen for learning per second) ---------
     embed_dim: int = 128  # encoder token width; with depth 1 an iteration costs ~1/4 of 256 x 5 (docs/LEARNING.md)
@@ -166,8 +166,13 @@ class AppConfig:
     min_iterations: int = 1  # smallest Run request
     max_iterations: int = 500  # largest Run request (spec: 1-500)
     default_iterations: int = 20  # Run box default
-    update_interval_s: float = 0.25  # a running Run streams to the page once this much time has passed since
-    # the last update (checked after each iteration): at ~0.28 s per CPU iteration 0.4 gave 1.8 updates/s, 0.25 gives one per iteration
+    update_interval_s: float = 0.25  # a running Run streams to the page at most this often (about one update per CPU iteration)
+    run_lock_wait_s: float = 5.0  # a Run waits this long for the tab's previous run to wind down
+    stop_wait_s: float = 30.0  # Stop waits this long for the run to end so it can show the final state
+    stop_grace_s: float = 1.0  # a Stop that finds nothing running also stops a Run that starts within this long (still queued)
+    idle_park_s: float = 300.0  # a tab's model unused this long is saved to a temporary file and freed; its next event reloads it
+    max_resident_models: int = 4  # models kept in memory at once; beyond that the least recently used idle one is parked
+    park_sweep_s: float = 15.0  # how often idle models are looked for
     dot_window: int = 50  # predictions in the rolling 'within 3 px' share of the Dot found graph
     default_quantile: float = 95.0  # attention filter: keep connections above this percentile (strongest 5%)
     demo_sessions: tuple[str, ...] = ("always_move", "alternate", "double_move")  # recorded when none exist

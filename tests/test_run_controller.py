@@ -1,0 +1,235 @@
+"""One tab's run lifecycle (``RunController``, ``ModelPool``), driven without Gradio."""
+
+import dataclasses
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from autoencoder_concat_predictor_world_model import (
+    AutoencoderConcatPredictorWorldModel,
+    ModelPool,
+    RunBusyError,
+    RunController,
+)
+from session_explorer_lib import SessionError
+from test_world_model import TINY, _FakeSession
+from toroidal_dot_robot import ToroidalDotRobot
+
+
+
+class FakeSession(_FakeSession):
+    """A stay/move recording in memory whose frames from ``broken_from`` on cannot be read."""
+
+    def __init__(self, n=12, name="fake", broken_from=None):
+        super().__init__(n)
+        self.name, self.broken_from = name, broken_from
+
+    def frame(self, i):
+        if self.broken_from is not None and i >= self.broken_from:
+            raise SessionError(f"{self.name}/frames/frame_{i:06d}.png cannot be read")
+        return super().frame(i)
+
+
+def controller(tmp_path, **kwargs) -> RunController:
+    c = RunController(checkpoint_path=tmp_path / "autoencoder.pth", config=TINY, device="cpu", **kwargs)
+    c.load_session(FakeSession())
+    return c
+
+
+def run(c: RunController, n: int) -> list[dict]:
+    return [m for m in c.run(n) if m is not None]
+
+
+def test_a_run_yields_its_start_then_every_iteration_and_finishes_with_a_save_and_attention(tmp_path):
+    c = controller(tmp_path)
+    assert c.status().state == "idle" and c.status().model_step is None and not c.has_model
+    events = list(c.run(5))
+    assert events[0] is None and [m["iteration"] for m in events[1:]] == [1, 2, 3, 4, 5]
+    status = c.status()
+    assert (status.state, status.done, status.total, status.model_iteration) == ("done", 5, 5, 5)
+    assert c.origin.kind == "fresh" and c.saved.ok and c.saved.iteration == 5
+    assert (tmp_path / "autoencoder.pth").is_file()
+    assert c.attention is not None and c.attention_at == (5, status.model_step)
+    assert c.start_frame == 5 and len(c.history) == 5  # the next run continues from the run's position
+
+
+def test_a_second_controller_resumes_from_the_saved_checkpoint(tmp_path):
+    first = controller(tmp_path)
+    run(first, 4)
+    second = controller(tmp_path)
+    run(second, 1)
+    assert second.origin.kind == "loaded" and second.origin.step == first.status().model_step
+    assert second.status().model_iteration == 5
+
+
+def test_a_run_without_a_session_or_while_another_runs_is_refused(tmp_path):
+    bare = RunController(checkpoint_path=tmp_path / "x.pth", config=TINY, device="cpu")
+    with pytest.raises(ValueError, match="no session"):
+        next(bare.run(1))
+    c = controller(tmp_path, run_lock_wait_s=0.1)
+    first = c.run(3)
+    next(first)  # started: holds the run lock
+    with pytest.raises(RunBusyError):
+        next(c.run(1))
+    assert len(list(first)) == 3
+
+
+def refusing_tabs(tmp_path, damaged: bytes, n: int = 2) -> list:
+    """``n`` controllers that refused the same damaged checkpoint, each with a started run of 2."""
+    (tmp_path / "autoencoder.pth").write_bytes(damaged)
+    runs = []
+    for _ in range(n):
+        c = controller(tmp_path)
+        events = c.run(2)
+        assert next(events) is None and c.origin.kind == "refused"
+        runs.append((c, events))
+    return runs
+
+
+def test_two_tabs_finishing_at_once_set_a_refused_checkpoint_aside_once_and_never_lose_it(tmp_path):
+    damaged = b"not a checkpoint" * 64
+    runs = refusing_tabs(tmp_path, damaged)
+    barrier = threading.Barrier(len(runs))
+
+    def finish(events):
+        barrier.wait()
+        list(events)
+
+    threads = [threading.Thread(target=finish, args=(events,)) for _, events in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    kept = list(tmp_path.glob("autoencoder.refused-*.pth"))
+    assert len(kept) == 1 and kept[0].read_bytes() == damaged  # the refused file, once, byte for byte
+    assert sorted(c.saved.set_aside is None for c, _ in runs) == [False, True]
+    reader = controller(tmp_path)
+    run(reader, 1)
+    assert reader.origin.kind == "loaded"  # what sits at the path is a valid checkpoint
+
+
+def test_a_tab_that_refused_a_file_leaves_another_tabs_fresh_save_where_it_is(tmp_path):
+    damaged = b"damaged"
+    (first, first_run), (second, second_run) = refusing_tabs(tmp_path, damaged)
+    list(first_run)  # sets the damaged file aside and saves its own model
+    assert first.saved.set_aside is not None
+    list(second_run)  # the file it refused is gone: it must not move the first tab's save
+    assert second.saved.ok and second.saved.set_aside is None and "left alone" in second.saved.reason
+    kept = list(tmp_path.glob("autoencoder.refused-*.pth"))
+    assert len(kept) == 1 and kept[0].read_bytes() == damaged
+
+
+def test_a_start_frame_set_during_a_run_outlives_the_run(tmp_path):
+    c = controller(tmp_path)
+    for metrics in c.run(4):
+        if metrics is not None and metrics["iteration"] == 2:
+            c.set_start_frame(9)  # the slider moved while the run goes
+    assert c.start_frame == 9
+    run(c, 1)
+    assert c.world_model().robot.index == 10  # the second run replayed from frame 9
+
+
+def test_a_stop_sent_just_before_the_run_starts_stops_that_run(tmp_path):
+    c = controller(tmp_path, stop_grace_s=2.0)
+    answer = []
+    stopper = threading.Thread(target=lambda: answer.append(c.stop(wait_s=10)))
+    stopper.start()
+    time.sleep(0.2)  # the Stop is handled first: nothing is running yet
+    metrics = run(c, 50)
+    stopper.join(10)
+    assert metrics == [] and answer == ["stopped"]
+    status = c.status()
+    assert (status.state, status.done, status.total) == ("stopped", 0, 50)
+    assert len(run(c, 2)) == 2  # that stop is used up: the next run goes
+
+
+def test_a_stop_with_nothing_running_answers_idle_and_a_later_run_goes(tmp_path):
+    c = controller(tmp_path, stop_grace_s=0.2)
+    assert c.stop(wait_s=1) == "idle"
+    time.sleep(0.3)
+    assert len(run(c, 2)) == 2
+
+
+def test_a_run_stopped_at_zero_reports_the_loaded_models_step(tmp_path):
+    run(controller(tmp_path), 6)
+    c = controller(tmp_path)
+    c.stop_event.set()
+    c._stop_requested_at = time.monotonic()  # as a Stop that arrived while the run was queued
+    assert run(c, 10) == []
+    status = c.status()
+    assert status.done == 0 and status.model_step == c.origin.step > 0 and status.model_iteration == 6
+
+
+def test_a_cancelled_run_is_finished_by_stop(tmp_path):
+    c = controller(tmp_path)
+    events = c.run(50)
+    next(events), next(events)
+    events.close()  # what Gradio does to a cancelled generator
+    assert c.saved is None and c.status().state == "done"
+    assert c.stop(wait_s=5) == "stopped"
+    assert c.saved.ok and c.saved.iteration == 1 and c.status().state == "stopped"
+
+
+def test_an_unreadable_frame_ends_the_run_keeping_the_iterations_done(tmp_path):
+    c = RunController(checkpoint_path=tmp_path / "a.pth", config=TINY, device="cpu")
+    c.load_session(FakeSession(broken_from=3))
+    metrics = run(c, 10)
+    status = c.status()
+    assert len(metrics) == 3 and status.state == "stopped" and "frame_000003.png" in status.problem
+    assert c.saved.ok and c.saved.iteration == 3
+
+
+def test_a_parked_model_reloads_at_its_next_use_and_continues_exactly(tmp_path):
+    folder = tmp_path / "parked"
+    folder.mkdir()
+    parked, kept = controller(tmp_path / "a"), controller(tmp_path / "b")
+    for c in (parked, kept):
+        run(c, 6)
+    assert parked.park(folder) and parked.is_parked and parked.status().model_iteration == 6
+    assert len(list(folder.iterdir())) == 1
+    assert parked.attention is not None  # recaptured from the reloaded model
+    assert not parked.is_parked and not list(folder.iterdir())
+    np.testing.assert_array_equal(parked.attention.weights, kept.attention.weights)
+    assert parked.park(folder)
+    after_park, straight = run(parked, 6), run(kept, 6)
+    assert [m["prediction_error"] for m in after_park] == [m["prediction_error"] for m in straight]
+    assert [m["training_loss"] for m in after_park] == [m["training_loss"] for m in straight]
+
+
+def test_the_pool_parks_idle_and_least_recently_used_models_and_release_deletes_the_file(tmp_path):
+    pool = ModelPool(idle_s=3600, max_resident=1, sweep_s=3600)
+    try:
+        a = controller(tmp_path / "a", pool=pool)
+        b = controller(tmp_path / "b", pool=pool)
+        run(a, 3)
+        run(b, 3)  # b's model makes two: a (least recently used) is parked
+        assert a.is_parked and not b.is_parked and pool.resident() == [b]
+        assert a.status().model_iteration == 3
+        run(a, 1)  # a's next use reloads it and parks b
+        assert not a.is_parked and b.is_parked and a.status().model_iteration == 4
+        assert pool.sweep(now=time.monotonic() + 7200) == 1 and a.is_parked
+        files = list(pool.folder.iterdir())
+        assert len(files) == 2
+        a.release()
+        b.release()
+        assert not list(pool.folder.iterdir()) and not a.has_model
+    finally:
+        pool.close()
+    assert not pool.folder.exists()
+
+
+def test_training_masks_follow_mask_ratio_and_prediction_masks_the_whole_slot(tmp_path):
+    cfg = dataclasses.replace(TINY, mask_ratio=0.25, replay_batch_size=1)
+    wm = AutoencoderConcatPredictorWorldModel(ToroidalDotRobot(seed=1), device="cpu", config=cfg)
+    wm.run(4)
+    slot = int(wm.patch_mask.sum())
+    assert int(wm.last_training_mask.sum()) == round(0.25 * slot)
+    assert bool((wm.last_training_mask <= wm.patch_mask).all())  # only slot patches are masked
+    masks = wm._training_mask(3)
+    assert masks.shape == (3, wm.patch_mask.numel()) and not torch.equal(masks[0], masks[1])
+    assert wm.last_prediction is not None  # predicted with the whole slot masked
+    full = AutoencoderConcatPredictorWorldModel(ToroidalDotRobot(seed=1), device="cpu", config=TINY)
+    assert full._training_mask(3) is full.patch_mask
