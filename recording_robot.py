@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from config import RecordingConfig
+from session_explorer_lib import check_name
 from toroidal_dot_robot import action_dict, parse_action
 
 # -----------------------------------------------------------------------------
@@ -133,19 +134,6 @@ def _encode_frame(frame: np.ndarray, suffix: str) -> bytes:
     return buffer.getvalue()
 
 
-def _check_session_name(name: Any) -> str:
-    # the name becomes a folder directly inside root: refuse anything that could point elsewhere
-    if (
-        not isinstance(name, str)
-        or not name
-        or name.startswith(".")
-        or any(c in name for c in "/\\\x00")
-        or len(name.encode("utf-8", "surrogatepass")) > 255
-    ):
-        raise ValueError(f"Invalid session name {name!r}: use a plain folder name without '/', '\\' or a leading '.'")
-    return name
-
-
 # -----------------------------------------------------------------------------
 # writer
 
@@ -155,7 +143,7 @@ class SessionWriter:
 
     Args:
         root: folder holding sessions; created if missing.
-        session_name: the new session's folder name; refused if that folder already exists.
+        session_name: the new session's folder name (``session_explorer_lib.check_name``); refused if it exists.
         robot_type: recorded as ``robot_type`` (e.g. ``'ToroidalDotRobot'``).
         action_space: the robot's action dicts (the toroidal dot's 0 and 1), recorded as ``action_space``.
         env_params: environment parameters stored as top-level metadata keys (e.g. ``robot.params()``).
@@ -184,7 +172,7 @@ class SessionWriter:
         frame_format: str = _RECORDING.frame_format,
         fsync_frames: bool = False,
     ) -> None:
-        _check_session_name(session_name)
+        check_name(session_name, "session", root)
         if not isinstance(shard_size, int) or shard_size < 1:
             raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
         if max_session_bytes is not None and (not isinstance(max_session_bytes, int) or max_session_bytes < 1):

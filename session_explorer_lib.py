@@ -38,6 +38,7 @@ MIN_FRAMES = 3  # a canvas needs 3 frames: two of history and the one to predict
 FRAME_CACHE_SIZE = 64  # decoded frames kept per session (~150 kB each at 224x224)
 MAX_META_BYTES = 1 << 20  # a metadata file is a few hundred bytes; refuse to parse anything huge
 MAX_FRAME_PIXELS = 4096 * 4096  # refuse to decode absurd images (decompression bombs)
+MAX_NAME_BYTES = 255  # longest file or folder name (UTF-8 bytes) on common file systems
 _DEFAULT_FRAME_SIZE = ToroidalDotConfig().img_size
 _REQUIRED_META = {"session_name": str, "robot_type": str, "action_space": list}  # the seed's keys that matter
 _OPTIONAL_META = {  # checked only when present: older sessions lack most of them
@@ -59,6 +60,7 @@ _OPTIONAL_META = {  # checked only when present: older sessions lack most of the
 }
 _MODE_NAMES = {"L": "grayscale", "LA": "grayscale with alpha", "RGBA": "RGBA (alpha dropped)", "P": "palette",
                "PA": "palette with alpha", "1": "black and white", "I;16": "16-bit grayscale", "CMYK": "CMYK"}
+_MARKDOWN_SPECIAL = re.compile(r"[\\`*_{}\[\]<>#|!]")  # characters markdown_escape puts a backslash before
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", type(None): "null"}
 
 
@@ -206,12 +208,38 @@ def _inside(path: Path, directory: Path) -> bool:
         return False
 
 
-def _is_session_folder(entry: Path, root_resolved: Path) -> bool:
+def _name_problem(name: Any) -> str | None:
+    # why ``name`` is not a plain name for an entry directly inside a folder; None when it is
+    if not isinstance(name, str):
+        return f"a name must be text, not {type(name).__name__}"
+    if not name:
+        return "it is empty"
+    if "\x00" in name:
+        return "it holds a NUL character"
+    if "/" in name or "\\" in name:
+        return "it holds a path separator ('/' or '\\')"
+    if name.startswith("."):
+        return "it starts with '.' (hidden names, '.' and '..' are not allowed)"
+    if ".." in name:
+        return "it holds '..'"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return f"it is longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+def _stays_in(folder: Path, name: str) -> bool:
     try:
-        resolved = entry.resolve()
         # parent equality, not a string prefix: "toroidal_dot_evil" must not pass for "toroidal_dot"
-        return resolved.parent == root_resolved and resolved.is_dir()
-    except (OSError, RuntimeError, ValueError):
+        return (folder / name).resolve().parent == folder.resolve()
+    except (OSError, RuntimeError, ValueError):  # symlink loops, names the OS cannot encode
+        return False
+
+
+def _is_session_folder(root: Path, name: Any) -> bool:
+    # one test for listing and opening, so every listed session can be opened by name
+    try:
+        return (root / check_name(name, "session", root)).is_dir()
+    except (OSError, ValueError):
         return False
 
 
@@ -221,6 +249,38 @@ def _action(data: Any, where: str) -> int:
         return parse_action(data)
     except ValueError as e:
         raise SessionError(f"{where}: {e}"[:300]) from None
+
+
+# -----------------------------------------------------------------------------
+# names
+
+
+def check_name(name: Any, what: str = "session", folder: str | os.PathLike | None = None) -> str:
+    """Return ``name`` if it is a plain name for a file or folder directly inside ``folder``.
+
+    The project's one name rule, for session folders and named checkpoints. A name must be a non-empty
+    string of at most ``MAX_NAME_BYTES`` UTF-8 bytes, without ``/``, ``\\``, NUL or ``..``, and must not
+    start with ``.``. With ``folder`` given, ``folder / name`` must also resolve (following symlinks) to an
+    entry directly inside ``folder``, so a symlink cannot lead elsewhere.
+
+    Args:
+        name: the name to check, as typed or chosen by a user.
+        what: what the name is for, shown in the message (``'session'``, ``'checkpoint'``).
+        folder: the folder the name lives in; None checks the name alone.
+
+    Returns:
+        ``name``, unchanged.
+
+    Raises:
+        ValueError: ``"Invalid <what> name <name>: <reason>"``.
+    """
+    problem = _name_problem(name)
+    if problem is None and folder is not None and not _stays_in(Path(folder), name):
+        problem = "it leads outside its folder"
+    if problem is not None:
+        shown = f" {name!r}"[:81] if isinstance(name, str) else ""
+        raise ValueError(f"Invalid {what} name{shown}: {problem}")
+    return name
 
 
 # -----------------------------------------------------------------------------
@@ -238,23 +298,18 @@ def list_session_dirs(root: str | os.PathLike | None = None) -> list[Path]:
     """
     root = _default_root(root)
     try:
-        root_resolved = root.resolve()
         entries = sorted(root.iterdir(), key=lambda p: p.name)
     except (OSError, RuntimeError, ValueError):
         return []
-    # the same names resolve_session_dir accepts, so every listed session can be opened by name
-    return [
-        p for p in entries
-        if not p.name.startswith(".") and "\\" not in p.name and _is_session_folder(p, root_resolved)
-    ]
+    return [p for p in entries if _is_session_folder(root, p.name)]
 
 
 def resolve_session_dir(name: Any, root: str | os.PathLike | None = None) -> Path:
     """Return the folder of session ``name`` inside ``root``, refusing anything else.
 
-    Refused with one generic message (so probing learns nothing): non-strings, ``''``, ``'.'``, ``'..'``,
-    hidden names, names holding ``/``, ``\\`` or NUL, absolute paths, names that resolve outside the root
-    (through symlinks too) and folders that do not exist.
+    Refused with one generic message (so probing learns nothing): every name ``check_name`` refuses
+    (non-strings, ``''``, ``'.'``, ``'..'``, hidden names, names holding ``/``, ``\\``, NUL or ``..``, absolute
+    paths, names that resolve outside the root through a symlink) and folders that do not exist.
 
     Args:
         name: the session folder name, as chosen in the UI.
@@ -263,25 +318,11 @@ def resolve_session_dir(name: Any, root: str | os.PathLike | None = None) -> Pat
     Raises:
         UnknownSessionError: (a ``SessionError`` and ``ValueError``) ``"Unknown session: <name>"``.
     """
-    shown = repr(name)[:80] if isinstance(name, str) else f"<{type(name).__name__}>"
-    unknown = UnknownSessionError(f"Unknown session: {shown}")
-    if (
-        not isinstance(name, str)
-        or not name
-        or name.startswith(".")  # '.', '..' and hidden folders
-        or any(c in name for c in "/\\\x00")
-        or os.path.isabs(name)
-    ):
-        raise unknown
     root = _default_root(root)
-    try:
-        root_resolved = root.resolve()
-    except (OSError, RuntimeError, ValueError):
-        raise unknown from None
-    candidate = root / name
-    if not _is_session_folder(candidate, root_resolved):
-        raise unknown
-    return candidate
+    if not _is_session_folder(root, name):
+        shown = repr(name)[:80] if isinstance(name, str) else f"<{type(name).__name__}>"
+        raise UnknownSessionError(f"Unknown session: {shown}")
+    return root / name
 
 
 # -----------------------------------------------------------------------------
@@ -704,9 +745,16 @@ def format_timestamp(ts: Any) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") + f".{moment.microsecond // 1000:03d}"
 
 
-def _md(text: Any) -> str:
-    # session names and notes come from files on disk: escape them so they render as plain text
-    return re.sub(r"([\\`*_{}\[\]<>#|!])", r"\\\1", str(text))
+def markdown_escape(text: Any) -> str:
+    """Return ``str(text)`` with a backslash before each markdown character (``\\ ` * _ { } [ ] < > # | !``).
+
+    The project's one escaper: names, notes and error messages come from files on disk or from a browser,
+    so they must render as plain text.
+
+    Args:
+        text: anything; it is turned into a string first.
+    """
+    return _MARKDOWN_SPECIAL.sub(r"\\\g<0>", str(text))
 
 
 def session_info_markdown(session: Session) -> str:
@@ -724,14 +772,15 @@ def session_info_markdown(session: Session) -> str:
         f"{a.get('action')} = {ACTION_NAMES.get(a.get('action'), '?')}" for a in meta.get("action_space", [])
     )
     lines = [
-        f"**Session:** {_md(session.name)}",
+        f"**Session:** {markdown_escape(session.name)}",
         f"- **Frames:** {session.num_frames} | **Actions:** {session.num_actions}",
         f"- **Start:** {format_timestamp(start)} | **End:** {format_timestamp(end)}",
-        f"- **Robot:** {_md(meta.get('robot_type', 'n/a'))} | **Action space:** {_md(space)}",
-        f"- **Pattern:** {_md(meta.get('pattern') or 'n/a')} | **Status:** {_md(meta.get('status') or 'n/a')}",
+        f"- **Robot:** {markdown_escape(meta.get('robot_type', 'n/a'))} | **Action space:** {markdown_escape(space)}",
+        f"- **Pattern:** {markdown_escape(meta.get('pattern') or 'n/a')} | "
+        f"**Status:** {markdown_escape(meta.get('status') or 'n/a')}",
     ]
     env = [f"{key} {meta[key]}" for key in ("dot_radius", "move_pixels", "img_size", "seed") if key in meta]
     if env:
-        lines.append(f"- **Environment:** {_md(', '.join(env))}")
-    lines.extend(f"- **Note:** {_md(note)}" for note in session.notes)
+        lines.append(f"- **Environment:** {markdown_escape(', '.join(env))}")
+    lines.extend(f"- **Note:** {markdown_escape(note)}" for note in session.notes)
     return "\n".join(lines)

@@ -24,7 +24,6 @@ ALT, MOVE = "alternate_small", "always_move_small"
 ALT_FRAMES = APP_SESSIONS[ALT][1] + 1
 ALL_ON = (True,) * 9  # layers 0-4, heads 0-3
 LINES, HEATMAP = "Patch-to-Patch Lines", "Heatmap"
-UNKNOWN = "Unknown session: that name is not a session folder in the sessions folder"
 # output positions of /run_world_model and /stop (the state output is not part of the API)
 PROGRESS, CHECKPOINT, T_ORIGINAL, T_MASKED, T_INPAINT, T_COMPOSITE = 0, 1, 2, 3, 4, 5
 P_CURRENT, P_NEXT, P_ERROR, P_INFO, PLOT_ERROR, PLOT_TIME, PLOT_LOSS, PLOT_DOT, ATTN_IMAGE, ATTN_STATS, SLIDER = range(6, 17)
@@ -301,13 +300,9 @@ def test_bad_attention_controls_are_refused(trained, args, expected):
     assert expected in error_of(trained, *args, api_name="/update_attention_viz")
 
 
-@pytest.mark.parametrize("name", ["../../etc", "/etc/passwd", "..", f"{ALT}/../..", "no_such_session", "", None])
-def test_bad_session_names_are_refused_without_echoing_paths(trained, name):
-    message = error_of(trained, name, api_name="/load_session")
-    if name in ("", None):
-        assert "Choose a session in the list first" in message
-    else:
-        assert UNKNOWN in message and "/etc" not in message and "passwd" not in message
+@pytest.mark.parametrize("name", ["", None])  # hostile names: test_security_api.py and test_sessions.py
+def test_loading_without_a_choice_asks_for_one(trained, name):
+    assert "Choose a session in the list first" in error_of(trained, name, api_name="/load_session")
 
 
 def test_after_the_bad_inputs_the_state_is_unchanged_and_valid_calls_work(trained):

@@ -1,6 +1,7 @@
 """Tests of session listing, validation and loading (session_explorer_lib)."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,11 @@ import pytest
 from PIL import Image
 
 from record_session import record_session
+from recording_robot import SessionWriter
 from session_explorer_lib import (
     SessionError,
+    UnknownSessionError,
+    check_name,
     format_timestamp,
     list_session_dirs,
     load_frame_image,
@@ -17,6 +21,7 @@ from session_explorer_lib import (
     load_session_events,
     load_session_events_with_notes,
     load_session_metadata,
+    markdown_escape,
     resolve_session_dir,
     scan_sessions,
     session_info_markdown,
@@ -77,29 +82,62 @@ def test_a_plain_name_resolves(root, session_dir):
     assert resolve_session_dir("good", root) == session_dir
 
 
-@pytest.mark.parametrize(
-    "name", ["", ".", "..", "../..", "/etc", "a/../../x", "x\x00y", "a\\b", "good/", "missing", None, 3, ["good"]]
-)
-def test_hostile_names_are_refused(root, session_dir, name):
-    with pytest.raises(ValueError, match="Unknown session"):
+@pytest.fixture
+def links(root, tmp_path):
+    """Symlinks inside the sessions folder: to a folder elsewhere, to a sibling sharing the root's prefix, a loop."""
+    (tmp_path / "elsewhere").mkdir()
+    (root.parent / "toroidal_dot_evil").mkdir()
+    (root / "link_out").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "link_sibling").symlink_to(root.parent / "toroidal_dot_evil", target_is_directory=True)
+    (root / "loop").symlink_to(root / "loop")
+
+
+HOSTILE_NAMES = [
+    ("", "it is empty"),
+    (".", "starts with '.'"),
+    ("..", "starts with '.'"),
+    (".hidden", "starts with '.'"),
+    ("a..b", "holds '..'"),
+    ("../..", "path separator"),
+    ("../toroidal_dot_evil", "path separator"),
+    ("a/../../x", "path separator"),
+    ("good/", "path separator"),
+    ("a\\b", "path separator"),
+    ("..\\..\\etc", "path separator"),
+    ("/etc", "path separator"),
+    ("<absolute path of good>", "path separator"),
+    ("x\x00y", "NUL character"),
+    ("x" * 256, "longer than 255 bytes"),
+    ("\u00e9" * 128, "longer than 255 bytes"),  # 128 characters, 256 UTF-8 bytes
+    ("link_out", "leads outside its folder"),
+    ("link_sibling", "leads outside its folder"),
+    ("loop", "leads outside its folder"),
+    (None, "must be text, not NoneType"),
+    (3, "must be text, not int"),
+    (["good"], "must be text, not list"),
+]
+
+
+@pytest.mark.parametrize("name, reason", HOSTILE_NAMES)
+def test_hostile_names_are_refused_by_the_one_name_rule(root, session_dir, links, name, reason):
+    if name == "<absolute path of good>":
+        name = str(session_dir)
+    before = sorted(root.parent.rglob("*"))
+    with pytest.raises(ValueError, match=re.escape(reason)) as error_info:
+        check_name(name, "session", root)
+    assert str(error_info.value).startswith("Invalid session name")
+    with pytest.raises(UnknownSessionError, match="^Unknown session: "):  # one generic message for the browser
         resolve_session_dir(name, root)
+    with pytest.raises(ValueError, match=re.escape(reason)):  # the recorder refuses the same names
+        SessionWriter(root, name, "ToroidalDotRobot", [{"action": 0}, {"action": 1}])
+    assert sorted(root.parent.rglob("*")) == before  # nothing created anywhere
 
 
-def test_prefix_sibling_folder_is_refused(root, session_dir):
-    evil = root.parent / "toroidal_dot_evil"
-    evil.mkdir()
-    (root / "link").symlink_to(evil, target_is_directory=True)
-    with pytest.raises(ValueError, match="Unknown session"):
-        resolve_session_dir("link", root)
-    with pytest.raises(ValueError, match="Unknown session"):
-        resolve_session_dir("../toroidal_dot_evil", root)
-
-
-def test_symlink_pointing_out_of_root_is_refused_and_not_listed(root, session_dir, tmp_path):
-    outside = record_session("alternate", 3, seed=0, name="outside", root=tmp_path / "elsewhere")
-    (root / "escape").symlink_to(outside, target_is_directory=True)
-    with pytest.raises(ValueError, match="Unknown session"):
-        load_session("escape", root)
+def test_plain_names_pass_and_only_real_session_folders_are_listed(root, session_dir, links):
+    assert check_name("a new name_2", "checkpoint") == "a new name_2"
+    assert check_name("good", "session", root) == "good"
+    with pytest.raises(UnknownSessionError, match="Unknown session: 'missing'"):
+        resolve_session_dir("missing", root)
     assert list_session_dirs(root) == [session_dir]
 
 
@@ -300,3 +338,8 @@ def test_info_markdown_lists_counts_and_notes(session_dir):
     shard.write_bytes(shard.read_bytes() + b'{"step": 13')
     text = session_info_markdown(load_session(session_dir))
     assert "**Frames:** 7" in text and "**Actions:** 6" in text and "alternate" in text and "incomplete" in text
+
+
+def test_markdown_escape_puts_a_backslash_before_each_markdown_character():
+    assert markdown_escape("a*b_[c](d)<e>#|!`{}\\ f.g") == "a\\*b\\_\\[c\\](d)\\<e\\>\\#\\|\\!\\`\\{\\}\\\\ f.g"
+    assert markdown_escape(3) == "3"
