@@ -384,7 +384,18 @@ def filter_connections(
     key_ids = np.arange(K) if key_ids is None else np.asarray(key_ids, dtype=np.int64)
     if layer_ids.shape != (n_layers,) or query_ids.shape != (Q,) or key_ids.shape != (K,):
         raise ValueError("layer_ids, query_ids and key_ids must match the matrix shape (layers, Q, K)")
+    return _filter_connections(matrix, q, layer_ids, query_ids, key_ids, max_lines)
 
+
+def _filter_connections(
+    matrix: np.ndarray,
+    q: float,
+    layer_ids: np.ndarray,
+    query_ids: np.ndarray,
+    key_ids: np.ndarray,
+    max_lines: int | None,
+) -> Connections:
+    # filter_connections on arguments already checked: q a float in [0, 100], the ids int64 matching the matrix
     flat_matrix = matrix.reshape(-1)  # (n_layers * Q * K,)
     threshold = matrix.dtype.type(np.percentile(flat_matrix, q))  # same dtype as the entries: exact >= comparison
     kept = np.flatnonzero(flat_matrix >= threshold)
@@ -519,17 +530,21 @@ def statistics_markdown(stats: dict) -> str:
         stats: dict returned by ``attention_statistics`` (or ``render_attention``).
 
     Returns:
-        Markdown with a headline, per-layer / per-head / per-region tables and the weight
-        distribution (five-number summary plus a 10-bin text histogram).
+        Markdown with a headline, how many connections are drawn as lines (not for the heatmap, which
+        shows every cell), per-layer / per-head / per-region tables and the weight distribution
+        (five-number summary plus a 10-bin text histogram).
     """
     total, drawn = stats["total_connections"], stats.get("drawn_connections", stats["total_connections"])
     lines = [
-        f"**{total:,} connections** at or above threshold {_fmt(stats['threshold'])} "
+        f"**{total:,} connection{'' if total == 1 else 's'}** at or above threshold {_fmt(stats['threshold'])} "
         f"(weight sum {_fmt(stats['weight_sum'])}; masked queries {stats.get('n_queries', '?')} x "
         f"visible keys {stats.get('n_keys', '?')})",
     ]
-    if drawn < total:
-        lines.append(f"\nLines show the strongest {drawn:,} of them.")
+    if total and stats.get("viz_type") != VIZ_HEATMAP:  # the heatmap shows every cell; lines are capped
+        if drawn < total:
+            lines.append(f"\nThe {drawn:,} strongest of them are drawn as lines.")
+        else:
+            lines.append("\nIt is drawn as a line." if total == 1 else "\nAll of them are drawn as lines.")
 
     per_layer, per_head = stats["per_layer"], stats["per_head"]
     lines += ["", "| Layer | " + " | ".join(f"L{l}" for l in per_layer) + " |",
@@ -757,7 +772,7 @@ def render_attention(
     matrix = _aggregate(heads_t, agg, axis=1)  # (nl, Q, K)
     if not np.isfinite(matrix).all():
         raise ValueError("Attention weights contain NaN or infinite values")
-    connections = filter_connections(matrix, q, layer_ids=layer_ids, query_ids=query_ids, key_ids=key_ids)
+    connections = _filter_connections(matrix, q, np.asarray(layer_ids, dtype=np.int64), query_ids, key_ids, MAX_LINES)
     regions, names = patch_regions(grid_size, patch_size)
     stats = _statistics(heads_t, matrix, connections.threshold, layer_ids, head_ids,
                         regions[key_ids], names, MAX_LINES)

@@ -167,9 +167,63 @@ def test_controls_change_the_image_and_statistics(capture, viz):
 def test_render_outputs_are_uint8_rgb(capture, viz):
     image, stats, markdown = _render(capture, viz=viz)
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-    assert isinstance(stats, dict) and isinstance(markdown, str)
     if viz == av.VIZ_LINES:
         assert image.shape[1] == COLS * PATCH and image.shape[0] > ROWS * PATCH  # canvas + legend strip
+
+
+def _hand_made_capture() -> FakeCapture:
+    """One patch row of the real 43 columns, 2 layers x 2 heads, all weights 0 but four (grid ids, CLS excluded):
+    layer 0 query 30 -> key 5 (frame t-2): heads 0.8 and 0.4, mean 0.6; layer 1 query 40 -> key 20 (frame t-1):
+    head 1 0.5, mean 0.25; layer 1 query 35 -> key 14 (separator 1): head 0 0.3, mean 0.15."""
+    weights = np.zeros((2, 2, 1 + COLS, 1 + COLS), np.float32)
+    for layer, head, query, key, w in [(0, 0, 30, 5, 0.8), (0, 1, 30, 5, 0.4), (1, 1, 40, 20, 0.5), (1, 0, 35, 14, 0.3)]:
+        weights[layer, head, 1 + query, 1 + key] = w
+    canvas = np.zeros((PATCH, COLS * PATCH, 3), np.uint8)
+    return FakeCapture(weights, np.arange(COLS) >= 29, (1, COLS), canvas, PATCH)
+
+
+# 2 layers x 14 queries x 29 keys = 812 entries, 809 of them 0: this percentile falls halfway between 0 and 0.15
+HAND_MADE_QUANTILE = 100 * 808.5 / 811
+
+
+def test_statistics_of_a_hand_made_attention_are_exact():
+    _, stats, markdown = _render(_hand_made_capture(), quantile=HAND_MADE_QUANTILE, layers=[0, 1], heads=[0, 1])
+    assert stats["threshold"] == pytest.approx(0.075)
+    assert stats["total_connections"] == stats["drawn_connections"] == 3
+    assert stats["weight_sum"] == pytest.approx(1.0)
+    assert stats["per_layer"] == {0: 1, 1: 2} and stats["per_head"] == {0: 2, 1: 1}
+    assert stats["region_share"] == pytest.approx(
+        {"frame t-2": 0.6, "separator 1": 0.15, "frame t-1": 0.25, "separator 2": 0.0, "masked slot": 0.0})
+    d = stats["distribution"]
+    assert (d["min"], d["median"], d["max"]) == pytest.approx((0.15, 0.25, 0.6))
+    assert (stats["n_queries"], stats["n_keys"]) == (14, 29)
+    assert "**3 connections**" in markdown and "All of them are drawn as lines." in markdown
+    _, _, heatmap_markdown = _render(_hand_made_capture(), quantile=HAND_MADE_QUANTILE, layers=[0, 1], heads=[0, 1],
+                                     viz=av.VIZ_HEATMAP)
+    assert "lines" not in heatmap_markdown  # the heatmap shows every cell
+
+
+def test_the_strongest_hand_made_connection_comes_last_and_the_cap_keeps_it():
+    capture = _hand_made_capture()
+    m = av.decoder_to_encoder(capture.weights, capture.patch_mask, [0, 1], [0, 1], "mean")
+    q, k = av.patch_ids(capture.patch_mask)
+    c = av.filter_connections(m, HAND_MADE_QUANTILE, layer_ids=[0, 1], query_ids=q, key_ids=k, max_lines=2)
+    assert (c.layer.tolist(), c.query.tolist(), c.key.tolist()) == ([1, 0], [40, 30], [20, 5])
+    assert c.weight.tolist() == pytest.approx([0.25, 0.6]) and c.total == 3 and c.truncated
+    stats = av.attention_statistics(capture.weights, capture.patch_mask, [0, 1], [0, 1], "mean", HAND_MADE_QUANTILE,
+                                    grid_size=(1, COLS), max_lines=2)
+    assert stats["drawn_connections"] == 2
+    assert "The 2 strongest of them are drawn as lines." in av.statistics_markdown(stats)
+
+
+def test_the_quantile_is_checked_once_per_redraw(capture, monkeypatch):
+    calls = []
+    check = av._check_quantile
+    monkeypatch.setattr(av, "_check_quantile", lambda q: (calls.append(q), check(q))[1])
+    for viz in av.VIZ_TYPES:
+        calls.clear()
+        _render(capture, quantile="95", viz=viz)
+        assert calls == ["95"], viz
 
 
 @pytest.mark.parametrize(
