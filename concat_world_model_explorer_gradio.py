@@ -32,7 +32,6 @@ import sys
 import threading
 import time
 import weakref
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,11 +44,11 @@ from starlette.middleware import Middleware
 import config
 from attention_viz import AGGREGATIONS, VIZ_HEATMAP, VIZ_LINES, VIZ_TYPES, render_attention
 from autoencoder_concat_predictor_world_model import (
-    AttentionCapture,
-    AutoencoderConcatPredictorWorldModel,
-    CheckpointError,
-    ReplayRobot,
-    create_replay_action_selector,
+    ModelPool,
+    RunBusyError,
+    RunController,
+    RunStatus,
+    limit_malloc_arenas,
 )
 from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig
 from record_session import record_session
@@ -60,6 +59,7 @@ from session_explorer_lib import (
     SessionError,
     format_timestamp,
     load_session as load_session_from_disk,
+    markdown_escape,
     resolve_session_dir,
     scan_sessions,
     session_info_markdown,
@@ -70,13 +70,10 @@ from session_explorer_lib import (
 
 APP = AppConfig()
 MODEL_CFG = AutoencoderConcatPredictorWorldModelConfig()
-N_LAYERS = MODEL_CFG.decoder_depth  # attention explorer layer checkboxes (5)
-N_HEADS = MODEL_CFG.decoder_num_heads  # attention explorer head checkboxes (4)
+LAYER_COLOUR_NAMES = ("red", "gold", "green", "blue", "violet")  # attention_viz.LAYER_COLOURS in words
 FRAME_UPSCALE = 2  # single frames are shown at 2x (nearest neighbour) so a 16 px patch is easy to see
 MAX_PLOT_POINTS = 2000  # longer metric histories are thinned to this many points per series
 CANVAS_HEIGHT, FRAME_HEIGHT, ATTENTION_HEIGHT = 260, 470, 480  # display heights in CSS pixels
-RUN_LOCK_WAIT_S = 5.0  # a Run waits this long for the tab's previous run to wind down
-STOP_WAIT_S = 30.0  # /stop waits this long for the run to end so it can show the final state
 UNKNOWN_SESSION = "Unknown session: that name is not a session folder in the sessions folder. Press Refresh sessions and choose one from the list."
 NO_SESSION = "Load a session first: choose one in the list and press Load session."
 NO_MODEL_YET = "_No model yet: it is created at the first Run (from the saved checkpoint when there is one)._"
@@ -103,49 +100,34 @@ RUN_OUTPUT_KEYS = (
 
 
 class UserState:
-    """Everything one browser tab owns: its session, world model, metric history and attention.
+    """What one browser tab (or API client) owns: a run controller, plus the attention controls only
+    the page needs.
 
-    A plain class, not a dataclass: Gradio serialises dataclass values with ``dataclasses.asdict``
-    (which deep-copies). Gradio deep-copies a ``gr.State`` default for every new tab;
-    ``__deepcopy__`` hands out a fresh, empty object instead (locks and models cannot be copied,
-    and must never be shared between tabs).
+    A plain class, not a dataclass: Gradio serialises dataclass values with ``dataclasses.asdict``.
+    Gradio deep-copies a ``gr.State`` default for every new tab; ``__deepcopy__`` hands out a fresh
+    object with a new controller from the same pool (models and locks are never shared between tabs).
     """
 
-    def __init__(self) -> None:
-        self.session: Session | None = None
-        self.frame_index = 0  # the slider's frame: the next Run starts its replay here
-        self.world_model: AutoencoderConcatPredictorWorldModel | None = None
-        self.checkpoint_origin = NO_MODEL_YET  # where this tab's model came from (kept for its lifetime)
-        self.checkpoint_saved = ""  # the latest save (or why it failed)
-        self.refused_checkpoint = False  # the checkpoint file was refused; keep it aside before the first save
-        self.history: list[dict] = []  # one metrics dict per iteration, across runs of this tab's model
-        self.attention: AttentionCapture | None = None  # captured once at the end of every run
-        self.attention_note = ""
-        self.attention_controls = (APP.default_quantile, tuple(range(N_LAYERS)), tuple(range(N_HEADS)), "mean", VIZ_LINES)
-        self.run_done = 0
-        self.run_total = 0
-        self.pending_finish = False  # a run ended without saving its checkpoint and attention (it was cancelled)
-        self.run_problem = ""  # why the last run stopped early by itself (an unreadable frame), else ""
-        self.stop_event = threading.Event()
-        self.run_lock = threading.Lock()  # one run at a time per tab (released from whichever thread ends it)
+    def __init__(self, pool: ModelPool | None = None, config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG):
+        self.pool = pool
+        options = dict(config=config, run_lock_wait_s=APP.run_lock_wait_s, stop_grace_s=APP.stop_grace_s)
+        self.controller = pool.controller(**options) if pool is not None else RunController(**options)
+        layers, heads = tuple(range(config.decoder_depth)), tuple(range(config.decoder_num_heads))
+        self.attention_controls = (APP.default_quantile, layers, heads, "mean", VIZ_LINES)
 
     def __deepcopy__(self, memo) -> UserState:
-        return UserState()
+        return UserState(self.pool, self.controller.config)
 
 
 def release_user(user: UserState | None) -> None:
     """Stop the tab's run and drop its model (the ``gr.State`` delete callback; never blocks)."""
     if not isinstance(user, UserState):
         return
-    user.stop_event.set()
-    had_model = user.world_model is not None
-    session_name = user.session.name if user.session is not None else "no session"
-    user.world_model, user.attention, user.session = None, None, None
-    if had_model:
-        LOG.info("freed the world model of a closed browser tab (%d iterations run, last session: %s)",
-                 len(user.history), session_name)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    c = user.controller
+    if c.has_model:
+        name = c.session.name if c.session is not None else "no session"
+        LOG.info("freed the world model of a closed tab (%d iterations run, last session: %s)", len(c.history), name)
+    c.release()
 
 
 class TabRegistry:
@@ -222,9 +204,9 @@ def choice(value: Any, options: Sequence[str], what: str) -> str:
 
 
 def require_session(user: UserState) -> Session:
-    if user.session is None:
+    if user.controller.session is None:
         raise gr.Error(NO_SESSION)
-    return user.session
+    return user.controller.session
 
 
 # -----------------------------------------------------------------------------
@@ -245,10 +227,6 @@ def amplify_error(error: np.ndarray | None) -> tuple[np.ndarray | None, float]:
     peak = int(error.max())
     gain = 255.0 / peak if peak > 0 else 1.0
     return np.clip(error.astype(np.float32) * gain, 0, 255).astype(np.uint8), gain
-
-
-def _md_escape(text: Any) -> str:
-    return "".join("\\" + c if c in "\\`*_{}[]<>#|!" else c for c in str(text))
 
 
 def _fmt(value: float | None, digits: int = 5) -> str:
@@ -300,7 +278,7 @@ def broken_sessions_markdown(summaries: list) -> str:
     if not broken:
         return ""
     lines = [f"**{len(broken)} session(s) cannot be loaded:**"]
-    lines += [f"- {_md_escape(s.name)}: {_md_escape(s.reason)}" for s in broken]
+    lines += [f"- {markdown_escape(s.name)}: {markdown_escape(s.reason)}" for s in broken]
     return "\n".join(lines)
 
 
@@ -382,31 +360,59 @@ def _px(value: float | None) -> str:
     return "no dot drawn" if not math.isfinite(value) else f"{value:.1f} px"
 
 
-def progress_markdown(user: UserState, running: bool) -> str:
-    """Progress k/N with the latest prediction error, iteration time and loss."""
-    last = user.history[-1] if user.history else {}
-    if running:
-        state = "Running"
-    elif user.run_problem or (user.stop_event.is_set() and user.run_done < user.run_total):
-        state = "Stopped"
+# -----------------------------------------------------------------------------
+# what a run shows
+
+
+def checkpoint_markdown(c: RunController) -> str:
+    """Which checkpoint the tab's model came from and where it was last saved."""
+    origin, saved = c.origin, c.saved
+    if origin is None:
+        return NO_MODEL_YET
+    shown = f"`{_display_path(origin.path)}`"
+    if origin.kind == "loaded":
+        parts = [f"**Checkpoint:** loaded {shown} at step {origin.step} (iteration {origin.iteration})."]
+    elif origin.kind == "refused":
+        parts = [f"**Checkpoint refused:** {markdown_escape(_hide_paths(origin.reason))}. Training a fresh model "
+                 "instead; the refused file is kept beside it under a new name when this model first saves."]
     else:
-        state = "Done"
+        parts = [f"**Checkpoint:** none found at {shown}; training a fresh model."]
+    if saved is not None and saved.ok:
+        text = f"**Saved** to `{_display_path(saved.path)}` after the last run: step {saved.step}, iteration {saved.iteration}."
+        if saved.set_aside:
+            text += f" The refused file was kept as `{markdown_escape(saved.set_aside)}`."
+        elif saved.reason:
+            text += f" ({markdown_escape(saved.reason)}.)"
+        parts.append(text)
+    elif saved is not None:
+        parts.append(f"**Checkpoint not saved:** {markdown_escape(_hide_paths(saved.reason))}")
+    return "\n\n".join(parts)
+
+
+def progress_markdown(status: RunStatus) -> str:
+    """Progress k/N with the latest prediction error, iteration time and loss, and the model's counters."""
+    if status.state == "idle":
+        return "_Not run yet._"
+    last = status.last
+    state = {"running": "Running", "stopped": "Stopped", "done": "Done"}[status.state]
     time_ms = None if last.get("iteration_time") is None else 1000.0 * last["iteration_time"]
+    step = "n/a" if status.model_step is None else status.model_step
+    iteration = "n/a" if status.model_iteration is None else status.model_iteration
     text = (
-        f"**{state}: {user.run_done}/{user.run_total}** iterations | "
+        f"**{state}: {status.done}/{status.total}** iterations | "
         f"**prediction error (MSE):** {_fmt(last.get('prediction_error'))} | "
         f"**dot error:** {_px(last.get('dot_error'))} | "
         f"**iteration time:** {_fmt(time_ms, 4)} ms | **training loss:** {_fmt(last.get('training_loss'))} | "
-        f"model step {last.get('step', 0)}, iteration {last.get('iteration', 0)}"
+        f"model step {step}, iteration {iteration}"
     )
-    if user.run_problem and not running:
-        text += f"\n\n**Run stopped early:** {_md_escape(user.run_problem)}"
+    if status.problem and status.state != "running":
+        text += f"\n\n**Run stopped early:** {markdown_escape(_hide_paths(status.problem))}"
     return text
 
 
-def prediction_outputs(wm: AutoencoderConcatPredictorWorldModel) -> tuple:
+def prediction_outputs(views: dict | None) -> tuple:
     """Current frame, predicted next frame, amplified error map (with its label) and a summary."""
-    views = wm.get_prediction_views()
+    views = views or {"current": None, "predicted": None, "error": None, "error_mse": None}
     error, gain = amplify_error(views["error"])
     mse = views["error_mse"]
     label = f"Prediction error |predicted - actual| (MSE {_fmt(mse)}; brightness x{gain:.1f} for visibility)"
@@ -420,7 +426,9 @@ def prediction_outputs(wm: AutoencoderConcatPredictorWorldModel) -> tuple:
 
 def attention_outputs(user: UserState) -> tuple[np.ndarray | None, str]:
     """Redraw the cached attention capture with the tab's current controls (never runs the model)."""
-    if user.attention is None:
+    c = user.controller
+    attention = c.attention
+    if attention is None:
         return None, NOTHING_RUN_YET
     quantile, layers, heads, aggregation, viz_type = user.attention_controls
     if not layers:
@@ -428,89 +436,25 @@ def attention_outputs(user: UserState) -> tuple[np.ndarray | None, str]:
     if not heads:
         return None, "_Select at least one attention head to show attention._"
     try:
-        image, _, summary = render_attention(user.attention, quantile, layers, heads, aggregation, viz_type)
+        image, _, summary = render_attention(attention, quantile, layers, heads, aggregation, viz_type)
     except ValueError as e:
         raise gr.Error(f"Cannot draw the attention: {e}") from None
-    return image, f"{user.attention_note}\n\n{summary}"
-
-
-# -----------------------------------------------------------------------------
-# the world model of a tab
-
-
-def create_world_model(user: UserState, robot: ReplayRobot) -> AutoencoderConcatPredictorWorldModel:
-    """A new model for this tab, resumed from the saved checkpoint when it is present and compatible."""
-    path = Path(config.CHECKPOINT_PATH)
-    wm = AutoencoderConcatPredictorWorldModel(robot)
-    shown = f"`{_display_path(path)}`"
-    if not path.is_file():
-        user.checkpoint_origin = f"**Checkpoint:** none found at {shown}; training a fresh model."
-        return wm
-    try:
-        info = wm.load_checkpoint(path)
-        user.checkpoint_origin = f"**Checkpoint:** loaded {shown} at step {info['step']} (iteration {info['iteration']})."
-    except CheckpointError as e:
-        user.refused_checkpoint = True
-        user.checkpoint_origin = (
-            f"**Checkpoint refused:** {_md_escape(e)}. Training a fresh model instead; the refused file is "
-            "kept beside it under a new name when this model first saves."
-        )
-    return wm
-
-
-def checkpoint_markdown(user: UserState) -> str:
-    """Which checkpoint this tab's model came from and where it was last saved."""
-    return "\n\n".join(part for part in (user.checkpoint_origin, user.checkpoint_saved) if part)
-
-
-def attach_replay(wm: AutoencoderConcatPredictorWorldModel, session: Session, start: int) -> None:
-    """Point the model at ``session`` from frame ``start``; a run that resumes where the last one
-    stopped keeps its history, any other start clears it (the frames would not follow each other)."""
-    robot = wm.robot
-    if isinstance(robot, ReplayRobot) and robot.session is session and robot.index == start:
-        return
-    robot = ReplayRobot(session, start_index=start)
-    with wm.lock:
-        wm.robot = robot
-        wm.action_selector = create_replay_action_selector(robot)
-        wm.interleaved_history.clear()
-        wm.last_prediction = None
-
-
-def finish_run(user: UserState, wm: AutoencoderConcatPredictorWorldModel) -> None:
-    """After a run: save the checkpoint (atomically, by the engine) and capture decoder attention once."""
-    path = Path(config.CHECKPOINT_PATH)
-    aside = ""
-    try:
-        if user.refused_checkpoint and path.is_file():  # never overwrite a file we could not read
-            kept = path.with_name(f"{path.stem}.refused-{datetime.now():%Y%m%d-%H%M%S}{path.suffix}")
-            os.replace(path, kept)
-            aside = f" The refused file was kept as `{kept.name}`."
-        user.refused_checkpoint = False
-        wm.save_checkpoint(path)
-        user.checkpoint_saved = (f"**Saved** to `{_display_path(path)}` after the last run: step {wm.step}, "
-                                 f"iteration {wm.iteration}.{aside}")
-    except (CheckpointError, OSError) as e:
-        user.checkpoint_saved = f"**Checkpoint not saved:** {_md_escape(e)}"
-    user.attention = wm.capture_decoder_attention()
-    user.attention_note = f"_Decoder attention captured after iteration {wm.iteration} (model step {wm.step})._"
-    robot = wm.robot
-    if isinstance(robot, ReplayRobot) and robot.session is user.session:
-        user.frame_index = robot.index  # the next Run continues from here
-    user.pending_finish = False
+    iteration, step = c.attention_at
+    return image, f"_Decoder attention captured after iteration {iteration} (model step {step})._\n\n{summary}"
 
 
 def _display_outputs(user: UserState, final: bool, first: bool = False) -> tuple:
     """Values for RUN_OUTPUT_KEYS; while running, the slow-changing outputs are skipped."""
-    wm = user.world_model
-    if wm is None:
-        return (progress_markdown(user, not final),) + (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 1)
-    train = wm.get_training_views() or {}
+    c = user.controller
+    progress = progress_markdown(c.status())
+    if not c.has_model:
+        return (progress, checkpoint_markdown(c)) + (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 2)
+    train = c.training_views() or {}
     views = tuple(train.get(k) for k in ("original", "masked", "inpainting", "composite"))
-    plots = metric_frames(user.history)
-    tail = (*attention_outputs(user), gr.Slider(value=user.frame_index)) if final else (gr.skip(),) * 3
-    checkpoint = checkpoint_markdown(user) if final or first else gr.skip()
-    return (progress_markdown(user, not final), checkpoint, *views, *prediction_outputs(wm), *plots, *tail)
+    plots = metric_frames(c.history)
+    tail = (*attention_outputs(user), gr.Slider(value=c.start_frame)) if final else (gr.skip(),) * 3
+    checkpoint = checkpoint_markdown(c) if final or first else gr.skip()
+    return (progress, checkpoint, *views, *prediction_outputs(c.prediction_views()), *plots, *tail)
 
 
 # -----------------------------------------------------------------------------
@@ -537,21 +481,22 @@ def load_session(session_choice: Any, user: UserState) -> tuple:
     except SessionError as e:
         raise gr.Error(f"Cannot load session {session_choice}: {_hide_paths(e)}") from None
     image, frame_md = frame_outputs(session, 0)
-    user.session, user.frame_index = session, 0
+    user.controller.load_session(session)
     info = session_info_markdown(session)
-    if user.world_model is not None:
+    if user.controller.has_model:
         info += "\n\n_The world model is kept: the next Run replays this session from the slider's frame._"
     slider = gr.Slider(minimum=0, maximum=session.num_frames - 1, value=0, step=1, interactive=True)
     return user, info, slider, image, frame_md, 0
 
 
-def update_frame(frame_index: Any, user: UserState) -> tuple[np.ndarray, str]:
-    """Show frame ``frame_index`` (the slider) with its step, timestamp and following action."""
+def update_frame(frame_index: Any, user: UserState) -> tuple[np.ndarray, str, int]:
+    """Show frame ``frame_index`` (the slider) with its step, timestamp and following action; the
+    next Run starts there (also when the slider moves during a run)."""
     session = require_session(user)
     index = whole_number(frame_index, "Frame index", 0, session.num_frames - 1)
     image, frame_md = frame_outputs(session, index)
-    user.frame_index = index
-    return image, frame_md
+    user.controller.set_start_frame(index)
+    return image, frame_md, index
 
 
 def jump_to_frame(frame_number: Any, user: UserState) -> tuple:
@@ -559,7 +504,7 @@ def jump_to_frame(frame_number: Any, user: UserState) -> tuple:
     session = require_session(user)
     index = whole_number(frame_number, "Frame number", 0, session.num_frames - 1)
     image, frame_md = frame_outputs(session, index)
-    user.frame_index = index
+    user.controller.set_start_frame(index)
     return gr.Slider(value=index), image, frame_md
 
 
@@ -570,63 +515,48 @@ def run_world_model(num_iterations: Any, user: UserState):
     iterations done so far are kept and saved, and the run fails with a message naming the frame.
     """
     total = whole_number(num_iterations, "Number of iterations", APP.min_iterations, APP.max_iterations)
-    session = require_session(user)
-    if not user.run_lock.acquire(timeout=RUN_LOCK_WAIT_S):
-        raise gr.Error("A run is already in progress in this tab: press Stop or wait for it to finish.")
+    require_session(user)
+    last_yield = -math.inf
     try:
-        user.stop_event.clear()
-        user.run_problem = ""
-        if user.world_model is None:
-            user.world_model = create_world_model(user, ReplayRobot(session, start_index=user.frame_index))
-        wm = user.world_model
-        attach_replay(wm, session, user.frame_index)
-        user.run_done, user.run_total, user.pending_finish = 0, total, True
-        yield (user, *_display_outputs(user, final=False, first=True))
-        last_yield = time.monotonic()
-        try:
-            for metrics in wm.run_iter(total, user.stop_event):
-                user.history.append(metrics)
-                user.run_done += 1
-                if time.monotonic() - last_yield >= APP.update_interval_s:
-                    yield (user, *_display_outputs(user, final=False))
-                    last_yield = time.monotonic()
-        except SessionError as e:
-            # the engine reads the frame before it changes anything, so the model is as it was after
-            # the last complete iteration; the message names the file ("<session>/frames/<file>")
-            user.run_problem = f"cannot read the next frame of session {session.name}: {_hide_paths(e)}"
-        finish_run(user, wm)
-        yield (user, *_display_outputs(user, final=True))
-        if user.run_problem:
-            raise gr.Error(f"The run stopped after {user.run_done} of {total} iterations: {user.run_problem}.")
-    finally:
-        user.run_lock.release()
+        for metrics in user.controller.run(total):
+            if metrics is None or time.monotonic() - last_yield >= APP.update_interval_s:
+                yield (user, *_display_outputs(user, final=False, first=metrics is None))
+                last_yield = time.monotonic()
+    except RunBusyError:
+        raise gr.Error("A run is already in progress in this tab: press Stop or wait for it to finish.") from None
+    yield (user, *_display_outputs(user, final=True))
+    status = user.controller.status()
+    if status.problem:
+        raise gr.Error(f"The run stopped after {status.done} of {total} iterations: {_hide_paths(status.problem)}.")
 
 
 def stop_run(user: UserState) -> tuple:
     """Ask the tab's run to stop after its current iteration, wait for it, then show the final state."""
-    user.stop_event.set()
-    if not user.run_lock.acquire(timeout=STOP_WAIT_S):
+    answer = user.controller.stop(APP.stop_wait_s)
+    if answer == "stopping":
         return ("**Stopping:** the run ends after its current iteration.",) + (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 1)
-    try:
-        if user.world_model is None:
-            return ("_Nothing is running._",) + (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 1)
-        if user.pending_finish:  # the run was cancelled between two updates: finish it here
-            finish_run(user, user.world_model)
-        return _display_outputs(user, final=True)
-    finally:
-        user.run_lock.release()
+    if answer == "idle" and not user.controller.has_model:
+        return ("_Nothing is running._",) + (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 1)
+    return _display_outputs(user, final=True)
 
 
-def update_attention_viz(
-    quantile: Any, layer0: Any, layer1: Any, layer2: Any, layer3: Any, layer4: Any,
-    head0: Any, head1: Any, head2: Any, head3: Any, aggregation: Any, viz_type: Any, user: UserState,
-) -> tuple[np.ndarray | None, str]:
-    """Redraw the decoder attention from the capture of the last run with new controls."""
+def update_attention_viz(quantile: Any, *controls: Any) -> tuple[np.ndarray | None, str]:
+    """Redraw the decoder attention from the capture of the last run with new controls.
+
+    ``controls``: one checkbox per decoder layer, one per head (as many as the model has), the
+    aggregation, the visualization type and the tab's ``UserState`` last.
+    """
+    *controls, user = controls
+    cfg = user.controller.config
+    n_layers, n_heads = cfg.decoder_depth, cfg.decoder_num_heads
+    if len(controls) != n_layers + n_heads + 2:
+        raise gr.Error(f"Expected {n_layers} layer and {n_heads} head checkboxes, the aggregation and the "
+                       f"visualization type (got {len(controls)} values).")
     q = parse_quantile(quantile)
-    layers = selected_indices((layer0, layer1, layer2, layer3, layer4), "Decoder layer")
-    heads = selected_indices((head0, head1, head2, head3), "Attention head")
-    aggregation = choice(aggregation, AGGREGATIONS, "Aggregation")
-    viz_type = choice(viz_type, VIZ_TYPES, "Visualization type")
+    layers = selected_indices(controls[:n_layers], "Decoder layer")
+    heads = selected_indices(controls[n_layers:n_layers + n_heads], "Attention head")
+    aggregation = choice(controls[-2], AGGREGATIONS, "Aggregation")
+    viz_type = choice(controls[-1], VIZ_TYPES, "Visualization type")
     user.attention_controls = (q, layers, heads, aggregation, viz_type)
     return attention_outputs(user)
 
@@ -730,22 +660,23 @@ def _metrics_section() -> dict[str, Any]:
     return {"plot_error": plot_error, "plot_dot": plot_dot, "plot_time": plot_time, "plot_loss": plot_loss}
 
 
-def _attention_section() -> dict[str, Any]:
-    """Section 6: attention controls, picture and statistics."""
+def _attention_section(cfg: AutoencoderConcatPredictorWorldModelConfig) -> dict[str, Any]:
+    """Section 6: attention controls (one checkbox per decoder layer and head of ``cfg``), picture and statistics."""
     gr.Markdown("## 6. Decoder attention (from the last run; controls redraw without running the model)",
                 elem_classes=["section-title"])
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=300):
             quantile = gr.Slider(0, 100, value=APP.default_quantile, step=0.5, elem_id="attn-quantile",
                                  label="Quantile threshold (95 = strongest 5%)")
-            gr.Markdown("**Decoder layers** (line colours: L0 red, L1 gold, L2 green, L3 blue, L4 violet)")
+            colours = ", ".join(f"L{i} {LAYER_COLOUR_NAMES[i % len(LAYER_COLOUR_NAMES)]}" for i in range(cfg.decoder_depth))
+            gr.Markdown(f"**Decoder layers** (line colours: {colours})")
             with gr.Row():
                 layer_boxes = [gr.Checkbox(value=True, label=f"L{i}", elem_id=f"attn-layer-{i}", min_width=60)
-                               for i in range(N_LAYERS)]
+                               for i in range(cfg.decoder_depth)]
             gr.Markdown("**Attention heads** (combined by the aggregation below)")
             with gr.Row():
                 head_boxes = [gr.Checkbox(value=True, label=f"H{i}", elem_id=f"attn-head-{i}", min_width=60)
-                              for i in range(N_HEADS)]
+                              for i in range(cfg.decoder_num_heads)]
             aggregation = gr.Radio(list(AGGREGATIONS), value="mean", label="Aggregation over heads",
                                    elem_id="attn-aggregation")
             viz_type = gr.Radio(list(VIZ_TYPES), value=VIZ_LINES, label="Visualization", elem_id="attn-viz-type")
@@ -766,14 +697,14 @@ def _wire(demo: gr.Blocks, registry: TabRegistry, user: gr.State, c: dict[str, A
     c["load_btn"].click(load_session, [c["session_dropdown"], user],
                         [user, c["session_info"], c["frame_slider"], c["frame_image"], c["frame_info"], c["jump_number"]],
                         api_name="load_session", preprocess=False)
-    c["frame_slider"].change(update_frame, [c["frame_slider"], user], [c["frame_image"], c["frame_info"]],
+    c["frame_slider"].change(update_frame, [c["frame_slider"], user], [c["frame_image"], c["frame_info"], c["jump_number"]],
                              api_name="update_frame", preprocess=False, trigger_mode="always_last",
                              concurrency_limit=None, show_progress="hidden")
     jump_inputs, jump_outputs = [c["jump_number"], user], [c["frame_slider"], c["frame_image"], c["frame_info"]]
     c["jump_btn"].click(jump_to_frame, jump_inputs, jump_outputs, api_name="jump_to_frame", preprocess=False)
     c["jump_number"].submit(jump_to_frame, jump_inputs, jump_outputs, api_visibility="private", preprocess=False)
     # concurrency_id is global across users, so the limit lets several tabs train at once;
-    # each tab's own runs are serialised by the run lock in its UserState
+    # each tab's own runs are serialised by its controller
     run_event = c["run_btn"].click(run_world_model, [c["iterations"], user], [user, *run_outputs],
                                    api_name="run_world_model", preprocess=False, concurrency_id="model",
                                    concurrency_limit=4, show_progress="minimal", show_progress_on=[c["progress"]])
@@ -785,21 +716,24 @@ def _wire(demo: gr.Blocks, registry: TabRegistry, user: gr.State, c: dict[str, A
           trigger_mode="always_last", concurrency_limit=None, show_progress="hidden")
 
 
-def build_demo(cache_frequency_s: int = 600, cache_age_s: int = 3600) -> gr.Blocks:
+def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, cache_frequency_s: int = 600,
+               cache_age_s: int = 3600) -> gr.Blocks:
     """Declare the page and wire the handlers; launches nothing.
 
     Args:
+        config: the world model's settings (the attention controls follow its decoder depth and heads).
         cache_frequency_s: how often Gradio sweeps its image cache.
         cache_age_s: cached image files older than this are deleted.
     """
     registry = TabRegistry()
     with gr.Blocks(title="Concat World Model Explorer", delete_cache=(cache_frequency_s, cache_age_s)) as demo:
-        user = gr.State(UserState(), delete_callback=release_user)
+        pool = ModelPool(APP.idle_park_s, APP.max_resident_models, min(APP.park_sweep_s, APP.idle_park_s / 2))
+        user = gr.State(UserState(pool, config), delete_callback=release_user)
         gr.Markdown(
             "# Concat World Model Explorer\nLoad a recorded toroidal-dot session, scrub its frames, run the "
             "canvas-inpainting world model and explore why it predicts what it does.", elem_id="app-title")
 
-        c = {**_session_section(), **_run_section(), **_views_sections(), **_metrics_section(), **_attention_section()}
+        c = {**_session_section(), **_run_section(), **_views_sections(), **_metrics_section(), **_attention_section(config)}
         _wire(demo, registry, user, c)
     return demo
 
@@ -908,6 +842,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
+    limit_malloc_arenas(APP.malloc_arenas)  # before the worker threads exist: freed models' memory goes back
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     LOG.setLevel(logging.INFO)

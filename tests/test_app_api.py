@@ -146,7 +146,8 @@ def test_a_broken_session_is_refused_with_its_reason(client):
 
 def test_slider_and_jump_show_step_timestamp_and_action(client):
     load(client)
-    frame, frame_md = client.predict(7, api_name="/update_frame")
+    frame, frame_md, number = client.predict(7, api_name="/update_frame")
+    assert number == 7  # the Frame number box follows the slider
     image = png(frame)
     assert white_pixels(image) > 100
     assert "**Frame 7**" in frame_md and "**Step:** 14" in frame_md and "**Time:** 20" in frame_md
@@ -311,7 +312,7 @@ def test_after_the_bad_inputs_the_state_is_unchanged_and_valid_calls_work(traine
     assert final[PROGRESS].startswith("**Done: 1/1**")
     assert int(final[PROGRESS].split("iteration ")[-1]) == iteration + 1  # no bad call trained the model
     assert final[SLIDER]["value"] == 6  # started at frame 4 (kept), moved 1 + 1 iterations
-    frame, frame_md = trained.predict(3, api_name="/update_frame")
+    frame, frame_md, _ = trained.predict(3, api_name="/update_frame")
     assert "**Frame 3**" in frame_md and f"of 0-{ALT_FRAMES - 1}" in frame_md  # still the same session
     image, stats = trained.predict(95, *ALL_ON, "mean", LINES, api_name="/update_attention_viz")
     assert image is not None and "connections" in stats

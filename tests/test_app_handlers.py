@@ -4,8 +4,10 @@ redraw speed, checkpoints, tab clean-up and the command line."""
 from __future__ import annotations
 
 import asyncio
-import re
+import dataclasses
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -18,7 +20,8 @@ import pytest
 
 import concat_world_model_explorer_gradio as app
 import config
-from conftest import free_port
+from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel, ModelPool, RunController
+from conftest import REPO, free_port
 from record_session import record_session
 
 SESSION = "handler_alternate"
@@ -87,10 +90,17 @@ def test_build_demo_declares_the_fixed_endpoints_without_launching():
     assert getattr(demo, "server", None) is None  # nothing was launched
 
 
-def test_module_keeps_no_global_state_and_no_pyplot():
-    source = Path(app.__file__).read_text()
-    assert re.search(r"^\s*global\s", source, re.M) is None
-    assert "pyplot" not in source and "plt." not in source
+def test_the_server_never_loads_pyplot():
+    script = ("import sys, concat_world_model_explorer_gradio as app; app.build_demo(); "
+              "print('matplotlib.pyplot' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]
+
+
+def test_a_run_leaves_no_model_in_the_modules_globals(loaded):
+    run_all(1, loaded)
+    kinds = (RunController, ModelPool, AutoencoderConcatPredictorWorldModel, app.UserState)
+    assert [name for name, value in vars(app).items() if isinstance(value, kinds)] == []
 
 
 # -----------------------------------------------------------------------------
@@ -116,20 +126,12 @@ def test_quantile_outside_0_to_100_is_refused(value):
         app.parse_quantile(value)
 
 
-@pytest.mark.parametrize("name", ["../../etc", "/etc/passwd", "..", ".", "a/b", "no_such_session", 42, ["x"]])
-def test_hostile_or_unknown_session_names_get_one_generic_message(env, name):
-    user = app.UserState()
-    message = error_message(app.load_session, name, user)
-    assert message == app.UNKNOWN_SESSION and "/etc" not in message
-    assert user.session is None
-
-
 def test_running_or_scrubbing_before_loading_asks_to_load_first(env):
     user = app.UserState()
     assert "Load a session first" in error_message(app.run_world_model, 5, user)
     assert "Load a session first" in error_message(app.update_frame, 0, user)
     assert "Load a session first" in error_message(app.jump_to_frame, 0, user)
-    assert user.world_model is None
+    assert not user.controller.has_model
 
 
 # -----------------------------------------------------------------------------
@@ -144,14 +146,15 @@ def test_load_shows_info_and_frame_zero(env):
     assert "**Frame 0**" in frame_md and "**Action after it:** 0 = stay" in frame_md and jump == 0
 
 
-def test_update_frame_and_jump_move_the_start_frame(loaded):
-    image, frame_md = app.update_frame(3.0, loaded)
-    assert loaded.frame_index == 3 and "**Frame 3**" in frame_md and "**Step:** 6" in frame_md
+def test_update_frame_and_jump_move_the_start_frame_and_the_frame_number_box(loaded):
+    image, frame_md, number = app.update_frame(3.0, loaded)
+    assert loaded.controller.start_frame == 3 and number == 3
+    assert "**Frame 3**" in frame_md and "**Step:** 6" in frame_md
     slider, _, frame_md = app.jump_to_frame(24, loaded)
     assert slider.value == 24 and "none (the last frame)" in frame_md
     for bad in (25, -1, 2.5, float("nan"), "3", None):
         assert "Frame index must be a whole number from 0 to 24" in error_message(app.update_frame, bad, loaded)
-    assert loaded.frame_index == 24
+    assert loaded.controller.start_frame == 24
 
 
 # -----------------------------------------------------------------------------
@@ -167,12 +170,13 @@ def test_run_streams_progress_saves_a_checkpoint_and_captures_attention(loaded, 
         updates.append(update)
     final = updates[-1]
     assert out(final, "progress").startswith("**Done: 4/4**")
-    assert len(updates) >= 2 and loaded.run_done == 4 and not loaded.run_lock.locked()
-    longest = max(m["iteration_time"] for m in loaded.history)
+    c = loaded.controller
+    assert len(updates) >= 2 and c.status().done == 4 and not c.running
+    longest = max(m["iteration_time"] for m in c.history)
     gaps = np.diff([0.0, *stamps])
     assert gaps.max() <= app.APP.update_interval_s + longest + 1.0  # updates arrive on a time budget
     assert env.is_file() and "**Saved**" in out(final, "checkpoint")
-    assert loaded.attention is not None and "connections" in out(final, "attn_stats")
+    assert c.attention is not None and "connections" in out(final, "attn_stats")
     error, timing, loss = out(final, "plot_error"), out(final, "plot_time"), out(final, "plot_loss")
     assert timing["iteration"].notna().sum() == 4
     assert error[error.series == app.SERIES_PREDICTION]["iteration"].notna().sum() == 2  # from iteration 3 on
@@ -194,12 +198,12 @@ def test_dot_found_graph_is_the_rolling_share_within_3px_and_a_missing_dot_is_a_
 
 def test_history_is_kept_across_runs_and_a_new_session_keeps_the_model(loaded):
     run_all(2, loaded)
-    model = loaded.world_model
+    model = loaded.controller.world_model()
     run_all(1, loaded)
-    assert [m["iteration"] for m in loaded.history] == [1, 2, 3]
+    assert [m["iteration"] for m in loaded.controller.history] == [1, 2, 3]
     app.load_session(SESSION, loaded)
     final = run_all(1, loaded)[-1]
-    assert loaded.world_model is model and len(loaded.history) == 4
+    assert loaded.controller.world_model() is model and len(loaded.controller.history) == 4
     assert out(final, "plot_time")["iteration"].notna().sum() == 4
 
 
@@ -207,16 +211,17 @@ def test_stop_ends_the_run_within_one_iteration(loaded):
     updates = []
     runner = threading.Thread(target=lambda: updates.extend(app.run_world_model(300, loaded)))
     runner.start()
+    c = loaded.controller
     deadline = time.monotonic() + 120
-    while loaded.run_done < 1 and time.monotonic() < deadline:
+    while c.status().done < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     result = app.stop_run(loaded)
-    done_at_stop = loaded.run_done
+    done_at_stop = c.status().done
     runner.join(timeout=60)
     assert not runner.is_alive()
     assert result[0].startswith(f"**Stopped: {done_at_stop}/300**") and done_at_stop < 300
     assert out(updates[-1], "progress").startswith("**Stopped:")
-    assert loaded.attention is not None and not loaded.pending_finish
+    assert c.attention is not None and c.saved.iteration == done_at_stop
     final = run_all(1, loaded)[-1]  # the model is consistent: the next run works
     assert out(final, "progress").startswith("**Done: 1/1**")
 
@@ -226,10 +231,39 @@ def test_stop_finishes_a_run_that_the_queue_cancelled(loaded, env):
     next(run)
     next(run, None)  # at least one more update: some iterations ran
     run.close()  # what Gradio does on cancels=[...] (GeneratorExit at the yield)
-    assert loaded.pending_finish and not loaded.run_lock.locked() and loaded.attention is None
+    c = loaded.controller
+    assert not c.running and c.saved is None and c.attention is None and not env.is_file()
     result = app.stop_run(loaded)
-    assert not loaded.pending_finish and loaded.attention is not None and env.is_file()
+    assert c.saved.ok and c.attention is not None and env.is_file()
     assert result[app.RUN_OUTPUT_KEYS.index("attn_image")] is not None
+    assert result[0].startswith(f"**Stopped: {c.status().done}/50**")
+
+
+def test_a_slider_moved_during_a_run_is_kept_when_the_run_ends(loaded):
+    c = loaded.controller
+    run = app.run_world_model(6, loaded)
+    next(run)
+    app.update_frame(17, loaded)  # the user drags the slider while the run goes
+    final = list(run)[-1]
+    assert out(final, "frame_slider").value == 17 and c.start_frame == 17
+    run_all(1, loaded)
+    assert c.world_model().robot.index == 18  # the next run replayed from frame 17
+
+
+def test_stop_right_before_the_run_starts_stops_it_and_shows_the_loaded_models_step(loaded, env):
+    run_all(3, loaded)
+    saved_step = loaded.controller.saved.step
+    tab = app.UserState()
+    app.load_session(SESSION, tab)
+    answers = []
+    stopper = threading.Thread(target=lambda: answers.append(app.stop_run(tab)))
+    stopper.start()  # Stop reaches the server first: nothing runs yet
+    time.sleep(0.1)
+    final = run_all(50, tab)[-1]
+    stopper.join(30)
+    assert out(final, "progress").startswith("**Stopped: 0/50**")
+    assert f"model step {saved_step}, iteration 3" in out(final, "progress")
+    assert answers[0][0].startswith("**Stopped: 0/50**")
 
 
 def test_refused_checkpoint_is_reported_kept_aside_and_replaced(loaded, env):
@@ -269,7 +303,7 @@ def test_attention_messages_before_a_run_and_for_empty_selections(loaded):
 
 def test_attention_redraws_from_the_cache_in_under_300_ms(loaded):
     run_all(2, loaded)  # the second iteration makes the first prediction, whose attention is captured
-    step = loaded.world_model.step
+    step = loaded.controller.world_model().step
     pictures = {}
     for viz in app.VIZ_TYPES:
         for aggregation in app.AGGREGATIONS:
@@ -285,7 +319,23 @@ def test_attention_redraws_from_the_cache_in_under_300_ms(loaded):
         assert pictures[viz, "max"][0] != pictures[viz, "mean"][0]
         assert pictures[viz, "sum"][1] != pictures[viz, "mean"][1]
     assert pictures[app.VIZ_LINES, "mean"][0] != pictures[app.VIZ_HEATMAP, "mean"][0]
-    assert loaded.world_model.step == step  # no training happened
+    assert loaded.controller.world_model().step == step  # no training happened
+
+
+def test_attention_controls_follow_the_configured_decoder_depth_and_heads(env):
+    small = dataclasses.replace(app.MODEL_CFG, embed_dim=32, decoder_embed_dim=32, decoder_depth=3, decoder_num_heads=2)
+    demo = app.build_demo(config=small)
+    ids = {b.elem_id for b in demo.blocks.values() if isinstance(b, gr.Checkbox)}
+    assert ids == {"attn-layer-0", "attn-layer-1", "attn-layer-2", "attn-head-0", "attn-head-1"}
+    viz = next(fn for fn in demo.fns.values() if fn.api_name == "update_attention_viz")
+    assert len(viz.inputs) == 1 + 3 + 2 + 2 + 1  # quantile, layers, heads, aggregation, type, state
+    user = app.UserState(config=small)
+    app.load_session(SESSION, user)
+    run_all(2, user)
+    image, md = app.update_attention_viz(90, True, False, True, False, True, "max", app.VIZ_LINES, user)
+    assert image is not None and user.attention_controls[1:3] == ((0, 2), (1,))
+    assert "Expected 3 layer and 2 head checkboxes" in error_message(
+        app.update_attention_viz, 90, *ALL_ON, "mean", app.VIZ_LINES, user)
 
 
 # -----------------------------------------------------------------------------
@@ -298,7 +348,8 @@ def test_closing_a_tab_frees_its_model(loaded):
     request = types.SimpleNamespace(session_hash="tab-1")
     assert registry.register(loaded, request) is loaded
     registry.release(request)
-    assert loaded.world_model is None and loaded.attention is None and loaded.stop_event.is_set()
+    c = loaded.controller
+    assert not c.has_model and c.attention is None and c.stop_event.is_set()
     registry.release(request)  # a second unload is harmless
 
 
@@ -306,7 +357,8 @@ def test_state_copies_are_fresh_and_independent(loaded):
     import copy
 
     twin = copy.deepcopy(loaded)
-    assert twin.session is None and twin.world_model is None and twin.run_lock is not loaded.run_lock
+    assert twin.controller is not loaded.controller and twin.controller.session is None
+    assert not twin.controller.has_model and twin.controller.stop_event is not loaded.controller.stop_event
 
 
 # -----------------------------------------------------------------------------

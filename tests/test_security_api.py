@@ -237,7 +237,7 @@ def test_hostile_session_names_get_one_generic_message_and_nothing_outside_is_re
     # the state is unchanged: the good session still scrubs, every frame its own and never a red one
     assert not has_red(png(good_frame))
     for index in (ALT_FRAMES - 1, 7):
-        frame, frame_md = client.predict(index, api_name="/update_frame")
+        frame, frame_md, _ = client.predict(index, api_name="/update_frame")
         assert f"**Frame {index}** of 0-{ALT_FRAMES - 1}" in frame_md
         image = png(frame)
         assert np.array_equal(image, session_frame(sessions / ALT, index, 2)) and not has_red(image)
