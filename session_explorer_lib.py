@@ -363,7 +363,9 @@ def load_session_metadata(session_dir: str | os.PathLike) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise SessionError(f"{label} is not valid JSON (not UTF-8 text)") from None
     except json.JSONDecodeError as e:
-        raise SessionError(f"{label} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        # some messages already end in "at" ("Unterminated string starting at"): do not say it twice
+        where = f"line {e.lineno} column {e.colno}"
+        raise SessionError(f"{label} is not valid JSON ({e.msg.removesuffix(' at')} at {where})") from None
     except (ValueError, RecursionError) as e:  # absurdly deep nesting, integers of thousands of digits
         raise SessionError(f"{label} is not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(meta, dict):

@@ -156,7 +156,8 @@ def test_list_session_dirs_skips_files_and_missing_root(root, session_dir, tmp_p
     [
         (None, "missing"),
         ("", "empty"),
-        ("{not json", "not valid JSON"),
+        ("{not json", "not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
+        ('{"session_name": "s', "not valid JSON (Unterminated string starting at line 1 column 18)"),
         ("[1, 2]", "not a JSON object"),
         ({"robot_type": "x", "action_space": []}, "session_name"),
         ({"session_name": 5, "robot_type": "x", "action_space": []}, "'session_name' should be a string"),
