@@ -52,7 +52,7 @@ from autoencoder_concat_predictor_world_model import (
 )
 from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig
 from record_session import record_session
-from server_guard import MAX_UPLOAD_BYTES, LoginGuard, never_served_paths
+from server_guard import MAX_UPLOAD_BYTES, LoginDelay, LoginGuard, UploadRefusal, never_served_paths
 from session_explorer_lib import (
     ACTION_NAMES,
     Session,
@@ -822,7 +822,8 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, block: bool = True) -> gr.
     if args.share and args.auth is None:
         print(PUBLIC_WARNING, file=sys.stderr, flush=True)
     demo.queue(default_concurrency_limit=1)
-    app_kwargs = {"middleware": [Middleware(LoginGuard)]} if args.auth else None
+    guards = (LoginGuard, LoginDelay, UploadRefusal) if args.auth else (UploadRefusal,)  # the first is outermost
+    app_kwargs = {"middleware": [Middleware(guard) for guard in guards]}
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.auth,
                 inbrowser=should_open_browser(args.no_browser), show_error=True, prevent_thread_lock=True,
                 theme=THEME, css=CSS, blocked_paths=never_served_paths(gr.utils.get_upload_folder()),

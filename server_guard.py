@@ -1,15 +1,19 @@
 """What the app's server hands out, and to whom: no uploads, project and data folders never served,
-and with ``--auth`` a login guard in front of every route.
+and with ``--auth`` a login guard in front of every route and a growing delay after wrong passwords.
 
 Gradio-specific ASGI middleware, kept out of the app file so the layout and handlers read alone.
-The app installs ``LoginGuard`` with ``--auth`` and passes ``never_served_paths`` and
-``MAX_UPLOAD_BYTES`` to ``launch()``.
+The app always installs ``UploadRefusal``, with ``--auth`` also ``LoginGuard`` and ``LoginDelay``, and
+passes ``never_served_paths`` and ``MAX_UPLOAD_BYTES`` to ``launch()``. The environment variables
+``CWM_LOGIN_DELAY_BASE_S`` and ``CWM_LOGIN_DELAY_CAP_S`` set the login delays (tests shorten them).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,18 @@ import config
 # the app takes no files from a browser, so Gradio's upload route refuses any non-empty file:
 # whatever the server hands out is a picture the app drew itself
 MAX_UPLOAD_BYTES = 0
+# Gradio's routes that store a file from a browser; UploadRefusal refuses them, empty files included
+UPLOAD_PATHS = frozenset({"/gradio_api/upload", "/gradio_api/process_recording"})
+# the k-th wrong password in a row from one client address is answered after min(base * 2**(k-1), cap) seconds
+LOGIN_DELAY_BASE_S = float(os.environ.get("CWM_LOGIN_DELAY_BASE_S", "0.25"))
+# the longest wait for a wrong password: at most one guess per 30 s from one address, once it is reached
+LOGIN_DELAY_CAP_S = float(os.environ.get("CWM_LOGIN_DELAY_CAP_S", "30"))
+# a client address that tries no login for this long is forgotten (its count of failures starts again)
+LOGIN_FORGET_S = 600.0
+# at most this many client addresses are remembered; the longest idle ones are forgotten first
+LOGIN_MAX_CLIENTS = 10_000
+# Gradio (6.31) answers a wrong user name or password posted to /login with 400 "Incorrect credentials."
+WRONG_CREDENTIALS = 400
 # with --auth, the only routes open without a login: the login page, its static files and the login itself
 LOGIN_FREE_PATHS = frozenset({
     "/", "/login", "/login/", "/logout", "/favicon.ico", "/theme.css", "/robots.txt", "/manifest.json", "/pwa_icon",
@@ -34,6 +50,8 @@ LOGIN_FREE_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon/")
 _API_INFO_SCRIPT = re.compile(rb"<script>\s*window\.gradio_api_info\s*=.*?</script>", re.S)
 _NO_API_INFO = b'<script>window.gradio_api_info = {"named_endpoints": {}, "unnamed_endpoints": {}};</script>'
 _NOT_AUTHENTICATED = {"detail": {"error": "Not authenticated", "auth_message": None}}
+_NO_UPLOADS = {"detail": f"This app accepts no uploads (maximum allowed size of {MAX_UPLOAD_BYTES} bytes)."}
+_ONE_LOGIN_AT_A_TIME = {"detail": "Too many login attempts: wait for the answer to the previous one."}
 
 
 def never_served_paths(temp_dir: str | os.PathLike) -> list[str]:
@@ -53,6 +71,15 @@ def never_served_paths(temp_dir: str | os.PathLike) -> list[str]:
             except OSError:
                 pass
     return blocked
+
+
+def _route(scope: dict) -> str:
+    """The request's path inside the app (without the ``root_path`` it is mounted under)."""
+    path = scope.get("path", "")
+    root = scope.get("root_path") or ""
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
 
 
 def _logged_in(gradio_app: Any, scope: dict) -> bool:
@@ -81,10 +108,7 @@ class LoginGuard:
         if scope["type"] not in ("http", "websocket") or _logged_in(scope.get("app"), scope):
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
-        root = scope.get("root_path") or ""
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
+        path = _route(scope)
         if path not in LOGIN_FREE_PATHS and not path.startswith(LOGIN_FREE_PREFIXES):
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
@@ -120,3 +144,83 @@ class LoginGuard:
             await send(message)
 
         return send_page
+
+
+class UploadRefusal:
+    """ASGI middleware always installed: every request to ``UPLOAD_PATHS`` is refused with 413.
+
+    ``max_file_size=0`` makes Gradio (6.31) refuse a non-empty file, but it still stores an empty one.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and _route(scope).rstrip("/") in UPLOAD_PATHS:
+            await JSONResponse(_NO_UPLOADS, status_code=413)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class _LoginClient:
+    """What LoginDelay remembers of one client address."""
+
+    seen: float  # time.monotonic() of its last login attempt
+    failures: int = 0  # wrong passwords in a row
+    busy: bool = False  # a login of it is being answered (or its answer waits)
+
+
+class LoginDelay:
+    """ASGI middleware installed with ``--auth``: wrong passwords are answered ever slower, per client address.
+
+    The answer to the k-th wrong password in a row waits min(LOGIN_DELAY_BASE_S * 2**(k-1),
+    LOGIN_DELAY_CAP_S) seconds (asyncio.sleep: other clients go on); the right password is answered at
+    once and resets the count. A client sends one login at a time: another while its previous one is
+    answered gets 429 without a check, so guesses cannot run in parallel. The address is the peer's
+    (X-Forwarded-For could be forged); behind a proxy or the share tunnel, all visitors share one.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.clients: dict[str, _LoginClient] = {}  # address -> state, the longest idle first
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or _route(scope).rstrip("/") != "/login":
+            await self.app(scope, receive, send)
+            return
+        client = self._client((scope.get("client") or ("",))[0])
+        if client.busy:
+            await JSONResponse(_ONE_LOGIN_AT_A_TIME, status_code=429)(scope, receive, send)
+            return
+        client.busy = True
+        try:
+            await self.app(scope, receive, self._slow_on_failure(send, client))
+        finally:
+            client.busy = False
+
+    def _client(self, address: str) -> _LoginClient:
+        """The state of ``address``, moved to the end of the table; idle and surplus clients are forgotten."""
+        now = time.monotonic()
+        client = self.clients.pop(address, None) or _LoginClient(seen=now)
+        client.seen = now
+        for oldest in list(self.clients):
+            if now - self.clients[oldest].seen < LOGIN_FORGET_S and len(self.clients) < LOGIN_MAX_CLIENTS:
+                break
+            del self.clients[oldest]
+        self.clients[address] = client
+        return client
+
+    @staticmethod
+    def _slow_on_failure(send, client: _LoginClient):
+        async def send_answer(message) -> None:
+            if message["type"] == "http.response.start":
+                if message["status"] == WRONG_CREDENTIALS:
+                    client.failures += 1
+                    doubled = LOGIN_DELAY_BASE_S * 2.0 ** min(client.failures - 1, 60)  # 2**60: far past any cap
+                    await asyncio.sleep(min(doubled, LOGIN_DELAY_CAP_S))
+                elif message["status"] == 200:
+                    client.failures = 0
+            await send(message)
+
+        return send_answer
