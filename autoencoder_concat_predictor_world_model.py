@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import logging
 import math
 import os
 import pickle
@@ -49,6 +50,7 @@ from models.autoencoder_concat_predictor import (
 )
 
 CHECKPOINT_FORMAT = "concat-world-model/1"  # bump when the checkpoint layout changes
+LOG = logging.getLogger("concat_world_model_explorer.engine")  # a child of the app's logger: its level applies
 
 
 class CheckpointError(Exception):
@@ -1098,6 +1100,7 @@ class RunController:
             self._park_file, self._parked_robot = path, replay
             self._parked_counters = (wm.step, wm.iteration)
             self._wm, self._attention = None, None
+            LOG.info("parked an idle model (step %d, iteration %d) in %s", wm.step, wm.iteration, path.name)
             return True
         finally:
             self._lock.release()
@@ -1118,6 +1121,7 @@ class RunController:
             setattr(wm, key, value)
         path.unlink(missing_ok=True)
         self._park_file, self._parked_robot, self._parked_counters = None, None, None
+        LOG.info("reloaded a parked model (step %d, iteration %d)", wm.step, wm.iteration)
         return wm
 
     def release(self) -> None:

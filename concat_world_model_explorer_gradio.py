@@ -843,7 +843,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
-    limit_malloc_arenas(APP.malloc_arenas)  # before the worker threads exist: freed models' memory goes back
+    if APP.malloc_arenas:
+        limit_malloc_arenas(APP.malloc_arenas)  # before the worker threads exist: freed models' memory goes back
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     LOG.setLevel(logging.INFO)

@@ -356,3 +356,31 @@ def test_auth_protects_every_route_and_an_offline_share_keeps_serving(saved_root
         assert urllib.request.urlopen(server.url, timeout=10).status == 200
     finally:
         stop_process(server.proc)
+
+
+# -----------------------------------------------------------------------------
+# memory: an idle client's model is parked and comes back at its next call
+
+
+def test_an_idle_clients_model_is_parked_and_reloaded_transparently(saved_root, tmp_path):
+    temp = tmp_path / "temp"  # the parked files go to the system temp folder (TMPDIR)
+    temp.mkdir()
+    server = launch_app(saved_root, tmp_path, env_extra={"CWM_IDLE_PARK_S": "1", "TMPDIR": str(temp)})
+    try:
+        c = connect(server.url, tmp_path)
+        load(c, MOVE)
+        first = run(c, 3)
+        deadline = time.monotonic() + 30
+        while "parked an idle model (step" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "parked an idle model (step 1, iteration 3)" in server.log()
+        assert len(list(temp.glob("cwm-parked-*/*.park"))) == 1  # the model lives on disk, not in memory
+        image, stats = c.predict(90, *ALL_ON, "mean", LINES, api_name="/update_attention_viz")
+        assert "reloaded a parked model (step 1, iteration 3)" in server.log()  # the next call brought it back
+        assert image is not None and "after iteration 3" in stats
+        final = run(c, 2)
+        assert "iteration 5" in final[PROGRESS] and len(points(final[PLOT_TIME])) == 5  # it went on, history kept
+        assert first[CHECKPOINT].split("\n")[0] == final[CHECKPOINT].split("\n")[0]  # the same model's origin
+        c.close()
+    finally:
+        stop_process(server.proc)

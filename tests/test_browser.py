@@ -205,7 +205,7 @@ def test_stop_ends_a_long_run(page):
 def test_closing_a_tab_frees_its_model(page, app_server):
     choose_and_load(page)
     run(page, 1)
-    marker = "freed the world model of a closed browser tab"
+    marker = "freed the world model of a closed tab"
     time.sleep(2)  # let earlier tabs' clean-up finish so their lines are not counted as ours
     count = app_server.log().count(marker)
     page.close()

@@ -508,7 +508,7 @@ def test_a_closed_client_has_its_model_freed(app_server, tmp_path):
     c = connect(app_server.url, tmp_path)
     load(c, MOVE)
     run(c, 2)  # no other tab here runs exactly 2 iterations on this session: the log line is this one's
-    marker = f"freed the world model of a closed browser tab (2 iterations run, last session: {MOVE})"
+    marker = f"freed the world model of a closed tab (2 iterations run, last session: {MOVE})"
     before = app_server.log().count(marker)
     c.close()  # its heartbeat ends; Gradio deletes the closed session's state (1 s in test mode)
     deadline = time.monotonic() + 60
