@@ -292,7 +292,7 @@ def training_settings_markdown(cfg: AutoencoderConcatPredictorWorldModelConfig =
     device = "CUDA" if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     return "\n".join([
         f"- **Canvas:** {h}x{w} px ({cfg.canvas_history_size} frames, {cfg.separator_width} px separators), "
-        f"{cfg.patch_size} px patches, grid {cfg.grid_size[0]}x{cfg.grid_size[1]}, mask ratio {cfg.mask_ratio:g}",
+        f"{cfg.patch_size} px patches, grid {cfg.grid_size[0]}x{cfg.grid_size[1]}; training masks {cfg.mask_ratio:.0%} of the last slot, prediction all of it",
         f"- **Model:** encoder {cfg.embed_dim} wide x {cfg.depth} blocks x {cfg.num_heads} heads; "
         f"decoder {cfg.decoder_embed_dim} wide x {cfg.decoder_depth} blocks x {cfg.decoder_num_heads} heads",
         f"- **Optimizer:** AdamW, learning rate {cfg.learning_rate:g}, warm-up {cfg.warmup_steps} steps, cosine decay "
