@@ -182,6 +182,12 @@ def _label(session_dir: Path, filename: str) -> str:
     return f"{Path(session_dir).name}/{filename}"
 
 
+def _cannot_read(label: str, error: OSError) -> SessionError:
+    # the reason from the error number only: str(error) holds the server's absolute path
+    reason = error.strerror or type(error).__name__
+    return SessionError(f"{label} cannot be read ({reason[:1].lower()}{reason[1:]})")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -355,7 +361,7 @@ def load_session_metadata(session_dir: str | os.PathLike) -> dict[str, Any]:
             raise SessionError(f"{label} is too large ({path.stat().st_size} bytes) to be session metadata")
         raw = path.read_bytes()
     except OSError as e:
-        raise SessionError(f"{label} cannot be read: {e.strerror or e}") from None
+        raise _cannot_read(label, e) from None
     if not raw.strip():
         raise SessionError(f"{label} is empty")
     try:
@@ -411,15 +417,13 @@ def _list_shards(session_dir: Path) -> list[tuple[int, Path]]:
     shards = []
     try:
         entries = list(session_dir.iterdir())
+        regular = {entry: entry.is_file() for entry in entries if SHARD_PATTERN.match(entry.name)}
     except OSError as e:
-        raise SessionError(f"{Path(session_dir).name}/ cannot be read: {e.strerror or e}") from None
-    for entry in entries:
-        match = SHARD_PATTERN.match(entry.name)
-        if match is None:
-            continue
-        if not entry.is_file() or not _inside(entry, session_dir):
+        raise _cannot_read(f"{session_dir.name}/", e) from None
+    for entry, is_file in regular.items():
+        if not is_file or not _inside(entry, session_dir):
             raise SessionError(f"{_label(session_dir, entry.name)} is not a regular file inside the session")
-        shards.append((int(match.group(1)), entry))
+        shards.append((int(SHARD_PATTERN.match(entry.name).group(1)), entry))
     if not shards:
         raise SessionError(f"{label}: no event shards found")
     shards.sort()
@@ -468,7 +472,7 @@ def load_session_events_with_notes(session_dir: str | os.PathLike) -> tuple[list
         try:
             lines = path.read_bytes().split(b"\n")
         except OSError as e:
-            raise SessionError(f"{label} cannot be read: {e.strerror or e}") from None
+            raise _cannot_read(label, e) from None
         # index of the last non-blank line: the only one allowed to be torn, and only in the last shard
         last_line = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
         if last_line < 0:
@@ -518,7 +522,8 @@ def extract_observations(events: list[dict[str, Any]], session_dir: str | os.Pat
         session_dir: the session folder the frame paths are relative to.
 
     Raises:
-        SessionError: a frame path is missing, absolute, climbs out with ``..`` or leaves the folder.
+        SessionError: a frame path is missing, absolute, climbs out with ``..`` or leaves the folder, or
+            the folder holding a frame cannot be read (named relative to the session, e.g. ``frames/``).
     """
     session_dir = Path(session_dir)
     observations = []
@@ -537,7 +542,11 @@ def extract_observations(events: list[dict[str, Any]], session_dir: str | os.Pat
         # with '..' refused, only a symlink (the folder or the file itself) can lead outside
         if full_path.parent not in folder_ok:
             folder_ok[full_path.parent] = _inside(full_path.parent, session_dir)
-        if not folder_ok[full_path.parent] or (full_path.is_symlink() and not _inside(full_path, session_dir)):
+        try:
+            is_link = full_path.is_symlink()
+        except OSError as e:  # the folder holding the frame cannot be searched (e.g. chmod 000)
+            raise _cannot_read(_label(session_dir, "".join(f"{part}/" for part in rel.parent.parts)), e) from None
+        if not folder_ok[full_path.parent] or (is_link and not _inside(full_path, session_dir)):
             raise SessionError(f"{where}: frame_path {frame_path[:100]!r} leads outside the session folder")
         observations.append(
             {"step": event["step"], "timestamp": event["timestamp"], "frame_path": frame_path, "full_path": full_path}
@@ -606,6 +615,8 @@ def _decode_frame(path: str | os.PathLike, size: int | tuple[int, int] | None) -
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         if isinstance(e, SessionError):
             raise
+        if isinstance(e, OSError) and e.errno is not None:  # the file system refused, e.g. permission denied
+            raise _cannot_read(label, e) from None
         raise SessionError(f"{label} is truncated or unreadable ({e})"[:300]) from None
     frame = np.asarray(rgb, dtype=np.uint8)  # (H, W, 3)
     return np.ascontiguousarray(frame), mode
@@ -671,7 +682,13 @@ def load_session(name_or_dir: str | os.PathLike, root: str | os.PathLike | None 
             f"{name}: {len(observations)} frame(s) recorded; need at least {MIN_FRAMES} frames for a canvas"
             + (f" ({'; '.join(notes)})" if notes else "")
         )
-    missing = [o for o in observations if not o["full_path"].is_file()]
+    missing = []
+    for observation in observations:
+        try:
+            if not observation["full_path"].is_file():
+                missing.append(observation)
+        except OSError as e:  # a link to a frame in a folder that cannot be read
+            raise _cannot_read(f"{name}/{observation['frame_path']}", e) from None
     if missing:
         first = missing[0]["full_path"]
         problem = "is not a regular file" if first.exists() or first.is_symlink() else "is missing"
@@ -709,7 +726,12 @@ def scan_sessions(root: str | os.PathLike | None = None) -> list[SessionSummary]
         try:
             session = load_session(session_dir)
         except Exception as e:  # one broken session must not hide the others
-            reason = str(e) if isinstance(e, SessionError) else f"cannot be read: {type(e).__name__}: {e}"
+            if isinstance(e, SessionError):
+                reason = str(e)
+            elif isinstance(e, OSError):
+                reason = str(_cannot_read(f"{session_dir.name}/", e))
+            else:
+                reason = f"cannot be read: {type(e).__name__}: {e}"
             summaries.append(SessionSummary(session_dir.name, session_dir, False, reason[:300], 0, 0, None))
             continue
         summaries.append(

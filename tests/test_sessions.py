@@ -1,6 +1,10 @@
 """Tests of session listing, validation and loading (session_explorer_lib)."""
 
+import builtins
+import errno
+import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -253,6 +257,52 @@ def test_missing_frame_is_refused_naming_it(session_dir):
     (session_dir / "frames" / "frame_000002.png").unlink()
     with pytest.raises(SessionError, match="frame_000002.png is missing"):
         load_session(session_dir)
+
+
+def _deny(monkeypatch, path: Path, folder: bool) -> None:
+    """Act as if ``path`` were chmod 000 for a user other than root (the tests run as root, whom chmod does not stop).
+
+    A file cannot be opened. A folder cannot be listed, and nothing inside it can be reached (stat, lstat,
+    open); the folder itself can still be looked at from its parent, as the kernel does."""
+    def wrap(real, including_the_folder: bool):
+        def call(target, *args, **kwargs):
+            if not isinstance(target, int):  # not a file descriptor
+                target_path = Path(os.fsdecode(target))
+                inside = folder and target_path.is_relative_to(path) and target_path != path
+                if inside or (target_path == path and (including_the_folder or not folder)):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target_path))
+            return real(target, *args, **kwargs)
+        return call
+
+    for module, name in ((builtins, "open"), (io, "open")):
+        monkeypatch.setattr(module, name, wrap(getattr(module, name), including_the_folder=False))
+    if folder:
+        for name in ("scandir", "listdir"):
+            monkeypatch.setattr(os, name, wrap(getattr(os, name), including_the_folder=True))
+        for name in ("stat", "lstat"):
+            monkeypatch.setattr(os, name, wrap(getattr(os, name), including_the_folder=False))
+
+
+@pytest.mark.parametrize("unreadable, folder, message", [
+    ("frames", True, "good/frames/ cannot be read (permission denied)"),
+    ("session_meta.json", False, "good/session_meta.json cannot be read (permission denied)"),
+    ("events_shard_000.jsonl", False, "good/events_shard_000.jsonl cannot be read (permission denied)"),
+])
+def test_an_unreadable_file_or_folder_is_named_without_the_server_path(root, session_dir, monkeypatch, unreadable,
+                                                                       folder, message):
+    _deny(monkeypatch, session_dir / unreadable, folder)
+    with pytest.raises(SessionError) as error_info:
+        load_session("good", root)
+    assert str(error_info.value) == message
+    (summary,) = scan_sessions(root)
+    assert summary.reason == message and str(root) not in summary.reason
+
+
+def test_a_frame_unreadable_after_loading_is_named_without_the_server_path(root, session_dir, monkeypatch):
+    session = load_session("good", root)
+    _deny(monkeypatch, session_dir / "frames" / "frame_000003.png", folder=False)
+    with pytest.raises(SessionError, match=r"^good/frames/frame_000003\.png cannot be read \(permission denied\)$"):
+        session.frame(3)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
