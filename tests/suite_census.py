@@ -6,6 +6,7 @@ tests/test_robustness.py and tests/test_security_api.py calls ``assert_suite_col
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from types import ModuleType
 
@@ -32,15 +33,13 @@ def all_marks(function) -> set[str]:
 def assert_suite_collected(request, module: ModuleType, required_cases: dict[str, int], minimum_total: int = 1) -> None:
     """Fail unless the module's tests are exactly ``required_cases`` (name -> minimum cases), none is
     marked skip/skipif/xfail or calls pytest.skip, and (without -k or a test id) all were collected."""
-    source = Path(module.__file__).read_text()
     tests = {name: fn for name, fn in vars(module).items() if name.startswith("test_") and callable(fn)}
     assert set(tests) == set(required_cases), "a test was added, renamed or removed: update REQUIRED_CASES"
     for name, minimum in required_cases.items():
         assert declared_cases(tests[name]) >= minimum, f"{name} lost cases"
         marks = all_marks(tests[name])
         assert not marks & {"skip", "skipif", "xfail"}, f"{name} is marked {marks}"
-        body = source.split(f"def {name}(")[1].split("\ndef ")[0]
-        assert "pytest." + "skip(" not in body, f"{name} skips itself"
+        assert "pytest." + "skip(" not in inspect.getsource(tests[name]), f"{name} skips itself"
     total = sum(declared_cases(fn) for fn in tests.values())
     assert total >= minimum_total
     collected = [item for item in request.session.items if item.path == Path(module.__file__)]
