@@ -20,8 +20,6 @@ SESSIONS_ROOT = SAVED_ROOT / "sessions" / "toroidal_dot"  # one folder per recor
 CHECKPOINT_DIR = SAVED_ROOT / "checkpoints" / "toroidal_dot"  # where the world model keeps its weights
 CHECKPOINT_PATH = CHECKPOINT_DIR / "autoencoder.pth"  # the default checkpoint file (spec "Model Checkpoints")
 
-RECORDING_MODE = False  # spec flag: True makes record_session.py the intended entry point; the app ignores it
-
 
 # -----------------------------------------------------------------------------
 # environment
@@ -72,40 +70,40 @@ class AutoencoderConcatPredictorWorldModelConfig:
     mask_ratio: float = 1.0  # share of the last slot's patches masked per training canvas (random ones below 1.0); prediction masks the whole slot
 
     # MAE ViT (decoder depth and heads fixed by the spec; widths chosen for learning per second) ---------
-    embed_dim: int = 128  # encoder token width; with depth 1 an iteration costs ~1/4 of 256 x 5 (docs/LEARNING.md)
+    embed_dim: int = 128  # encoder token width; narrower than the spec's 256 for more iterations per second
     depth: int = 1  # encoder blocks: the decoder does the look-ups, the encoder only describes each patch
     num_heads: int = 4  # encoder attention heads
-    decoder_embed_dim: int = 64  # decoder token width: 64 learned as well as 128 per iteration at ~1.6x the speed
+    decoder_embed_dim: int = 64  # decoder token width; 128 learned no better per iteration and ran slower
     decoder_depth: int = 5  # decoder blocks (the attention explorer shows layers 0-4)
     decoder_num_heads: int = 4  # decoder attention heads (the attention explorer shows heads 0-3)
-    mlp_ratio: float = 2.0  # MLP hidden width / token width in every block: 2 ran 7% more iterations than 4 and learned no worse
+    mlp_ratio: float = 2.0  # MLP hidden width / token width in every block; 2 runs faster than 4, learns as well
 
     # optimisation -----------------------------------------------------------
-    learning_rate: float = 6e-4  # AdamW peak rate: 1e-3 and 2e-3 localised the dot less precisely, 4e-4 no better
+    learning_rate: float = 6e-4  # AdamW peak rate; higher rates localised the dot less precisely
     weight_decay: float = 0.05  # AdamW decay on weight matrices only (never on biases, norms, embeddings)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas, the MAE recipe
-    warmup_steps: int = 30  # linear warm-up length in optimizer steps (600 wasted the first minutes)
+    warmup_steps: int = 30  # linear warm-up length in optimizer steps; short, so learning starts at once
     lr_decay_steps: int = 20_000  # cosine decay horizon in optimizer steps; the rate then stays at min_lr
     min_lr: float = 1e-5  # floor of the cosine schedule
     grad_clip: float = 1.0  # max gradient norm; keeps a rare large dot error from blowing up a step
 
-    correspondence_init_layers: int = 1  # decoder blocks whose attention starts out reading the same place in the previous slot (0 = MAE's random init)
-    correspondence_offsets: tuple[float, ...] = (-0.5, 0.5, 1.5, 2.5)  # per head, columns beyond the slot pitch (14.5): shifts 14 and 15 cover "stay", 16 and 17 "move 27 px"
-    correspondence_gain: float = 16.0  # query scale of that look-up: ~99% of a query's weight on its source patch at init
-    decoder_embed_init_gain: float = 0.25  # initial scale of token content next to the position embedding, so the look-up lands on positions
-    action_lookup_heads: int = 1  # heads of the next decoder block that start out reading the separator before the predicted slot (the action)
-    zero_init_pred_head: bool = True  # the first predictions are black frames (MSE ~0.0016) rather than noise (~0.25)
+    correspondence_init_layers: int = 1  # decoder blocks that start out reading the same place one slot back (0 = none)
+    correspondence_offsets: tuple[float, ...] = (-0.5, 0.5, 1.5, 2.5)  # per head, columns read past the 14.5 slot pitch
+    correspondence_gain: float = 16.0  # query scale of that look-up: ~99% of a query's weight on its source at init
+    decoder_embed_init_gain: float = 0.25  # initial token content scale, low so the look-ups land on positions
+    action_lookup_heads: int = 1  # heads of the next decoder block that start out reading the action band
+    zero_init_pred_head: bool = True  # the first predictions are black frames, far closer than noise
 
     # loss ------------------------------------------------------------------
-    foreground_weight: float = 5.0  # dot pixels count this many times a background pixel: ~80 of 50,176 pixels, a plain MSE predicts black; 20 drew oversized blobs
-    foreground_weight_final: float | None = None  # None keeps foreground_weight; else anneal geometrically to this value
+    foreground_weight: float = 5.0  # weight of a dot pixel over a background one; unweighted, black frames win
+    foreground_weight_final: float | None = None  # anneal geometrically to this value; None keeps foreground_weight
     foreground_weight_decay_steps: int = 400  # length of that anneal in optimizer steps
     foreground_threshold: float = 0.5  # a target pixel brighter than this (0-1 scale) counts as dot
 
     # batch of the one optimizer step ---------------------------------------
-    replay_batch_size: int = 3  # canvases drawn from the replay buffer and added to the current one (batch of 4): both actions, many places per step
+    replay_batch_size: int = 3  # replayed canvases added to the current one (batch of 4): both actions, many places
     replay_buffer_size: int = 64  # recent training canvases kept for that (uint8, ~0.46 MB each)
-    torus_roll: bool = True  # roll each drawn canvas's frames by a random (dy, dx): still a true transition on the torus, with the dot where the robot has not been
+    torus_roll: bool = True  # roll each replayed canvas by a random (dy, dx): a true transition elsewhere on the torus
 
     # quality gate -------------------------------------------------------------
     canvas_inpainting_threshold: float = 0.0001  # spec: with the gate on, train until the masked loss is below this
