@@ -73,6 +73,7 @@ MODEL_CFG = AutoencoderConcatPredictorWorldModelConfig()
 LAYER_COLOUR_NAMES = ("red", "gold", "green", "blue", "violet")  # attention_viz.LAYER_COLOURS in words
 FRAME_UPSCALE = 2  # single frames are shown at 2x (nearest neighbour) so a 16 px patch is easy to see
 MAX_PLOT_POINTS = 2000  # longer metric histories are thinned to this many points per series
+MIN_ITERATION_SPAN = 20  # the iteration axis spans at least this many iterations, so its ticks fall on whole numbers
 CANVAS_HEIGHT, FRAME_HEIGHT, ATTENTION_HEIGHT = 260, 470, 480  # display heights in CSS pixels
 UNKNOWN_SESSION = "Unknown session: that name is not a session folder in the sessions folder. Press Refresh sessions and choose one from the list."
 NO_SESSION = "Load a session first: choose one in the list and press Load session."
@@ -353,6 +354,15 @@ def metric_frames(history: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.D
     return error, timing, loss, dot
 
 
+def plot_updates(history: list[dict]) -> tuple[gr.LinePlot, ...]:
+    """The four graphs with an iteration axis at least ``MIN_ITERATION_SPAN`` wide: Vega then puts
+    its ticks on whole iterations (a run of 4 would otherwise be labelled 1, 1.5, 2, ...)."""
+    first = history[0]["iteration"] if history else 1
+    last = history[-1]["iteration"] if history else 1
+    span = [first, max(last, first + MIN_ITERATION_SPAN - 1)]
+    return tuple(gr.LinePlot(value=frame, x_lim=span) for frame in metric_frames(history))
+
+
 def _px(value: float | None) -> str:
     """A dot error for the page: pixels, 'no dot drawn' for a prediction without one, '-' before any."""
     if value is None:
@@ -451,7 +461,7 @@ def _display_outputs(user: UserState, final: bool, first: bool = False) -> tuple
         return (progress, checkpoint_markdown(c)) + (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 2)
     train = c.training_views() or {}
     views = tuple(train.get(k) for k in ("original", "masked", "inpainting", "composite"))
-    plots = metric_frames(c.history)
+    plots = plot_updates(c.history)
     tail = (*attention_outputs(user), gr.Slider(value=c.start_frame)) if final else (gr.skip(),) * 3
     checkpoint = checkpoint_markdown(c) if final or first else gr.skip()
     return (progress, checkpoint, *views, *prediction_outputs(c.prediction_views()), *plots, *tail)
@@ -580,7 +590,7 @@ def _plot(label: str, elem_id: str, y_title: str, colours: dict[str, str] | None
         empty = pd.DataFrame({"iteration": pd.Series(dtype="float64"), "value": pd.Series(dtype="float64")})
     return gr.LinePlot(empty, x="iteration", y="value", color="series" if colours else None, color_map=colours,
                        colors_in_legend=[] if colours else None, title=label, label=label, show_label=False,
-                       elem_id=elem_id, x_title="iteration", y_title=y_title, height=280,
+                       elem_id=elem_id, x_title="iteration", y_title=y_title, height=280, x_axis_format="d",
                        buttons=["fullscreen", "export"])
 
 
