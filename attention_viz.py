@@ -760,10 +760,25 @@ def render_attention(
     Raises:
         ValueError: for invalid controls or an inconsistent capture.
     """
+    weights = np.asarray(capture.weights)
+    n_layers, n_heads = (weights.shape[0], weights.shape[1]) if weights.ndim == 4 else (N_LAYERS, N_HEADS)
+    controls = validate_controls(quantile, layers, heads, aggregation, viz_type, n_layers=n_layers, n_heads=n_heads)
+    return draw_attention(capture, *controls)
+
+
+def draw_attention(
+    capture: AttentionCapture,
+    q: float,
+    layer_ids: tuple[int, ...],
+    head_ids: tuple[int, ...],
+    agg: str,
+    viz: str,
+) -> tuple[np.ndarray, dict, str]:
+    """``render_attention`` for controls a caller has already checked (``validate_controls``, or the
+    app's own input checks), so a redraw validates its controls once. Same returns and errors."""
     weights, patch_mask = _check_weights(capture.weights, capture.patch_mask)
-    q, layer_ids, head_ids, agg, viz = validate_controls(
-        quantile, layers, heads, aggregation, viz_type, n_layers=weights.shape[0], n_heads=weights.shape[1]
-    )
+    if max(layer_ids) >= weights.shape[0] or max(head_ids) >= weights.shape[1]:
+        raise ValueError(f"The capture has {weights.shape[0]} layers and {weights.shape[1]} heads")
     grid_size = _check_grid(capture.grid_size, patch_mask.size)
     patch_size = int(capture.patch_size)
 

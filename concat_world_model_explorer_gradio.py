@@ -42,7 +42,7 @@ import torch
 from starlette.middleware import Middleware
 
 import config
-from attention_viz import AGGREGATIONS, VIZ_HEATMAP, VIZ_LINES, VIZ_TYPES, render_attention
+from attention_viz import AGGREGATIONS, VIZ_HEATMAP, VIZ_LINES, VIZ_TYPES, draw_attention
 from autoencoder_concat_predictor_world_model import (
     ModelPool,
     RunBusyError,
@@ -446,7 +446,7 @@ def attention_outputs(user: UserState) -> tuple[np.ndarray | None, str]:
     if not heads:
         return None, "_Select at least one attention head to show attention._"
     try:
-        image, _, summary = render_attention(attention, quantile, layers, heads, aggregation, viz_type)
+        image, _, summary = draw_attention(attention, quantile, layers, heads, aggregation, viz_type)
     except ValueError as e:
         raise gr.Error(f"Cannot draw the attention: {e}") from None
     iteration, step = c.attention_at

@@ -328,6 +328,18 @@ def test_attention_redraws_from_the_cache_in_under_300_ms(loaded):
     assert loaded.controller.world_model().step == step  # no training happened
 
 
+def test_a_redraw_checks_its_quantile_once(loaded, monkeypatch):
+    import attention_viz
+
+    run_all(2, loaded)
+    calls = []
+    for module, name in ((app, "parse_quantile"), (attention_viz, "_check_quantile")):
+        check = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda q, check=check, name=name: (calls.append(name), check(q))[1])
+    image, _ = app.update_attention_viz(90, *ALL_ON, "mean", app.VIZ_HEATMAP, loaded)
+    assert image is not None and calls == ["parse_quantile"]
+
+
 def test_attention_controls_follow_the_configured_decoder_depth_and_heads(env):
     small = dataclasses.replace(app.MODEL_CFG, embed_dim=32, decoder_embed_dim=32, decoder_depth=3, decoder_num_heads=2)
     demo = app.build_demo(config=small)
