@@ -48,6 +48,7 @@ from models.autoencoder_concat_predictor import (
     last_slot_x0,
     roll_canvas_frames,
 )
+from toroidal_dot_robot import ACTION_SPACE, MOVE_RIGHT, STAY, action_dict, parse_action
 
 CHECKPOINT_FORMAT = "concat-world-model/1"  # bump when the checkpoint layout changes
 LOG = logging.getLogger("concat_world_model_explorer.engine")  # a child of the app's logger: its level applies
@@ -166,7 +167,7 @@ class ReplayRobot:
 
     @property
     def action_space(self) -> list[dict]:
-        return [{"action": 0}, {"action": 1}]
+        return [dict(a) for a in ACTION_SPACE]
 
     def get_observation(self) -> np.ndarray:
         return self.session.frame(self.index)
@@ -174,9 +175,10 @@ class ReplayRobot:
     def recorded_action(self) -> dict:
         """The action recorded after the current frame (stay at the session's last frame)."""
         a = self.session.action_after(self.index)
-        return {"action": 0 if a is None else int(a)}
+        return action_dict(STAY if a is None else a)
 
     def execute_action(self, action) -> None:
+        parse_action(action)  # refused like the live robot would; the recording decides what happens next
         self.index += 1
         self.episode_boundary = self.index >= self.num_frames
         if self.episode_boundary:
@@ -250,7 +252,7 @@ class AutoencoderConcatPredictorWorldModel:
             action_selector = (
                 create_replay_action_selector(robot_interface)
                 if isinstance(robot_interface, ReplayRobot)
-                else (lambda observation, action_space: {"action": 1})
+                else (lambda observation, action_space: action_dict(MOVE_RIGHT))
             )
         self.action_selector = action_selector
         self.device = torch.device(device) if device is not None else default_device()
