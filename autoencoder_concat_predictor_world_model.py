@@ -991,9 +991,13 @@ class RunController:
             return "stopped"
         deadline = time.monotonic() + self.stop_grace_s  # a Run sent just before this Stop may not have begun
         while time.monotonic() < deadline:
-            if self._runs_started != started:
-                with self._run_lock:  # it honours the stop: wait for it to end
+            if self._runs_started != started:  # it honours the stop: wait for it to end
+                if not self._run_lock.acquire(timeout=wait_s):
+                    return "stopping"
+                try:
                     self._finish_if_pending()
+                finally:
+                    self._run_lock.release()
                 return "stopped"
             time.sleep(0.02)
         return "idle"

@@ -73,7 +73,6 @@ MODEL_CFG = AutoencoderConcatPredictorWorldModelConfig()
 LAYER_COLOUR_NAMES = ("red", "gold", "green", "blue", "violet")  # attention_viz.LAYER_COLOURS in words
 FRAME_UPSCALE = 2  # single frames are shown at 2x (nearest neighbour) so a 16 px patch is easy to see
 MAX_PLOT_POINTS = 2000  # longer metric histories are thinned to this many points per series
-MIN_ITERATION_SPAN = 20  # the iteration axis spans at least this many iterations, so its ticks fall on whole numbers
 CANVAS_HEIGHT, FRAME_HEIGHT, ATTENTION_HEIGHT = 260, 470, 480  # display heights in CSS pixels
 UNKNOWN_SESSION = "Unknown session: that name is not a session folder in the sessions folder. Press Refresh sessions and choose one from the list."
 NO_SESSION = "Load a session first: choose one in the list and press Load session."
@@ -235,10 +234,11 @@ def _fmt(value: float | None, digits: int = 5) -> str:
 
 
 def _display_path(path: Path) -> str:
+    """A path for the page: relative to the project, else with the data folder's location hidden."""
     try:
         return str(Path(path).resolve().relative_to(config.PROJECT_ROOT))
     except ValueError:
-        return str(path)
+        return _hide_paths(path)
 
 
 def _hide_paths(text: Any) -> str:
@@ -354,15 +354,6 @@ def metric_frames(history: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.D
     return error, timing, loss, dot
 
 
-def plot_updates(history: list[dict]) -> tuple[gr.LinePlot, ...]:
-    """The four graphs with an iteration axis at least ``MIN_ITERATION_SPAN`` wide: Vega then puts
-    its ticks on whole iterations (a run of 4 would otherwise be labelled 1, 1.5, 2, ...)."""
-    first = history[0]["iteration"] if history else 1
-    last = history[-1]["iteration"] if history else 1
-    span = [first, max(last, first + MIN_ITERATION_SPAN - 1)]
-    return tuple(gr.LinePlot(value=frame, x_lim=span) for frame in metric_frames(history))
-
-
 def _px(value: float | None) -> str:
     """A dot error for the page: pixels, 'no dot drawn' for a prediction without one, '-' before any."""
     if value is None:
@@ -461,7 +452,7 @@ def _display_outputs(user: UserState, final: bool, first: bool = False) -> tuple
         return (progress, checkpoint_markdown(c)) + (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 2)
     train = c.training_views() or {}
     views = tuple(train.get(k) for k in ("original", "masked", "inpainting", "composite"))
-    plots = plot_updates(c.history)
+    plots = metric_frames(c.history)
     tail = (*attention_outputs(user), gr.Slider(value=c.start_frame)) if final else (gr.skip(),) * 3
     checkpoint = checkpoint_markdown(c) if final or first else gr.skip()
     return (progress, checkpoint, *views, *prediction_outputs(c.prediction_views()), *plots, *tail)
@@ -581,7 +572,8 @@ def _image(label: str, elem_id: str, height: int, **kwargs) -> gr.Image:
                     elem_classes=["pixelated"], buttons=["download", "fullscreen"], **kwargs)
 
 
-def _plot(label: str, elem_id: str, y_title: str, colours: dict[str, str] | None = None) -> gr.LinePlot:
+def _plot(label: str, elem_id: str, y_title: str, colours: dict[str, str] | None = None,
+          y_lim: list[float] | None = None) -> gr.LinePlot:
     # Gradio sizes the Vega view to the whole block: a block label or a legend would push the axes
     # out of sight, so the title lives inside the view and the colours are named under the graphs
     if colours:
@@ -590,7 +582,8 @@ def _plot(label: str, elem_id: str, y_title: str, colours: dict[str, str] | None
         empty = pd.DataFrame({"iteration": pd.Series(dtype="float64"), "value": pd.Series(dtype="float64")})
     return gr.LinePlot(empty, x="iteration", y="value", color="series" if colours else None, color_map=colours,
                        colors_in_legend=[] if colours else None, title=label, label=label, show_label=False,
-                       elem_id=elem_id, x_title="iteration", y_title=y_title, height=280, x_axis_format="d",
+                       elem_id=elem_id, x_title="iteration", y_title=y_title, height=280,
+                       x_axis_format="d", y_lim=y_lim,  # "d": whole iterations, so Vega places no ticks between them
                        buttons=["fullscreen", "export"])
 
 
@@ -656,7 +649,8 @@ def _metrics_section() -> dict[str, Any]:
     gr.Markdown("## 5. Metric graphs (kept across runs of this tab's model)", elem_classes=["section-title"])
     with gr.Row():
         plot_error = _plot("Prediction error (MSE)", "plot-error", "MSE", ERROR_COLOURS)
-        plot_dot = _plot(f"Dot found: share of the last {APP.dot_window} predictions within 3 px", "plot-dot", "%")
+        plot_dot = _plot(f"Dot found: share of the last {APP.dot_window} predictions within 3 px", "plot-dot", "%",
+                         y_lim=[0, 100])
     with gr.Row():
         plot_time = _plot("Iteration time", "plot-time", "milliseconds")
         plot_loss = _plot("Training loss", "plot-loss", "loss", LOSS_COLOURS)

@@ -59,9 +59,7 @@ def white_pixels(image: np.ndarray) -> int:
 
 
 def points(plot: dict, series: str | None = None) -> list[tuple[float, float]]:
-    """The (iteration, value) points of a LinePlot output (a value, or an update carrying the axis span
-    and a value), skipping the null colour-anchor rows."""
-    plot = plot["value"] if plot.get("__type__") == "update" else plot
+    """The (iteration, value) points of a LinePlot output, skipping the null colour-anchor rows."""
     cols = plot["columns"]
     rows = [dict(zip(cols, row)) for row in plot["data"]]
     return [(r["iteration"], r["value"]) for r in rows
@@ -181,7 +179,8 @@ def test_run_five_iterations_streams_and_fills_every_view(client, app_server):
     assert len(points(final[PLOT_DOT])) == 3  # one rolling within-3-px share per scored prediction
     assert "MSE" in final[P_ERROR]["label"] and "**Prediction error of the current frame (MSE):**" in final[P_INFO]
     assert png(final[ATTN_IMAGE]).shape[1] == 688 and "connections" in final[ATTN_STATS]
-    assert "**Saved**" in final[CHECKPOINT]
+    assert "**Saved** to `<checkpoints>/autoencoder.pth`" in final[CHECKPOINT]
+    assert str(app_server.saved_root) not in final[CHECKPOINT]  # the page never shows the server's folders
     assert (app_server.saved_root / "checkpoints" / "toroidal_dot" / "autoencoder.pth").is_file()
     assert final[SLIDER]["value"] == 5
     again = run(client, 2)  # the history is kept across runs of the same model

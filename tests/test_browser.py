@@ -139,6 +139,7 @@ def test_load_scrub_run_and_explore_attention(page):
 
     page.locator("#frame-slider input[type=range]").fill("9")
     expect(page.locator("#frame-info")).to_contain_text("Frame 9")
+    expect(page.locator("#jump-number input")).to_have_value("9")  # the Frame number box follows the slider
     expect(page.locator("#frame-info")).to_contain_text("Step: 18")
     expect(page.locator("#frame-info")).to_contain_text("Action after it: 1 = move right")
     page.locator("#jump-number input").fill("12")
@@ -190,16 +191,25 @@ def test_stop_ends_a_long_run(page):
     page.locator("#iterations input").fill("200")
     page.locator("#run-btn").click()
     expect(page.locator("#progress")).to_contain_text(re.compile(r"Running: [1-9]\d*/200"), timeout=RUN_TIMEOUT_MS)
+    page.locator("#frame-slider input[type=range]").fill("30")  # moved during the run: kept for the next one
+    expect(page.locator("#frame-info")).to_contain_text("Frame 30")
     clicked = time.monotonic()
     page.locator("#stop-btn").click()
     expect(page.locator("#progress")).to_contain_text("Stopped:", timeout=30_000)
     assert time.monotonic() - clicked < 30
     done = int(re.search(r"Stopped: (\d+)/200", page.locator("#progress").inner_text()).group(1))
     assert 1 <= done < 100
+    expect(page.locator("#frame-slider input[type=number]")).to_have_value("30")
     expect(page.locator("#attn-stats")).to_contain_text("connections")  # finished cleanly: attention captured
     show_everything(page)
     page.screenshot(path=ARTIFACTS / "04-stopped-run.png", full_page=True)
-    run(page, 2)  # the model is consistent and the next run works
+    run(page, 2)  # the model is consistent and the next run works, from the slider's frame
+    expect(page.locator("#frame-info")).to_contain_text("Frame 32")
+    page.locator("#iterations input").fill("200")
+    page.locator("#run-btn").click()
+    page.locator("#stop-btn").click()  # right after Run: that run stops, whether or not it had begun
+    expect(page.locator("#progress")).to_contain_text(re.compile(r"Stopped: \d+/200"), timeout=60_000)
+    assert int(re.search(r"Stopped: (\d+)/200", page.locator("#progress").inner_text()).group(1)) < 10
 
 
 def test_closing_a_tab_frees_its_model(page, app_server):
