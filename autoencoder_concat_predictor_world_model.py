@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import errno
 import logging
 import math
 import os
@@ -669,6 +670,7 @@ def _fsync_dir(folder: Path) -> None:
 # one tab's run lifecycle
 
 _CHECKPOINT_FILES_LOCK = threading.Lock()  # "set a refused file aside, then save" is one step across tabs
+_REFUSED_FILES: set = set()  # FileIdentity of every checkpoint file a tab refused; whoever saves next sets it aside
 
 
 @dataclass(frozen=True)
@@ -815,7 +817,9 @@ class RunController:
         self._stop_requested_at = -math.inf  # monotonic time of the latest stop request
         self._run_lock = threading.Lock()  # one run at a time (released by whichever thread ends it)
         self._lock = threading.RLock()  # guards the model reference, parking and counters
+        self._runs_entered = 0  # runs that took the run lock (Stop watches this for a run still starting)
         self._runs_started = 0
+        self._in_run = False  # from taking the run lock to releasing it
         self._running = False
         self._pending_finish = False  # a run ended without its finish (closed by a cancel)
         self._start_moved = False  # the start frame was set during the current run: keep it after
@@ -825,6 +829,8 @@ class RunController:
         self._wm: AutoencoderConcatPredictorWorldModel | None = None
         self._attention: AttentionCapture | None = None
         self._refused: FileIdentity | None = None  # the checkpoint file this model refused
+        self._unsaved = True  # trained since it was loaded or last saved (a run of 0 iterations saves nothing)
+        self._released = False  # the tab is gone: nothing is created, reloaded or saved any more
         self._park_file: Path | None = None
         self._parked_counters: tuple[int, int] | None = None  # (step, iteration) of a parked model
         self._parked_robot: tuple | None = None  # (session, index, episode_boundary) of a parked replay
@@ -940,11 +946,14 @@ class RunController:
             raise ValueError("no session is loaded")
         if not self._run_lock.acquire(timeout=self.run_lock_wait_s):
             raise RunBusyError("a run is already in progress")
+        # a Stop older than the grace is stale; a newer one (this run was still queued) or one sent
+        # while the model is being built below stops this run
+        if time.monotonic() - self._stop_requested_at > self.stop_grace_s:
+            self.stop_event.clear()
+        self._runs_entered += 1
+        self._in_run = True
         try:
             self._finish_if_pending()
-            # a Stop that arrived while this run was still queued (it found nothing running) stops it
-            if time.monotonic() - self._stop_requested_at > self.stop_grace_s:
-                self.stop_event.clear()
             with self._lock:
                 wm = self._resident()
                 self._attach_replay(wm)
@@ -956,6 +965,7 @@ class RunController:
                 for metrics in wm.run_iter(total, self.stop_event):
                     self.history.append(metrics)
                     self._done += 1
+                    self._unsaved = True
                     yield metrics
             except SessionError as e:
                 # the engine reads the frame before it changes anything: the model is as it was after
@@ -963,12 +973,15 @@ class RunController:
                 self._problem = f"cannot read the next frame of session {self.session.name}: {e}"
             self._stopped = self._done < self._total
             self._running = False
-            self._finish()
+            self._finish(wm)
         finally:
             if self.stop_event.is_set():
                 self._stop_requested_at = -math.inf  # this run took the stop: the next one is not stopped
-            self._running = False
+            if self._pending_finish:
+                self._stopped = True  # closed by a cancel: its finish comes later (stop, the next run, the pool)
+            self._running = self._in_run = False
             self._run_lock.release()
+        self.touch()
 
     def stop(self, wait_s: float = 30.0) -> str:
         """Stop the run after its current iteration and wait for it to end (and finish).
@@ -976,8 +989,8 @@ class RunController:
         Returns "stopped" when a run ended (or was cancelled and is now finished), "stopping" when it
         did not end within ``wait_s``, "idle" when no run was going or started within ``stop_grace_s``.
         """
-        started = self._runs_started
-        was_running = self._running or self._pending_finish
+        started = self._runs_entered
+        was_running = self._in_run or self._pending_finish
         self._stop_requested_at = time.monotonic()
         self.stop_event.set()
         if not self._run_lock.acquire(timeout=wait_s):
@@ -986,12 +999,12 @@ class RunController:
             finished = self._finish_if_pending()
         finally:
             self._run_lock.release()
-        if was_running or finished or self._runs_started != started:
+        if was_running or finished or self._runs_entered != started:
             self._stop_requested_at = -math.inf  # taken by the run it stopped
             return "stopped"
         deadline = time.monotonic() + self.stop_grace_s  # a Run sent just before this Stop may not have begun
         while time.monotonic() < deadline:
-            if self._runs_started != started:  # it honours the stop: wait for it to end
+            if self._runs_entered != started:  # it honours the stop: wait for it to end
                 if not self._run_lock.acquire(timeout=wait_s):
                     return "stopping"
                 try:
@@ -1003,45 +1016,56 @@ class RunController:
         return "idle"
 
     def _finish_if_pending(self) -> bool:
+        """Finish a run that a cancel closed (call with the run lock held)."""
         if not self._pending_finish:
             return False
         self._stopped = True
-        self._finish()
+        with self._lock:
+            self._finish(self._wm)
         return True
 
-    def _finish(self) -> None:
+    def _finish(self, wm: AutoencoderConcatPredictorWorldModel | None) -> None:
         """Save the checkpoint (setting a refused file aside first) and capture decoder attention."""
         with self._lock:
-            wm = self._resident()
-            self.saved = self._save(wm)
+            self._pending_finish = False
+            if self._released or wm is None:
+                return
+            if self._unsaved:  # a run of 0 iterations must not overwrite a newer save of another tab
+                self.saved = self._save(wm)
             self._attention = wm.capture_decoder_attention()
             self._attention_canvas = None if self._attention is None else self._attention.canvas
             self.attention_at = (wm.iteration, wm.step)
             robot = wm.robot
             if not self._start_moved and isinstance(robot, ReplayRobot) and robot.session is self.session:
                 self.start_frame = robot.index  # the next run continues from here
-            self._pending_finish = False
-        self.touch()
 
     def _save(self, wm: AutoencoderConcatPredictorWorldModel) -> CheckpointSave:
         path = self.checkpoint_path
         aside, note = None, ""
         with _CHECKPOINT_FILES_LOCK:
             try:
-                if self._refused is not None:
-                    aside, note = _set_aside(path, self._refused)
-                    self._refused = None
+                current = FileIdentity.of(path)
+                if current is not None and current in _REFUSED_FILES:  # refused by this tab or another
+                    aside, note = _set_aside(path, current)
+                    _REFUSED_FILES.discard(current)
+                elif self._refused is not None:
+                    note = "the refused file had already been set aside or replaced, so it was left alone"
+                self._refused = None
                 wm.save_checkpoint(path)
             except (CheckpointError, OSError) as e:
                 return CheckpointSave(False, path, wm.step, wm.iteration, aside, str(e))
+        self._unsaved = False
         return CheckpointSave(True, path, wm.step, wm.iteration, aside, note)
 
     # -- the model ------------------------------------------------------------------
 
     def _resident(self) -> AutoencoderConcatPredictorWorldModel:
         """The model in memory: reloaded when parked, created at first use. Call under ``_lock``."""
+        if self._released:
+            raise RuntimeError("this controller was released (its tab is gone)")
         if self._wm is None:
             self._wm = self._unpark() if self._park_file is not None else self._create()
+            self._park_file = self._parked_robot = self._parked_counters = None  # only now: has_model stays True
         self.touch()
         return self._wm
 
@@ -1056,8 +1080,11 @@ class RunController:
         try:
             info = wm.load_checkpoint(path)
             self.origin = CheckpointOrigin("loaded", path, info["step"], info["iteration"])
+            self._unsaved = False
         except CheckpointError as e:
             self._refused = identity
+            with _CHECKPOINT_FILES_LOCK:
+                _REFUSED_FILES.add(identity)
             self.origin = CheckpointOrigin("refused", path, reason=str(e))
         return wm
 
@@ -1084,15 +1111,18 @@ class RunController:
 
     def park(self, folder: str | os.PathLike) -> bool:
         """Save the model to a private file in ``folder`` and free it; False when it is running,
-        already parked or absent. Any later call that needs the model reloads it."""
+        absent, busy or cannot be written. A run that a cancel closed is finished first. Any later
+        call that needs the model reloads it."""
         if not self._run_lock.acquire(blocking=False):
             return False
         if not self._lock.acquire(blocking=False):  # never wait here: the caller may hold another controller's lock
             self._run_lock.release()
             return False
+        path = Path(folder) / f"{id(self):x}-{os.getpid()}.park"
         try:
-            if self._wm is None or self._pending_finish:
+            if self._wm is None or self._released:
                 return False
+            self._finish_if_pending()
             wm = self._wm
             state = {k: v for k, v in vars(wm).items() if k not in _NOT_PARKED}
             state["model"] = wm.model.state_dict()
@@ -1100,12 +1130,19 @@ class RunController:
             state["mask_rng"] = wm.mask_rng.get_state()
             robot = wm.robot
             replay = (robot.session, robot.index, robot.episode_boundary) if isinstance(robot, ReplayRobot) else None
-            path = Path(folder) / f"{id(self):x}-{os.getpid()}.park"
             with open(path, "wb") as f:  # our own private folder: pickle is safe to read back
                 f.write(zlib.compress(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), 1))
+        except Exception as e:  # a full disk or a vanished folder: the model simply stays in memory
+            path.unlink(missing_ok=True)
+            LOG.warning("could not park an idle model: %s", e)
+            return False
+        else:
             self._park_file, self._parked_robot = path, replay
             self._parked_counters = (wm.step, wm.iteration)
             self._wm, self._attention = None, None
+            drop_cache = getattr(self.session, "drop_cache", None)
+            if drop_cache is not None:
+                drop_cache()  # decoded frames come back from disk when needed
             LOG.info("parked an idle model (step %d, iteration %d) in %s", wm.step, wm.iteration, path.name)
             return True
         finally:
@@ -1113,32 +1150,45 @@ class RunController:
             self._run_lock.release()
 
     def _unpark(self) -> AutoencoderConcatPredictorWorldModel:
-        path = self._park_file
-        state = pickle.loads(zlib.decompress(path.read_bytes()))
-        replay = self._parked_robot
+        """The parked model, as it was; a fresh model (with a note in ``status().problem``) when the
+        parked file cannot be read back."""
+        path, replay = self._park_file, self._parked_robot
         robot = None if replay is None else ReplayRobot(replay[0], start_index=replay[1])
         if robot is not None:
             robot.episode_boundary = replay[2]
         wm = AutoencoderConcatPredictorWorldModel(robot, device=self.device, config=self.config)
-        wm.model.load_state_dict(state.pop("model"))
-        wm.optimizer.load_state_dict(state.pop("optimizer"))
-        wm.mask_rng.set_state(state.pop("mask_rng"))
-        for key, value in state.items():
-            setattr(wm, key, value)
-        path.unlink(missing_ok=True)
-        self._park_file, self._parked_robot, self._parked_counters = None, None, None
+        try:
+            state = pickle.loads(zlib.decompress(path.read_bytes()))
+            wm.model.load_state_dict(state.pop("model"))
+            wm.optimizer.load_state_dict(state.pop("optimizer"))
+            wm.mask_rng.set_state(state.pop("mask_rng"))
+            for key, value in state.items():
+                setattr(wm, key, value)
+        except Exception as e:
+            LOG.warning("could not reload a parked model: %s", e)
+            self._problem = f"this tab's model could not be reloaded after it was set aside while idle ({e}); a new one was made"
+            self.history.clear()
+            self._park_file = None
+            return self._create()
+        finally:
+            path.unlink(missing_ok=True)
         LOG.info("reloaded a parked model (step %d, iteration %d)", wm.step, wm.iteration)
         return wm
 
     def release(self) -> None:
-        """The tab is gone: stop its run, drop its model and delete its parked file."""
+        """The tab is gone: stop its run and, on a helper thread (this is called on Gradio's event
+        loop), drop its model and delete its parked file. Nothing is created or saved afterwards."""
+        self._released = True
         self._stop_requested_at = time.monotonic()
         self.stop_event.set()
+        threading.Thread(target=self._drop, name="release-tab", daemon=True).start()
+
+    def _drop(self) -> None:
         with self._lock:
             self._wm, self._attention, self._attention_canvas, self.session = None, None, None, None
             if self._park_file is not None:
                 self._park_file.unlink(missing_ok=True)
-                self._park_file = self._parked_robot = None
+                self._park_file = self._parked_robot = self._parked_counters = None
         if self._pool is not None:
             self._pool.forget(self)
 
@@ -1151,33 +1201,50 @@ def _set_aside(path: Path, refused: FileIdentity) -> tuple[str | None, str]:
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
     kept = path.with_name(f"{path.stem}.refused-{stamp}{path.suffix}")
     try:
-        os.link(path, kept)  # fails rather than overwrite; the checkpoint save then replaces `path`
-    except OSError:
-        if kept.exists():
+        os.link(path, kept)  # a second name for the file; never overwrites; the save then replaces `path`
+        linked = True
+    except FileNotFoundError:
+        return None, "the refused file was already gone"
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
             raise
-        os.rename(path, kept)  # a file system without hard links
-    if FileIdentity.of(kept) != refused:  # another program swapped the file in between: not ours to keep
-        kept.unlink()
+        os.rename(path, kept)  # no hard links here; the name is unique, so nothing is overwritten
+        linked = False
+    if linked and FileIdentity.of(kept) != refused:  # another program swapped the file in between
+        kept.unlink()  # only our second name of its file goes: the file itself stays at `path`
         return None, "the checkpoint file changed while it was being set aside, so it was left alone"
     return kept.name, ""
 
 
 class ModelPool:
     """Keeps at most ``max_resident`` models of many controllers in memory and parks (saves to a
-    private temporary folder and frees) any model unused for ``idle_s``; a daemon thread sweeps
-    every ``sweep_s``. Controllers reload their parked model at their next use.
+    private folder and frees) any model unused for ``idle_s``; a daemon thread sweeps every
+    ``sweep_s`` and returns freed memory to the system. Controllers reload their parked model at
+    their next use.
+
+    Args:
+        idle_s: park a model unused this long (> 0).
+        max_resident: models kept in memory at once (>= 1).
+        sweep_s: how often the sweeper looks (at least 0.5 s).
+        folder: where the private folder of parked files is made (default: the system temp folder).
     """
 
-    def __init__(self, idle_s: float = 300.0, max_resident: int = 4, sweep_s: float = 15.0):
+    def __init__(self, idle_s: float = 300.0, max_resident: int = 4, sweep_s: float = 15.0,
+                 folder: str | os.PathLike | None = None):
+        if not idle_s > 0 or max_resident < 1:
+            raise ValueError(f"idle_s must be > 0 and max_resident >= 1 (got {idle_s}, {max_resident})")
         self.idle_s, self.max_resident = float(idle_s), int(max_resident)
-        self.folder = Path(tempfile.mkdtemp(prefix="cwm-parked-"))  # mode 0700: only this user reads it
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="cwm-parked-", dir=folder))  # mode 0700: only this user reads it
         self._controllers: weakref.WeakSet[RunController] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._sweep_forever, args=(float(sweep_s),),
+        self._freed = threading.Event()  # set when memory was freed; the sweeper hands it back to the system
+        self._finalizer = weakref.finalize(self, _close_pool, self._closed, self.folder)
+        self._thread = threading.Thread(target=_sweep_forever, args=(weakref.ref(self), max(0.5, float(sweep_s))),
                                         name="model-pool-sweeper", daemon=True)
         self._thread.start()
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self.folder, True)
 
     def controller(self, **kwargs) -> RunController:
         """A new controller whose idle model this pool parks."""
@@ -1190,7 +1257,7 @@ class ModelPool:
     def forget(self, controller: RunController) -> None:
         with self._lock:
             self._controllers.discard(controller)
-        return_freed_memory()
+        self._freed.set()
 
     def resident(self) -> list[RunController]:
         """Controllers whose model is in memory, least recently used first."""
@@ -1199,28 +1266,49 @@ class ModelPool:
         return sorted(live, key=lambda c: c.last_used)
 
     def used(self, controller: RunController) -> None:
-        """Called when a controller uses its model: park the least recently used beyond the cap."""
-        excess = [c for c in self.resident() if c is not controller]
-        excess = excess[: max(0, len(excess) + 1 - self.max_resident)]
-        if excess and any(c.park(self.folder) for c in excess):
-            return_freed_memory()
+        """Called when a controller uses its model: park the least recently used others until at
+        most ``max_resident`` are in memory (a running or busy one is skipped, the next one tried)."""
+        others = [c for c in self.resident() if c is not controller]
+        excess = len(others) + 1 - self.max_resident
+        for c in others:
+            if excess <= 0:
+                break
+            if c.park(self.folder):
+                excess -= 1
+                self._freed.set()
 
     def sweep(self, now: float | None = None) -> int:
         """Park every model unused for ``idle_s``; returns how many were parked."""
         now = time.monotonic() if now is None else now
         parked = sum(c.park(self.folder) for c in self.resident() if now - c.last_used >= self.idle_s)
         if parked:
+            self._freed.set()
+        if self._freed.is_set():
+            self._freed.clear()
             return_freed_memory()
         return parked
 
-    def _sweep_forever(self, every_s: float) -> None:
-        while not self._closed.wait(every_s):
-            try:
-                self.sweep()
-            except Exception:  # a sweep must never kill the thread; the next one tries again
-                pass
-
     def close(self) -> None:
         """Stop sweeping and delete the parked files."""
-        self._closed.set()
         self._finalizer()
+
+
+def _sweep_forever(pool_ref: weakref.ref, every_s: float) -> None:
+    """The sweeper thread; it holds the pool weakly, so a dropped pool (and its folder) goes."""
+    while True:
+        pool = pool_ref()
+        if pool is None or pool._closed.is_set():
+            return
+        try:
+            pool.sweep()
+        except Exception as e:  # a sweep must never kill the thread; the next one tries again
+            LOG.warning("model pool sweep failed: %s", e)
+        closed = pool._closed
+        del pool
+        if closed.wait(every_s):
+            return
+
+
+def _close_pool(closed: threading.Event, folder: Path) -> None:
+    closed.set()
+    shutil.rmtree(folder, ignore_errors=True)

@@ -731,7 +731,7 @@ def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, c
     """
     registry = TabRegistry()
     with gr.Blocks(title="Concat World Model Explorer", delete_cache=(cache_frequency_s, cache_age_s)) as demo:
-        pool = ModelPool(APP.idle_park_s, APP.max_resident_models, min(APP.park_sweep_s, APP.idle_park_s / 2))
+        pool = ModelPool(APP.idle_park_s, APP.max_resident_models, min(APP.park_sweep_s, APP.idle_park_s / 2), APP.park_dir)
         user = gr.State(UserState(pool, config), delete_callback=release_user)
         gr.Markdown(
             "# Concat World Model Explorer\nLoad a recorded toroidal-dot session, scrub its frames, run the "

@@ -171,7 +171,8 @@ class AppConfig:
     idle_park_s: float = float(os.environ.get("CWM_IDLE_PARK_S", 300))  # a model unused this long is saved to a temporary file and freed; its tab's next event reloads it
     max_resident_models: int = 4  # models kept in memory at once; beyond that the least recently used idle one is parked
     park_sweep_s: float = 15.0  # how often idle models are looked for
-    malloc_arenas: int = int(os.environ.get("CWM_MALLOC_ARENAS", 2))  # glibc malloc arenas (0 = glibc's default, one per thread, which kept freed tabs' memory)
+    malloc_arenas: int = int(os.environ.get("CWM_MALLOC_ARENAS", 2))  # glibc malloc arenas (MALLOC_ARENA_MAX); 0 keeps glibc's default (8 per core)
+    park_dir: str | None = os.environ.get("CWM_PARK_DIR") or None  # where parked models go (default: the system temp folder; avoid a RAM-backed tmpfs)
     dot_window: int = 50  # predictions in the rolling 'within 3 px' share of the Dot found graph
     default_quantile: float = 95.0  # attention filter: keep connections above this percentile (strongest 5%)
     demo_sessions: tuple[str, ...] = ("always_move", "alternate", "double_move")  # recorded when none exist

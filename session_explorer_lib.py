@@ -154,6 +154,10 @@ class Session:
                 pass
         return cached.copy()  # callers may draw on it; the cached copy stays pristine
 
+    def drop_cache(self) -> None:
+        """Forget the decoded frames (they are decoded again from disk when next asked for)."""
+        self._cache.clear()
+
     def action_after(self, index: int) -> int | None:
         """Return the action recorded right after observation ``index``; None for the last frame or none recorded.
 

@@ -122,6 +122,35 @@ def test_a_tab_that_refused_a_file_leaves_another_tabs_fresh_save_where_it_is(tm
     assert len(kept) == 1 and kept[0].read_bytes() == damaged
 
 
+def test_a_tab_saving_over_a_file_another_tab_refused_sets_it_aside_first(tmp_path):
+    holder = controller(tmp_path)
+    run(holder, 2)  # has its model: it will not read the file again
+    damaged = b"damaged later"
+    (tmp_path / "autoencoder.pth").write_bytes(damaged)
+    refuser = controller(tmp_path)
+    events = refuser.run(1)
+    assert next(events) is None and refuser.origin.kind == "refused"
+    run(holder, 1)  # refused by the other tab: kept before this save replaces it
+    kept = list(tmp_path.glob("autoencoder.refused-*.pth"))
+    assert len(kept) == 1 and kept[0].read_bytes() == damaged and holder.saved.set_aside == kept[0].name
+    list(events)
+    assert refuser.saved.ok and refuser.saved.set_aside is None and "left alone" in refuser.saved.reason
+    assert len(list(tmp_path.glob("autoencoder.refused-*.pth"))) == 1
+
+
+def test_a_released_controller_neither_saves_nor_builds_a_model_again(tmp_path):
+    c = controller(tmp_path)
+    events = c.run(50)
+    next(events), next(events)
+    c.release()  # the tab closed mid-run
+    rest = list(events)
+    assert len(rest) <= 1 and c.saved is None and not (tmp_path / "autoencoder.pth").exists()
+    deadline = time.monotonic() + 5
+    while c.has_model and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not c.has_model and c.world_model() is None
+
+
 def test_a_start_frame_set_during_a_run_outlives_the_run(tmp_path):
     c = controller(tmp_path)
     for metrics in c.run(4):
@@ -146,6 +175,18 @@ def test_a_stop_sent_just_before_the_run_starts_stops_that_run(tmp_path):
     assert len(run(c, 2)) == 2  # that stop is used up: the next run goes
 
 
+def test_a_stop_is_taken_by_a_run_whose_model_is_slow_to_build(tmp_path, monkeypatch):
+    c = controller(tmp_path, stop_grace_s=0.5)
+    create = RunController._create
+    monkeypatch.setattr(RunController, "_create", lambda self: (time.sleep(1.5), create(self))[1])
+    runner = threading.Thread(target=lambda: run(c, 20))
+    runner.start()
+    time.sleep(0.1)  # the run holds its lock while its model is built (longer than the grace)
+    assert c.stop(wait_s=30) == "stopped"
+    runner.join(30)
+    assert c.status().done == 0
+
+
 def test_a_stop_with_nothing_running_answers_idle_and_a_later_run_goes(tmp_path):
     c = controller(tmp_path, stop_grace_s=0.2)
     assert c.stop(wait_s=1) == "idle"
@@ -153,14 +194,18 @@ def test_a_stop_with_nothing_running_answers_idle_and_a_later_run_goes(tmp_path)
     assert len(run(c, 2)) == 2
 
 
-def test_a_run_stopped_at_zero_reports_the_loaded_models_step(tmp_path):
+def test_a_run_stopped_at_zero_reports_the_loaded_models_step_and_saves_nothing(tmp_path):
     run(controller(tmp_path), 6)
-    c = controller(tmp_path)
-    c.stop_event.set()
-    c._stop_requested_at = time.monotonic()  # as a Stop that arrived while the run was queued
+    saved = (tmp_path / "autoencoder.pth").stat().st_mtime_ns
+    c = controller(tmp_path, stop_grace_s=5.0)
+    stopper = threading.Thread(target=c.stop, kwargs={"wait_s": 30})
+    stopper.start()  # pressed just before Run: the run honours it
+    time.sleep(0.1)
     assert run(c, 10) == []
+    stopper.join(30)
     status = c.status()
     assert status.done == 0 and status.model_step == c.origin.step > 0 and status.model_iteration == 6
+    assert c.saved is None and (tmp_path / "autoencoder.pth").stat().st_mtime_ns == saved  # another tab's newer save stays
 
 
 def test_a_cancelled_run_is_finished_by_stop(tmp_path):
@@ -168,7 +213,7 @@ def test_a_cancelled_run_is_finished_by_stop(tmp_path):
     events = c.run(50)
     next(events), next(events)
     events.close()  # what Gradio does to a cancelled generator
-    assert c.saved is None and c.status().state == "done"
+    assert c.saved is None and c.status().state == "stopped"  # not "done": it did 1 of 50
     assert c.stop(wait_s=5) == "stopped"
     assert c.saved.ok and c.saved.iteration == 1 and c.status().state == "stopped"
 
@@ -187,14 +232,14 @@ def test_a_parked_model_reloads_at_its_next_use_and_continues_exactly(tmp_path):
     folder.mkdir()
     parked, kept = controller(tmp_path / "a"), controller(tmp_path / "b")
     for c in (parked, kept):
-        run(c, 6)
-    assert parked.park(folder) and parked.is_parked and parked.status().model_iteration == 6
+        run(c, 4)
+    assert parked.park(folder) and parked.is_parked and parked.status().model_iteration == 4
     assert len(list(folder.iterdir())) == 1
     assert parked.attention is not None  # recaptured from the reloaded model
     assert not parked.is_parked and not list(folder.iterdir())
     np.testing.assert_array_equal(parked.attention.weights, kept.attention.weights)
     assert parked.park(folder)
-    after_park, straight = run(parked, 6), run(kept, 6)
+    after_park, straight = run(parked, 3), run(kept, 3)
     assert [m["prediction_error"] for m in after_park] == [m["prediction_error"] for m in straight]
     assert [m["training_loss"] for m in after_park] == [m["training_loss"] for m in straight]
 
@@ -215,10 +260,42 @@ def test_the_pool_parks_idle_and_least_recently_used_models_and_release_deletes_
         assert len(files) == 2
         a.release()
         b.release()
+        deadline = time.monotonic() + 5
+        while list(pool.folder.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert not list(pool.folder.iterdir()) and not a.has_model
     finally:
         pool.close()
     assert not pool.folder.exists()
+
+
+def test_the_cap_skips_a_running_model_and_parks_the_next_and_a_cancelled_run_is_finished_then_parked(tmp_path):
+    pool = ModelPool(idle_s=3600, max_resident=1, sweep_s=3600)
+    try:
+        busy, idle, new = (controller(tmp_path / name, pool=pool) for name in ("busy", "idle", "new"))
+        running = busy.run(50)
+        next(running), next(running)  # busy is the least recently used, and running
+        run(idle, 2)
+        run(new, 2)  # over the cap: busy cannot be parked, so idle is
+        assert idle.is_parked and not busy.is_parked
+        running.close()  # busy's run is cancelled: its finish is pending
+        assert busy.saved is None
+        assert pool.sweep(now=time.monotonic() + 7200) == 2  # finished (saved), then parked; new parked too
+        assert busy.is_parked and busy.saved.ok and busy.status().state == "stopped"
+    finally:
+        pool.close()
+
+
+def test_a_failed_park_keeps_the_model_and_a_failed_reload_makes_a_new_one(tmp_path):
+    c = controller(tmp_path)
+    run(c, 3)
+    assert not c.park(tmp_path / "no_such_folder") and not c.is_parked  # nothing raised, still in memory
+    folder = tmp_path / "parked"
+    folder.mkdir()
+    assert c.park(folder)
+    next(folder.iterdir()).write_bytes(b"garbage")
+    assert c.world_model() is not None and "could not be reloaded" in c.status().problem
+    assert not list(folder.iterdir()) and c.status().model_iteration in (0, 3)
 
 
 def test_training_masks_follow_mask_ratio_and_prediction_masks_the_whole_slot(tmp_path):
