@@ -73,6 +73,7 @@ MODEL_CFG = AutoencoderConcatPredictorWorldModelConfig()
 LAYER_COLOUR_NAMES = ("red", "gold", "green", "blue", "violet")  # attention_viz.LAYER_COLOURS in words
 FRAME_UPSCALE = 2  # single frames are shown at 2x (nearest neighbour) so a 16 px patch is easy to see
 MAX_PLOT_POINTS = 2000  # longer metric histories are thinned to this many points per series
+MIN_ITERATION_SPAN = 10  # the iteration axis spans at least this many iterations, so its ticks are whole ones
 CANVAS_HEIGHT, FRAME_HEIGHT, ATTENTION_HEIGHT = 260, 470, 480  # display heights in CSS pixels
 UNKNOWN_SESSION = "Unknown session: that name is not a session folder in the sessions folder. Press Refresh sessions and choose one from the list."
 NO_SESSION = "Load a session first: choose one in the list and press Load session."
@@ -354,6 +355,15 @@ def metric_frames(history: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.D
     return error, timing, loss, dot
 
 
+def plot_updates(history: list[dict]) -> tuple[dict, ...]:
+    """The four graphs, their iteration axis at least ``MIN_ITERATION_SPAN`` wide: a shorter one gets
+    ticks between whole iterations (Gradio exposes no tick step), labelled 1, 2, 2 by the "d" format."""
+    first = history[0]["iteration"] if history else 1
+    last = history[-1]["iteration"] if history else 1
+    span = [first, max(last, first + MIN_ITERATION_SPAN - 1)]
+    return tuple(gr.update(value=frame, x_lim=span) for frame in metric_frames(history))
+
+
 def _px(value: float | None) -> str:
     """A dot error for the page: pixels, 'no dot drawn' for a prediction without one, '-' before any."""
     if value is None:
@@ -452,7 +462,7 @@ def _display_outputs(user: UserState, final: bool, first: bool = False) -> tuple
         return (progress, checkpoint_markdown(c)) + (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 2)
     train = c.training_views() or {}
     views = tuple(train.get(k) for k in ("original", "masked", "inpainting", "composite"))
-    plots = metric_frames(c.history)
+    plots = plot_updates(c.history)
     tail = (*attention_outputs(user), gr.Slider(value=c.start_frame)) if final else (gr.skip(),) * 3
     checkpoint = checkpoint_markdown(c) if final or first else gr.skip()
     return (progress, checkpoint, *views, *prediction_outputs(c.prediction_views()), *plots, *tail)

@@ -59,7 +59,9 @@ def white_pixels(image: np.ndarray) -> int:
 
 
 def points(plot: dict, series: str | None = None) -> list[tuple[float, float]]:
-    """The (iteration, value) points of a LinePlot output, skipping the null colour-anchor rows."""
+    """The (iteration, value) points of a LinePlot output (an update carrying the axis span and the
+    value), skipping the null colour-anchor rows."""
+    plot = plot["value"] if plot.get("__type__") == "update" else plot
     cols = plot["columns"]
     rows = [dict(zip(cols, row)) for row in plot["data"]]
     return [(r["iteration"], r["value"]) for r in rows

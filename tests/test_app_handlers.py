@@ -62,7 +62,9 @@ def run_all(num_iterations, user: app.UserState) -> list[tuple]:
 
 
 def out(update: tuple, key: str):
-    return update[1 + app.RUN_OUTPUT_KEYS.index(key)]
+    """One output of a run update; a graph as its DataFrame."""
+    value = update[1 + app.RUN_OUTPUT_KEYS.index(key)]
+    return value["value"] if key.startswith("plot_") else value
 
 
 def error_message(fn, *args) -> str:
@@ -172,6 +174,7 @@ def test_run_streams_progress_saves_a_checkpoint_and_captures_attention(loaded, 
     assert c.attention is not None and "connections" in out(final, "attn_stats")
     error, timing, loss = out(final, "plot_error"), out(final, "plot_time"), out(final, "plot_loss")
     assert timing["iteration"].notna().sum() == 4
+    assert final[1 + app.RUN_OUTPUT_KEYS.index("plot_time")]["x_lim"] == [1, 10]  # whole-number ticks for a short run
     assert error[error.series == app.SERIES_PREDICTION]["iteration"].notna().sum() == 2  # from iteration 3 on
     assert loss[loss.series == app.SERIES_LOSS]["iteration"].notna().sum() == 2
     dot = out(final, "plot_dot")  # one share per scored prediction, in percent
