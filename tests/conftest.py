@@ -36,6 +36,8 @@ APP_SESSIONS = {
     "always_move_small": ("always_move", 30, 1),
 }
 BROKEN_SESSION = "broken_no_metadata"  # a session folder without session_meta.json
+AUTH_USER, AUTH_PASSWORD = "ann", "s3cret-Pw"  # the login of the guarded app
+LOGIN_DELAY_BASE_S, LOGIN_DELAY_CAP_S = 0.1, 0.8  # its failed-login delays: 0.1, 0.2, 0.4, 0.8, 0.8, ...
 APP_START_TIMEOUT_S = 120.0
 
 
@@ -151,5 +153,20 @@ def saved_root(tmp_path_factory) -> Path:
 def app_server(saved_root, tmp_path_factory):
     """The app served by a subprocess for the whole test session (API and browser tests share it)."""
     server = launch_app(saved_root, tmp_path_factory.mktemp("app"))
+    yield server
+    stop_process(server.proc)
+
+
+@pytest.fixture(scope="session")
+def guarded_server(saved_root, tmp_path_factory):
+    """The app behind --auth AUTH_USER:AUTH_PASSWORD with short failed-login delays, asked to --share
+    (offline the tunnel fails and the app keeps serving), parking models idle for 1 s in
+    ``<its work folder>/tmp``; the API and security tests share it."""
+    work = tmp_path_factory.mktemp("guarded")
+    (work / "tmp").mkdir()
+    env = {"CWM_LOGIN_DELAY_BASE_S": str(LOGIN_DELAY_BASE_S), "CWM_LOGIN_DELAY_CAP_S": str(LOGIN_DELAY_CAP_S),
+           "CWM_IDLE_PARK_S": "1", "TMPDIR": str(work / "tmp")}
+    server = launch_app(saved_root, work,
+                        ("--share", "--auth", f"{AUTH_USER}:{AUTH_PASSWORD}"), env_extra=env)
     yield server
     stop_process(server.proc)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from conftest import APP_SESSIONS, BROKEN_SESSION, launch_app, stop_process
+from conftest import APP_SESSIONS, AUTH_PASSWORD, AUTH_USER, BROKEN_SESSION
 
 ALT, MOVE = "alternate_small", "always_move_small"
 ALT_FRAMES = APP_SESSIONS[ALT][1] + 1
@@ -331,62 +330,55 @@ def test_running_before_loading_asks_to_load_a_session_first(client):
 # launch options
 
 
-def test_auth_protects_every_route_and_an_offline_share_keeps_serving(saved_root, tmp_path):
+def test_auth_protects_every_route_and_an_offline_share_keeps_serving(guarded_server, tmp_path):
     import urllib.error
     import urllib.request
 
-    server = launch_app(saved_root, tmp_path, ("--share", "--auth", "ann:secret"))
-    try:
-        for route in ("config", "gradio_api/info", "gradio_api/file=/etc/hostname"):
-            with pytest.raises(urllib.error.HTTPError) as info:
-                urllib.request.urlopen(server.url + route, timeout=10)
-            assert info.value.code == 401, route
-        with pytest.raises(Exception):
-            connect(server.url, tmp_path / "anonymous")
-        c = connect(server.url, tmp_path / "ann", auth=("ann", "secret"))
-        dropdown, _ = c.predict(api_name="/refresh_sessions")
-        assert ALT in [ch[0] for ch in dropdown["choices"]]
-        c.close()
-        # offline (as on the project machines) the tunnel fails: the app must say so and keep serving
-        outcomes = ("Still serving locally", "Running on public URL")
-        deadline = time.monotonic() + 60
-        while not any(o in server.log() for o in outcomes) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        log = server.log()
-        assert any(o in log for o in outcomes), log[-2000:]
-        if "Still serving locally" in log:
-            assert "Could not create a public share link" in log
-        assert server.proc.poll() is None
-        assert urllib.request.urlopen(server.url, timeout=10).status == 200
-    finally:
-        stop_process(server.proc)
+    server = guarded_server
+    for route in ("config", "gradio_api/info", "gradio_api/file=/etc/hostname"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(server.url + route, timeout=10)
+        assert info.value.code == 401, route
+    with pytest.raises(Exception):
+        connect(server.url, tmp_path / "anonymous")
+    c = connect(server.url, tmp_path / "ann", auth=(AUTH_USER, AUTH_PASSWORD))
+    dropdown, _ = c.predict(api_name="/refresh_sessions")
+    assert ALT in [ch[0] for ch in dropdown["choices"]]
+    c.close()
+    # offline (as on the project machines) the tunnel fails: the app must say so and keep serving
+    outcomes = ("Still serving locally", "Running on public URL")
+    deadline = time.monotonic() + 60
+    while not any(o in server.log() for o in outcomes) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = server.log()
+    assert any(o in log for o in outcomes), log[-2000:]
+    if "Still serving locally" in log:
+        assert "Could not create a public share link" in log
+    assert server.proc.poll() is None
+    assert urllib.request.urlopen(server.url, timeout=10).status == 200
 
 
 # -----------------------------------------------------------------------------
 # memory: an idle client's model is parked and comes back at its next call
 
 
-def test_an_idle_clients_model_is_parked_and_reloaded_transparently(saved_root, tmp_path):
-    temp = tmp_path / "temp"  # the parked files go to the system temp folder (TMPDIR)
-    temp.mkdir()
-    server = launch_app(saved_root, tmp_path, env_extra={"CWM_IDLE_PARK_S": "1", "TMPDIR": str(temp)})
-    try:
-        c = connect(server.url, tmp_path)
-        load(c, MOVE)
-        first = run(c, 3)
-        step, iteration = map(int, re.search(r"model step (\d+), iteration (\d+)", first[PROGRESS]).groups())
-        deadline = time.monotonic() + 30
-        while "parked an idle model (step" not in server.log() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert f"parked an idle model (step {step}, iteration {iteration})" in server.log()
-        assert len(list(temp.glob("cwm-parked-*/*.park"))) == 1  # the model lives on disk, not in memory
-        image, stats = c.predict(90, *ALL_ON, "mean", LINES, api_name="/update_attention_viz")
-        assert f"reloaded a parked model (step {step}, iteration {iteration})" in server.log()  # the next call
-        assert image is not None and f"after iteration {iteration}" in stats
-        final = run(c, 2)
-        assert f"iteration {iteration + 2}" in final[PROGRESS]  # it went on from where it was parked
-        assert len(points(final[PLOT_TIME])) == 5  # and this client's history was kept
-        assert first[CHECKPOINT].split("\n")[0] == final[CHECKPOINT].split("\n")[0]  # the same model's origin
-        c.close()
-    finally:
-        stop_process(server.proc)
+def test_an_idle_clients_model_is_parked_and_reloaded_transparently(guarded_server, tmp_path):
+    server = guarded_server  # parks models idle for 1 s; no other test runs a model on it
+    temp = server.log_path.parent / "tmp"  # its TMPDIR, where the parked files go
+    c = connect(server.url, tmp_path, auth=(AUTH_USER, AUTH_PASSWORD))
+    load(c, MOVE)
+    first = run(c, 3)
+    step, iteration = map(int, re.search(r"model step (\d+), iteration (\d+)", first[PROGRESS]).groups())
+    deadline = time.monotonic() + 30
+    while "parked an idle model (step" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert f"parked an idle model (step {step}, iteration {iteration})" in server.log()
+    assert len(list(temp.glob("cwm-parked-*/*.park"))) == 1  # the model lives on disk, not in memory
+    image, stats = c.predict(90, *ALL_ON, "mean", LINES, api_name="/update_attention_viz")
+    assert f"reloaded a parked model (step {step}, iteration {iteration})" in server.log()  # the next call
+    assert image is not None and f"after iteration {iteration}" in stats
+    final = run(c, 2)
+    assert f"iteration {iteration + 2}" in final[PROGRESS]  # it went on from where it was parked
+    assert len(points(final[PLOT_TIME])) == 5  # and this client's history was kept
+    assert first[CHECKPOINT].split("\n")[0] == final[CHECKPOINT].split("\n")[0]  # the same model's origin
+    c.close()

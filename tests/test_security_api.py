@@ -39,7 +39,7 @@ from PIL import Image
 
 import concat_world_model_explorer_gradio as app
 import server_guard
-from conftest import REPO, free_port, launch_app, stop_process
+from conftest import AUTH_PASSWORD, AUTH_USER, REPO, free_port, launch_app, stop_process
 from record_session import record_session
 from suite_census import assert_suite_collected
 from test_app_api import (
@@ -51,7 +51,7 @@ RED = (255, 0, 0)  # every frame of the sessions outside the sessions folder is 
 EVIL_ROOT, EVIL_SESSION = "toroidal_dot_evil", "evil_session"  # a sibling folder sharing the root's name prefix
 OUTSIDE_SESSION = "outside_secret"  # a valid session outside the sessions folder
 FRAGILE = "fragile_small"  # a session whose frames get damaged on disk after it is loaded
-USER, PASSWORD = "ann", "s3cret-Pw"
+USER, PASSWORD = AUTH_USER, AUTH_PASSWORD
 NOT_AUTHENTICATED = 401
 FRAME = 224  # frame side in pixels; frames are shown at 2x
 
@@ -206,7 +206,7 @@ def atime_is_tracked(folder: Path) -> bool:
 HOSTILE_NAMES = [
     "..", "../..", ".", "/", "/etc", "/etc/passwd", "{sessions}", "{sessions}/", "{sessions_parent}", "{alt_abs}",
     "{outside_abs}", "{evil_abs}", "a/../../x", f"{ALT}/../{ALT}", f"./{ALT}", f"{ALT}/", f"{ALT}/frames",
-    f"{ALT}\x00", "\x00", f"\x00{ALT}", f"..\x00/etc", "..\\..\\etc", f"..\\toroidal_dot\\{ALT}", f"{ALT}\\..",
+    f"{ALT}\x00", "\x00", f"\x00{ALT}", "..\x00/etc", "..\\..\\etc", f"..\\toroidal_dot\\{ALT}", f"{ALT}\\..",
     f"../{EVIL_ROOT}/{EVIL_SESSION}", f"../{EVIL_ROOT}", EVIL_ROOT, f"{EVIL_ROOT}/{EVIL_SESSION}",
     f"../../outside/{OUTSIDE_SESSION}", OUTSIDE_SESSION, "linked_outside", "linked_sibling", "linked_outside/.",
     "linked_outside/..", "x" * 256, "x" * 5000, "y" * 200_000, "~", "~/", "%2e%2e", "%2e%2e%2fetc", ".%2e/",
@@ -589,12 +589,9 @@ def wait_for_log(server, outcomes: tuple[str, ...], timeout: float = 90) -> str:
     return log
 
 
-@pytest.fixture(scope="module")
-def guarded(saved_root, tmp_path_factory):
-    """The app behind --auth, asked to --share (offline the tunnel fails and the app keeps serving)."""
-    server = launch_app(saved_root, tmp_path_factory.mktemp("guarded"), ("--share", "--auth", f"{USER}:{PASSWORD}"))
-    yield server
-    stop_process(server.proc)
+@pytest.fixture
+def guarded(guarded_server):
+    return guarded_server
 
 
 def protected_requests(server, image_path: str) -> list[tuple[str, str, bytes | None, dict]]:

@@ -19,10 +19,10 @@ from http.cookiejar import CookieJar
 import pytest
 
 import server_guard
-from conftest import launch_app, stop_process
+from conftest import AUTH_PASSWORD, AUTH_USER, LOGIN_DELAY_BASE_S, LOGIN_DELAY_CAP_S
 
-USER, PASSWORD = "ann", "s3cret-Pw"
-DELAY_BASE_S, DELAY_CAP_S = 0.1, 0.8  # the launched app's login delays: 0.1, 0.2, 0.4, 0.8, 0.8, ...
+USER, PASSWORD = AUTH_USER, AUTH_PASSWORD
+DELAY_BASE_S, DELAY_CAP_S = LOGIN_DELAY_BASE_S, LOGIN_DELAY_CAP_S  # the guarded app's login delays
 WRONG_PASSWORD = 400  # Gradio's answer to wrong credentials
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -81,13 +81,9 @@ async def login(guard, address: str, password: str) -> tuple[int, float]:
     return sent[0]["status"], time.monotonic() - start
 
 
-@pytest.fixture(scope="module")
-def guarded(saved_root, tmp_path_factory):
-    """The app behind --auth, with short login delays."""
-    env = {"CWM_LOGIN_DELAY_BASE_S": str(DELAY_BASE_S), "CWM_LOGIN_DELAY_CAP_S": str(DELAY_CAP_S)}
-    server = launch_app(saved_root, tmp_path_factory.mktemp("guard"), ("--auth", f"{USER}:{PASSWORD}"), env_extra=env)
-    yield server
-    stop_process(server.proc)
+@pytest.fixture
+def guarded(guarded_server):
+    return guarded_server
 
 
 @pytest.fixture
