@@ -1241,7 +1241,8 @@ class ModelPool:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._freed = threading.Event()  # set when memory was freed; the sweeper hands it back to the system
-        self._finalizer = weakref.finalize(self, _close_pool, self._closed, self.folder)
+        self._wake = threading.Event()  # wakes the sweeper early (memory was freed, or the pool closes)
+        self._finalizer = weakref.finalize(self, _close_pool, self._closed, self._wake, self.folder)
         self._thread = threading.Thread(target=_sweep_forever, args=(weakref.ref(self), max(0.5, float(sweep_s))),
                                         name="model-pool-sweeper", daemon=True)
         self._thread.start()
@@ -1258,6 +1259,7 @@ class ModelPool:
         with self._lock:
             self._controllers.discard(controller)
         self._freed.set()
+        self._wake.set()
 
     def resident(self) -> list[RunController]:
         """Controllers whose model is in memory, least recently used first."""
@@ -1276,6 +1278,7 @@ class ModelPool:
             if c.park(self.folder):
                 excess -= 1
                 self._freed.set()
+                self._wake.set()
 
     def sweep(self, now: float | None = None) -> int:
         """Park every model unused for ``idle_s``; returns how many were parked."""
@@ -1303,12 +1306,15 @@ def _sweep_forever(pool_ref: weakref.ref, every_s: float) -> None:
             pool.sweep()
         except Exception as e:  # a sweep must never kill the thread; the next one tries again
             LOG.warning("model pool sweep failed: %s", e)
-        closed = pool._closed
+        closed, wake = pool._closed, pool._wake
         del pool
-        if closed.wait(every_s):
+        wake.wait(every_s)
+        wake.clear()
+        if closed.is_set():
             return
 
 
-def _close_pool(closed: threading.Event, folder: Path) -> None:
+def _close_pool(closed: threading.Event, wake: threading.Event, folder: Path) -> None:
     closed.set()
+    wake.set()
     shutil.rmtree(folder, ignore_errors=True)
