@@ -31,7 +31,6 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import torch  # noqa: E402
-from conftest import free_port, stop_process, wait_for_http  # noqa: E402
+from conftest import launch_app, stop_process  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
 from record_session import record_session  # noqa: E402
@@ -67,27 +66,11 @@ def proc_status_mb(pid: int, key: str = "VmRSS") -> float:
     raise KeyError(f"{key} not in /proc/{pid}/status")
 
 
-def launch_server(work: Path, saved_root: Path, env_extra: dict[str, str]) -> tuple[subprocess.Popen, str, Path]:
-    """Start the app on a free port with production Gradio settings; returns (process, url, log path)
-    once its HTTP root answers. ``launch_app`` of the tests is not reused: it sets GRADIO_IS_E2E_TEST."""
-    port = free_port()
-    for name in ("tmp", "gradio-tmp"):
-        (work / name).mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("GRADIO_IS_E2E_TEST", "MALLOC_ARENA_MAX")}
-    env.update(CWM_SAVED_ROOT=str(saved_root), TMPDIR=str(work / "tmp"), GRADIO_TEMP_DIR=str(work / "gradio-tmp"),
-               GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", **env_extra)
-    log_path = work / f"app-{port}.log"
-    cmd = [sys.executable, str(REPO / "concat_world_model_explorer_gradio.py"), "--host", "127.0.0.1",
-           "--port", str(port), "--no-browser"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_for_http(url, proc, log_path)
-    except BaseException:
-        stop_process(proc)
-        raise
-    return proc, url, log_path
+def launch_server(work: Path, saved_root: Path, env_extra: dict[str, str]):
+    """Start the app with production Gradio settings (no GRADIO_IS_E2E_TEST) and its temp files
+    under ``work``; returns the running ``AppServer`` once its HTTP root answers."""
+    (work / "tmp").mkdir(parents=True, exist_ok=True)
+    return launch_app(saved_root, work, env_extra={"TMPDIR": str(work / "tmp"), **env_extra}, e2e=False)
 
 
 def one_cycle(url: str, downloads: Path, iterations: int) -> None:
@@ -106,7 +89,8 @@ def measure_config(name: str, cycles: int, iterations: int, settle_s: float) -> 
         work = Path(tmp)
         saved_root = work / "saved"
         record_session("alternate", 30, 0, name=SESSION, root=saved_root / "sessions" / "toroidal_dot")
-        proc, url, log_path = launch_server(work, saved_root, CONFIGS[name])
+        server = launch_server(work, saved_root, CONFIGS[name])
+        proc, url, log_path = server.proc, server.url, server.log_path
         try:
             time.sleep(1.0)  # let the freshly answering server finish its start-up allocations
             start = proc_status_mb(proc.pid)

@@ -94,10 +94,12 @@ class AppServer:
 
 
 def launch_app(saved_root: Path, work_dir: Path, extra_args: tuple[str, ...] = (), env_extra: dict | None = None,
-               cwd: Path = REPO) -> AppServer:
+               cwd: Path = REPO, e2e: bool = True) -> AppServer:
     """Start the app on a free port with its data under ``saved_root``; returns once it answers.
 
     ``cwd`` is the app's working directory (the repository by default, as with ``make run``).
+    ``e2e=False`` keeps Gradio's production timings (a closed session's state lives an hour) and
+    glibc's allocator settings from the caller's environment out, for benchmarks.
     """
     port = free_port()
     temp = work_dir / "gradio-tmp"
@@ -110,6 +112,9 @@ def launch_app(saved_root: Path, work_dir: Path, extra_args: tuple[str, ...] = (
         GRADIO_IS_E2E_TEST="1",  # Gradio: 0.25 s heartbeats and a 1 s state TTL after a tab closes
         PYTHONUNBUFFERED="1",
     )
+    if not e2e:
+        for name in ("GRADIO_IS_E2E_TEST", "MALLOC_ARENA_MAX"):
+            env.pop(name, None)
     env.update(env_extra or {})
     log_path = work_dir / f"app-{port}.log"
     cmd = [sys.executable, str(REPO / "concat_world_model_explorer_gradio.py"), "--host", "127.0.0.1",
