@@ -110,35 +110,60 @@ def frame_mse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a.astype(np.float32) / 255.0 - b.astype(np.float32) / 255.0) ** 2))
 
 
-def dot_centroid(frame: np.ndarray, threshold: int = 127) -> tuple[float, float] | None:
-    """Centre (x, y) of the bright pixels of a frame on the torus, or None when there are none.
+def frame_mses(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``frame_mse`` of each pair of a batch: uint8 (B, H, W, 3) twice -> float64 (B,)."""
+    diff = a.astype(np.float32) / 255.0 - b.astype(np.float32) / 255.0  # (B, H, W, 3)
+    return np.mean(diff.reshape(len(diff), -1) ** 2, axis=1, dtype=np.float64)  # (B,)
+
+
+def dot_centroids(frames: np.ndarray, threshold: int = 127) -> np.ndarray:
+    """Centre (x, y) of the bright pixels of each frame on the torus; NaN where a frame has none.
 
     A circular mean per axis, so a dot split across an edge is found where it is, not in the middle.
+
+    Args:
+        frames: uint8 (B, H, W, 3).
+
+    Returns:
+        float64 (B, 2).
     """
-    bright = frame.astype(np.float32).mean(-1) > threshold  # (H, W)
-    if not bright.any():
-        return None
-    H, W = bright.shape
-    ys, xs = np.nonzero(bright)
-    ax, ay = xs * (2 * np.pi / W), ys * (2 * np.pi / H)
-    x = (np.arctan2(np.sin(ax).mean(), np.cos(ax).mean()) * W / (2 * np.pi)) % W
-    y = (np.arctan2(np.sin(ay).mean(), np.cos(ay).mean()) * H / (2 * np.pi)) % H
-    return float(x), float(y)
+    bright = frames.astype(np.float32).mean(-1) > threshold  # (B, H, W)
+    B, H, W = bright.shape
+    count = bright.sum(axis=(1, 2)).astype(np.float64)  # (B,)
+    per_x, per_y = bright.sum(axis=1), bright.sum(axis=2)  # (B, W), (B, H) bright pixels per column / row
+    ax, ay = np.arange(W) * (2 * np.pi / W), np.arange(H) * (2 * np.pi / H)  # (W,), (H,)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        x = np.arctan2(per_x @ np.sin(ax) / count, per_x @ np.cos(ax) / count) * W / (2 * np.pi) % W  # (B,)
+        y = np.arctan2(per_y @ np.sin(ay) / count, per_y @ np.cos(ay) / count) * H / (2 * np.pi) % H  # (B,)
+    centres = np.stack([x, y], axis=1)  # (B, 2)
+    centres[count == 0] = np.nan
+    return centres
+
+
+def dot_errors(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """``dot_error`` of each pair of a batch: uint8 (B, H, W, 3) twice -> float64 (B,), inf where a
+    prediction has no dot, NaN where the actual frame has none."""
+    guess, truth = dot_centroids(predicted), dot_centroids(actual)  # (B, 2) each
+    H, W = actual.shape[1:3]
+    d = np.abs(guess - truth)  # (B, 2) |dx|, |dy|
+    d = np.minimum(d, np.array([W, H]) - d)  # the short way round the torus
+    errors = np.hypot(d[:, 0], d[:, 1])  # (B,)
+    errors[np.isnan(guess[:, 0])] = np.inf
+    errors[np.isnan(truth[:, 0])] = np.nan
+    return errors
+
+
+def dot_centroid(frame: np.ndarray, threshold: int = 127) -> tuple[float, float] | None:
+    """``dot_centroids`` of one uint8 (H, W, 3) frame: (x, y), or None when it has no bright pixel."""
+    x, y = dot_centroids(frame[None], threshold)[0]
+    return None if math.isnan(x) else (float(x), float(y))
 
 
 def dot_error(predicted: np.ndarray, actual: np.ndarray) -> float | None:
     """Toroidal distance in pixels between the dots of two frames; inf when the prediction has no
     dot, None when the actual frame has none."""
-    truth = dot_centroid(actual)
-    if truth is None:
-        return None
-    guess = dot_centroid(predicted)
-    if guess is None:
-        return float("inf")
-    H, W = actual.shape[:2]
-    dx = abs(guess[0] - truth[0])
-    dy = abs(guess[1] - truth[1])
-    return float(np.hypot(min(dx, W - dx), min(dy, H - dy)))
+    error = float(dot_errors(predicted[None], actual[None])[0])
+    return None if math.isnan(error) else error
 
 
 def _is_frame(item) -> bool:
@@ -211,6 +236,7 @@ class AttentionCapture:
     grid_size: (rows, columns) of the patch grid.
     canvas: uint8 (H, W, 3) canvas the attention was computed on.
     patch_size: patch side in pixels.
+    prediction: uint8 (H, W_frame, 3) the frame the model inpainted into the masked slot, or None.
     """
 
     weights: np.ndarray
@@ -218,6 +244,7 @@ class AttentionCapture:
     grid_size: tuple[int, int]
     canvas: np.ndarray
     patch_size: int
+    prediction: np.ndarray | None = None
 
 
 @dataclass
@@ -272,6 +299,7 @@ class AutoencoderConcatPredictorWorldModel:
         self.last_training_mask: torch.Tensor | None = None
         self.last_training_loss: float | None = None  # the optimised loss of the latest step
         self.last_training_mse: float | None = None  # plain masked MSE of the latest step
+        self.last_grad_norm: float | None = None  # total gradient norm of the latest step, before clipping
         self.last_prediction: np.ndarray | None = None  # predicted frame t+1, uint8 (H, W, 3)
         self.last_prediction_canvas: np.ndarray | None = None  # canvas it was inpainted from
         self.last_observation: np.ndarray | None = None  # frame t
@@ -290,11 +318,11 @@ class AutoencoderConcatPredictorWorldModel:
             group["lr"] = lr
         return lr
 
-    def _training_batch(self, canvas: np.ndarray) -> np.ndarray:
+    def _training_batch(self, canvas: np.ndarray, replay: bool = True) -> np.ndarray:
         """The canvas plus ``replay_batch_size`` canvases drawn from the replay buffer (which holds
         this one too), each rolled on the torus when ``torus_roll`` is on; uint8 (B, H, W, 3)."""
         cfg = self.config
-        k = cfg.replay_batch_size if self.replay_buffer else 0
+        k = cfg.replay_batch_size if self.replay_buffer and replay else 0
         if not k:
             return canvas[None]  # (1, H, W, 3)
         picks = self.replay_rng.integers(0, len(self.replay_buffer), size=k)  # with replacement: the buffer starts small
@@ -315,13 +343,14 @@ class AutoencoderConcatPredictorWorldModel:
             mask_ratio=cfg.mask_ratio, batch_size=batch_size, generator=self.mask_rng)
         return mask.to(self.device)  # (B, L)
 
-    def train_step(self, canvas: np.ndarray) -> dict:
-        """One optimizer step on a canvas (plus replayed ones); returns {'loss', 'mse', 'lr'} as
-        Python floats, where 'mse' is the plain masked MSE of the given canvas alone."""
+    def train_step(self, canvas: np.ndarray, replay: bool = True) -> dict:
+        """One optimizer step on a canvas (plus replayed ones, unless ``replay`` is False); returns
+        {'loss', 'mse', 'lr', 'grad_norm'} as Python floats, where 'mse' is the plain masked MSE of
+        the given canvas alone and 'grad_norm' the gradient's total norm before clipping."""
         cfg = self.config
         with self.lock:
             self.model.train()
-            imgs = canvas_to_tensor(self._training_batch(canvas), self.device)  # (B, 3, H, W)
+            imgs = canvas_to_tensor(self._training_batch(canvas, replay), self.device)  # (B, 3, H, W)
             mask = self._training_mask(imgs.shape[0])  # (L,) or (B, L)
             first = mask if mask.ndim == 1 else mask[0]  # (L,) the given canvas's mask
             lr = self._set_lr()
@@ -331,7 +360,9 @@ class AutoencoderConcatPredictorWorldModel:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
             self.optimizer.step()
             self.step += 1
             self._train_products = _TrainProducts(canvas=canvas, mask=first, pred=pred[:1].detach())
@@ -339,7 +370,9 @@ class AutoencoderConcatPredictorWorldModel:
             self.last_training_mask = first
             self.last_training_loss = loss.item()
             self.last_training_mse = mse.item()
-            return {"loss": self.last_training_loss, "mse": self.last_training_mse, "lr": lr}
+            self.last_grad_norm = grad_norm.item()
+            return {"loss": self.last_training_loss, "mse": self.last_training_mse, "lr": lr,
+                    "grad_norm": self.last_grad_norm}
 
     def train_autoencoder(self, canvas: np.ndarray) -> float:
         """Train on a canvas: one step, or with the quality gate on, until the masked MSE falls
@@ -365,6 +398,28 @@ class AutoencoderConcatPredictorWorldModel:
         with self.lock:
             pred = self.model.forward_with_patch_mask(canvas_to_tensor(canvas, self.device), self.patch_mask)
             return tensor_to_uint8(self.model.reconstruct(pred)[0])
+
+    @torch.no_grad()
+    def predict_slots(self, canvases: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Inpaint the last slot of a batch of canvases, ``batch_size`` at a time; changes nothing
+        in the model or its state (no training, no "latest prediction").
+
+        Args:
+            canvases: uint8 (B, H, W_canvas, 3), last slot blank.
+
+        Returns:
+            uint8 (B, H, W_frame, 3): the predicted frames.
+        """
+        cfg = self.config
+        x0 = last_slot_x0(cfg.frame_size[1], cfg.canvas_history_size, cfg.separator_width)
+        out = np.empty((len(canvases), *cfg.frame_size, 3), np.uint8)  # (B, H, W_frame, 3)
+        with self.lock:
+            for i in range(0, len(canvases), batch_size):  # chunks bound the activations' memory
+                imgs = canvas_to_tensor(canvases[i : i + batch_size], self.device)  # (b, 3, H, W_canvas)
+                pred = self.model.forward_with_patch_mask(imgs, self.patch_mask)  # (b, L, P)
+                full = self.model.reconstruct(pred)[..., x0 : x0 + cfg.frame_size[1]]  # (b, 3, H, W_frame)
+                out[i : i + batch_size] = tensor_to_uint8(full)
+        return out
 
     def predict_next_frame(self, history: list) -> np.ndarray:
         """Predict the frame that follows a history.
@@ -403,7 +458,8 @@ class AutoencoderConcatPredictorWorldModel:
         """One pass of the spec's loop. Returns metrics as Python floats (None where not yet defined):
         iteration, step, prediction_error (MSE of the previous prediction against frame t),
         dot_error (px between their dots; inf when no dot was predicted), copy_error (MSE of
-        simply repeating frame t-1), training_loss, training_mse, lr, iteration_time."""
+        simply repeating frame t-1), training_loss, training_mse, lr, grad_norm (of the latest
+        step, before clipping), iteration_time."""
         cfg = self.config
         K = cfg.canvas_history_size
         with self.lock:
@@ -450,6 +506,7 @@ class AutoencoderConcatPredictorWorldModel:
                 "training_loss": None if train is None else train["loss"],
                 "training_mse": None if train is None else train["mse"],
                 "lr": get_lr(max(self.step - 1, 0), cfg),
+                "grad_norm": None if train is None else self.last_grad_norm,
                 "iteration_time": time.perf_counter() - t0,
             }
         if self.training_callback is not None:
@@ -485,15 +542,24 @@ class AutoencoderConcatPredictorWorldModel:
     def get_prediction_views(self) -> dict:
         """The spec's prediction views, uint8 (H, W, 3) or None: ``current`` (frame t),
         ``predicted`` (predicted frame t+1), ``checked`` (the prediction frame t was compared with),
-        ``error`` (|checked - current| per pixel, amplified to full range for display) and
-        ``error_mse`` (its MSE, or None)."""
+        ``error`` (|checked - current| per pixel, amplified to full range for display),
+        ``error_mse`` (its MSE, or None) and ``canvas`` (the canvas ``predicted`` was inpainted
+        from, with it filled into the last slot)."""
+        cfg = self.config
         with self.lock:
             current, predicted, checked = self.last_observation, self.last_prediction, self.last_checked_prediction
-            error_mse = self.last_prediction_error
+            error_mse, canvas = self.last_prediction_error, self.last_prediction_canvas
         error = None
         if current is not None and checked is not None:
             error = np.abs(checked.astype(np.int16) - current.astype(np.int16)).astype(np.uint8)
-        return {"current": current, "predicted": predicted, "checked": checked, "error": error, "error_mse": error_mse}
+        if canvas is not None and predicted is not None:
+            x0 = last_slot_x0(cfg.frame_size[1], cfg.canvas_history_size, cfg.separator_width)
+            canvas = canvas.copy()
+            canvas[:, x0 : x0 + cfg.frame_size[1]] = predicted
+        else:
+            canvas = None
+        return {"current": current, "predicted": predicted, "checked": checked, "error": error, "error_mse": error_mse,
+                "canvas": canvas}
 
     @torch.no_grad()
     def capture_decoder_attention(self, canvas: np.ndarray | None = None) -> AttentionCapture | None:
@@ -502,15 +568,19 @@ class AutoencoderConcatPredictorWorldModel:
             canvas = self.last_prediction_canvas if canvas is None else canvas
             if canvas is None:
                 return None
+            cfg = self.config
             imgs = canvas_to_tensor(canvas, self.device)
-            _, attn = self.model.forward_with_patch_mask(imgs, self.patch_mask, return_attn=True)
+            pred, attn = self.model.forward_with_patch_mask(imgs, self.patch_mask, return_attn=True)
             weights = torch.stack([a[0] for a in attn]).float().cpu().numpy()  # (layers, heads, N, N)
+            x0 = last_slot_x0(cfg.frame_size[1], cfg.canvas_history_size, cfg.separator_width)
+            slot = tensor_to_uint8(self.model.reconstruct(pred)[0])[:, x0 : x0 + cfg.frame_size[1]]  # (H, W_frame, 3)
             return AttentionCapture(
                 weights=weights,
                 patch_mask=self.patch_mask.cpu().numpy().copy(),
                 grid_size=tuple(self.model.grid_size),
                 canvas=canvas,
-                patch_size=self.config.patch_size,
+                patch_size=cfg.patch_size,
+                prediction=np.ascontiguousarray(slot),
             )
 
     # -- checkpoints ------------------------------------------------------------------
@@ -823,6 +893,7 @@ class RunController:
         self._running = False
         self._pending_finish = False  # a run ended without its finish (closed by a cancel)
         self._start_moved = False  # the start frame was set during the current run: keep it after
+        self._replaying = False  # the latest run replayed the session (not single-canvas training)
         self._done = self._total = 0
         self._problem = ""
         self._stopped = False
@@ -903,6 +974,39 @@ class RunController:
         """The model itself (reloaded when parked), for analysis code and tests; None before the first run."""
         return self._model_if_any()
 
+    def _need_session(self):
+        if self.session is None:
+            raise ValueError("no session is loaded")
+        return self.session
+
+    # -- questions that never train the model (world_model_analysis) ---------------------
+
+    def analysis_model(self) -> AutoencoderConcatPredictorWorldModel:
+        """The model to question: this tab's, created from the checkpoint (as at a first Run) when
+        it has none yet. Analyses may run between a run's iterations; they never change the model."""
+        with self._lock:
+            return self._resident()
+
+    def counterfactual(self, frame_index: int):
+        """Frame t+1 predicted under every action (``world_model_analysis.counterfactual``)."""
+        from world_model_analysis import counterfactual
+
+        session = self._need_session()
+        return counterfactual(self.analysis_model(), session, frame_index)
+
+    def rollout(self, frame_index: int, k: int):
+        """k open-loop steps from frame t with the recorded actions (``world_model_analysis.rollout``)."""
+        from world_model_analysis import rollout
+
+        session = self._need_session()
+        return rollout(self.analysis_model(), session, frame_index, k)
+
+    def evaluate(self, session):
+        """Every transition of ``session`` (any session, not only the loaded one), batched."""
+        from world_model_analysis import evaluate_session
+
+        return evaluate_session(self.analysis_model(), session)
+
     def _model_if_any(self) -> AutoencoderConcatPredictorWorldModel | None:
         with self._lock:
             return self._resident() if self.has_model else None
@@ -936,14 +1040,31 @@ class RunController:
         metrics. Ends after ``finish`` (checkpoint saved, attention captured). A frame that cannot
         be read ends the run early (``status().problem`` says which); the iterations done are kept.
 
-        Raises:
+        Raises (at the first ``next``):
             ValueError: no session is loaded.
             RunBusyError: another run of this controller did not end within ``run_lock_wait_s``.
         """
+        return self._drive(total, lambda wm: wm.run_iter(total, self.stop_event), replay=True)
+
+    def train_single_canvas(self, frame_index: int, steps: int) -> Iterator[dict | None]:
+        """``steps`` optimizer steps on the training canvas ending in frame ``frame_index`` alone (the
+        "can it fit one example" check). A run like ``run`` (one at a time, Stop ends it, finish saves
+        the checkpoint), except that it yields per-step dicts (see ``single_canvas_steps``), keeps
+        them out of ``history`` (that is per loop iteration) and leaves the replay where it was.
+
+        Raises:
+            ValueError: no session, or a frame without the history a canvas needs (at once).
+        """
+        from world_model_analysis import single_canvas_steps, training_canvas
+
+        canvas = training_canvas(self._need_session(), frame_index, self.config)
+        return self._drive(steps, lambda wm: single_canvas_steps(wm, canvas, steps, self.stop_event), replay=False)
+
+    def _drive(self, total: int, work: Callable, replay: bool) -> Iterator[dict | None]:
+        """The body of every run: ``work(wm)`` yields the steps; ``replay`` marks a loop run."""
         from session_explorer_lib import SessionError
 
-        if self.session is None:
-            raise ValueError("no session is loaded")
+        self._need_session()
         if not self._run_lock.acquire(timeout=self.run_lock_wait_s):
             raise RunBusyError("a run is already in progress")
         # a Stop older than the grace is stale; a newer one (this run was still queued) or one sent
@@ -956,14 +1077,18 @@ class RunController:
             self._finish_if_pending()
             with self._lock:
                 wm = self._resident()
-                self._attach_replay(wm)
+                if replay:
+                    self._attach_replay(wm)
+                    self._start_moved = False
+                self._replaying = replay
                 self._runs_started += 1
-                self._running, self._pending_finish, self._start_moved = True, True, False
+                self._running, self._pending_finish = True, True
                 self._done, self._total, self._problem, self._stopped = 0, int(total), "", False
             yield None
             try:
-                for metrics in wm.run_iter(total, self.stop_event):
-                    self.history.append(metrics)
+                for metrics in work(wm):
+                    if replay:
+                        self.history.append(metrics)
                     self._done += 1
                     self._unsaved = True
                     yield metrics
@@ -1036,7 +1161,8 @@ class RunController:
             self._attention_canvas = None if self._attention is None else self._attention.canvas
             self.attention_at = (wm.iteration, wm.step)
             robot = wm.robot
-            if not self._start_moved and isinstance(robot, ReplayRobot) and robot.session is self.session:
+            if (self._replaying and not self._start_moved and isinstance(robot, ReplayRobot)
+                    and robot.session is self.session):
                 self.start_frame = robot.index  # the next run continues from here
 
     def _save(self, wm: AutoencoderConcatPredictorWorldModel) -> CheckpointSave:

@@ -85,6 +85,31 @@ def build_canvas(interleaved: Sequence, frame_size: int | Sequence[int] = (224, 
     return np.ascontiguousarray(np.concatenate([body, stacked[-1]], axis=1))  # (H, K*W + (K-1)*sep, 3)
 
 
+def build_prediction_canvases(frames: np.ndarray, actions: np.ndarray, sep_width: int = 8) -> np.ndarray:
+    """A batch of prediction canvases ``[f][a][f][a]...[blank]`` at once (``build_canvas`` for
+    histories that end in an action, without a loop over the batch).
+
+    Args:
+        frames: uint8 (B, K-1, H, W, 3), each canvas's history frames, oldest first.
+        actions: int (B, K-1), the action taken after each of those frames.
+        sep_width: separator width in pixels.
+
+    Returns:
+        uint8 (B, H, K * W + (K - 1) * sep_width, 3) with the last slot black.
+    """
+    frames = np.asarray(frames)
+    B, n, H, W, _ = frames.shape
+    if frames.dtype != np.uint8 or np.shape(actions) != (B, n):
+        raise ValueError(f"frames must be uint8 (B, K-1, H, W, 3) and actions (B, K-1), got {frames.dtype} "
+                         f"{frames.shape} and {np.shape(actions)}")
+    seps = separator_colours(np.asarray(actions).reshape(-1)).reshape(B, n, 1, 1, 3)  # (B, K-1, 1, 1, 3)
+    seps = np.broadcast_to(seps, (B, n, H, sep_width, 3))  # (B, K-1, H, sep, 3)
+    pairs = np.concatenate([frames, seps], axis=3)  # (B, K-1, H, W+sep, 3)
+    body = pairs.transpose(0, 2, 1, 3, 4).reshape(B, H, n * (W + sep_width), 3)  # (B, H, (K-1)(W+sep), 3)
+    blank = np.zeros((B, H, W, 3), np.uint8)
+    return np.concatenate([body, blank], axis=2)  # (B, H, K*W + (K-1)*sep, 3)
+
+
 def canvas_to_tensor(canvas: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 canvas (H, W, 3) or batch (B, H, W, 3) -> float tensor (B, 3, H, W) in [0, 1]."""
     x = torch.as_tensor(np.asarray(canvas), device=device)
