@@ -8,7 +8,9 @@ separators (encoder keys). This module turns an ``AttentionCapture`` into:
 - a (layers, Q, K) decoder-to-encoder matrix (masked rows, visible columns, heads aggregated),
 - the connections at or above a percentile threshold,
 - statistics and a markdown summary of them,
-- a patch-to-patch line overlay on the canvas, or a heatmap of the matrix.
+- a patch-to-patch line overlay on the canvas, or a labelled heatmap of the matrix,
+- one masked patch's attention, drawn per layer on the canvas (``render_patch_attention``),
+- a clickable picture of the predicted frame that maps a click to its patch (``patch_picker_image``).
 
 Everything is a function of arrays: no torch, no gradio, no model. Colour maps come from
 ``matplotlib.colormaps[name]`` used as lookup tables (never pyplot, STYLE.md habit 11); lines are
@@ -23,7 +25,7 @@ import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import matplotlib
 import numpy as np
@@ -69,6 +71,22 @@ LEGEND_HEIGHT = 18  # legend strip height in pixels (at scale 1)
 COLOUR_BAR_WIDTH = 12  # heatmap colour bar width in pixels
 COLOUR_BAR_LABEL_WIDTH = 52  # room right of the colour bar for its max/0 labels
 SPARK = "▁▂▃▄▅▆▇█"  # histogram glyphs for the markdown summary
+
+# labelled heatmap (``label_heatmap``): matrix cell (i, j) starts at figure pixel
+# (HEATMAP_TOP + i * cell, HEATMAP_LEFT + j * cell), whatever the matrix size
+HEATMAP_TOP = 30  # title strip height above the matrix
+HEATMAP_LEFT = 72  # left margin: y-axis title and grid-row ticks
+TITLE_SIZE, LABEL_SIZE = 14, 12  # font sizes in pixels (the app shows the figure about 1200 px wide)
+LABEL_ROW = 18  # height of one row of x-axis labels
+TICK = 4  # tick mark length in pixels
+INK = (20, 20, 20)  # text, tick and leader-line colour on the white figure
+
+# one patch's attention (``render_patch_attention``)
+PATCH_CMAP = "inferno"  # tint of the key patches: black (no weight) to pale yellow (the panel's max)
+MAX_TINT_ALPHA = 0.85  # tint opacity of the strongest key; it falls linearly to 0 with the weight
+QUERY_OUTLINE = (0, 255, 255)  # 2 px box around the query patch (cyan: not in the tint colour map)
+STRIP_HEIGHT = 22  # label strip above each layer panel
+PICKER_GRID = (128, 128, 128)  # patch grid lines on the clickable picture of the predicted frame
 
 
 # -----------------------------------------------------------------------------
@@ -183,9 +201,13 @@ def _aggregate(x: np.ndarray, aggregation: str, axis: int) -> np.ndarray:
     return x.sum(axis=axis, dtype=np.float32)
 
 
-def _gather_heads(weights: np.ndarray, patch_mask: np.ndarray, layers, heads) -> np.ndarray:
-    """(layers, heads, N, N) -> (n_layers_selected, n_heads_selected, Q, K) masked rows x visible columns."""
+def _gather_heads(weights: np.ndarray, patch_mask: np.ndarray, layers, heads, queries=None) -> np.ndarray:
+    """(layers, heads, N, N) -> (n_layers_selected, n_heads_selected, Q, K) masked rows x visible columns.
+
+    ``queries`` (optional positions among the masked patches) keeps only those rows: Q = len(queries)."""
     query_ids, key_ids = patch_ids(patch_mask)
+    if queries is not None:
+        query_ids = query_ids[np.asarray(queries)]  # (Q,)
     # +1 skips the CLS token; np.ix_ gathers only the needed entries (no full (N, N) copies)
     return weights[np.ix_(np.asarray(layers), np.asarray(heads), query_ids + 1, key_ids + 1)].astype(np.float32, copy=False)  # (nl, nh, Q, K)
 
@@ -262,6 +284,36 @@ def _layer_colour(layer_id: int) -> tuple[int, int, int]:
 
 def _fmt(x: float) -> str:
     return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
+
+
+def _whole(value, name: str, low: int, high: int | None = None) -> int:
+    """``value`` as an int in [low, high) (no upper bound when high is None); 3.0 passes, 3.5, True and '3' do not."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    whole = _is_int(value) or (real and math.isfinite(value) and float(value).is_integer())
+    if not whole or int(value) < low or (high is not None and int(value) >= high):
+        allowed = f"from {low} to {high - 1}" if high is not None else f"of at least {low}"
+        raise ValueError(f"{name} must be a whole number {allowed}, got {value!r}")
+    return int(value)
+
+
+def _check_rgb(image, name: str) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"{name} must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    return image
+
+
+def _ids_text(prefix: str, ids: tuple[int, ...]) -> str:
+    """'H0-H3' for a run of three or more consecutive ids, else 'H0, H2'."""
+    if len(ids) >= 3 and ids[-1] - ids[0] == len(ids) - 1:
+        return f"{prefix}{ids[0]}-{prefix}{ids[-1]}"
+    return ", ".join(f"{prefix}{i}" for i in ids)
+
+
+def _heads_text(head_ids: tuple[int, ...], aggregation: str) -> str:
+    if len(head_ids) == 1:
+        return f"head H{head_ids[0]}"
+    return f"heads {_ids_text('H', head_ids)} combined by {aggregation}"
 
 
 # -----------------------------------------------------------------------------
@@ -598,9 +650,7 @@ def render_lines(
     Returns:
         uint8 (H * scale + legend, W * scale, 3).
     """
-    canvas = np.asarray(canvas)
-    if canvas.ndim != 3 or canvas.shape[2] != 3 or canvas.dtype != np.uint8:
-        raise ValueError(f"Canvas must be uint8 (H, W, 3), got {canvas.dtype} {canvas.shape}")
+    canvas = _check_rgb(canvas, "Canvas")
     scale = int(scale)
     if scale < 1:
         raise ValueError(f"Scale must be a positive integer, got {scale}")
@@ -735,6 +785,223 @@ def render_heatmap(
     return np.concatenate([img, gap, bar, np.asarray(labels)], axis=1)  # (Q*cell, K*cell + 4 + bar + labels, 3)
 
 
+# -----------------------------------------------------------------------------
+# heatmap labels
+
+
+class TextLabel(NamedTuple):
+    """One text of a figure, its top-left corner at (x, y); vertical text reads bottom to top."""
+
+    text: str
+    x: int
+    y: int
+    size: int = LABEL_SIZE
+    vertical: bool = False
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) in pixels, end-exclusive: the area the text may ink."""
+        _, _, w, h = _font(self.size).getbbox(self.text)
+        return (self.x, self.y, self.x + h, self.y + w) if self.vertical else (self.x, self.y, self.x + w, self.y + h)
+
+
+class HeatmapLayout(NamedTuple):
+    """Where ``label_heatmap`` put the matrix and its labels.
+
+    Attributes:
+        origin: (y, x) figure pixel of matrix cell (0, 0): always (HEATMAP_TOP, HEATMAP_LEFT).
+        size: (height, width) of the figure.
+        labels: every text of the figure; no two boxes overlap, and none overlaps the matrix or colour bar.
+        row_ticks: int64 (R,) figure y of the tick marks left of the matrix (boundaries between grid rows).
+        column_ticks: int64 (C,) figure x of the tick marks under the matrix (region boundaries and both ends).
+        leaders: polylines [(x, y), ...] from a narrow region block down to its label in the second label row.
+    """
+
+    origin: tuple[int, int]
+    size: tuple[int, int]
+    labels: list[TextLabel]
+    row_ticks: np.ndarray
+    column_ticks: np.ndarray
+    leaders: list[list[tuple[int, int]]]
+
+
+def heatmap_title(layer_ids: tuple[int, ...], head_ids: tuple[int, ...], aggregation: str, quantile: float) -> str:
+    """The labelled heatmap's title: which layers and heads it shows, and what the quantile does to it.
+
+    Args:
+        layer_ids: selected decoder layers, sorted (the heatmap averages them).
+        head_ids: selected heads, sorted.
+        aggregation: how the heads are combined: "mean", "max" or "sum".
+        quantile: percentile threshold in [0, 100]; cells below it are dimmed.
+
+    Returns:
+        e.g. "Decoder attention: layers L0, L1, L2 (averaged); heads H0-H3 combined by mean; strongest 5% at
+        full colour, the rest dimmed".
+    """
+    layers = (f"layer L{layer_ids[0]}" if len(layer_ids) == 1
+              else f"layers {', '.join(f'L{l}' for l in layer_ids)} (averaged)")
+    if quantile <= 0:
+        shown = "every cell at full colour"
+    elif quantile >= 100:
+        shown = "only the strongest cell at full colour, the rest dimmed"
+    else:
+        shown = f"strongest {100 - quantile:.3g}% at full colour, the rest dimmed"
+    return f"Decoder attention: {layers}; {_heads_text(tuple(head_ids), aggregation)}; {shown}"
+
+
+def _x_labels(key_ids: np.ndarray, grid_size: tuple[int, int], patch_size: int, cell: int,
+              bottom: int) -> tuple[list[TextLabel], list[list[tuple[int, int]]], np.ndarray]:
+    """Region names under their column blocks: first row, centred, when the name fits its block; else second
+    row, left to right without overlapping, with a leader line from the block. ``bottom``: first row under the matrix."""
+    regions, names = patch_regions(grid_size, patch_size)
+    order = np.lexsort((key_ids // grid_size[1], key_ids % grid_size[1]))  # (K,) left to right, as render_heatmap
+    key_regions = regions[key_ids[order]]  # (K,)
+    starts = np.flatnonzero(np.r_[True, np.diff(key_regions) != 0])  # (B,) first column of each block
+    ends = np.r_[starts[1:], key_regions.size]  # (B,) one past its last column
+    first_row, second_row = bottom + TICK + 2, bottom + TICK + 2 + LABEL_ROW
+    labels, leaders, free_x = [], [], HEATMAP_LEFT  # free_x: where the next second-row label may start
+    for start, end, region in zip(starts.tolist(), ends.tolist(), key_regions[starts].tolist()):  # a few regions
+        name = names[region]
+        width = _font(LABEL_SIZE).getbbox(name)[2]
+        centre = HEATMAP_LEFT + (start + end) * cell // 2
+        if width + 4 <= (end - start) * cell:
+            labels.append(TextLabel(name, centre - width // 2, first_row))
+            continue
+        x = max(centre - width // 2, free_x)
+        labels.append(TextLabel(name, x, second_row))
+        free_x = x + width + 8
+        elbow = second_row - 2  # just above the label's ink, just below the first row's
+        leaders.append([(centre, bottom), (centre, elbow), (min(max(centre, x), x + width), elbow)])
+    column_ticks = HEATMAP_LEFT + np.r_[starts * cell, key_regions.size * cell - 1]  # (B + 1,)
+    return labels, leaders, column_ticks
+
+
+def _y_labels(query_ids: np.ndarray, grid_cols: int, cell: int, height: int) -> tuple[list[TextLabel], np.ndarray]:
+    """Left of the matrix: a tick at every grid-row boundary, 'row r' at the first, middle and last grid row, and
+    the axis title (vertical, centred on the matrix when it fits)."""
+    q_rows = np.sort(query_ids) // grid_cols  # (Q,) grid row of each heatmap row (row-major order)
+    grid_rows, first, counts = np.unique(q_rows, return_index=True, return_counts=True)  # (R,) each
+    labels, last_y = [], -LABEL_ROW
+    for i in sorted({0, len(grid_rows) // 2, len(grid_rows) - 1}):  # at most three labels
+        text = f"row {grid_rows[i]}"
+        _, _, w, h = _font(LABEL_SIZE).getbbox(text)
+        y = max(HEATMAP_TOP + int((first[i] + counts[i] / 2) * cell) - h // 2, HEATMAP_TOP)
+        if y >= last_y + LABEL_ROW:  # a label too close to the previous one is left out
+            labels.append(TextLabel(text, HEATMAP_LEFT - TICK - 3 - w, y))
+            last_y = y
+    title = "queries: masked slot (predicted frame), row-major"
+    length = _font(LABEL_SIZE).getbbox(title)[2]
+    labels.append(TextLabel(title, 4, HEATMAP_TOP + max(0, (height - length) // 2), vertical=True))
+    return labels, HEATMAP_TOP + first[1:] * cell
+
+
+def _bar_labels(peak: float, x: int, height: int) -> list[TextLabel]:
+    """Right of the colour bar: its max at the top, 0 at the bottom, then the vertical title 'attention weight'."""
+    top = TextLabel(_fmt(peak), x, HEATMAP_TOP)
+    zero_height = _font(LABEL_SIZE).getbbox("0")[3]
+    zero = TextLabel("0", x, max(HEATMAP_TOP + height - zero_height, top.box[3] + 2))
+    title = "attention weight"
+    length = _font(LABEL_SIZE).getbbox(title)[2]
+    title_x = max(top.box[2], zero.box[2]) + 6
+    return [top, zero, TextLabel(title, title_x, HEATMAP_TOP + max(0, (height - length) // 2), vertical=True)]
+
+
+def _heatmap_layout(
+    height: int,
+    body_width: int,
+    key_ids: np.ndarray,
+    query_ids: np.ndarray,
+    grid_size: tuple[int, int],
+    title: str,
+    peak: float,
+    cell: int,
+    patch_size: int,
+) -> HeatmapLayout:
+    """Layout of ``label_heatmap`` around a matrix picture ``height`` high, ``body_width`` wide (matrix, gap, bar)."""
+    x_labels, leaders, column_ticks = _x_labels(key_ids, grid_size, patch_size, cell, HEATMAP_TOP + height)
+    y_labels, row_ticks = _y_labels(query_ids, grid_size[1], cell, height)
+    bar = _bar_labels(peak, HEATMAP_LEFT + body_width + 4, height)
+    if bar[-1].box[3] > HEATMAP_TOP + height:  # a short matrix: the bar's title reaches down to the region names
+        bar = _bar_labels(peak, max([bar[0].x] + [label.box[2] + 8 for label in x_labels]), height)
+    labels = [TextLabel(title, 6, 7, TITLE_SIZE), *y_labels, *x_labels, *bar]
+    axis = "keys: visible patches of the canvas, left to right"
+    y = max(HEATMAP_TOP + height + TICK + 2 + 2 * LABEL_ROW, max(label.box[3] for label in labels) + 4)
+    x = HEATMAP_LEFT + max(0, (key_ids.size * cell - _font(LABEL_SIZE).getbbox(axis)[2]) // 2)
+    labels.append(TextLabel(axis, x, y))
+    size = (max(label.box[3] for label in labels) + 6,
+            max(max(label.box[2] for label in labels) + 6, HEATMAP_LEFT + body_width))
+    return HeatmapLayout((HEATMAP_TOP, HEATMAP_LEFT), size, labels, row_ticks, column_ticks, leaders)
+
+
+def _draw_labels(image: Image.Image, labels: list[TextLabel], leaders: list[list[tuple[int, int]]]) -> None:
+    draw = ImageDraw.Draw(image)
+    for line in leaders:  # one per narrow region block
+        draw.line(line, fill=INK, width=1)
+    for label in labels:  # a dozen texts
+        font = _font(label.size)
+        if not label.vertical:
+            draw.text((label.x, label.y), label.text, fill=INK, font=font)
+            continue
+        _, _, w, h = font.getbbox(label.text)
+        mask = Image.new("L", (w, h), 0)
+        ImageDraw.Draw(mask).text((0, 0), label.text, fill=255, font=font)
+        image.paste(INK, (label.x, label.y), mask.rotate(90, expand=True))  # (h, w): reads bottom to top
+
+
+def label_heatmap(
+    heatmap: np.ndarray,
+    key_ids: np.ndarray,
+    query_ids: np.ndarray,
+    grid_size: tuple[int, int],
+    *,
+    title: str,
+    peak: float,
+    cell: int = 3,
+    patch_size: int = PATCH_SIZE,
+) -> tuple[np.ndarray, HeatmapLayout]:
+    """A ``render_heatmap`` picture framed by a title, axis labels and a labelled colour bar, drawn with Pillow.
+
+    Top to bottom: the title strip (HEATMAP_TOP px high); the matrix, with the grid-row labels ("row 0", the
+    middle and the last row) and the vertical y-axis title in the left margin (HEATMAP_LEFT px wide) and, right
+    of the colour bar, its max, 0 and the vertical title "attention weight"; under the matrix the key region
+    names (two rows of LABEL_ROW px: a name wider than its block goes to the second row with a leader line) and
+    the x-axis title. The matrix, the gap and the colour bar are copied unchanged; the picture's own small
+    colour-bar labels (its last COLOUR_BAR_LABEL_WIDTH columns) are replaced by larger ones. Matrix cell (i, j)
+    starts at figure pixel (HEATMAP_TOP + i * cell, HEATMAP_LEFT + j * cell) for every matrix size.
+
+    Args:
+        heatmap: uint8 (Q * cell, K * cell + colour bar, 3) from ``render_heatmap``.
+        key_ids: (K,) grid index of each matrix column, as given to ``render_heatmap``.
+        query_ids: (Q,) grid index of each matrix row.
+        grid_size: (rows, columns) of the patch grid.
+        title: text of the title strip (``heatmap_title``).
+        peak: the value at the top of the colour bar (the max of the layer-averaged matrix).
+        cell: pixels per matrix cell, as given to ``render_heatmap``.
+        patch_size: patch side in pixels (for the key regions).
+
+    Returns:
+        (figure, layout): uint8 (H', W', 3) on white, H' > HEATMAP_TOP + Q * cell, W' > HEATMAP_LEFT + K * cell;
+        the HeatmapLayout it was drawn with (matrix origin, texts and their boxes, tick marks, leader lines).
+    """
+    heatmap = _check_rgb(heatmap, "heatmap")
+    key_ids, query_ids = np.asarray(key_ids, dtype=np.int64), np.asarray(query_ids, dtype=np.int64)
+    cell = _whole(cell, "cell", 1)
+    expected = (query_ids.size * cell, key_ids.size * cell + 4 + COLOUR_BAR_WIDTH + COLOUR_BAR_LABEL_WIDTH)
+    if heatmap.shape[:2] != expected:  # render_heatmap: matrix, 4 px gap, colour bar, its labels
+        raise ValueError(f"heatmap must be the render_heatmap picture of {query_ids.size} queries x {key_ids.size} "
+                         f"keys at cell {cell}, (height, width) {expected}; got {heatmap.shape[:2]}")
+    height, width = heatmap.shape[0], heatmap.shape[1] - COLOUR_BAR_LABEL_WIDTH  # matrix, gap and colour bar
+    layout = _heatmap_layout(height, width, key_ids, query_ids, grid_size, title, peak, cell, patch_size)
+    figure = np.full((*layout.size, 3), 255, np.uint8)  # (H', W', 3) white
+    figure[HEATMAP_TOP:HEATMAP_TOP + height, HEATMAP_LEFT:HEATMAP_LEFT + width] = heatmap[:, :width]
+    figure[layout.row_ticks[:, None], np.arange(HEATMAP_LEFT - TICK, HEATMAP_LEFT)] = INK  # (R, TICK) tick marks
+    below = np.arange(HEATMAP_TOP + height, HEATMAP_TOP + height + TICK)  # (TICK,) rows just under the matrix
+    figure[below[:, None], layout.column_ticks] = INK  # (TICK, C) tick marks
+    image = Image.fromarray(figure)
+    _draw_labels(image, layout.labels, layout.leaders)
+    return np.asarray(image), layout
+
+
 def render_attention(
     capture: AttentionCapture,
     quantile,
@@ -800,5 +1067,273 @@ def draw_attention(
         image = render_lines(canvas, connections, grid_size, patch_size)
     else:
         keep = (matrix >= matrix.dtype.type(connections.threshold)).any(axis=0)  # (Q, K) kept in some selected layer
-        image = render_heatmap(matrix, key_ids, query_ids, grid_size, patch_size=patch_size, keep=keep)
+        heatmap = render_heatmap(matrix, key_ids, query_ids, grid_size, patch_size=patch_size, keep=keep)
+        peak = float(matrix.mean(axis=0).max())  # render_heatmap's colour scale: the max of the layer mean
+        title = heatmap_title(layer_ids, head_ids, agg, q)
+        image, _ = label_heatmap(heatmap, key_ids, query_ids, grid_size, title=title, peak=peak, patch_size=patch_size)
     return image, stats, statistics_markdown(stats)
+
+
+# -----------------------------------------------------------------------------
+# one patch's attention
+
+
+class _Slot(NamedTuple):
+    """The predicted slot: a block of rows x cols patches whose top-left patch is at grid (top, left)."""
+
+    rows: int
+    cols: int
+    top: int
+    left: int
+
+
+class _PatchQuery(NamedTuple):
+    """One masked query's attention and the checked controls it was computed with."""
+
+    matrix: np.ndarray  # float32 (n_layers_selected, K) weight of each visible key
+    key_ids: np.ndarray  # int64 (K,) grid index of each visible key, row-major
+    row: int  # query patch row inside the predicted slot
+    col: int  # query patch column inside the predicted slot
+    query_id: int  # grid index of the query patch
+    layer_ids: tuple[int, ...]
+    head_ids: tuple[int, ...]
+    aggregation: str
+    grid_size: tuple[int, int]
+    slot: _Slot
+
+
+def _slot_block(patch_mask: np.ndarray, grid_cols: int) -> _Slot:
+    query_ids = np.flatnonzero(patch_mask)  # (Q,) row-major
+    q_rows, q_cols = np.divmod(query_ids, grid_cols)  # (Q,) each
+    top, left = int(q_rows[0]), int(q_cols.min())
+    rows, cols = int(q_rows[-1]) - top + 1, int(q_cols.max()) - left + 1
+    block = (top + np.arange(rows))[:, None] * grid_cols + left + np.arange(cols)  # (rows, cols) grid ids of the block
+    if not np.array_equal(query_ids, block.reshape(-1)):  # (rows * cols,)
+        raise ValueError("patch_mask must mask one rectangular block of patches (the predicted slot)")
+    return _Slot(rows, cols, top, left)
+
+
+def _patch_query(capture: AttentionCapture, row, col, layers, heads, aggregation) -> _PatchQuery:
+    weights, patch_mask = _check_weights(capture.weights, capture.patch_mask)
+    grid_size = _check_grid(capture.grid_size, patch_mask.size)
+    layer_ids = _check_indices(layers, weights.shape[0], "decoder layer")
+    head_ids = _check_indices(heads, weights.shape[1], "attention head")
+    agg = _check_aggregation(aggregation)
+    slot = _slot_block(patch_mask, grid_size[1])
+    row, col = _whole(row, "row", 0, slot.rows), _whole(col, "col", 0, slot.cols)
+    heads_t = _gather_heads(weights, patch_mask, layer_ids, head_ids, [row * slot.cols + col])  # (nl, nh, 1, K)
+    matrix = _aggregate(heads_t, agg, axis=1)[:, 0]  # (nl, K)
+    if not np.isfinite(matrix).all():
+        raise ValueError("Attention weights contain NaN or infinite values")
+    query_id = (slot.top + row) * grid_size[1] + slot.left + col
+    return _PatchQuery(matrix, patch_ids(patch_mask)[1], row, col, query_id, layer_ids, head_ids, agg, grid_size, slot)
+
+
+def patch_attention(capture: AttentionCapture, row: int, col: int, layer_ids: Iterable[int], head_ids: Iterable[int],
+                    aggregation: str) -> tuple[np.ndarray, np.ndarray]:
+    """Attention of one masked patch of the predicted slot to every visible patch, per selected layer.
+
+    Args:
+        capture: ``AttentionCapture`` (weights (layers, heads, N, N), patch_mask (L,) whose masked patches form one
+            block of rows x slot_cols patches, grid_size).
+        row: patch row inside the predicted slot, a whole number in [0, rows).
+        col: patch column inside the predicted slot, a whole number in [0, slot_cols).
+        layer_ids: selected decoder layers.
+        head_ids: selected heads.
+        aggregation: "mean", "max" or "sum" over the selected heads.
+
+    Returns:
+        (matrix, key_ids): float32 (n_layers_selected, K) the query's weight to each visible key, layers sorted;
+        int64 (K,) the keys' grid indices (row-major, CLS excluded), as ``patch_ids``.
+
+    Raises:
+        ValueError: naming row or col and its range, or the invalid control or capture field.
+    """
+    query = _patch_query(capture, row, col, layer_ids, head_ids, aggregation)
+    return query.matrix, query.key_ids
+
+
+def _frame_cols(grid_cols: np.ndarray, regions: np.ndarray, patch_size: int) -> np.ndarray:
+    """Each key's column inside its region: the frame's own patch column holding the patch centre (frame t-1 is
+    offset half a patch on the default canvas, so its grid column 20 is frame column 6); 0 in a separator."""
+    slot_x = (grid_cols + 0.5) * patch_size - regions // 2 * (FRAME_WIDTH + SEPARATOR_WIDTH)  # centre x in its slot
+    cols = np.clip(slot_x // patch_size, 0, FRAME_WIDTH // patch_size - 1).astype(np.int64)
+    return np.where(regions % 2 == 1, 0, cols)  # odd regions are the separators
+
+
+def _top_sources(query: _PatchQuery, patch_size: int, top_k: int) -> list[dict]:
+    order = np.argsort(-query.matrix, axis=1, kind="stable")[:, :top_k]  # (nl, k) strongest first, ties in grid order
+    keys = query.key_ids[order]  # (nl, k)
+    grid_rows, grid_cols = np.divmod(keys, query.grid_size[1])  # (nl, k) each
+    regions, names = patch_regions(query.grid_size, patch_size)
+    key_regions = regions[keys]  # (nl, k)
+    cols = _frame_cols(grid_cols, key_regions, patch_size)  # (nl, k)
+    weights = np.take_along_axis(query.matrix, order, axis=1)  # (nl, k)
+    return [
+        {"layer": query.layer_ids[i], "rank": r + 1, "region": names[key_regions[i, r]], "row": int(grid_rows[i, r]),
+         "col": int(cols[i, r]), "grid_row": int(grid_rows[i, r]), "grid_col": int(grid_cols[i, r]),
+         "weight": float(weights[i, r])}
+        for i, r in np.ndindex(*order.shape)  # layers x top_k rows of the table
+    ]
+
+
+def _canvas_with_prediction(capture: AttentionCapture, slot: _Slot, grid_size: tuple[int, int],
+                            patch_size: int) -> np.ndarray:
+    canvas = _check_rgb(capture.canvas, "canvas")
+    if canvas.shape[:2] != (grid_size[0] * patch_size, grid_size[1] * patch_size):
+        raise ValueError(f"canvas {canvas.shape[:2]} does not match the {grid_size} grid of {patch_size} px patches")
+    prediction = getattr(capture, "prediction", None)  # captures made before the field existed have none
+    if prediction is None:
+        return canvas
+    prediction = _check_rgb(prediction, "prediction")
+    y, x, h, w = slot.top * patch_size, slot.left * patch_size, slot.rows * patch_size, slot.cols * patch_size
+    if prediction.shape[:2] != (h, w):
+        raise ValueError(f"prediction must fill the predicted slot, (height, width) ({h}, {w}); "
+                         f"got {prediction.shape[:2]}")
+    canvas = canvas.copy()
+    canvas[y:y + h, x:x + w] = prediction
+    return canvas
+
+
+def _tint(canvas: np.ndarray, weights: np.ndarray, key_ids: np.ndarray, grid_size: tuple[int, int],
+          patch_size: int) -> np.ndarray:
+    """Dim the canvas, then tint each key patch PATCH_CMAP(w / max) at opacity MAX_TINT_ALPHA * w / max."""
+    rows, cols = grid_size
+    peak = float(weights.max())
+    norm = np.zeros(rows * cols, np.float32)  # (L,) masked patches stay 0: untinted
+    norm[key_ids] = weights / peak if peak > 0 else 0.0
+    colour = _colour_lut(PATCH_CMAP)[np.rint(norm * 255).astype(np.uint8)].reshape(rows, cols, 3)  # (rows, cols, 3)
+    alpha = (norm * np.float32(MAX_TINT_ALPHA)).reshape(rows, cols, 1)  # (rows, cols, 1)
+    colour = np.repeat(np.repeat(colour, patch_size, axis=0), patch_size, axis=1)  # (H, W, 3) patch -> pixels
+    alpha = np.repeat(np.repeat(alpha, patch_size, axis=0), patch_size, axis=1)  # (H, W, 1)
+    base = (canvas.astype(np.float32) * DIM).astype(np.uint8).astype(np.float32)  # (H, W, 3) dimmed as under the lines
+    return np.rint(base + (colour - base) * alpha).astype(np.uint8)  # (H, W, 3)
+
+
+def _outline(panel: np.ndarray, patch_id: int, grid_cols: int, patch_size: int) -> None:
+    r, c = divmod(patch_id, grid_cols)
+    box = panel[r * patch_size:(r + 1) * patch_size, c * patch_size:(c + 1) * patch_size]  # (p, p, 3) view
+    inner = box[2:-2, 2:-2].copy()
+    box[:] = QUERY_OUTLINE  # a 2 px ring inside the patch: the outline never leaves the canvas
+    box[2:-2, 2:-2] = inner
+
+
+def _label_strip(width: int, text: str, colour: tuple[int, int, int]) -> np.ndarray:
+    strip = Image.new("RGB", (width, STRIP_HEIGHT), (32, 32, 32))
+    draw = ImageDraw.Draw(strip)
+    draw.rectangle([6, 6, 15, 15], fill=colour)
+    draw.text((22, 3), text, fill=(235, 235, 235), font=_font(13))
+    return np.asarray(strip)  # (STRIP_HEIGHT, width, 3)
+
+
+def _sources_markdown(query: _PatchQuery, sources: list[dict]) -> str:
+    lines = [f"### Patch (row {query.row}, col {query.col}) of the predicted frame, "
+             f"{_heads_text(query.head_ids, query.aggregation)}", "",
+             "| Layer | Rank | Region | Row | Col | Weight |", "|---|---:|---|---:|---:|---:|"]
+    lines += [f"| L{s['layer']} | {s['rank']} | {s['region']} | {s['row']} | {s['col']} | {_fmt(s['weight'])} |"
+              for s in sources]
+    lines += ["", "_Row and col place the key inside its frame (a separator's col is 0). Each layer's panel tints "
+                  "the keys by weight, scaled to that layer's strongest._"]
+    return "\n".join(lines)
+
+
+def render_patch_attention(
+    capture: AttentionCapture,
+    row: int,
+    col: int,
+    layer_ids: Iterable[int],
+    head_ids: Iterable[int],
+    aggregation: str,
+    top_k: int = 3,
+) -> tuple[np.ndarray, list[dict], str]:
+    """Where one patch of the predicted frame looks: a panel per selected layer, its strongest sources, a table.
+
+    Each panel is the capture canvas (``capture.prediction`` pasted into the slot when present) dimmed by DIM,
+    every visible key tinted by PATCH_CMAP scaled to the panel's max weight (opacity grows with the weight), the
+    query patch outlined by a 2 px QUERY_OUTLINE ring, under a strip "L{i}: strongest source ...".
+
+    Args:
+        capture: ``AttentionCapture`` (canvas uint8 (H, W, 3), patch_size and optional prediction as well).
+        row, col: the query patch inside the predicted slot, as ``patch_attention``.
+        layer_ids: selected decoder layers.
+        head_ids: selected heads.
+        aggregation: "mean", "max" or "sum" over the selected heads.
+        top_k: strongest keys listed per layer, a whole number >= 1 (at most K are listed).
+
+    Returns:
+        (image uint8 (n_layers_selected * (STRIP_HEIGHT + H), W, 3), sources, markdown). sources: per layer, its
+        top_k keys strongest first, dicts {layer, rank (1 = strongest), region, row, col (inside the region, see
+        ``_frame_cols``), grid_row, grid_col, weight}. markdown: a heading naming the query and a table of sources.
+
+    Raises:
+        ValueError: naming the invalid argument and its range.
+    """
+    query = _patch_query(capture, row, col, layer_ids, head_ids, aggregation)
+    k = min(_whole(top_k, "top_k", 1), query.key_ids.size)
+    patch_size = int(capture.patch_size)
+    canvas = _canvas_with_prediction(capture, query.slot, query.grid_size, patch_size)
+    sources = _top_sources(query, patch_size, k)
+    panels = []
+    for i, layer in enumerate(query.layer_ids):  # one panel per selected layer (a handful)
+        panel = _tint(canvas, query.matrix[i], query.key_ids, query.grid_size, patch_size)  # (H, W, 3)
+        _outline(panel, query.query_id, query.grid_size[1], patch_size)
+        best = sources[i * k]
+        text = (f"L{layer}: strongest source {best['region']} row {best['row']} col {best['col']} "
+                f"(weight {_fmt(best['weight'])})")
+        panels += [_label_strip(panel.shape[1], text, _layer_colour(layer)), panel]
+    image = np.concatenate(panels, axis=0)  # (n_layers_selected * (STRIP_HEIGHT + H), W, 3)
+    return image, sources, _sources_markdown(query, sources)
+
+
+# -----------------------------------------------------------------------------
+# clickable picture of the predicted slot
+
+
+def patch_picker_image(prediction: np.ndarray, patch_size: int, scale: int = 2) -> np.ndarray:
+    """The predicted frame enlarged, with a grey patch grid, for picking a query patch by clicking.
+
+    Args:
+        prediction: uint8 (H, W, 3), H and W multiples of ``patch_size``.
+        patch_size: patch side in pixels, a whole number >= 1.
+        scale: enlargement (nearest neighbour), a whole number >= 1.
+
+    Returns:
+        uint8 (H * scale, W * scale, 3); the first pixel row and column of every patch but the top and left ones
+        are a 1 px PICKER_GRID line, so lines repeat every patch_size * scale pixels (``picker_patch`` inverts it).
+    """
+    prediction = _check_rgb(prediction, "prediction")
+    patch_size, scale = _whole(patch_size, "patch_size", 1), _whole(scale, "scale", 1)
+    H, W = prediction.shape[:2]
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"prediction height and width must be multiples of patch_size {patch_size}, got {H} x {W}")
+    image = np.repeat(np.repeat(prediction, scale, axis=0), scale, axis=1)  # (H*s, W*s, 3) nearest neighbour
+    step = patch_size * scale
+    image[step::step] = PICKER_GRID  # horizontal lines between patch rows
+    image[:, step::step] = PICKER_GRID  # vertical lines between patch columns
+    return image
+
+
+def picker_patch(x, y, shape_hw: tuple[int, int], patch_size: int, scale: int = 2) -> tuple[int, int]:
+    """The patch under a click on a ``patch_picker_image`` picture.
+
+    Args:
+        x: clicked pixel column, a whole number in [0, width).
+        y: clicked pixel row, a whole number in [0, height).
+        shape_hw: (height, width) of the picture, multiples of patch_size * scale.
+        patch_size: patch side in pixels of the predicted frame, a whole number >= 1.
+        scale: the picture's enlargement, a whole number >= 1.
+
+    Returns:
+        (row, col) of the patch in the predicted slot.
+
+    Raises:
+        ValueError: naming x or y and its range when the click is outside the picture, or the bad argument.
+    """
+    step = _whole(patch_size, "patch_size", 1) * _whole(scale, "scale", 1)
+    if len(tuple(shape_hw)) != 2:
+        raise ValueError(f"shape_hw must be (height, width), got {shape_hw!r}")
+    height, width = (_whole(v, "shape_hw", step) for v in shape_hw)
+    if height % step or width % step:
+        raise ValueError(f"shape_hw must be multiples of patch_size * scale = {step}, got {tuple(shape_hw)}")
+    x, y = _whole(x, "x", 0, width), _whole(y, "y", 0, height)
+    return y // step, x // step

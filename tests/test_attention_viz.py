@@ -25,6 +25,7 @@ class FakeCapture:
     grid_size: tuple
     canvas: np.ndarray
     patch_size: int
+    prediction: np.ndarray | None = None  # uint8 (H, slot width, 3) the predicted frame, inpainted into the slot
 
 
 def _softmax_weights(shape, seed: int) -> np.ndarray:
@@ -121,15 +122,17 @@ def test_known_strong_connection_is_kept_and_drawn(capture):
 
 def test_heatmap_puts_the_strong_cell_at_its_grid_position(capture):
     image, _, _ = _render(capture, quantile=50, layers=[STRONG_LAYER], viz=av.VIZ_HEATMAP)
-    cell = 3
-    assert image.shape[0] == 196 * cell and image.shape[1] > 406 * cell
+    cell, top, left = 3, av.HEATMAP_TOP, av.HEATMAP_LEFT
+    assert image.shape[0] > top + 196 * cell and image.shape[1] > left + 406 * cell
+    matrix = image[top:top + 196 * cell, left:left + 406 * cell]  # (Q * cell, K * cell, 3) the labelled figure's matrix
     row = 3 * 14 + (35 - 29)  # row-major among the masked patches (14 per grid row)
     col = 5 * 14 + 10  # keys left to right: grid column 5 of 29 visible columns, row 10
-    top = np.rint(np.asarray(av.matplotlib.colormaps["viridis"](1.0)[:3]) * 255).astype(np.uint8)
-    np.testing.assert_array_equal(image[row * cell + 1, col * cell + 1], top)
+    top_colour = np.rint(np.asarray(av.matplotlib.colormaps["viridis"](1.0)[:3]) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(matrix[row * cell + 1, col * cell + 1], top_colour)
     # region changes: frame t-2 (columns 0-13) | separator 1 (14) | frame t-1 (15-27) | separator 2 (28)
-    white = np.flatnonzero((image[:, : 406 * cell] == 255).all(axis=(0, 2)))
+    white = np.flatnonzero((matrix == 255).all(axis=(0, 2)))
     np.testing.assert_array_equal(white, np.array([14, 15, 28]) * 14 * cell)
+    assert (image[top - 1, left:left + 406 * cell] == 255).all()  # the title strip ends just above the matrix
 
 
 def test_patch_regions_follow_patch_centres():
@@ -261,4 +264,255 @@ def test_heatmap_at_quantile_0_is_the_plain_full_matrix(capture):
     image, _, _ = _render(capture, quantile=0, layers=[1, 3], viz=av.VIZ_HEATMAP)
     m = av.decoder_to_encoder(capture.weights, capture.patch_mask, [1, 3], range(4), "mean")
     q, k = av.patch_ids(capture.patch_mask)
-    np.testing.assert_array_equal(image, av.render_heatmap(m, k, q, (ROWS, COLS)))
+    heatmap = av.render_heatmap(m, k, q, (ROWS, COLS))
+    h, w = heatmap.shape[0], heatmap.shape[1] - av.COLOUR_BAR_LABEL_WIDTH  # matrix, gap and colour bar
+    np.testing.assert_array_equal(image[av.HEATMAP_TOP:av.HEATMAP_TOP + h, av.HEATMAP_LEFT:av.HEATMAP_LEFT + w],
+                                  heatmap[:, :w])
+    title = "Decoder attention: layers L1, L3 (averaged); heads H0-H3 combined by mean; every cell at full colour"
+    figure, layout = av.label_heatmap(heatmap, k, q, (ROWS, COLS), title=title, peak=float(m.mean(axis=0).max()))
+    np.testing.assert_array_equal(image, figure)
+    assert layout.origin == (av.HEATMAP_TOP, av.HEATMAP_LEFT) and layout.size == image.shape[:2]
+
+
+# -----------------------------------------------------------------------------
+# labelled heatmap
+
+
+@pytest.mark.parametrize("layers, heads, aggregation, quantile, expected", [
+    ((0, 1, 2), (0, 1, 2, 3), "mean", 95,
+     "Decoder attention: layers L0, L1, L2 (averaged); heads H0-H3 combined by mean; "
+     "strongest 5% at full colour, the rest dimmed"),
+    ((2,), (1, 3), "max", 99.8,
+     "Decoder attention: layer L2; heads H1, H3 combined by max; strongest 0.2% at full colour, the rest dimmed"),
+    ((0, 4), (2,), "sum", 100,
+     "Decoder attention: layers L0, L4 (averaged); head H2; only the strongest cell at full colour, the rest dimmed"),
+])
+def test_heatmap_title_names_layers_heads_aggregation_and_quantile(layers, heads, aggregation, quantile, expected):
+    assert av.heatmap_title(layers, heads, aggregation, quantile) == expected
+
+
+def _heatmap_figure(capture, layers):
+    """(label_heatmap figure, its layout, matrix (nl, Q, K)) of the capture's layers, all heads, mean."""
+    heads = tuple(range(capture.weights.shape[1]))
+    m = av.decoder_to_encoder(capture.weights, capture.patch_mask, layers, heads, "mean")
+    q, k = av.patch_ids(capture.patch_mask)
+    heatmap = av.render_heatmap(m, k, q, capture.grid_size)
+    figure, layout = av.label_heatmap(heatmap, k, q, capture.grid_size, peak=float(m.mean(axis=0).max()),
+                                      title=av.heatmap_title(tuple(layers), heads, "mean", 95))
+    return figure, layout, m
+
+
+@pytest.mark.parametrize("which", ["real grid", "one-row hand-made grid"])
+def test_heatmap_labels_are_drawn_apart_from_each_other_and_the_matrix(capture, which):
+    capture = capture if which == "real grid" else _hand_made_capture()
+    image, layout, m = _heatmap_figure(capture, [0, 1])
+    assert image.shape[:2] == layout.size
+    boxes = np.array([label.box for label in layout.labels])  # (n, 4) x0, y0, x1, y1
+    x0, y0, x1, y1 = boxes.T
+    overlap = (x0[:, None] < x1) & (x0 < x1[:, None]) & (y0[:, None] < y1) & (y0 < y1[:, None])  # (n, n)
+    assert not (overlap & ~np.eye(len(boxes), dtype=bool)).any()
+    h, w = m.shape[1] * 3, m.shape[2] * 3 + 4 + av.COLOUR_BAR_WIDTH  # matrix, gap and colour bar
+    top, left = av.HEATMAP_TOP, av.HEATMAP_LEFT
+    assert not ((x0 < left + w) & (left < x1) & (y0 < top + h) & (top < y1)).any()
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= image.shape[1]).all() and (y1 <= image.shape[0]).all()
+    for label in layout.labels:  # each text left ink (dark pixels) inside its box
+        bx0, by0, bx1, by1 = label.box
+        assert (image[by0:by1, bx0:bx1] < 100).all(axis=2).any(), label
+    texts = [label.text for label in layout.labels]
+    assert {"frame t-2", "separator 1", "frame t-1", "separator 2", "attention weight", "0",
+            f"{m.mean(axis=0).max():.3g}", "keys: visible patches of the canvas, left to right",
+            "queries: masked slot (predicted frame), row-major"} <= set(texts)
+    assert texts[0].startswith("Decoder attention: layers L0, L1 (averaged); heads H0")
+
+
+def test_heatmap_region_labels_rows_ticks_and_leaders_sit_where_they_belong(capture):
+    image, layout, _ = _heatmap_figure(capture, [0, 1, 2])
+    top, left, cell, block = av.HEATMAP_TOP, av.HEATMAP_LEFT, 3, 14 * 3  # a grid column of keys is 14 cells wide
+    bottom = top + 196 * cell
+    labels = {label.text: label for label in layout.labels}
+    centre = lambda label: (label.box[0] + label.box[2]) / 2  # noqa: E731
+    assert abs(centre(labels["frame t-2"]) - (left + 14 * block / 2)) <= 1  # columns 0-13
+    assert abs(centre(labels["frame t-1"]) - (left + 21.5 * block)) <= 1  # columns 15-27
+    first_row = labels["frame t-2"].y
+    assert labels["frame t-1"].y == first_row and labels["separator 1"].y == labels["separator 2"].y > first_row
+    for name, column in (("separator 1", 14), ("separator 2", 28)):  # one grid column each: too narrow for the name
+        x = left + int((column + 0.5) * block)
+        leader = next(line for line in layout.leaders if line[0] == (x, bottom))
+        assert (image[bottom:leader[1][1], x] == av.INK).all()  # a line from the block down to its label
+        assert labels[name].box[0] <= x < labels[name].box[2]
+    np.testing.assert_array_equal(layout.column_ticks, left + np.array([0, 14, 15, 28, 29]) * block - [0, 0, 0, 0, 1])
+    assert (image[bottom:bottom + av.TICK, layout.column_ticks] == av.INK).all()
+    np.testing.assert_array_equal(layout.row_ticks, top + np.arange(1, 14) * 14 * cell)  # between grid rows
+    assert (image[layout.row_ticks, left - av.TICK:left] == av.INK).all()
+    for row in (0, 7, 13):  # labelled grid rows, centred on their band of 14 query rows
+        x0, y0, x1, y1 = labels[f"row {row}"].box
+        assert abs((y0 + y1) / 2 - (top + (row + 0.5) * 14 * cell)) <= 3 and x1 <= left - av.TICK
+
+
+# -----------------------------------------------------------------------------
+# one patch's attention
+
+P_ROW, P_COL = 2, 5  # the query: row 2, col 5 of the predicted slot = grid (2, 34)
+P_QUERY = P_ROW * COLS + 29 + P_COL
+CANVAS_GREY, PREDICTION_RGB = 100, (10, 200, 30)
+
+
+def _patch_capture(prediction: bool = True) -> FakeCapture:
+    """Real grid, 2 layers x 2 heads, every weight 0 but these from query P_QUERY (grid row, col -> weight):
+    layer 1, both heads: (4, 20) 1.0 (frame t-1). Layer 0, head 0 / head 1 (mean): (13, 27) 0.3 / 0.5 (0.4, frame
+    t-1), (0, 0) 0.6 / 0.1 (0.35, frame t-2), (9, 28) 0.1 / 0.4 (0.25, separator 2)."""
+    weights = np.zeros((2, 2, N, N), np.float32)
+    weights[1, :, 1 + P_QUERY, 1 + 4 * COLS + 20] = 1.0
+    for (r, c), (w0, w1) in {(13, 27): (0.3, 0.5), (0, 0): (0.6, 0.1), (9, 28): (0.1, 0.4)}.items():
+        weights[0, :, 1 + P_QUERY, 1 + r * COLS + c] = w0, w1
+    canvas = np.full((ROWS * PATCH, COLS * PATCH, 3), CANVAS_GREY, np.uint8)
+    canvas[:, 29 * PATCH:] = 0  # the masked slot is blank on a captured canvas
+    slot = np.broadcast_to(np.array(PREDICTION_RGB, np.uint8), (ROWS * PATCH, 14 * PATCH, 3)).copy()
+    return FakeCapture(weights, _real_mask(), (ROWS, COLS), canvas, PATCH, slot if prediction else None)
+
+
+@pytest.mark.parametrize("aggregation", av.AGGREGATIONS)
+def test_patch_attention_is_one_row_of_the_decoder_matrix(capture, aggregation):
+    m, k = av.patch_attention(capture, P_ROW, P_COL, [0, 2, 4], [1, 3], aggregation)
+    full = av.decoder_to_encoder(capture.weights, capture.patch_mask, [0, 2, 4], [1, 3], aggregation)  # (3, Q, K)
+    np.testing.assert_array_equal(m, full[:, P_ROW * 14 + P_COL])
+    np.testing.assert_array_equal(k, av.patch_ids(capture.patch_mask)[1])
+    assert m.dtype == np.float32 and m.shape == (3, 406) and k.dtype == np.int64
+    whole_floats, _ = av.patch_attention(capture, float(P_ROW), np.float64(P_COL), [0, 2, 4], [1, 3], aggregation)
+    np.testing.assert_array_equal(whole_floats, m)
+
+
+def test_patch_sources_name_the_strongest_keys_by_region_and_in_frame_position():
+    _, sources, markdown = av.render_patch_attention(_patch_capture(), P_ROW, P_COL, [0, 1], [0, 1], "mean")
+    rows = [(s["layer"], s["rank"], s["region"], s["row"], s["col"], s["grid_row"], s["grid_col"]) for s in sources]
+    assert rows == [
+        (0, 1, "frame t-1", 13, 13, 13, 27), (0, 2, "frame t-2", 0, 0, 0, 0), (0, 3, "separator 2", 9, 0, 9, 28),
+        (1, 1, "frame t-1", 4, 6, 4, 20), (1, 2, "frame t-2", 0, 0, 0, 0), (1, 3, "frame t-2", 0, 1, 0, 1),
+    ]  # frame t-1 starts half a patch into grid column 14: grid column 20's centre lies in its frame column 6
+    assert [s["weight"] for s in sources] == pytest.approx([0.4, 0.35, 0.25, 1.0, 0.0, 0.0])
+    assert markdown.startswith("### Patch (row 2, col 5) of the predicted frame, heads H0, H1 combined by mean\n")
+    assert "| L1 | 1 | frame t-1 | 4 | 6 | 1 |" in markdown and "| L0 | 3 | separator 2 | 9 | 0 | 0.25 |" in markdown
+    _, top_one, _ = av.render_patch_attention(_patch_capture(), P_ROW, P_COL, [1], [1], "max", top_k=1)
+    assert [(s["layer"], s["grid_row"], s["grid_col"], s["weight"]) for s in top_one] == [(1, 4, 20, 1.0)]
+
+
+def _tinted(weight: float) -> np.ndarray:
+    """The expected colour of a key patch over the grey canvas at weight / panel max."""
+    lut = av._colour_lut(av.PATCH_CMAP)
+    base = np.float32(int(CANVAS_GREY * av.DIM))
+    colour = lut[int(np.rint(np.float32(weight) * 255))].astype(np.float32)
+    return np.rint(base + (colour - base) * (np.float32(weight) * np.float32(av.MAX_TINT_ALPHA))).astype(np.uint8)
+
+
+def test_patch_panels_tint_the_strongest_key_brightest_and_outline_the_query():
+    image, _, _ = av.render_patch_attention(_patch_capture(), P_ROW, P_COL, [0, 1], [0, 1], "mean")
+    H, W, strip = ROWS * PATCH, COLS * PATCH, av.STRIP_HEIGHT
+    assert image.shape == (2 * (strip + H), W, 3) and image.dtype == np.uint8
+    panels = [image[strip:strip + H], image[2 * strip + H:]]  # L0, L1 (each under its label strip)
+    centres = lambda panel, r, c: panel[r * PATCH + PATCH // 2, c * PATCH + PATCH // 2]  # noqa: E731
+    np.testing.assert_array_equal(centres(panels[1], 4, 20), _tinted(1.0))
+    visible = panels[1][:, :29 * PATCH].astype(int).sum(axis=2)  # (H, 29 * PATCH) brightness of the key patches
+    assert np.unravel_index(visible.argmax(), visible.shape)[1] // PATCH == 20
+    assert (visible[visible != visible.max()] == 3 * int(CANVAS_GREY * av.DIM)).all()  # weight 0: dimmed, untinted
+    for (r, c), w in {(13, 27): 1.0, (0, 0): 0.35 / 0.4, (9, 28): 0.25 / 0.4}.items():  # scaled to the panel's max
+        np.testing.assert_array_equal(centres(panels[0], r, c), _tinted(w))
+    dimmed_prediction = (np.array(PREDICTION_RGB, np.float32) * av.DIM).astype(np.uint8)
+    y, x = P_ROW * PATCH, (29 + P_COL) * PATCH
+    for panel in panels:
+        assert (panel[[y, y + 1, y + PATCH - 1], x + 4] == av.QUERY_OUTLINE).all()  # 2 px ring inside the patch
+        assert (panel[y + 4, [x, x + 1, x + PATCH - 2, x + PATCH - 1]] == av.QUERY_OUTLINE).all()
+        assert (panel[y + 2:y + PATCH - 2, x + 2:x + PATCH - 2] == dimmed_prediction).all()
+        assert (panel[0, 29 * PATCH] == dimmed_prediction).all()  # the prediction fills the slot
+    assert (image[10, 10] == av.LAYER_COLOURS[0]).all() and (image[strip + H + 10, 10] == av.LAYER_COLOURS[1]).all()
+    assert (image[:strip, 22:] > 200).all(axis=2).any()  # the strip's label text
+    bare, _, _ = av.render_patch_attention(_patch_capture(prediction=False), P_ROW, P_COL, [1], [0], "mean")
+    assert (bare[strip, 29 * PATCH] == 0).all()  # no prediction: the blank slot, dimmed
+
+
+def test_captures_without_a_prediction_field_still_work():
+    @dataclass
+    class OldCapture:  # an AttentionCapture from before the prediction field
+        weights: np.ndarray
+        patch_mask: np.ndarray
+        grid_size: tuple
+        canvas: np.ndarray
+        patch_size: int
+
+    c = _patch_capture(prediction=False)
+    old = OldCapture(c.weights, c.patch_mask, c.grid_size, c.canvas, c.patch_size)
+    np.testing.assert_array_equal(av.render_patch_attention(old, 1, 2, [0, 1], [0], "max")[0],
+                                  av.render_patch_attention(c, 1, 2, [0, 1], [0], "max")[0])
+
+
+@pytest.mark.parametrize("row, col, top_k, message", [
+    (14, 0, 3, "row must be a whole number from 0 to 13, got 14"),
+    (-1, 0, 3, "row must be a whole number from 0 to 13, got -1"),
+    (2.5, 0, 3, "row must be a whole number from 0 to 13, got 2.5"),
+    (True, 0, 3, "row must be a whole number from 0 to 13, got True"),
+    ("2", 0, 3, "row must be a whole number from 0 to 13, got '2'"),
+    (0, 14, 3, "col must be a whole number from 0 to 13, got 14"),
+    (0, None, 3, "col must be a whole number from 0 to 13, got None"),
+    (0, float("nan"), 3, "col must be a whole number from 0 to 13, got nan"),
+    (0, 0, 0, "top_k must be a whole number of at least 1, got 0"),
+])
+def test_patch_attention_refuses_a_patch_outside_the_slot(row, col, top_k, message):
+    with pytest.raises(ValueError, match=message):
+        av.render_patch_attention(_patch_capture(), row, col, [0], [0], "mean", top_k=top_k)
+    if top_k == 3:
+        with pytest.raises(ValueError, match=message):
+            av.patch_attention(_patch_capture(), row, col, [0], [0], "mean")
+
+
+def test_patch_attention_refuses_a_mask_that_is_not_one_block_and_a_misfit_prediction():
+    c = _patch_capture()
+    c.patch_mask = c.patch_mask.copy()
+    c.patch_mask[5 * COLS + 30] = False  # a hole in the slot
+    with pytest.raises(ValueError, match="patch_mask must mask one rectangular block"):
+        av.patch_attention(c, 0, 0, [0], [0], "mean")
+    c = _patch_capture()
+    c.prediction = c.prediction[:, :200]
+    with pytest.raises(ValueError, match=r"prediction must fill the predicted slot, \(height, width\) \(224, 224\)"):
+        av.render_patch_attention(c, 0, 0, [0], [0], "mean")
+
+
+# -----------------------------------------------------------------------------
+# clickable picture of the predicted slot
+
+
+def test_patch_picker_image_is_the_enlarged_prediction_with_a_grey_patch_grid():
+    prediction = np.random.default_rng(3).integers(0, 256, (32, 48, 3)).astype(np.uint8)  # 2 x 3 patches
+    image = av.patch_picker_image(prediction, 16, scale=2)
+    assert image.shape == (64, 96, 3) and image.dtype == np.uint8
+    expected = prediction.repeat(2, axis=0).repeat(2, axis=1)  # (64, 96, 3) nearest neighbour
+    on_grid = np.zeros((64, 96), bool)
+    on_grid[[32]] = True
+    on_grid[:, [32, 64]] = True  # the first pixel row / column of each patch but the top / left ones
+    np.testing.assert_array_equal(image[~on_grid], expected[~on_grid])
+    assert (image[on_grid] == av.PICKER_GRID).all()
+    with pytest.raises(ValueError, match="multiples of patch_size 16, got 32 x 40"):
+        av.patch_picker_image(prediction[:, :40], 16)
+    with pytest.raises(ValueError, match="scale must be a whole number of at least 1, got 0"):
+        av.patch_picker_image(prediction, 16, scale=0)
+
+
+def test_picker_patch_maps_every_patch_centre_and_corner_back_to_its_patch():
+    shape = av.patch_picker_image(np.zeros((224, 224, 3), np.uint8), 16).shape[:2]  # (448, 448): 14 x 14 patches
+    for row in range(14):
+        for col in range(14):
+            y, x = row * 32 + 16, col * 32 + 16
+            assert av.picker_patch(x, y, shape, 16) == (row, col)
+            assert av.picker_patch(col * 32, row * 32, shape, 16) == (row, col)  # top-left pixel (on the grid line)
+            assert av.picker_patch(col * 32 + 31, row * 32 + 31, shape, 16) == (row, col)  # bottom-right pixel
+    assert av.picker_patch(447.0, 0, shape, 16) == (0, 13)
+    assert av.picker_patch(5, 9, (32, 48), 16, scale=1) == (0, 0) and av.picker_patch(47, 31, (32, 48), 16, 1) == (1, 2)
+
+
+@pytest.mark.parametrize("x, y, message", [
+    (448, 0, "x must be a whole number from 0 to 447, got 448"),
+    (-1, 0, "x must be a whole number from 0 to 447, got -1"),
+    (0, 448, "y must be a whole number from 0 to 447, got 448"),
+    (0, 3.5, "y must be a whole number from 0 to 447, got 3.5"),
+])
+def test_picker_patch_refuses_a_click_outside_the_picture(x, y, message):
+    with pytest.raises(ValueError, match=message):
+        av.picker_patch(x, y, (448, 448), 16)
