@@ -994,18 +994,18 @@ class RunController:
         session = self._need_session()
         return counterfactual(self.analysis_model(), session, frame_index)
 
-    def rollout(self, frame_index: int, k: int):
+    def rollout(self, frame_index: int, k: int, max_k: int = 20):
         """k open-loop steps from frame t with the recorded actions (``world_model_analysis.rollout``)."""
         from world_model_analysis import rollout
 
         session = self._need_session()
-        return rollout(self.analysis_model(), session, frame_index, k)
+        return rollout(self.analysis_model(), session, frame_index, k, max_k)
 
-    def evaluate(self, session):
+    def evaluate(self, session, batch_size: int = 32):
         """Every transition of ``session`` (any session, not only the loaded one), batched."""
         from world_model_analysis import evaluate_session
 
-        return evaluate_session(self.analysis_model(), session)
+        return evaluate_session(self.analysis_model(), session, batch_size)
 
     def _model_if_any(self) -> AutoencoderConcatPredictorWorldModel | None:
         with self._lock:

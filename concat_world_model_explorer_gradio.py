@@ -13,8 +13,9 @@ The file reads top to bottom (STYLE.md habits 9-11, the Gradio demos' layout):
 5. the command line (``main``); nothing launches on import.
 
 Endpoints (``api_name``, tests and tools call them): ``/refresh_sessions``, ``/load_session``,
-``/update_frame``, ``/jump_to_frame``, ``/run_world_model`` (a generator), ``/stop`` and
-``/update_attention_viz``. Usage::
+``/update_frame``, ``/jump_to_frame``, ``/run_world_model`` (a generator), ``/stop``,
+``/update_attention_viz``, ``/patch_attention``, and the analysis section's ``/counterfactual``,
+``/rollout``, ``/evaluate_session`` and ``/train_single_canvas`` (a generator). Usage::
 
     python concat_world_model_explorer_gradio.py [--host 0.0.0.0] [--port 7860] [--share]
         [--auth USER:PASS] [--public] [--no-browser]
@@ -42,7 +43,16 @@ import torch
 from starlette.middleware import Middleware
 
 import config
-from attention_viz import AGGREGATIONS, VIZ_HEATMAP, VIZ_LINES, VIZ_TYPES, draw_attention
+from attention_viz import (
+    AGGREGATIONS,
+    VIZ_HEATMAP,
+    VIZ_LINES,
+    VIZ_TYPES,
+    draw_attention,
+    patch_picker_image,
+    picker_patch,
+    render_patch_attention,
+)
 from autoencoder_concat_predictor_world_model import (
     ModelPool,
     RunBusyError,
@@ -50,6 +60,7 @@ from autoencoder_concat_predictor_world_model import (
     RunStatus,
     limit_malloc_arenas,
 )
+from world_model_analysis import ACTIONS, Evaluation, prediction_frames
 from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig
 from record_session import record_session
 from server_guard import MAX_UPLOAD_BYTES, LoginDelay, LoginGuard, UploadRefusal, never_served_paths
@@ -92,8 +103,15 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
 RUN_OUTPUT_KEYS = (
     "progress", "checkpoint", "train_original", "train_masked", "train_inpainting", "train_composite",
     "pred_current", "pred_next", "pred_error", "prediction_info", "plot_error", "plot_time", "plot_loss",
-    "plot_dot", "attn_image", "attn_stats", "frame_slider",
+    "plot_dot", "attn_image", "attn_stats", "frame_slider", "pred_canvas", "plot_lr", "plot_grad", "attn_picker",
 )
+# what single-canvas training writes: its progress and loss curve, the four training views, then (at the end)
+# the checkpoint status and the attention outputs, recaptured from the changed model
+CANVAS_OUTPUT_KEYS = ("canvas_progress", "canvas_plot", "train_original", "train_masked", "train_inpainting",
+                      "train_composite", "checkpoint", "attn_image", "attn_stats", "attn_picker")
+PICKER_SCALE = 2  # the clickable picture of the predicted frame is shown at this enlargement
+TRAIN_VIEW_KEYS = ("train_original", "train_masked", "train_inpainting", "train_composite")
+PREDICTION_KEYS = ("pred_current", "pred_next", "pred_error", "prediction_info", "pred_canvas")
 
 
 # -----------------------------------------------------------------------------
@@ -231,7 +249,7 @@ def amplify_error(error: np.ndarray | None) -> tuple[np.ndarray | None, float]:
 
 
 def _fmt(value: float | None, digits: int = 5) -> str:
-    return "n/a" if value is None else f"{value:.{digits}g}"
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}g}"
 
 
 def _display_path(path: Path) -> str:
@@ -318,8 +336,13 @@ def _series(rows: list[dict], key: str, label: str, scale: float = 1.0) -> pd.Da
 
 SERIES_PREDICTION, SERIES_BASELINE = "model prediction", "baseline: repeat last frame"
 SERIES_LOSS, SERIES_MSE = "training loss (weighted)", "masked-patch MSE"
+SERIES_GRAD, SERIES_CLIP = "gradient norm (before clipping)", "clip threshold"
+SERIES_STAY, SERIES_MOVE, SERIES_REPEAT = "model, after stay", "model, after move", "baseline: repeat frame t"
 ERROR_COLOURS = {SERIES_PREDICTION: "#4f46e5", SERIES_BASELINE: "#9ca3af"}
 LOSS_COLOURS = {SERIES_LOSS: "#dc2626", SERIES_MSE: "#f59e0b"}
+GRAD_COLOURS = {SERIES_GRAD: "#0d9488", SERIES_CLIP: "#9ca3af"}
+EVALUATION_COLOURS = {SERIES_STAY: "#dc2626", SERIES_MOVE: "#16a34a", SERIES_REPEAT: "#9ca3af"}
+PLOT_KEYS = ("plot_error", "plot_time", "plot_loss", "plot_dot", "plot_lr", "plot_grad")  # metric_frames order
 
 
 def series_anchors(colours: dict[str, str]) -> pd.DataFrame:
@@ -343,25 +366,39 @@ def dot_found_rows(history: list[dict], window: int) -> list[dict]:
     return [{"iteration": r["iteration"], "within_3px_share": float(v)} for r, v in zip(scored, share)]
 
 
-def metric_frames(history: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Long-format DataFrames for the four graphs: prediction error, iteration time, training loss and
-    the rolling share of predictions that put the dot within 3 px."""
-    error = pd.concat([series_anchors(ERROR_COLOURS), _series(history, "prediction_error", SERIES_PREDICTION),
-                       _series(history, "copy_error", SERIES_BASELINE)], ignore_index=True)
+def _two_series(history: list[dict], colours: dict[str, str], keys: tuple[str, str]) -> pd.DataFrame:
+    (first, second), (a, b) = list(colours), keys
+    return pd.concat([series_anchors(colours), _series(history, a, first), _series(history, b, second)],
+                     ignore_index=True)
+
+
+def metric_frames(history: list[dict], grad_clip: float = 0.0) -> tuple[pd.DataFrame, ...]:
+    """Long-format DataFrames for the graphs, in ``PLOT_KEYS`` order: prediction error, iteration time,
+    training loss, the rolling share of predictions that put the dot within 3 px, learning rate and
+    gradient norm (with the clip threshold as a flat line when clipping is on)."""
+    error = _two_series(history, ERROR_COLOURS, ("prediction_error", "copy_error"))
     timing = _series(history, "iteration_time", "iteration time", scale=1000.0)
-    loss = pd.concat([series_anchors(LOSS_COLOURS), _series(history, "training_loss", SERIES_LOSS),
-                      _series(history, "training_mse", SERIES_MSE)], ignore_index=True)
+    loss = _two_series(history, LOSS_COLOURS, ("training_loss", "training_mse"))
     dot = _series(dot_found_rows(history, APP.dot_window), "within_3px_share", "within 3 px")
-    return error, timing, loss, dot
+    lr = _series(history, "lr", "learning rate")
+    clip = [{"iteration": r["iteration"], "clip": grad_clip} for r in history if r.get("grad_norm") is not None]
+    grad = pd.concat([series_anchors(GRAD_COLOURS), _series(history, "grad_norm", SERIES_GRAD),
+                      _series(clip[:1] + clip[-1:] if grad_clip else [], "clip", SERIES_CLIP)], ignore_index=True)
+    return error, timing, loss, dot, lr, grad
 
 
-def plot_updates(history: list[dict]) -> tuple[dict, ...]:
-    """The four graphs, their iteration axis at least ``MIN_ITERATION_SPAN`` wide: a shorter one gets
-    ticks between whole iterations (Gradio exposes no tick step), labelled 1, 2, 2 by the "d" format."""
-    first = history[0]["iteration"] if history else 1
-    last = history[-1]["iteration"] if history else 1
-    span = [first, max(last, first + MIN_ITERATION_SPAN - 1)]
-    return tuple(gr.update(value=frame, x_lim=span) for frame in metric_frames(history))
+def _span(rows: list[dict]) -> list[int]:
+    """An iteration axis at least ``MIN_ITERATION_SPAN`` wide: a shorter one gets ticks between whole
+    iterations (Gradio exposes no tick step), labelled 1, 2, 2 by the "d" format."""
+    first = rows[0]["iteration"] if rows else 1
+    last = rows[-1]["iteration"] if rows else 1
+    return [first, max(last, first + MIN_ITERATION_SPAN - 1)]
+
+
+def plot_updates(history: list[dict], grad_clip: float = 0.0) -> tuple[dict, ...]:
+    """The metric graphs (``PLOT_KEYS`` order) as updates carrying their iteration axis span."""
+    span = _span(history)
+    return tuple(gr.update(value=frame, x_lim=span) for frame in metric_frames(history, grad_clip))
 
 
 def _px(value: float | None) -> str:
@@ -422,8 +459,9 @@ def progress_markdown(status: RunStatus) -> str:
 
 
 def prediction_outputs(views: dict | None) -> tuple:
-    """Current frame, predicted next frame, amplified error map (with its label) and a summary."""
-    views = views or {"current": None, "predicted": None, "error": None, "error_mse": None}
+    """Current frame, predicted next frame, amplified error map (with its label), a summary and the
+    prediction canvas (``PREDICTION_KEYS`` order)."""
+    views = views or {"current": None, "predicted": None, "error": None, "error_mse": None, "canvas": None}
     error, gain = amplify_error(views["error"])
     mse = views["error_mse"]
     label = f"Prediction error |predicted - actual| (MSE {_fmt(mse)}; brightness x{gain:.1f} for visibility)"
@@ -432,7 +470,8 @@ def prediction_outputs(views: dict | None) -> tuple:
         f"made one iteration earlier with the frame that then arrived; it is amplified x{gain:.1f} so faint "
         "differences show. _Predicted next frame_ is the model's guess for the frame after the current one."
     )
-    return upscale(views["current"]), upscale(views["predicted"]), gr.update(value=upscale(error), label=label), info
+    return (upscale(views["current"]), upscale(views["predicted"]), gr.update(value=upscale(error), label=label), info,
+            views["canvas"])
 
 
 def attention_outputs(user: UserState) -> tuple[np.ndarray | None, str]:
@@ -454,18 +493,37 @@ def attention_outputs(user: UserState) -> tuple[np.ndarray | None, str]:
     return image, f"_Decoder attention captured after iteration {iteration} (model step {step})._\n\n{summary}"
 
 
+def attention_picker(user: UserState) -> np.ndarray | None:
+    """The predicted frame of the attention capture, enlarged with its patch grid: click a patch."""
+    attention = user.controller.attention
+    if attention is None or attention.prediction is None:
+        return None
+    return patch_picker_image(attention.prediction, attention.patch_size, PICKER_SCALE)
+
+
+def training_view_outputs(c: RunController) -> tuple:
+    """The four training views, ``TRAIN_VIEW_KEYS`` order (None before the first training step)."""
+    train = c.training_views() or {}
+    return tuple(train.get(k) for k in ("original", "masked", "inpainting", "composite"))
+
+
 def _display_outputs(user: UserState, final: bool, first: bool = False) -> tuple:
     """Values for RUN_OUTPUT_KEYS; while running, the slow-changing outputs are skipped."""
     c = user.controller
-    progress = progress_markdown(c.status())
+    out = dict.fromkeys(RUN_OUTPUT_KEYS, gr.skip())
+    out["progress"] = progress_markdown(c.status())
+    if final or first or not c.has_model:
+        out["checkpoint"] = checkpoint_markdown(c)
     if not c.has_model:
-        return (progress, checkpoint_markdown(c)) + (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 2)
-    train = c.training_views() or {}
-    views = tuple(train.get(k) for k in ("original", "masked", "inpainting", "composite"))
-    plots = plot_updates(c.history)
-    tail = (*attention_outputs(user), gr.Slider(value=c.start_frame)) if final else (gr.skip(),) * 3
-    checkpoint = checkpoint_markdown(c) if final or first else gr.skip()
-    return (progress, checkpoint, *views, *prediction_outputs(c.prediction_views()), *plots, *tail)
+        return tuple(out[k] for k in RUN_OUTPUT_KEYS)
+    out.update(zip(TRAIN_VIEW_KEYS, training_view_outputs(c)))
+    out.update(zip(PREDICTION_KEYS, prediction_outputs(c.prediction_views())))
+    out.update(zip(PLOT_KEYS, plot_updates(c.history, c.config.grad_clip)))
+    if final:
+        out["attn_image"], out["attn_stats"] = attention_outputs(user)
+        out["attn_picker"] = attention_picker(user)
+        out["frame_slider"] = gr.Slider(value=c.start_frame)
+    return tuple(out[k] for k in RUN_OUTPUT_KEYS)
 
 
 # -----------------------------------------------------------------------------
@@ -479,8 +537,8 @@ def refresh_sessions() -> tuple[gr.Dropdown, str]:
     return gr.Dropdown(choices=names, value=names[0] if names else None), broken_sessions_markdown(summaries)
 
 
-def load_session(session_choice: Any, user: UserState) -> tuple:
-    """Load a session by name; the tab's model (if any) is kept and replays it at the next Run."""
+def open_session(session_choice: Any) -> Session:
+    """The session of that name from the sessions folder; ``gr.Error`` naming the problem otherwise."""
     if session_choice is None or session_choice == "":
         raise gr.Error("Choose a session in the list first (press Refresh sessions if it is empty).")
     try:
@@ -488,9 +546,20 @@ def load_session(session_choice: Any, user: UserState) -> tuple:
     except ValueError:
         raise gr.Error(UNKNOWN_SESSION) from None
     try:
-        session = load_session_from_disk(session_dir)
+        return load_session_from_disk(session_dir)
     except SessionError as e:
         raise gr.Error(f"Cannot load session {session_choice}: {_hide_paths(e)}") from None
+
+
+def session_names() -> gr.Dropdown:
+    """The loadable sessions, for the evaluation list (kept in step with the session list)."""
+    names = [s.name for s in scan_sessions() if s.ok]
+    return gr.Dropdown(choices=names, value=names[0] if names else None)
+
+
+def load_session(session_choice: Any, user: UserState) -> tuple:
+    """Load a session by name; the tab's model (if any) is kept and replays it at the next Run."""
+    session = open_session(session_choice)
     image, frame_md = frame_outputs(session, 0)
     user.controller.load_session(session)
     info = session_info_markdown(session)
@@ -573,6 +642,224 @@ def update_attention_viz(quantile: Any, *controls: Any) -> tuple[np.ndarray | No
 
 
 # -----------------------------------------------------------------------------
+# analysis (section 7) and patch attention: pictures, text and handlers
+
+
+def _dot(value: float) -> str:
+    """A dot error from an analysis: NaN means the actual frame has no dot to compare with."""
+    return "no dot in the actual frame" if value is not None and math.isnan(value) else _px(value)
+
+
+def _share(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.0f} %"
+
+
+def _model_line(step: int | None, iteration: int | None) -> str:
+    return f"model step {step}, iteration {iteration}" + (" (untrained)" if step == 0 else "")
+
+
+def _model_now(c: RunController) -> str:
+    status = c.status()
+    return _model_line(status.model_step, status.model_iteration)
+
+
+def counterfactual_outputs(cf, model_line: str) -> tuple:
+    """[one picture per action (the recorded one named in its label), the actual frame, markdown]."""
+    name = {a: ACTION_NAMES.get(a, str(a)) for a in cf.actions}
+    pictures = tuple(gr.update(value=upscale(cf.predictions[i]),
+                               label=f"Predicted frame {cf.frame_index + 1} if {name[a]}"
+                                     + (" (the recorded action)" if a == cf.recorded_action else ""))
+                     for i, a in enumerate(cf.actions))
+    rows = [f"| {name[a]}{' (recorded)' if a == cf.recorded_action else ''} | {_fmt(cf.mse[i])} | {_dot(cf.dot_error[i])} |"
+            for i, a in enumerate(cf.actions)]
+    text = "\n".join([
+        f"**Frame {cf.frame_index} -> {cf.frame_index + 1}**: the recorded action after frame {cf.frame_index} was "
+        f"**{name[cf.recorded_action]}**; {model_line}. Each picture is the model's frame {cf.frame_index + 1} "
+        "from the same history with the last action swapped.", "",
+        f"| action | MSE vs the actual frame {cf.frame_index + 1} | dot error |", "|---|---|---|", *rows])
+    return (*pictures, upscale(cf.actual), text)
+
+
+def rollout_strip(actual: np.ndarray, predicted: np.ndarray, gap: int = 4) -> tuple[np.ndarray, float]:
+    """Rows actual / predicted / |error| (one gain for the whole strip), one column per step, white gaps.
+
+    Args:
+        actual, predicted: uint8 (k, H, W, 3).
+
+    Returns:
+        (uint8 (3H + 2 gap, kW + (k-1) gap, 3), the error gain).
+    """
+    error, gain = amplify_error(np.abs(predicted.astype(np.int16) - actual).astype(np.uint8))  # (k, H, W, 3)
+    rows = np.stack([actual, predicted, error])  # (3, k, H, W, 3)
+    padded = np.pad(rows, ((0, 0), (0, 0), (0, gap), (0, gap), (0, 0)), constant_values=255)  # (3, k, H+g, W+g, 3)
+    _, k, h, w, _ = padded.shape
+    strip = padded.transpose(0, 2, 1, 3, 4).reshape(3 * h, k * w, 3)  # (3(H+g), k(W+g), 3)
+    return np.ascontiguousarray(strip[:-gap, :-gap]), gain
+
+
+def rollout_outputs(ro, model_line: str) -> tuple:
+    """[strip picture (labelled), per-step table, markdown summary]."""
+    strip, gain = rollout_strip(ro.actual, ro.predicted)
+    t, k = ro.frame_index, len(ro.mse)
+    table = pd.DataFrame({
+        "step": np.arange(1, k + 1), "frame": np.arange(t + 1, t + k + 1),
+        "action before it": [ACTION_NAMES.get(int(a), str(a)) for a in ro.actions],
+        "model MSE": np.round(ro.mse, 6), "copy MSE (frame t repeated)": np.round(ro.copy_mse, 6),
+        "dot error": [_dot(float(e)) for e in ro.dot_error]})
+    label = (f"Open-loop rollout from frame {t}: rows actual, predicted, |error| x{gain:.1f}; "
+             f"columns frames {t + 1}-{t + k}")
+    beats = int((ro.mse < ro.copy_mse).sum())
+    text = (f"**{k} steps imagined from frame {t}** with the recorded actions, each prediction fed back as "
+            f"history ({model_line}). MSE goes {_fmt(ro.mse[0])} -> {_fmt(ro.mse[-1])}; the model beats repeating "
+            f"frame {t} at {beats} of {k} steps.")
+    return gr.update(value=strip, label=label), table, text
+
+
+def evaluation_outputs(ev: Evaluation) -> tuple[str, pd.DataFrame]:
+    """[markdown table overall / after stay / after move, per-transition scatter data]."""
+    rows = []
+    for title, action in (("all", None), *((f"after {ACTION_NAMES.get(a, a)}", a) for a in ACTIONS)):
+        m = ev.summary(action)
+        if not m["n"]:
+            rows.append(f"| {title} | 0 | | | | | | |")
+            continue
+        rows.append(f"| {title} | {m['n']} | {_fmt(m['prediction_mse'])} | {_fmt(m['copy_mse'])} | "
+                    f"{_fmt(m['mse_ratio'], 3)} | {_share(m['dot_present'])} | {_share(m['within_3px'])} | "
+                    f"{_dot(m['median_dot_error_px'])} |")
+    text = "\n".join([
+        f"**Session {markdown_escape(ev.session_name)}**: {len(ev.mse)} transitions predicted by the {_model_line(ev.model_step, ev.model_iteration)} "
+        f"in {ev.seconds:.1f} s (batched, no training). MSE ratio < 1: better than repeating the last frame.", "",
+        "| transitions | n | model MSE | copy MSE | ratio | dot drawn | within 3 px | median dot error |",
+        "|---|---|---|---|---|---|---|---|", *rows])
+    series = np.where(ev.action == ACTIONS[0], SERIES_STAY, SERIES_MOVE)  # (T,)
+    model = pd.DataFrame({"frame": ev.frame_index, "MSE": ev.mse, "series": series})
+    copy = pd.DataFrame({"frame": ev.frame_index, "MSE": ev.copy_mse, "series": SERIES_REPEAT})
+    anchors = pd.DataFrame({"frame": [np.nan] * 3, "MSE": [np.nan] * 3, "series": list(EVALUATION_COLOURS)})
+    return text, pd.concat([anchors, copy, model], ignore_index=True)
+
+
+def _analysis_frame(frame_index: Any, user: UserState) -> int:
+    """The analysis section's frame t, checked against the loaded session (t needs a frame before and after)."""
+    session = require_session(user)
+    try:
+        first, last = prediction_frames(session, user.controller.config)
+    except ValueError as e:
+        raise gr.Error(str(e)) from None
+    return whole_number(frame_index, "Frame index", first, last)
+
+
+def counterfactual(frame_index: Any, user: UserState) -> tuple:
+    """The model's frame t+1 under each action beside the recorded frame t+1 (never trains)."""
+    t = _analysis_frame(frame_index, user)
+    try:
+        cf = user.controller.counterfactual(t)
+    except (ValueError, SessionError) as e:
+        raise gr.Error(f"Cannot compare actions at frame {t}: {_hide_paths(e)}") from None
+    return counterfactual_outputs(cf, _model_now(user.controller))
+
+
+def rollout(frame_index: Any, k: Any, user: UserState) -> tuple:
+    """k open-loop steps from frame t with the recorded actions (never trains)."""
+    t = _analysis_frame(frame_index, user)
+    steps = whole_number(k, "Steps k", 1, APP.max_rollout_steps)
+    try:
+        ro = user.controller.rollout(t, steps, APP.max_rollout_steps)
+    except (ValueError, SessionError) as e:
+        raise gr.Error(f"Cannot roll out from frame {t}: {_hide_paths(e)}") from None
+    return rollout_outputs(ro, _model_now(user.controller))
+
+
+def evaluate_session(session_choice: Any, user: UserState) -> tuple[str, pd.DataFrame]:
+    """The tab's model on every transition of a session (any session; batched, never trains)."""
+    session = open_session(session_choice)
+    try:
+        ev = user.controller.evaluate(session, APP.evaluation_batch)
+    except (ValueError, SessionError) as e:
+        raise gr.Error(f"Cannot evaluate session {session_choice}: {_hide_paths(e)}") from None
+    return evaluation_outputs(ev)
+
+
+def canvas_outputs(user: UserState, t: int, total: int, curve: list[dict], final: bool) -> tuple:
+    """Values for CANVAS_OUTPUT_KEYS; the checkpoint and attention only at the end."""
+    c = user.controller
+    out = dict.fromkeys(CANVAS_OUTPUT_KEYS, gr.skip())
+    last = curve[-1] if curve else {}
+    state = "Done" if final and len(curve) == total else ("Stopped" if final else "Training")
+    out["canvas_progress"] = (
+        f"**{state}: {len(curve)}/{total}** steps on the canvas ending at frame {t} | masked MSE "
+        f"{_fmt(curve[0]['mse'] if curve else None)} -> {_fmt(last.get('mse'))} | learning rate {_fmt(last.get('lr'), 3)} | "
+        f"gradient norm {_fmt(last.get('grad_norm'), 3)} | model step {last.get('step', 'n/a')}")
+    out["canvas_plot"] = gr.update(value=_two_series(curve, LOSS_COLOURS, ("loss", "mse")), x_lim=_span(curve))
+    out.update(zip(TRAIN_VIEW_KEYS, training_view_outputs(c)))
+    if final:
+        out["checkpoint"] = checkpoint_markdown(c)
+        out["attn_image"], out["attn_stats"] = attention_outputs(user)
+        out["attn_picker"] = attention_picker(user)
+    return tuple(out[k] for k in CANVAS_OUTPUT_KEYS)
+
+
+def train_single_canvas(frame_index: Any, steps: Any, user: UserState):
+    """Train this tab's model for ``steps`` (1-200) optimizer steps on the canvas ending at frame t
+    alone, streaming the loss curve and the training views; saved like a run; Stop ends it."""
+    session = require_session(user)
+    first = user.controller.config.canvas_history_size - 1
+    t = whole_number(frame_index, "Frame index", first, max(first, session.num_frames - 1))
+    total = whole_number(steps, "Steps", 1, APP.max_canvas_steps)
+    try:
+        work = user.controller.train_single_canvas(t, total)
+    except (ValueError, SessionError) as e:
+        raise gr.Error(f"Cannot train on the canvas ending at frame {t}: {_hide_paths(e)}") from None
+    curve, last_yield = [], -math.inf
+    try:
+        for step in work:
+            if step is not None:
+                curve.append({**step, "iteration": len(curve) + 1})
+            if step is None or time.monotonic() - last_yield >= APP.update_interval_s:
+                yield (user, *canvas_outputs(user, t, total, curve, final=False))
+                last_yield = time.monotonic()
+    except RunBusyError:
+        raise gr.Error("A run is in progress in this tab: press Stop or wait for it to finish.") from None
+    yield (user, *canvas_outputs(user, t, total, curve, final=True))
+
+
+def patch_attention_outputs(user: UserState, row: int, col: int) -> tuple[np.ndarray, str]:
+    attention = user.controller.attention
+    if attention is None:
+        raise gr.Error("Run the world model first: patch attention reads the decoder attention captured at the end of a run.")
+    _, layers, heads, aggregation, _ = user.attention_controls
+    if not layers or not heads:
+        raise gr.Error("Select at least one decoder layer and one attention head in section 6.")
+    try:
+        image, _, text = render_patch_attention(attention, row, col, layers, heads, aggregation)
+    except ValueError as e:
+        raise gr.Error(f"Cannot draw the attention of patch ({row}, {col}): {e}") from None
+    return image, text
+
+
+def patch_attention(row: Any, col: Any, user: UserState) -> tuple[np.ndarray, str]:
+    """Where one patch of the predicted frame looks: its attention in each selected decoder layer
+    (heads combined with section 6's aggregation) and its strongest source patches."""
+    cfg = user.controller.config
+    rows, cols = cfg.frame_size[0] // cfg.patch_size, cfg.frame_size[1] // cfg.patch_size
+    r = whole_number(row, "Patch row", 0, rows - 1)
+    c = whole_number(col, "Patch column", 0, cols - 1)
+    return patch_attention_outputs(user, r, c)
+
+
+def pick_patch(user: UserState, evt: gr.SelectData) -> tuple:
+    """A click on the predicted frame picks the patch under it (the picture is enlarged ``PICKER_SCALE``x)."""
+    attention = user.controller.attention
+    if attention is None or attention.prediction is None:
+        raise gr.Error("Run the world model first: the predicted frame to click comes from the last run.")
+    try:
+        row, col = picker_patch(evt.index[0], evt.index[1], attention.prediction.shape[:2], attention.patch_size,
+                                PICKER_SCALE)
+    except (ValueError, TypeError, IndexError) as e:
+        raise gr.Error(f"That click is not on a patch of the predicted frame: {e}") from None
+    return (row, col, *patch_attention_outputs(user, row, col))
+
+
+# -----------------------------------------------------------------------------
 # layout
 
 
@@ -583,7 +870,7 @@ def _image(label: str, elem_id: str, height: int, **kwargs) -> gr.Image:
 
 
 def _plot(label: str, elem_id: str, y_title: str, colours: dict[str, str] | None = None,
-          y_lim: list[float] | None = None) -> gr.LinePlot:
+          y_lim: list[float] | None = None, x_title: str = "iteration") -> gr.LinePlot:
     # Gradio sizes the Vega view to the whole block: a block label or a legend would push the axes
     # out of sight, so the title lives inside the view and the colours are named under the graphs
     if colours:
@@ -592,7 +879,7 @@ def _plot(label: str, elem_id: str, y_title: str, colours: dict[str, str] | None
         empty = pd.DataFrame({"iteration": pd.Series(dtype="float64"), "value": pd.Series(dtype="float64")})
     return gr.LinePlot(empty, x="iteration", y="value", color="series" if colours else None, color_map=colours,
                        colors_in_legend=[] if colours else None, title=label, label=label, show_label=False,
-                       elem_id=elem_id, x_title="iteration", y_title=y_title, height=280,
+                       elem_id=elem_id, x_title=x_title, y_title=y_title, height=280,
                        x_axis_format="d", y_lim=y_lim,  # "d": whole iterations, so Vega places no ticks between them
                        buttons=["fullscreen", "export"])
 
@@ -651,7 +938,9 @@ def _views_sections() -> dict[str, Any]:
         pred_next = _image("Predicted next frame t+1 (2x)", "pred-next", FRAME_HEIGHT)
         pred_error = _image("Prediction error |predicted - actual| (amplified)", "pred-error", FRAME_HEIGHT)
     prediction_info = gr.Markdown(elem_id="prediction-info")
-    return {"train_original": train_original, "train_masked": train_masked, "train_inpainting": train_inpainting, "train_composite": train_composite, "pred_current": pred_current, "pred_next": pred_next, "pred_error": pred_error, "prediction_info": prediction_info}
+    pred_canvas = _image("Prediction canvas: frames t-1 and t with their actions, predicted frame t+1 filled into "
+                         "the last slot", "pred-canvas", CANVAS_HEIGHT)
+    return {"train_original": train_original, "train_masked": train_masked, "train_inpainting": train_inpainting, "train_composite": train_composite, "pred_current": pred_current, "pred_next": pred_next, "pred_error": pred_error, "prediction_info": prediction_info, "pred_canvas": pred_canvas}
 
 
 def _metrics_section() -> dict[str, Any]:
@@ -664,14 +953,20 @@ def _metrics_section() -> dict[str, Any]:
     with gr.Row():
         plot_time = _plot("Iteration time", "plot-time", "milliseconds")
         plot_loss = _plot("Training loss", "plot-loss", "loss", LOSS_COLOURS)
+    with gr.Row():
+        plot_lr = _plot("Learning rate (warm-up, then cosine decay)", "plot-lr", "learning rate")
+        plot_grad = _plot("Gradient norm per step", "plot-grad", "norm", GRAD_COLOURS)
     gr.Markdown(
         "**Prediction error:** the model (indigo line) against a baseline that simply repeats the last frame "
         "(grey line); a model below the baseline has learned the motion. **Dot found:** of the last "
         f"{APP.dot_window} predictions, the share whose dot centre lies within 3 px of the true one (a prediction "
         "without a dot counts as a miss); it jumps when the model localises the dot. **Training loss:** the optimised, "
-        "dot-weighted loss (red line) and the plain masked-patch MSE (orange line). Histories longer than "
-        "2000 points are thinned evenly.", elem_id="plot-legend")
-    return {"plot_error": plot_error, "plot_dot": plot_dot, "plot_time": plot_time, "plot_loss": plot_loss}
+        "dot-weighted loss (red line) and the plain masked-patch MSE (orange line). **Learning rate:** the "
+        "optimizer's rate at each iteration's step. **Gradient norm:** the total gradient norm of each step before "
+        "clipping (teal line) and the clip threshold (grey line): steps above it were scaled down. Histories longer "
+        "than 2000 points are thinned evenly.", elem_id="plot-legend")
+    return {"plot_error": plot_error, "plot_dot": plot_dot, "plot_time": plot_time, "plot_loss": plot_loss,
+            "plot_lr": plot_lr, "plot_grad": plot_grad}
 
 
 def _attention_section(cfg: AutoencoderConcatPredictorWorldModelConfig) -> dict[str, Any]:
@@ -697,7 +992,83 @@ def _attention_section(cfg: AutoencoderConcatPredictorWorldModelConfig) -> dict[
         with gr.Column(scale=5):
             attn_image = _image("Decoder attention", "attn-image", ATTENTION_HEIGHT)
             attn_stats = gr.Markdown(NOTHING_RUN_YET, elem_id="attn-stats")
-    return {"quantile": quantile, "layer_boxes": layer_boxes, "head_boxes": head_boxes, "aggregation": aggregation, "viz_type": viz_type, "attn_image": attn_image, "attn_stats": attn_stats}
+    return {"quantile": quantile, "layer_boxes": layer_boxes, "head_boxes": head_boxes, "aggregation": aggregation,
+            "viz_type": viz_type, "attn_image": attn_image, "attn_stats": attn_stats, **_patch_attention_block(cfg)}
+
+
+def _patch_attention_block(cfg: AutoencoderConcatPredictorWorldModelConfig) -> dict[str, Any]:
+    """Inside section 6: click a patch of the predicted frame (or give its row and column) to see where it looks."""
+    rows, cols = cfg.frame_size[0] // cfg.patch_size, cfg.frame_size[1] // cfg.patch_size
+    gr.Markdown(f"### One patch: where does it look?\nClick a patch of the predicted frame (grid {rows} x {cols}) or "
+                "enter its row and column. Layers, heads and aggregation follow the controls above.")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=300):
+            attn_picker = gr.Image(label="Predicted frame of the last run: click a patch", elem_id="attn-picker",
+                                   height=FRAME_HEIGHT, format="png", type="numpy", interactive=False,
+                                   elem_classes=["pixelated"], buttons=["fullscreen"])
+            with gr.Row():
+                patch_row = gr.Number(value=rows // 2, precision=0, label=f"Patch row (0-{rows - 1})", elem_id="patch-row")
+                patch_col = gr.Number(value=cols // 2, precision=0, label=f"Patch column (0-{cols - 1})", elem_id="patch-col")
+            patch_btn = gr.Button("Show this patch's attention", elem_id="patch-btn")
+        with gr.Column(scale=5):
+            patch_image = _image("Attention of the chosen patch, one canvas per decoder layer", "patch-image", ATTENTION_HEIGHT)
+            patch_md = gr.Markdown(elem_id="patch-info")
+    return {"attn_picker": attn_picker, "patch_row": patch_row, "patch_col": patch_col, "patch_btn": patch_btn,
+            "patch_image": patch_image, "patch_md": patch_md}
+
+
+def _analysis_section() -> dict[str, Any]:
+    """Section 7: counterfactual actions, open-loop rollouts, whole-session evaluation, single-canvas training."""
+    gr.Markdown("## 7. Analysis (asks this tab's model; only single-canvas training changes it)",
+                elem_classes=["section-title"])
+    frame = gr.Number(value=1, precision=0, label="Frame t of the loaded session (follows the frame slider)",
+                      elem_id="analysis-frame")
+    gr.Markdown("### What if the other action had been taken?")
+    cf_btn = gr.Button("Compare actions at frame t", elem_id="cf-btn")
+    with gr.Row():
+        cf_pictures = [_image(f"Predicted frame t+1 if {ACTION_NAMES.get(a, a)}", f"cf-{a}", FRAME_HEIGHT) for a in ACTIONS]
+        cf_actual = _image("Actual frame t+1 (recorded)", "cf-actual", FRAME_HEIGHT)
+    cf_md = gr.Markdown(elem_id="cf-info")
+    gr.Markdown("### Open-loop rollout: how fast do errors compound?")
+    with gr.Row():
+        rollout_k = gr.Number(value=APP.default_rollout_steps, precision=0, elem_id="rollout-k",
+                              label=f"Steps k (1-{APP.max_rollout_steps})")
+        rollout_btn = gr.Button("Roll out from frame t", elem_id="rollout-btn")
+    rollout_image = _image("Open-loop rollout", "rollout-image", CANVAS_HEIGHT * 2)
+    rollout_table = gr.Dataframe(label="Per step", elem_id="rollout-table", interactive=False, wrap=True)
+    rollout_md = gr.Markdown(elem_id="rollout-info")
+    return {"analysis_frame": frame, "cf_btn": cf_btn, "cf_pictures": cf_pictures, "cf_actual": cf_actual, "cf_md": cf_md,
+            "rollout_k": rollout_k, "rollout_btn": rollout_btn, "rollout_image": rollout_image,
+            "rollout_table": rollout_table, "rollout_md": rollout_md, **_evaluation_block(), **_canvas_block()}
+
+
+def _evaluation_block() -> dict[str, Any]:
+    gr.Markdown("### Whole-session evaluation (every transition, no training)")
+    with gr.Row():
+        eval_session = gr.Dropdown(label="Session to evaluate", choices=[], allow_custom_value=True,
+                                   elem_id="eval-session", scale=3)
+        eval_btn = gr.Button("Evaluate session", elem_id="eval-btn", scale=1)
+    eval_md = gr.Markdown(elem_id="eval-info")
+    eval_plot = gr.ScatterPlot(pd.DataFrame({"frame": [np.nan] * 3, "MSE": [np.nan] * 3, "series": list(EVALUATION_COLOURS)}),
+                               x="frame", y="MSE", color="series", color_map=EVALUATION_COLOURS, elem_id="eval-plot",
+                               title="Prediction error per transition (frame t -> t+1)", x_title="frame t",
+                               y_title="MSE", height=300, show_label=False, label="Prediction error per transition",
+                               buttons=["fullscreen", "export"])
+    return {"eval_session": eval_session, "eval_btn": eval_btn, "eval_md": eval_md, "eval_plot": eval_plot}
+
+
+def _canvas_block() -> dict[str, Any]:
+    gr.Markdown(f"### Train on a single canvas: can the model fit one example?\n**This trains this tab's model**: "
+                f"1-{APP.max_canvas_steps} optimizer steps on the canvas ending at frame t alone (no replayed canvases); "
+                "the training views above follow it, Stop ends it, and the model is saved like after a run.")
+    with gr.Row():
+        canvas_steps = gr.Number(value=APP.default_canvas_steps, precision=0, elem_id="canvas-steps",
+                                 label=f"Steps (1-{APP.max_canvas_steps})")
+        canvas_btn = gr.Button("Train on the canvas ending at frame t", variant="stop", elem_id="canvas-btn")
+    canvas_progress = gr.Markdown(elem_id="canvas-progress")
+    canvas_plot = _plot("Single-canvas training loss", "canvas-plot", "loss", LOSS_COLOURS, x_title="step of this training")
+    return {"canvas_steps": canvas_steps, "canvas_btn": canvas_btn, "canvas_progress": canvas_progress,
+            "canvas_plot": canvas_plot}
 
 
 def _wire(demo: gr.Blocks, registry: TabRegistry, user: gr.State, c: dict[str, Any]) -> None:
@@ -722,12 +1093,38 @@ def _wire(demo: gr.Blocks, registry: TabRegistry, user: gr.State, c: dict[str, A
     run_event = c["run_btn"].click(run_world_model, [c["iterations"], user], [user, *run_outputs],
                                    api_name="run_world_model", preprocess=False, concurrency_id="model",
                                    concurrency_limit=4, show_progress="minimal", show_progress_on=[c["progress"]])
-    c["stop_btn"].click(stop_run, [user], run_outputs, api_name="stop", cancels=[run_event], concurrency_limit=None,
-                        show_progress="hidden")
+    canvas_event = _wire_analysis(demo, user, c)
+    c["stop_btn"].click(stop_run, [user], run_outputs, api_name="stop", cancels=[run_event, canvas_event],
+                        concurrency_limit=None, show_progress="hidden")
     controls = [c["quantile"], *c["layer_boxes"], *c["head_boxes"], c["aggregation"], c["viz_type"]]
     gr.on([control.change for control in controls], update_attention_viz, [*controls, user],
           [c["attn_image"], c["attn_stats"]], api_name="update_attention_viz", preprocess=False,
           trigger_mode="always_last", concurrency_limit=None, show_progress="hidden")
+
+
+def _wire_analysis(demo: gr.Blocks, user: gr.State, c: dict[str, Any]):
+    """Connect section 7 and the patch attention controls; returns the single-canvas training event
+    (Stop cancels it like a run)."""
+    # the analysis frame follows the slider in the browser (no server call, /update_frame unchanged)
+    c["frame_slider"].change(None, [c["frame_slider"]], [c["analysis_frame"]], js="(v) => v", api_visibility="private")
+    gr.on([demo.load, c["refresh_btn"].click], session_names, None, [c["eval_session"]], api_visibility="private")
+    frame = c["analysis_frame"]
+    quick = dict(preprocess=False, concurrency_id="analysis", concurrency_limit=2)
+    c["cf_btn"].click(counterfactual, [frame, user], [*c["cf_pictures"], c["cf_actual"], c["cf_md"]],
+                      api_name="counterfactual", **quick)
+    c["rollout_btn"].click(rollout, [frame, c["rollout_k"], user], [c["rollout_image"], c["rollout_table"], c["rollout_md"]],
+                           api_name="rollout", **quick)
+    c["eval_btn"].click(evaluate_session, [c["eval_session"], user], [c["eval_md"], c["eval_plot"]],
+                        api_name="evaluate_session", **quick)
+    patch_outputs = [c["patch_image"], c["patch_md"]]
+    c["patch_btn"].click(patch_attention, [c["patch_row"], c["patch_col"], user], patch_outputs,
+                         api_name="patch_attention", **quick)
+    c["attn_picker"].select(pick_patch, [user], [c["patch_row"], c["patch_col"], *patch_outputs],
+                            api_visibility="private", **quick)
+    return c["canvas_btn"].click(train_single_canvas, [frame, c["canvas_steps"], user],
+                                 [user, *(c[key] for key in CANVAS_OUTPUT_KEYS)], api_name="train_single_canvas",
+                                 preprocess=False, concurrency_id="model", concurrency_limit=4, show_progress="minimal",
+                                 show_progress_on=[c["canvas_progress"]])
 
 
 def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, cache_frequency_s: int = 600,
@@ -747,7 +1144,8 @@ def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, c
             "# Concat World Model Explorer\nLoad a recorded toroidal-dot session, scrub its frames, run the "
             "canvas-inpainting world model and explore why it predicts what it does.", elem_id="app-title")
 
-        c = {**_session_section(), **_run_section(), **_views_sections(), **_metrics_section(), **_attention_section(config)}
+        c = {**_session_section(), **_run_section(), **_views_sections(), **_metrics_section(),
+             **_attention_section(config), **_analysis_section()}
         _wire(demo, registry, user, c)
     return demo
 

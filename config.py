@@ -175,5 +175,10 @@ class AppConfig:
     park_dir: str | None = os.environ.get("CWM_PARK_DIR") or None  # where parked models go (default: the system temp folder; avoid a RAM-backed tmpfs)
     dot_window: int = 50  # predictions in the rolling 'within 3 px' share of the Dot found graph
     default_quantile: float = 95.0  # attention filter: keep connections above this percentile (strongest 5%)
+    max_rollout_steps: int = 20  # longest open-loop rollout the Analysis section imagines
+    default_rollout_steps: int = 5  # its Steps box default
+    max_canvas_steps: int = 200  # most optimizer steps one single-canvas training may take
+    default_canvas_steps: int = 50  # its Steps box default
+    evaluation_batch: int = 32  # canvases per forward pass when a whole session is evaluated
     demo_sessions: tuple[str, ...] = ("always_move", "alternate", "double_move")  # recorded when none exist
     demo_session_steps: int = 200  # steps in each demo session

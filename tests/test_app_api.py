@@ -327,6 +327,136 @@ def test_running_before_loading_asks_to_load_a_session_first(client):
 
 
 # -----------------------------------------------------------------------------
+# analysis (section 7) and patch attention: the tab's model answers, only single-canvas training changes it
+
+
+def model_counters(c: Client) -> tuple[int, int]:
+    """(step, iteration) of the client's model, read through /stop (nothing running: it only reports)."""
+    progress = c.predict(api_name="/stop")[PROGRESS]
+    return tuple(map(int, re.search(r"model step (\d+), iteration (\d+)", progress).groups()))
+
+
+@pytest.fixture(scope="module")
+def analysed(app_server, tmp_path_factory):
+    """One client with the alternate session loaded and 3 iterations run."""
+    c = connect(app_server.url, tmp_path_factory.mktemp("analysis"))
+    load(c)
+    run(c, 3)
+    yield c
+    c.close()
+
+
+def test_counterfactual_shows_both_actions_beside_the_recorded_frame(analysed):
+    before = model_counters(analysed)
+    stay, move, actual, text = analysed.predict(6, api_name="/counterfactual")
+    assert model_counters(analysed) == before  # asking never trains
+    assert png(stay["value"]).shape == png(move["value"]).shape == png(actual).shape == (448, 448, 3)
+    # alternate records stay after even frames: frame 6 -> stay is the recorded action
+    assert stay["label"].endswith("if stay (the recorded action)") and "recorded" not in move["label"]
+    assert "the recorded action after frame 6 was **stay**" in text and "| stay (recorded) |" in text
+    frame7, _, _ = analysed.predict(7, api_name="/update_frame")
+    np.testing.assert_array_equal(png(actual), png(frame7))  # the actual picture is recorded frame 7
+
+
+def test_rollout_table_has_one_row_per_step_and_the_strip_three_rows(analysed):
+    before = model_counters(analysed)
+    strip, table, text = analysed.predict(2, 3, api_name="/rollout")
+    assert model_counters(analysed) == before
+    assert png(strip["value"]).shape == (3 * 224 + 2 * 4, 3 * 224 + 2 * 4, 3)  # actual / predicted / error x 3 steps
+    assert "rows actual, predicted, |error|" in strip["label"]
+    assert [row[:3] for row in table["data"]] == [[1, 3, "stay"], [2, 4, "move right"], [3, 5, "stay"]]
+    assert table["headers"][3:5] == ["model MSE", "copy MSE (frame t repeated)"]
+    assert "**3 steps imagined from frame 2**" in text
+
+
+def test_evaluate_session_reports_stays_and_moves_and_plots_every_transition(analysed):
+    before = model_counters(analysed)
+    text, plot = analysed.predict(MOVE, api_name="/evaluate_session")
+    text = text.replace("\\", "")  # markdown escapes the underscores of the name
+    assert model_counters(analysed) == before
+    frames = APP_SESSIONS[MOVE][1] + 1
+    assert f"**Session {MOVE}**: {frames - 2} transitions predicted by the model step {before[0]}" in text
+    assert f"| all | {frames - 2} |" in text and "| after stay | 0 |" in text and f"| after move right | {frames - 2} |" in text
+    rows = [dict(zip(plot["columns"], r)) for r in plot["data"] if r[0] is not None]
+    assert len(rows) == 2 * (frames - 2)  # model and repeat-frame baseline per transition
+    assert {r["series"] for r in rows} == {"model, after move", "baseline: repeat frame t"}
+
+
+def test_patch_attention_names_the_patch_and_draws_one_panel_per_layer(analysed):
+    image, text = analysed.predict(4, 9, api_name="/patch_attention")
+    picture = png(image)
+    assert picture.shape[1] == 688 and picture.shape[0] > 5 * 224  # five canvases with their label strips
+    assert "Patch (row 4, col 9) of the predicted frame" in text and "| L4 |" in text
+
+
+def test_single_canvas_training_streams_and_trains_this_tabs_model(analysed):
+    step, iteration = model_counters(analysed)
+    job = analysed.submit(5, 5, api_name="/train_single_canvas")
+    final = job.result(timeout=120)
+    progress, plot = final[0], final[1]
+    assert progress.startswith("**Done: 5/5** steps on the canvas ending at frame 5")
+    assert len(points(plot, "training loss (weighted)")) == 5
+    assert png(final[2]).shape == (224, 688, 3)  # the training views show that canvas
+    assert "**Saved**" in final[6]
+    assert model_counters(analysed) == (step + 5, iteration)  # steps taken, no loop iteration
+
+
+@pytest.mark.parametrize("value", [0, ALT_FRAMES - 1, -3, 2.5, float("nan"), "3", None, True])
+def test_bad_analysis_frames_are_refused(analysed, value):
+    rule = f"Frame index must be a whole number from 1 to {ALT_FRAMES - 2}"
+    assert rule in error_of(analysed, value, api_name="/counterfactual")
+    assert rule in error_of(analysed, value, 3, api_name="/rollout")
+
+
+@pytest.mark.parametrize("args, expected", [
+    ((3, 0), "Steps k must be a whole number from 1 to 20"),
+    ((3, 21), "Steps k must be a whole number from 1 to 20"),
+    ((3, float("nan")), "Steps k must be a whole number from 1 to 20"),
+    ((ALT_FRAMES - 3, 5), f"Steps k (frame {ALT_FRAMES - 3} + k must exist) must be a whole number from 1 to 2"),
+])
+def test_bad_rollout_lengths_are_refused(analysed, args, expected):
+    assert expected in error_of(analysed, *args, api_name="/rollout")
+
+
+@pytest.mark.parametrize("args, expected", [
+    ((5, 0), "Steps must be a whole number from 1 to 200"),
+    ((5, 201), "Steps must be a whole number from 1 to 200"),
+    ((5, 10**9), "Steps must be a whole number from 1 to 200"),
+    ((5, float("inf")), "Steps must be a whole number from 1 to 200"),
+    ((1, 5), f"Frame index must be a whole number from 2 to {ALT_FRAMES - 1}"),
+    (("x", 5), f"Frame index must be a whole number from 2 to {ALT_FRAMES - 1}"),
+])
+def test_bad_single_canvas_requests_are_refused(analysed, args, expected):
+    assert expected in error_of(analysed, *args, api_name="/train_single_canvas")
+
+
+@pytest.mark.parametrize("args, expected", [
+    ((14, 0), "Patch row must be a whole number from 0 to 13"),
+    ((-1, 0), "Patch row must be a whole number from 0 to 13"),
+    ((0, 14), "Patch column must be a whole number from 0 to 13"),
+    ((0, float("nan")), "Patch column must be a whole number from 0 to 13"),
+    (("2", 3), "Patch row must be a whole number from 0 to 13"),
+])
+def test_bad_patches_are_refused(analysed, args, expected):
+    assert expected in error_of(analysed, *args, api_name="/patch_attention")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("../escape", "Unknown session"), ("nope", "Unknown session"), ("", "Choose a session in the list first"),
+    (None, "Choose a session in the list first"), (BROKEN_SESSION, "session_meta.json is missing"),
+])
+def test_bad_sessions_to_evaluate_are_refused(analysed, name, expected):
+    assert expected in error_of(analysed, name, api_name="/evaluate_session")
+
+
+def test_analysis_before_a_session_or_a_run_says_what_is_missing(client):
+    assert "Load a session first" in error_of(client, 3, api_name="/counterfactual")
+    assert "Load a session first" in error_of(client, 3, 2, api_name="/rollout")
+    assert "Load a session first" in error_of(client, 3, 2, api_name="/train_single_canvas")
+    assert "Run the world model first" in error_of(client, 3, 3, api_name="/patch_attention")
+
+
+# -----------------------------------------------------------------------------
 # launch options
 
 

@@ -25,7 +25,8 @@ from record_session import record_session
 
 SESSION = "handler_alternate"
 FIXED_ENDPOINTS = {"refresh_sessions", "load_session", "update_frame", "jump_to_frame", "run_world_model", "stop",
-                   "update_attention_viz"}
+                   "update_attention_viz", "counterfactual", "rollout", "evaluate_session", "train_single_canvas",
+                   "patch_attention"}
 ALL_ON = (True,) * 9  # 5 layers + 4 heads
 
 
@@ -86,7 +87,9 @@ def test_build_demo_declares_the_fixed_endpoints_without_launching():
     run = next(fn for fn in demo.fns.values() if fn.api_name == "run_world_model")
     assert run.concurrency_id == "model" and run.concurrency_limit == 4
     images = [b for b in demo.blocks.values() if isinstance(b, gr.Image)]
-    assert len(images) == 9 and all(b.format == "png" for b in images)
+    # 1 frame + 4 training + 3 prediction + prediction canvas + attention + picker + patch + 2 counterfactual
+    # + actual + rollout
+    assert len(images) == 16 and all(b.format == "png" for b in images)
     assert not any(isinstance(b, gr.Plot) for b in demo.blocks.values())  # native LinePlots only
     assert getattr(demo, "server", None) is None  # nothing was launched
 
