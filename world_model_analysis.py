@@ -200,17 +200,18 @@ def evaluate_session(wm: AutoencoderConcatPredictorWorldModel, session, batch_si
     start = time.perf_counter()
     first, last = prediction_frames(session, cfg)
     t = np.arange(first, last + 1)  # (T,)
-    frames = _frames(session, np.arange(_size(session)))  # (n, H, W, 3), read once
     acts = _actions(session, np.arange(_size(session) - 1))  # (n-1,)
     idx = history_indices(t, cfg)  # (T, K-1)
     mse, copy, dot = (np.empty(len(t)) for _ in range(3))
-    for i in range(0, len(t), batch_size):  # chunks bound the canvases' memory
+    for i in range(0, len(t), batch_size):  # chunks bound the memory: frames, canvases, activations
         rows = slice(i, i + batch_size)
-        canvases = build_prediction_canvases(frames[idx[rows]], acts[idx[rows]], cfg.separator_width)  # (b, H, Wc, 3)
+        needed = np.concatenate([idx[rows], t[rows, None] + 1], axis=1)  # (b, K) history frames, then the next
+        frames = _frames(session, needed)  # (b, K, H, W, 3)
+        canvases = build_prediction_canvases(frames[:, :-1], acts[idx[rows]], cfg.separator_width)  # (b, H, Wc, 3)
         predicted = wm.predict_slots(canvases, batch_size)  # (b, H, W, 3)
-        actual = frames[t[rows] + 1]  # (b, H, W, 3)
+        actual = frames[:, -1]  # (b, H, W, 3)
         mse[rows], dot[rows] = frame_mses(predicted, actual), dot_errors(predicted, actual)
-        copy[rows] = frame_mses(frames[t[rows]], actual)
+        copy[rows] = frame_mses(frames[:, -2], actual)  # frame t repeated
     return Evaluation(_name(session), t, acts[t], mse, copy, dot, wm.step, wm.iteration, time.perf_counter() - start)
 
 
