@@ -91,10 +91,15 @@ def line_points(page, elem_id: str) -> int:
     return sum(len(re.findall(r"[ML]", d)) for d in paths)
 
 
+def choose(page, elem_id: str, option: str) -> None:
+    """Pick an option of a dropdown once the page has filled it."""
+    expect(page.locator(f"{elem_id} input")).not_to_have_value("", timeout=30_000)  # filled on page load
+    page.locator(f"{elem_id} input").click()
+    page.get_by_role("option", name=option).click()
+
+
 def choose_and_load(page, name: str = ALT) -> None:
-    expect(page.locator("#session-dropdown input")).not_to_have_value("", timeout=30_000)  # filled on page load
-    page.locator("#session-dropdown input").click()
-    page.get_by_role("option", name=name).click()
+    choose(page, "#session-dropdown", name)
     page.locator("#load-btn").click()
     expect(page.locator("#session-info")).to_contain_text(f"Session: {name}")
 
@@ -105,15 +110,21 @@ def run(page, iterations: int) -> None:
     expect(page.locator("#progress")).to_contain_text(f"Done: {iterations}/{iterations}", timeout=RUN_TIMEOUT_MS)
 
 
-def show_everything(page) -> None:
-    """Scroll through the page so every lazily loaded picture is fetched before a full-page screenshot."""
-    for elem_id in ("#frame-image", *VIEWS, "#plot-time", "#attn-image", "#attn-stats"):
+def wait_for_pictures(page, elem_id: str = "") -> None:
+    """Wait until the pictures of ``elem_id`` (at least one), or every picture of the page, have loaded."""
+    page.wait_for_function(
+        "sel => { const imgs = Array.from(document.querySelectorAll(sel ? sel + ' img' : 'img'));"
+        " return (!sel || imgs.length > 0) && imgs.every(i => !i.src || (i.complete && i.naturalWidth > 0)); }",
+        arg=elem_id, timeout=15_000,
+    )
+
+
+def show_everything(page, elem_ids=("#frame-image", *VIEWS, "#plot-time", "#attn-image", "#attn-stats")) -> None:
+    """Scroll past ``elem_ids`` so every lazily loaded picture is fetched before a screenshot."""
+    for elem_id in elem_ids:
         page.locator(elem_id).scroll_into_view_if_needed()
         page.wait_for_timeout(150)
-    page.wait_for_function(
-        "() => Array.from(document.querySelectorAll('img')).every(i => !i.src || (i.complete && i.naturalWidth > 0))",
-        timeout=15_000,
-    )
+    wait_for_pictures(page)
 
 
 def wait_for_new_picture(page, elem_id: str, old_src: str | None) -> None:
@@ -121,6 +132,32 @@ def wait_for_new_picture(page, elem_id: str, old_src: str | None) -> None:
         "([sel, old]) => { const i = document.querySelector(sel + ' img'); return i && i.src && i.src !== old; }",
         arg=[elem_id, old_src or ""], timeout=15_000,
     )
+
+
+def click_patch(page, elem_id: str, row: int, col: int, patch_px: int) -> None:
+    """Click the centre of patch (row, col) of a picture whose patches are ``patch_px`` natural pixels wide,
+    wherever and however large the picture is drawn (the object-fit: contain arithmetic of the browser)."""
+    img = page.locator(f"{elem_id} img").first
+    img.scroll_into_view_if_needed()
+    wait_for_pictures(page, elem_id)
+    box = img.bounding_box()
+    natural_w, natural_h = img.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    scale = min(box["width"] / natural_w, box["height"] / natural_h)
+    left = box["x"] + (box["width"] - natural_w * scale) / 2
+    top = box["y"] + (box["height"] - natural_h * scale) / 2
+    page.mouse.click(left + (col + 0.5) * patch_px * scale, top + (row + 0.5) * patch_px * scale)
+
+
+def region_screenshot(page, first, last, path: Path) -> None:
+    """Full-resolution screenshot of the page from the top of locator ``first`` to the bottom of ``last``,
+    across the width of the app's main column (for sections that have no wrapper element of their own)."""
+    top = first.evaluate("e => e.getBoundingClientRect().top + window.scrollY")
+    bottom = last.evaluate("e => e.getBoundingClientRect().bottom + window.scrollY")
+    left, right = page.locator("#app-title").evaluate(
+        "e => { const r = e.closest('.main, .contain, .gradio-container').getBoundingClientRect();"
+        " return [r.left + window.scrollX, r.right + window.scrollX]; }")
+    page.screenshot(path=path, full_page=True,
+                    clip={"x": left, "y": top - 8, "width": right - left, "height": bottom - top + 16})
 
 
 # -----------------------------------------------------------------------------
@@ -184,6 +221,69 @@ def test_load_scrub_run_and_explore_attention(page):
     for head in range(4):
         page.locator(f"#attn-head-{head} input").uncheck()
     expect(stats).to_contain_text("Select at least one attention head")
+
+
+def test_pick_a_patch_and_analyse_a_frame(page):
+    """Issue 11: click a patch of the predicted frame to see where it looks, then section 7's analyses."""
+    out = ARTIFACTS / "issue11"
+    out.mkdir(parents=True, exist_ok=True)
+    choose_and_load(page)
+    run(page, 3)
+    assert picture(page, "#pred-canvas").max() > 0
+    page.locator("#plot-grad").scroll_into_view_if_needed()
+    page.wait_for_function("() => ['#plot-lr', '#plot-grad'].every(s => document.querySelector(s + ' g.mark-line path'))")
+    assert line_points(page, "#plot-lr") == 3 and line_points(page, "#plot-grad") >= 3
+
+    # section 6: click the centre of patch (4, 9) of the 2x predicted frame (14 x 14 patches of 32 px)
+    page.locator("#attn-picker").scroll_into_view_if_needed()
+    expect(page.locator("#attn-picker img")).to_have_count(1)
+    assert picture(page, "#attn-picker").shape == (448, 448, 3)
+    old_src = image_src(page, "#patch-image")
+    click_patch(page, "#attn-picker", 4, 9, patch_px=32)
+    expect(page.locator("#patch-row input")).to_have_value("4")
+    expect(page.locator("#patch-col input")).to_have_value("9")
+    expect(page.locator("#patch-info")).to_contain_text("Patch (row 4, col 9) of the predicted frame")
+    wait_for_new_picture(page, "#patch-image", old_src)
+    patch = picture(page, "#patch-image")
+    assert patch.shape[0] >= 224 and np.ptp(patch) > 100 and len(np.unique(patch.reshape(-1, 3), axis=0)) > 20
+    wait_for_pictures(page, "#patch-image")
+    region_screenshot(page, page.get_by_role("heading", name="One patch: where does it look?"),
+                      page.locator("#patch-info"), out / "section6-patch-attention.png")
+
+    # section 7 at frame 9 (the recorded action after it: move right)
+    page.locator("#frame-slider input[type=range]").fill("9")
+    expect(page.locator("#analysis-frame input")).to_have_value("9")  # follows the slider in the browser
+    page.locator("#cf-btn").click()
+    cf_info = page.locator("#cf-info")
+    expect(cf_info).to_contain_text("the recorded action after frame 9 was move right")
+    expect(page.locator("#cf-1")).to_contain_text("(the recorded action)")
+    for elem_id in ("#cf-0", "#cf-1", "#cf-actual"):
+        assert picture(page, elem_id).shape == (448, 448, 3), elem_id
+
+    page.locator("#rollout-k input").fill("3")
+    page.locator("#rollout-btn").click()
+    expect(page.locator("#rollout-info")).to_contain_text("3 steps imagined from frame 9")
+    rows = page.locator("#rollout-table [role=grid] [role=row][data-index]")  # Gradio's grid: header row + data rows
+    expect(rows).to_have_count(3)
+    expect(page.locator("#rollout-table [role=gridcell][data-col='1']")).to_have_text(["10", "11", "12"])  # frame
+    assert picture(page, "#rollout-image").max() > 0
+
+    choose(page, "#eval-session", ALT)
+    page.locator("#eval-btn").click()
+    eval_info = page.locator("#eval-info")
+    expect(eval_info).to_contain_text(f"Session {ALT}", timeout=60_000)
+    expect(eval_info.locator("table tbody tr td:first-child")).to_have_text(["all", "after stay", "after move right"])
+    page.wait_for_function("() => document.querySelectorAll('#eval-plot g.mark-symbol path').length > 0")
+
+    page.locator("#canvas-steps input").fill("5")
+    page.locator("#canvas-btn").click()
+    expect(page.locator("#canvas-progress")).to_contain_text("Done: 5/5", timeout=RUN_TIMEOUT_MS)
+    page.wait_for_function("() => document.querySelectorAll('#canvas-plot g.mark-line path').length > 0")
+    assert line_points(page, "#canvas-plot") >= 5
+
+    show_everything(page, ("#cf-0", "#rollout-image", "#eval-plot", "#canvas-plot"))
+    region_screenshot(page, page.get_by_role("heading", name=re.compile(r"^7\. Analysis")),
+                      page.locator("#canvas-plot"), out / "section7-analysis.png")
 
 
 def test_stop_ends_a_long_run(page):
