@@ -87,6 +87,7 @@ MAX_TINT_ALPHA = 0.85  # tint opacity of the strongest key; it falls linearly to
 QUERY_OUTLINE = (0, 255, 255)  # 2 px box around the query patch (cyan: not in the tint colour map)
 STRIP_HEIGHT = 22  # label strip above each layer panel
 PICKER_GRID = (128, 128, 128)  # patch grid lines on the clickable picture of the predicted frame
+PATCH_PANEL_COLUMNS = 2  # one patch's attention: layer panels per row (two stay legible at the page's width)
 
 
 # -----------------------------------------------------------------------------
@@ -1261,7 +1262,8 @@ def render_patch_attention(
         top_k: strongest keys listed per layer, a whole number >= 1 (at most K are listed).
 
     Returns:
-        (image uint8 (n_layers_selected * (STRIP_HEIGHT + H), W, 3), sources, markdown). sources: per layer, its
+        (image uint8, sources, markdown). The image holds one panel (a STRIP_HEIGHT label strip over the H x W
+        canvas) per selected layer, PATCH_PANEL_COLUMNS to a row with 6 px white gaps. sources: per layer, its
         top_k keys strongest first, dicts {layer, rank (1 = strongest), region, row, col (inside the region, see
         ``_frame_cols``), grid_row, grid_col, weight}. markdown: a heading naming the query and a table of sources.
 
@@ -1280,17 +1282,28 @@ def render_patch_attention(
         best = sources[i * k]
         text = (f"L{layer}: strongest source {best['region']} row {best['row']} col {best['col']} "
                 f"(weight {_fmt(best['weight'])})")
-        panels += [_label_strip(panel.shape[1], text, _layer_colour(layer)), panel]
-    image = np.concatenate(panels, axis=0)  # (n_layers_selected * (STRIP_HEIGHT + H), W, 3)
-    return image, sources, _sources_markdown(query, sources)
+        panels.append(np.concatenate([_label_strip(panel.shape[1], text, _layer_colour(layer)), panel]))
+    return _panel_grid(panels, PATCH_PANEL_COLUMNS), sources, _sources_markdown(query, sources)
+
+
+def _panel_grid(panels: list[np.ndarray], columns: int, gap: int = 6) -> np.ndarray:
+    """Equal-sized panels (h, w, 3) in reading order, ``columns`` to a row, white gaps; blank cells stay white."""
+    h, w, _ = panels[0].shape
+    rows = -(-len(panels) // columns)  # ceil
+    cells = np.full((rows * columns, h + gap, w + gap, 3), 255, np.uint8)  # (cells, h+g, w+g, 3)
+    cells[: len(panels), :h, :w] = np.stack(panels)
+    grid = cells.reshape(rows, columns, h + gap, w + gap, 3).transpose(0, 2, 1, 3, 4)  # (rows, h+g, cols, w+g, 3)
+    return np.ascontiguousarray(grid.reshape(rows * (h + gap), columns * (w + gap), 3)[:-gap, :-gap])
 
 
 # -----------------------------------------------------------------------------
 # clickable picture of the predicted slot
 
 
-def patch_picker_image(prediction: np.ndarray, patch_size: int, scale: int = 2) -> np.ndarray:
-    """The predicted frame enlarged, with a grey patch grid, for picking a query patch by clicking.
+def patch_picker_image(prediction: np.ndarray, patch_size: int, scale: int = 2,
+                       selected: tuple[int, int] | None = None) -> np.ndarray:
+    """The predicted frame enlarged, with a grey patch grid, for picking a query patch by clicking; the
+    ``selected`` (row, col) patch, if any, is ringed in QUERY_OUTLINE.
 
     Args:
         prediction: uint8 (H, W, 3), H and W multiples of ``patch_size``.
@@ -1310,6 +1323,10 @@ def patch_picker_image(prediction: np.ndarray, patch_size: int, scale: int = 2) 
     step = patch_size * scale
     image[step::step] = PICKER_GRID  # horizontal lines between patch rows
     image[:, step::step] = PICKER_GRID  # vertical lines between patch columns
+    if selected is not None:
+        rows, cols = H // patch_size, W // patch_size
+        row, col = _whole(selected[0], "selected row", 0, rows), _whole(selected[1], "selected col", 0, cols)
+        _outline(image, row * cols + col, cols, step)  # a 2 px ring inside the enlarged patch
     return image
 
 

@@ -86,6 +86,7 @@ FRAME_UPSCALE = 2  # single frames are shown at 2x (nearest neighbour) so a 16 p
 MAX_PLOT_POINTS = 2000  # longer metric histories are thinned to this many points per series
 MIN_ITERATION_SPAN = 10  # the iteration axis spans at least this many iterations, so its ticks are whole ones
 CANVAS_HEIGHT, FRAME_HEIGHT, ATTENTION_HEIGHT = 260, 470, 480  # display heights in CSS pixels
+PATCH_ATTENTION_HEIGHT = 760  # one patch's attention: 3 rows of 2 layer panels stay legible at the page width
 UNKNOWN_SESSION = "Unknown session: that name is not a session folder in the sessions folder. Press Refresh sessions and choose one from the list."
 NO_SESSION = "Load a session first: choose one in the list and press Load session."
 NO_MODEL_YET = "_No model yet: it is created at the first Run (from the saved checkpoint when there is one)._"
@@ -493,12 +494,13 @@ def attention_outputs(user: UserState) -> tuple[np.ndarray | None, str]:
     return image, f"_Decoder attention captured after iteration {iteration} (model step {step})._\n\n{summary}"
 
 
-def attention_picker(user: UserState) -> np.ndarray | None:
-    """The predicted frame of the attention capture, enlarged with its patch grid: click a patch."""
+def attention_picker(user: UserState, selected: tuple[int, int] | None = None) -> np.ndarray | None:
+    """The predicted frame of the attention capture, enlarged with its patch grid (the ``selected``
+    patch ringed): click a patch."""
     attention = user.controller.attention
     if attention is None or attention.prediction is None:
         return None
-    return patch_picker_image(attention.prediction, attention.patch_size, PICKER_SCALE)
+    return patch_picker_image(attention.prediction, attention.patch_size, PICKER_SCALE, selected)
 
 
 def training_view_outputs(c: RunController) -> tuple:
@@ -667,8 +669,8 @@ def counterfactual_outputs(cf, model_line: str) -> tuple:
     """[one picture per action (the recorded one named in its label), the actual frame, markdown]."""
     name = {a: ACTION_NAMES.get(a, str(a)) for a in cf.actions}
     pictures = tuple(gr.update(value=upscale(cf.predictions[i]),
-                               label=f"Predicted frame {cf.frame_index + 1} if {name[a]}"
-                                     + (" (the recorded action)" if a == cf.recorded_action else ""))
+                               label=f"Frame {cf.frame_index + 1} if {name[a]}"
+                                     + (" (recorded)" if a == cf.recorded_action else ""))
                      for i, a in enumerate(cf.actions))
     rows = [f"| {name[a]}{' (recorded)' if a == cf.recorded_action else ''} | {_fmt(cf.mse[i])} | {_dot(cf.dot_error[i])} |"
             for i, a in enumerate(cf.actions)]
@@ -677,7 +679,8 @@ def counterfactual_outputs(cf, model_line: str) -> tuple:
         f"**{name[cf.recorded_action]}**; {model_line}. Each picture is the model's frame {cf.frame_index + 1} "
         "from the same history with the last action swapped.", "",
         f"| action | MSE vs the actual frame {cf.frame_index + 1} | dot error |", "|---|---|---|", *rows])
-    return (*pictures, upscale(cf.actual), text)
+    actual = gr.update(value=upscale(cf.actual), label=f"Actual frame {cf.frame_index + 1}")
+    return (*pictures, actual, text)
 
 
 def rollout_strip(actual: np.ndarray, predicted: np.ndarray, gap: int = 4) -> tuple[np.ndarray, float]:
@@ -836,14 +839,15 @@ def patch_attention_outputs(user: UserState, row: int, col: int) -> tuple[np.nda
     return image, text
 
 
-def patch_attention(row: Any, col: Any, user: UserState) -> tuple[np.ndarray, str]:
+def patch_attention(row: Any, col: Any, user: UserState) -> tuple[np.ndarray, str, np.ndarray]:
     """Where one patch of the predicted frame looks: its attention in each selected decoder layer
-    (heads combined with section 6's aggregation) and its strongest source patches."""
+    (heads combined with section 6's aggregation), its strongest source patches, and the predicted
+    frame with that patch ringed."""
     cfg = user.controller.config
     rows, cols = cfg.frame_size[0] // cfg.patch_size, cfg.frame_size[1] // cfg.patch_size
     r = whole_number(row, "Patch row", 0, rows - 1)
     c = whole_number(col, "Patch column", 0, cols - 1)
-    return patch_attention_outputs(user, r, c)
+    return (*patch_attention_outputs(user, r, c), attention_picker(user, (r, c)))
 
 
 def pick_patch(user: UserState, evt: gr.SelectData) -> tuple:
@@ -852,11 +856,11 @@ def pick_patch(user: UserState, evt: gr.SelectData) -> tuple:
     if attention is None or attention.prediction is None:
         raise gr.Error("Run the world model first: the predicted frame to click comes from the last run.")
     try:
-        row, col = picker_patch(evt.index[0], evt.index[1], attention.prediction.shape[:2], attention.patch_size,
-                                PICKER_SCALE)
+        shown = tuple(PICKER_SCALE * n for n in attention.prediction.shape[:2])  # the enlarged picture's (H, W)
+        row, col = picker_patch(evt.index[0], evt.index[1], shown, attention.patch_size, PICKER_SCALE)
     except (ValueError, TypeError, IndexError) as e:
         raise gr.Error(f"That click is not on a patch of the predicted frame: {e}") from None
-    return (row, col, *patch_attention_outputs(user, row, col))
+    return (row, col, attention_picker(user, (row, col)), *patch_attention_outputs(user, row, col))
 
 
 # -----------------------------------------------------------------------------
@@ -1006,13 +1010,14 @@ def _patch_attention_block(cfg: AutoencoderConcatPredictorWorldModelConfig) -> d
             attn_picker = gr.Image(label="Predicted frame of the last run: click a patch", elem_id="attn-picker",
                                    height=FRAME_HEIGHT, format="png", type="numpy", interactive=False,
                                    elem_classes=["pixelated"], buttons=["fullscreen"])
+        with gr.Column(scale=3):
             with gr.Row():
-                patch_row = gr.Number(value=rows // 2, precision=0, label=f"Patch row (0-{rows - 1})", elem_id="patch-row")
-                patch_col = gr.Number(value=cols // 2, precision=0, label=f"Patch column (0-{cols - 1})", elem_id="patch-col")
+                patch_row = gr.Number(value=rows // 2, precision=0, label=f"Row (0-{rows - 1})", elem_id="patch-row")
+                patch_col = gr.Number(value=cols // 2, precision=0, label=f"Column (0-{cols - 1})", elem_id="patch-col")
             patch_btn = gr.Button("Show this patch's attention", elem_id="patch-btn")
-        with gr.Column(scale=5):
-            patch_image = _image("Attention of the chosen patch, one canvas per decoder layer", "patch-image", ATTENTION_HEIGHT)
             patch_md = gr.Markdown(elem_id="patch-info")
+    patch_image = _image("Attention of the chosen patch: one canvas per decoder layer (cyan ring = the patch)",
+                         "patch-image", PATCH_ATTENTION_HEIGHT)
     return {"attn_picker": attn_picker, "patch_row": patch_row, "patch_col": patch_col, "patch_btn": patch_btn,
             "patch_image": patch_image, "patch_md": patch_md}
 
@@ -1026,8 +1031,8 @@ def _analysis_section() -> dict[str, Any]:
     gr.Markdown("### What if the other action had been taken?")
     cf_btn = gr.Button("Compare actions at frame t", elem_id="cf-btn")
     with gr.Row():
-        cf_pictures = [_image(f"Predicted frame t+1 if {ACTION_NAMES.get(a, a)}", f"cf-{a}", FRAME_HEIGHT) for a in ACTIONS]
-        cf_actual = _image("Actual frame t+1 (recorded)", "cf-actual", FRAME_HEIGHT)
+        cf_pictures = [_image(f"Frame t+1 if {ACTION_NAMES.get(a, a)}", f"cf-{a}", FRAME_HEIGHT) for a in ACTIONS]
+        cf_actual = _image("Actual frame t+1", "cf-actual", FRAME_HEIGHT)
     cf_md = gr.Markdown(elem_id="cf-info")
     gr.Markdown("### Open-loop rollout: how fast do errors compound?")
     with gr.Row():
@@ -1067,6 +1072,8 @@ def _canvas_block() -> dict[str, Any]:
         canvas_btn = gr.Button("Train on the canvas ending at frame t", variant="stop", elem_id="canvas-btn")
     canvas_progress = gr.Markdown(elem_id="canvas-progress")
     canvas_plot = _plot("Single-canvas training loss", "canvas-plot", "loss", LOSS_COLOURS, x_title="step of this training")
+    gr.Markdown("Red: the optimised, dot-weighted loss; orange: the plain masked-patch MSE of that canvas.",
+                elem_id="canvas-legend")
     return {"canvas_steps": canvas_steps, "canvas_btn": canvas_btn, "canvas_progress": canvas_progress,
             "canvas_plot": canvas_plot}
 
@@ -1117,9 +1124,9 @@ def _wire_analysis(demo: gr.Blocks, user: gr.State, c: dict[str, Any]):
     c["eval_btn"].click(evaluate_session, [c["eval_session"], user], [c["eval_md"], c["eval_plot"]],
                         api_name="evaluate_session", **quick)
     patch_outputs = [c["patch_image"], c["patch_md"]]
-    c["patch_btn"].click(patch_attention, [c["patch_row"], c["patch_col"], user], patch_outputs,
+    c["patch_btn"].click(patch_attention, [c["patch_row"], c["patch_col"], user], [*patch_outputs, c["attn_picker"]],
                          api_name="patch_attention", **quick)
-    c["attn_picker"].select(pick_patch, [user], [c["patch_row"], c["patch_col"], *patch_outputs],
+    c["attn_picker"].select(pick_patch, [user], [c["patch_row"], c["patch_col"], c["attn_picker"], *patch_outputs],
                             api_visibility="private", **quick)
     return c["canvas_btn"].click(train_single_canvas, [frame, c["canvas_steps"], user],
                                  [user, *(c[key] for key in CANVAS_OUTPUT_KEYS)], api_name="train_single_canvas",

@@ -352,7 +352,8 @@ def test_counterfactual_shows_both_actions_beside_the_recorded_frame(analysed):
     assert model_counters(analysed) == before  # asking never trains
     assert png(stay["value"]).shape == png(move["value"]).shape == png(actual).shape == (448, 448, 3)
     # alternate records stay after even frames: frame 6 -> stay is the recorded action
-    assert stay["label"].endswith("if stay (the recorded action)") and "recorded" not in move["label"]
+    assert stay["label"] == "Frame 7 if stay (recorded)" and move["label"] == "Frame 7 if move right"
+    assert actual["label"] == "Actual frame 7"
     assert "the recorded action after frame 6 was **stay**" in text and "| stay (recorded) |" in text
     frame7, _, _ = analysed.predict(7, api_name="/update_frame")
     np.testing.assert_array_equal(png(actual), png(frame7))  # the actual picture is recorded frame 7
@@ -383,9 +384,11 @@ def test_evaluate_session_reports_stays_and_moves_and_plots_every_transition(ana
 
 
 def test_patch_attention_names_the_patch_and_draws_one_panel_per_layer(analysed):
-    image, text = analysed.predict(4, 9, api_name="/patch_attention")
+    image, text, picker = analysed.predict(4, 9, api_name="/patch_attention")
     picture = png(image)
-    assert picture.shape[1] == 688 and picture.shape[0] > 5 * 224  # five canvases with their label strips
+    assert picture.shape[1] == 2 * 688 + 6 and picture.shape[0] > 3 * 224  # five canvases, two to a row
+    ring = png(picker)[4 * 32:5 * 32, 9 * 32:10 * 32]  # patch (4, 9) of the 2x predicted frame
+    assert (ring[0] == (0, 255, 255)).all() and (ring[-1] == (0, 255, 255)).all()  # ringed in cyan
     assert "Patch (row 4, col 9) of the predicted frame" in text and "| L4 |" in text
 
 

@@ -406,9 +406,10 @@ def _tinted(weight: float) -> np.ndarray:
 
 def test_patch_panels_tint_the_strongest_key_brightest_and_outline_the_query():
     image, _, _ = av.render_patch_attention(_patch_capture(), P_ROW, P_COL, [0, 1], [0, 1], "mean")
-    H, W, strip = ROWS * PATCH, COLS * PATCH, av.STRIP_HEIGHT
-    assert image.shape == (2 * (strip + H), W, 3) and image.dtype == np.uint8
-    panels = [image[strip:strip + H], image[2 * strip + H:]]  # L0, L1 (each under its label strip)
+    H, W, strip, gap = ROWS * PATCH, COLS * PATCH, av.STRIP_HEIGHT, 6
+    assert av.PATCH_PANEL_COLUMNS == 2 and image.shape == (strip + H, 2 * W + gap, 3) and image.dtype == np.uint8
+    panels = [image[strip:, :W], image[strip:, W + gap:]]  # L0, L1 side by side, each under its label strip
+    assert (image[:, W:W + gap] == 255).all()  # the white gap between them
     centres = lambda panel, r, c: panel[r * PATCH + PATCH // 2, c * PATCH + PATCH // 2]  # noqa: E731
     np.testing.assert_array_equal(centres(panels[1], 4, 20), _tinted(1.0))
     visible = panels[1][:, :29 * PATCH].astype(int).sum(axis=2)  # (H, 29 * PATCH) brightness of the key patches
@@ -423,7 +424,7 @@ def test_patch_panels_tint_the_strongest_key_brightest_and_outline_the_query():
         assert (panel[y + 4, [x, x + 1, x + PATCH - 2, x + PATCH - 1]] == av.QUERY_OUTLINE).all()
         assert (panel[y + 2:y + PATCH - 2, x + 2:x + PATCH - 2] == dimmed_prediction).all()
         assert (panel[0, 29 * PATCH] == dimmed_prediction).all()  # the prediction fills the slot
-    assert (image[10, 10] == av.LAYER_COLOURS[0]).all() and (image[strip + H + 10, 10] == av.LAYER_COLOURS[1]).all()
+    assert (image[10, 10] == av.LAYER_COLOURS[0]).all() and (image[10, W + gap + 10] == av.LAYER_COLOURS[1]).all()
     assert (image[:strip, 22:] > 200).all(axis=2).any()  # the strip's label text
     bare, _, _ = av.render_patch_attention(_patch_capture(prediction=False), P_ROW, P_COL, [1], [0], "mean")
     assert (bare[strip, 29 * PATCH] == 0).all()  # no prediction: the blank slot, dimmed
@@ -489,6 +490,13 @@ def test_patch_picker_image_is_the_enlarged_prediction_with_a_grey_patch_grid():
     on_grid[:, [32, 64]] = True  # the first pixel row / column of each patch but the top / left ones
     np.testing.assert_array_equal(image[~on_grid], expected[~on_grid])
     assert (image[on_grid] == av.PICKER_GRID).all()
+    ringed = av.patch_picker_image(prediction, 16, scale=2, selected=(1, 2))  # patch (1, 2): pixels 32..63, 64..95
+    changed = np.argwhere((ringed != image).any(axis=2))  # (n, 2)
+    assert changed[:, 0].min() >= 32 and changed[:, 1].min() >= 64  # only inside that patch
+    assert (ringed[[32, 33, 63], 80] == av.QUERY_OUTLINE).all() and (ringed[48, [64, 65, 94, 95]] == av.QUERY_OUTLINE).all()
+    np.testing.assert_array_equal(ringed[36:60, 68:92], image[36:60, 68:92])  # the inside is untouched
+    with pytest.raises(ValueError, match="selected col must be a whole number from 0 to 2, got 3"):
+        av.patch_picker_image(prediction, 16, selected=(0, 3))
     with pytest.raises(ValueError, match="multiples of patch_size 16, got 32 x 40"):
         av.patch_picker_image(prediction[:, :40], 16)
     with pytest.raises(ValueError, match="scale must be a whole number of at least 1, got 0"):

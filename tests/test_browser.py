@@ -238,17 +238,19 @@ def test_pick_a_patch_and_analyse_a_frame(page):
     page.locator("#attn-picker").scroll_into_view_if_needed()
     expect(page.locator("#attn-picker img")).to_have_count(1)
     assert picture(page, "#attn-picker").shape == (448, 448, 3)
-    old_src = image_src(page, "#patch-image")
+    old_src, old_picker = image_src(page, "#patch-image"), image_src(page, "#attn-picker")
     click_patch(page, "#attn-picker", 4, 9, patch_px=32)
     expect(page.locator("#patch-row input")).to_have_value("4")
     expect(page.locator("#patch-col input")).to_have_value("9")
     expect(page.locator("#patch-info")).to_contain_text("Patch (row 4, col 9) of the predicted frame")
     wait_for_new_picture(page, "#patch-image", old_src)
+    wait_for_new_picture(page, "#attn-picker", old_picker)
+    assert (picture(page, "#attn-picker")[4 * 32, 9 * 32 + 16] == (0, 255, 255)).all()  # the chosen patch is ringed
     patch = picture(page, "#patch-image")
     assert patch.shape[0] >= 224 and np.ptp(patch) > 100 and len(np.unique(patch.reshape(-1, 3), axis=0)) > 20
     wait_for_pictures(page, "#patch-image")
     region_screenshot(page, page.get_by_role("heading", name="One patch: where does it look?"),
-                      page.locator("#patch-info"), out / "section6-patch-attention.png")
+                      page.locator("#patch-image"), out / "section6-patch-attention.png")
 
     # section 7 at frame 9 (the recorded action after it: move right)
     page.locator("#frame-slider input[type=range]").fill("9")
@@ -256,7 +258,7 @@ def test_pick_a_patch_and_analyse_a_frame(page):
     page.locator("#cf-btn").click()
     cf_info = page.locator("#cf-info")
     expect(cf_info).to_contain_text("the recorded action after frame 9 was move right")
-    expect(page.locator("#cf-1")).to_contain_text("(the recorded action)")
+    expect(page.locator("#cf-1")).to_contain_text("Frame 10 if move right (recorded)")
     for elem_id in ("#cf-0", "#cf-1", "#cf-actual"):
         assert picture(page, elem_id).shape == (448, 448, 3), elem_id
 
