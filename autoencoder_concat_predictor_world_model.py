@@ -458,8 +458,8 @@ class AutoencoderConcatPredictorWorldModel:
         """One pass of the spec's loop. Returns metrics as Python floats (None where not yet defined):
         iteration, step, prediction_error (MSE of the previous prediction against frame t),
         dot_error (px between their dots; inf when no dot was predicted), copy_error (MSE of
-        simply repeating frame t-1), training_loss, training_mse, lr, grad_norm (of the latest
-        step, before clipping), iteration_time."""
+        simply repeating frame t-1), training_loss, training_mse, lr and grad_norm (of the latest
+        step, before clipping; None in an iteration that did not train), iteration_time."""
         cfg = self.config
         K = cfg.canvas_history_size
         with self.lock:
@@ -505,7 +505,7 @@ class AutoencoderConcatPredictorWorldModel:
                 "copy_error": copy_error,
                 "training_loss": None if train is None else train["loss"],
                 "training_mse": None if train is None else train["mse"],
-                "lr": get_lr(max(self.step - 1, 0), cfg),
+                "lr": None if train is None else get_lr(self.step - 1, cfg),
                 "grad_norm": None if train is None else self.last_grad_norm,
                 "iteration_time": time.perf_counter() - t0,
             }

@@ -344,6 +344,7 @@ LOSS_COLOURS = {SERIES_LOSS: "#dc2626", SERIES_MSE: "#f59e0b"}
 GRAD_COLOURS = {SERIES_GRAD: "#0d9488", SERIES_CLIP: "#9ca3af"}
 EVALUATION_COLOURS = {SERIES_STAY: "#dc2626", SERIES_MOVE: "#16a34a", SERIES_REPEAT: "#9ca3af"}
 PLOT_KEYS = ("plot_error", "plot_time", "plot_loss", "plot_dot", "plot_lr", "plot_grad")  # metric_frames order
+CLIP_SHOWN_FROM = 0.5  # the gradient graph draws the clip threshold once a norm reaches this share of it
 
 
 def series_anchors(colours: dict[str, str]) -> pd.DataFrame:
@@ -382,9 +383,12 @@ def metric_frames(history: list[dict], grad_clip: float = 0.0) -> tuple[pd.DataF
     loss = _two_series(history, LOSS_COLOURS, ("training_loss", "training_mse"))
     dot = _series(dot_found_rows(history, APP.dot_window), "within_3px_share", "within 3 px")
     lr = _series(history, "lr", "learning rate")
-    clip = [{"iteration": r["iteration"], "clip": grad_clip} for r in history if r.get("grad_norm") is not None]
-    grad = pd.concat([series_anchors(GRAD_COLOURS), _series(history, "grad_norm", SERIES_GRAD),
-                      _series(clip[:1] + clip[-1:] if grad_clip else [], "clip", SERIES_CLIP)], ignore_index=True)
+    norms = [r for r in history if r.get("grad_norm") is not None]
+    # the threshold is drawn once norms come near it: far above them it would flatten their line
+    near = grad_clip and norms and max(r["grad_norm"] for r in norms) >= CLIP_SHOWN_FROM * grad_clip
+    clip = [{"iteration": r["iteration"], "clip": grad_clip} for r in (norms[0], norms[-1])] if near else []
+    grad = pd.concat([series_anchors(GRAD_COLOURS), _series(norms, "grad_norm", SERIES_GRAD),
+                      _series(clip, "clip", SERIES_CLIP)], ignore_index=True)
     return error, timing, loss, dot, lr, grad
 
 
@@ -947,7 +951,7 @@ def _views_sections() -> dict[str, Any]:
     return {"train_original": train_original, "train_masked": train_masked, "train_inpainting": train_inpainting, "train_composite": train_composite, "pred_current": pred_current, "pred_next": pred_next, "pred_error": pred_error, "prediction_info": prediction_info, "pred_canvas": pred_canvas}
 
 
-def _metrics_section() -> dict[str, Any]:
+def _metrics_section(cfg: AutoencoderConcatPredictorWorldModelConfig) -> dict[str, Any]:
     """Section 5: the metric graphs and their legend."""
     gr.Markdown("## 5. Metric graphs (kept across runs of this tab's model)", elem_classes=["section-title"])
     with gr.Row():
@@ -959,7 +963,8 @@ def _metrics_section() -> dict[str, Any]:
         plot_loss = _plot("Training loss", "plot-loss", "loss", LOSS_COLOURS)
     with gr.Row():
         plot_lr = _plot("Learning rate (warm-up, then cosine decay)", "plot-lr", "learning rate")
-        plot_grad = _plot("Gradient norm per step", "plot-grad", "norm", GRAD_COLOURS)
+        plot_grad = _plot(f"Gradient norm per step (clipped at {cfg.grad_clip:g})" if cfg.grad_clip
+                          else "Gradient norm per step", "plot-grad", "norm", GRAD_COLOURS)
     gr.Markdown(
         "**Prediction error:** the model (indigo line) against a baseline that simply repeats the last frame "
         "(grey line); a model below the baseline has learned the motion. **Dot found:** of the last "
@@ -967,7 +972,7 @@ def _metrics_section() -> dict[str, Any]:
         "without a dot counts as a miss); it jumps when the model localises the dot. **Training loss:** the optimised, "
         "dot-weighted loss (red line) and the plain masked-patch MSE (orange line). **Learning rate:** the "
         "optimizer's rate at each iteration's step. **Gradient norm:** the total gradient norm of each step before "
-        "clipping (teal line) and the clip threshold (grey line): steps above it were scaled down. Histories longer "
+        "clipping (teal line); once norms come within half of the clip threshold it is drawn too (grey line): steps above it were scaled down. Histories longer "
         "than 2000 points are thinned evenly.", elem_id="plot-legend")
     return {"plot_error": plot_error, "plot_dot": plot_dot, "plot_time": plot_time, "plot_loss": plot_loss,
             "plot_lr": plot_lr, "plot_grad": plot_grad}
@@ -1151,7 +1156,7 @@ def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, c
             "# Concat World Model Explorer\nLoad a recorded toroidal-dot session, scrub its frames, run the "
             "canvas-inpainting world model and explore why it predicts what it does.", elem_id="app-title")
 
-        c = {**_session_section(), **_run_section(), **_views_sections(), **_metrics_section(),
+        c = {**_session_section(), **_run_section(), **_views_sections(), **_metrics_section(config),
              **_attention_section(config), **_analysis_section()}
         _wire(demo, registry, user, c)
     return demo

@@ -399,6 +399,20 @@ def test_flags_default_to_the_gradio_environment_variables(monkeypatch):
             app.build_parser().parse_args(bad)
 
 
+def test_learning_rate_and_gradient_graphs_plot_training_iterations_and_the_clip_line_only_when_near():
+    rows = [{"iteration": 1, "lr": None, "grad_norm": None}, {"iteration": 2, "lr": 1e-4, "grad_norm": 0.02},
+            {"iteration": 3, "lr": 2e-4, "grad_norm": 0.03}]
+    *_, lr, grad = app.metric_frames(rows, grad_clip=1.0)
+    assert list(lr["iteration"]) == [2, 3] and list(lr["value"]) == [1e-4, 2e-4]
+    drawn = grad.dropna()
+    assert list(drawn["series"]) == [app.SERIES_GRAD] * 2  # norms far below the threshold: no clip line
+    rows.append({"iteration": 4, "lr": 3e-4, "grad_norm": 0.7})
+    drawn = app.metric_frames(rows, grad_clip=1.0)[-1].dropna()
+    clip = drawn[drawn["series"] == app.SERIES_CLIP]
+    assert list(clip["iteration"]) == [2, 4] and list(clip["value"]) == [1.0, 1.0]  # across the trained iterations
+    assert app.SERIES_CLIP not in set(app.metric_frames(rows, grad_clip=0.0)[-1].dropna()["series"])  # clipping off
+
+
 def test_browser_opens_only_where_there_is_a_display(monkeypatch):
     monkeypatch.setattr(app.sys, "platform", "linux")
     monkeypatch.delenv("DISPLAY", raising=False)
