@@ -87,6 +87,7 @@ MAX_TINT_ALPHA = 0.85  # tint opacity of the strongest key; it falls linearly to
 QUERY_OUTLINE = (0, 255, 255)  # 2 px box around the query patch (cyan: not in the tint colour map)
 STRIP_HEIGHT = 22  # label strip above each layer panel
 PICKER_GRID = (128, 128, 128)  # patch grid lines on the clickable picture of the predicted frame
+HEATMAP_CELL = 2  # pixels per matrix cell in the explorer's heatmap: ~1100 px wide, so the page shows its labels near 1:1
 PATCH_PANEL_COLUMNS = 2  # one patch's attention: layer panels per row (two stay legible at the page's width)
 
 
@@ -1068,10 +1069,11 @@ def draw_attention(
         image = render_lines(canvas, connections, grid_size, patch_size)
     else:
         keep = (matrix >= matrix.dtype.type(connections.threshold)).any(axis=0)  # (Q, K) kept in some selected layer
-        heatmap = render_heatmap(matrix, key_ids, query_ids, grid_size, patch_size=patch_size, keep=keep)
+        heatmap = render_heatmap(matrix, key_ids, query_ids, grid_size, cell=HEATMAP_CELL, patch_size=patch_size, keep=keep)
         peak = float(matrix.mean(axis=0).max())  # render_heatmap's colour scale: the max of the layer mean
         title = heatmap_title(layer_ids, head_ids, agg, q)
-        image, _ = label_heatmap(heatmap, key_ids, query_ids, grid_size, title=title, peak=peak, patch_size=patch_size)
+        image, _ = label_heatmap(heatmap, key_ids, query_ids, grid_size, title=title, peak=peak, cell=HEATMAP_CELL,
+                                 patch_size=patch_size)
     return image, stats, statistics_markdown(stats)
 
 

@@ -122,7 +122,7 @@ def test_known_strong_connection_is_kept_and_drawn(capture):
 
 def test_heatmap_puts_the_strong_cell_at_its_grid_position(capture):
     image, _, _ = _render(capture, quantile=50, layers=[STRONG_LAYER], viz=av.VIZ_HEATMAP)
-    cell, top, left = 3, av.HEATMAP_TOP, av.HEATMAP_LEFT
+    cell, top, left = av.HEATMAP_CELL, av.HEATMAP_TOP, av.HEATMAP_LEFT
     assert image.shape[0] > top + 196 * cell and image.shape[1] > left + 406 * cell
     matrix = image[top:top + 196 * cell, left:left + 406 * cell]  # (Q * cell, K * cell, 3) the labelled figure's matrix
     row = 3 * 14 + (35 - 29)  # row-major among the masked patches (14 per grid row)
@@ -264,12 +264,13 @@ def test_heatmap_at_quantile_0_is_the_plain_full_matrix(capture):
     image, _, _ = _render(capture, quantile=0, layers=[1, 3], viz=av.VIZ_HEATMAP)
     m = av.decoder_to_encoder(capture.weights, capture.patch_mask, [1, 3], range(4), "mean")
     q, k = av.patch_ids(capture.patch_mask)
-    heatmap = av.render_heatmap(m, k, q, (ROWS, COLS))
+    heatmap = av.render_heatmap(m, k, q, (ROWS, COLS), cell=av.HEATMAP_CELL)
     h, w = heatmap.shape[0], heatmap.shape[1] - av.COLOUR_BAR_LABEL_WIDTH  # matrix, gap and colour bar
     np.testing.assert_array_equal(image[av.HEATMAP_TOP:av.HEATMAP_TOP + h, av.HEATMAP_LEFT:av.HEATMAP_LEFT + w],
                                   heatmap[:, :w])
     title = "Decoder attention: layers L1, L3 (averaged); heads H0-H3 combined by mean; every cell at full colour"
-    figure, layout = av.label_heatmap(heatmap, k, q, (ROWS, COLS), title=title, peak=float(m.mean(axis=0).max()))
+    figure, layout = av.label_heatmap(heatmap, k, q, (ROWS, COLS), title=title, peak=float(m.mean(axis=0).max()),
+                                      cell=av.HEATMAP_CELL)
     np.testing.assert_array_equal(image, figure)
     assert layout.origin == (av.HEATMAP_TOP, av.HEATMAP_LEFT) and layout.size == image.shape[:2]
 
