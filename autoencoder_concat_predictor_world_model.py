@@ -539,20 +539,20 @@ class AutoencoderConcatPredictorWorldModel:
         composite = np.where(mask_px[..., None], inpainting, canvas)
         return {"original": canvas, "masked": masked, "inpainting": inpainting, "composite": composite}
 
-    def get_prediction_views(self) -> dict:
+    def get_prediction_views(self, canvas: bool = True) -> dict:
         """The spec's prediction views, uint8 (H, W, 3) or None: ``current`` (frame t),
         ``predicted`` (predicted frame t+1), ``checked`` (the prediction frame t was compared with),
         ``error`` (|checked - current| per pixel, amplified to full range for display),
         ``error_mse`` (its MSE, or None) and ``canvas`` (the canvas ``predicted`` was inpainted
-        from, with it filled into the last slot)."""
-        cfg = self.config
+        from, with it filled into the last slot; None when ``canvas`` is False)."""
+        cfg, want_canvas = self.config, canvas
         with self.lock:
             current, predicted, checked = self.last_observation, self.last_prediction, self.last_checked_prediction
             error_mse, canvas = self.last_prediction_error, self.last_prediction_canvas
         error = None
         if current is not None and checked is not None:
             error = np.abs(checked.astype(np.int16) - current.astype(np.int16)).astype(np.uint8)
-        if canvas is not None and predicted is not None:
+        if want_canvas and canvas is not None and predicted is not None:
             x0 = last_slot_x0(cfg.frame_size[1], cfg.canvas_history_size, cfg.separator_width)
             canvas = canvas.copy()
             canvas[:, x0 : x0 + cfg.frame_size[1]] = predicted
@@ -803,6 +803,104 @@ class RunStatus:
     last: dict
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What the page showed at one iteration: frame t, the predicted frame t+1 and the error map of
+    the prediction frame t was compared with (uint8 (H, W, 3) or None), and that iteration's metrics."""
+
+    iteration: int
+    current: np.ndarray | None
+    predicted: np.ndarray | None
+    error: np.ndarray | None
+    error_mse: float | None
+    metrics: dict
+
+
+class RunSnapshots:
+    """A run history's pictures, bounded: at most ``max_snapshots`` snapshots and ``max_bytes`` bytes.
+
+    Frames are kept zlib-compressed (lossless; a black frame with one dot is a few kB). When either
+    bound is reached every other snapshot is dropped and from then on only every ``stride``-th
+    iteration is kept (the stride doubles each time), so what is kept stays evenly spread over the
+    whole history, first iteration included.
+    """
+
+    def __init__(self, max_snapshots: int = 500, max_bytes: int = 100 * 2**20):
+        if max_snapshots < 2 or max_bytes < 1:
+            raise ValueError("a run history keeps at least 2 snapshots and 1 byte")
+        self.max_snapshots, self.max_bytes = int(max_snapshots), int(max_bytes)
+        self._lock = threading.Lock()
+        self.clear()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items: list[tuple[int, tuple, dict]] = []  # (iteration, packed pictures, metrics)
+            self._bytes, self.stride, self._first = 0, 1, None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    @property
+    def iterations(self) -> list[int]:
+        """The iterations kept, oldest first."""
+        with self._lock:
+            return [item[0] for item in self._items]
+
+    def wants(self, iteration: int) -> bool:
+        """Whether ``add`` would keep this iteration (so a caller builds the pictures only then)."""
+        return self._first is None or (int(iteration) - self._first) % self.stride == 0
+
+    def add(self, metrics: dict, views: dict) -> bool:
+        """Keep iteration ``metrics['iteration']`` (views as ``get_prediction_views``) when it falls on the
+        stride; returns whether it was kept."""
+        iteration = int(metrics["iteration"])
+        with self._lock:
+            if self._first is None:
+                self._first = iteration
+            if (iteration - self._first) % self.stride:
+                return False
+            packed = tuple(_pack(views.get(key)) for key in ("current", "predicted", "error"))
+            self._items.append((iteration, packed + (views.get("error_mse"),), dict(metrics)))
+            self._bytes += sum(len(p[0]) for p in packed if p is not None)
+            while len(self._items) > 1 and (len(self._items) > self.max_snapshots or self._bytes > self.max_bytes):
+                self._thin()
+            return True
+
+    def _thin(self) -> None:
+        """Drop every other snapshot (the first stays) and double the stride; call under the lock."""
+        self._items = [item for item in self._items if (item[0] - self._first) % (2 * self.stride) == 0]
+        self._bytes = sum(len(p[0]) for item in self._items for p in item[1][:3] if p is not None)
+        self.stride *= 2
+
+    def nearest(self, iteration: int) -> Snapshot | None:
+        """The kept snapshot whose iteration is nearest (the earlier one on a tie); None when empty."""
+        with self._lock:
+            if not self._items:
+                return None
+            kept = np.array([item[0] for item in self._items])  # (n,) ascending
+            it, packed, metrics = self._items[int(np.argmin(np.abs(kept - iteration)))]
+        current, predicted, error = (_unpack(p) for p in packed[:3])
+        return Snapshot(it, current, predicted, error, packed[3], metrics)
+
+
+def _pack(image: np.ndarray | None) -> tuple[bytes, tuple, str] | None:
+    if image is None:
+        return None
+    image = np.ascontiguousarray(image)
+    return zlib.compress(image.tobytes(), 1), image.shape, image.dtype.str
+
+
+def _unpack(packed: tuple[bytes, tuple, str] | None) -> np.ndarray | None:
+    if packed is None:
+        return None
+    data, shape, dtype = packed
+    return np.frombuffer(zlib.decompress(data), dtype=np.dtype(dtype)).reshape(shape).copy()
+
+
 class RunBusyError(RuntimeError):
     """A run is already going in this controller."""
 
@@ -867,12 +965,14 @@ class RunController:
         pool: the ``ModelPool`` that parks idle models (None: models stay in memory).
         run_lock_wait_s: how long ``run`` waits for a previous run to wind down.
         stop_grace_s: a Stop that finds nothing running also stops a run that starts this soon after.
+        history_snapshots, history_bytes: bounds of the run history's pictures (``RunSnapshots``).
     """
 
     def __init__(self, checkpoint_path: str | os.PathLike | None = None,
                  config: AutoencoderConcatPredictorWorldModelConfig | None = None,
                  device: torch.device | str | None = None, pool: ModelPool | None = None,
-                 run_lock_wait_s: float = 5.0, stop_grace_s: float = 1.0):
+                 run_lock_wait_s: float = 5.0, stop_grace_s: float = 1.0, history_snapshots: int = 500,
+                 history_bytes: int = 100 * 2**20):
         self._checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         self.config = config or AutoencoderConcatPredictorWorldModelConfig()
         self.device = device
@@ -880,6 +980,7 @@ class RunController:
         self.session = None  # the loaded session (session_explorer_lib.Session or alike)
         self.start_frame = 0  # the frame the next run starts its replay from
         self.history: list[dict] = []  # one metrics dict per iteration, across runs of this model
+        self.snapshots = RunSnapshots(history_snapshots, history_bytes)  # what the page showed, bounded
         self.origin: CheckpointOrigin | None = None  # set when the model is created
         self.saved: CheckpointSave | None = None  # the latest save
         self.attention_at: tuple[int, int] | None = None  # (iteration, step) the attention was captured at
@@ -1089,6 +1190,8 @@ class RunController:
                 for metrics in work(wm):
                     if replay:
                         self.history.append(metrics)
+                        if self.snapshots.wants(metrics["iteration"]):
+                            self.snapshots.add(metrics, wm.get_prediction_views(canvas=False))
                     self._done += 1
                     self._unsaved = True
                     yield metrics
@@ -1294,6 +1397,7 @@ class RunController:
             LOG.warning("could not reload a parked model: %s", e)
             self._problem = f"this tab's model could not be reloaded after it was set aside while idle ({e}); a new one was made"
             self.history.clear()
+            self.snapshots.clear()
             self._park_file = None
             return self._create()
         finally:

@@ -130,7 +130,8 @@ class UserState:
 
     def __init__(self, pool: ModelPool | None = None, config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG):
         self.pool = pool
-        options = dict(config=config, run_lock_wait_s=APP.run_lock_wait_s, stop_grace_s=APP.stop_grace_s)
+        options = dict(config=config, run_lock_wait_s=APP.run_lock_wait_s, stop_grace_s=APP.stop_grace_s,
+                       history_snapshots=APP.history_snapshots, history_bytes=APP.history_bytes)
         self.controller = pool.controller(**options) if pool is not None else RunController(**options)
         layers, heads = tuple(range(config.decoder_depth)), tuple(range(config.decoder_num_heads))
         self.attention_controls = (APP.default_quantile, layers, heads, "mean", VIZ_LINES)

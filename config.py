@@ -179,6 +179,8 @@ class AppConfig:
     default_rollout_steps: int = 5  # its Steps box default
     max_canvas_steps: int = 200  # most optimizer steps one single-canvas training may take
     default_canvas_steps: int = 50  # its Steps box default
+    history_snapshots: int = 500  # run-history pictures kept per tab (thinned evenly when full)
+    history_bytes: int = 100 * 2**20  # and at most this many bytes of them (zlib-compressed frames)
     evaluation_batch: int = 16  # canvases per forward pass when a whole session is evaluated (16 and 32 time alike, 64 slower)
     demo_sessions: tuple[str, ...] = ("always_move", "alternate", "double_move")  # recorded when none exist
     demo_session_steps: int = 200  # steps in each demo session

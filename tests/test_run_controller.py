@@ -310,3 +310,57 @@ def test_training_masks_follow_mask_ratio_and_prediction_masks_the_whole_slot(tm
     assert wm.last_prediction is not None  # predicted with the whole slot masked
     full = AutoencoderConcatPredictorWorldModel(ToroidalDotRobot(seed=1), device="cpu", config=TINY)
     assert full._training_mask(3) is full.patch_mask
+
+
+# -----------------------------------------------------------------------------
+# run history: what the page showed at each iteration, bounded
+
+
+def _views(i: int, size: int = 32, noisy: bool = False) -> dict:
+    rng = np.random.default_rng(i)
+    frame = rng.integers(0, 256, (size, size, 3), dtype=np.uint8) if noisy else np.full((size, size, 3), i % 256, np.uint8)
+    return {"current": frame, "predicted": frame[::-1].copy(), "error": None, "error_mse": 0.1 * i}
+
+
+def test_run_history_stays_within_its_snapshot_bound_and_evenly_spread():
+    from autoencoder_concat_predictor_world_model import RunSnapshots
+
+    history = RunSnapshots(max_snapshots=500)
+    for i in range(1, 2001):
+        if history.wants(i):
+            history.add({"iteration": i, "prediction_error": i / 1000}, _views(i))
+        assert len(history) <= 500
+    kept = history.iterations
+    assert 250 <= len(kept) <= 500 and kept[0] == 1
+    assert len(set(np.diff(kept))) == 1 and history.stride == np.diff(kept)[0] == 4  # even spacing, first kept
+    snap = history.nearest(1001)
+    assert snap.iteration == 1001 and snap.metrics["prediction_error"] == 1.001 and snap.error is None
+    np.testing.assert_array_equal(snap.current, _views(1001)["current"])  # lossless round trip
+    np.testing.assert_array_equal(snap.predicted, _views(1001)["predicted"])
+    assert history.nearest(1002).iteration == 1001 and history.nearest(10**6).iteration == kept[-1]
+
+
+def test_run_history_stays_within_its_byte_bound():
+    from autoencoder_concat_predictor_world_model import RunSnapshots
+
+    history = RunSnapshots(max_snapshots=500, max_bytes=200_000)  # noise does not compress: ~6 kB a snapshot
+    for i in range(1, 301):
+        history.add({"iteration": i}, _views(i, noisy=True)) if history.wants(i) else None
+        assert history.nbytes <= 200_000
+    assert len(history) >= 16 and len(set(np.diff(history.iterations))) == 1
+    with pytest.raises(ValueError):
+        RunSnapshots(max_snapshots=1)
+
+
+def test_a_run_keeps_snapshots_of_what_the_page_showed(tmp_path):
+    c = RunController(checkpoint_path=tmp_path / "autoencoder.pth", config=TINY, device="cpu", history_snapshots=8)
+    c.load_session(FakeSession(n=40))
+    for _ in c.run(30):
+        pass
+    kept = c.snapshots.iterations
+    assert len(kept) <= 8 and kept[0] == 1 and len(set(np.diff(kept))) == 1
+    snap = c.snapshots.nearest(kept[-1])
+    np.testing.assert_array_equal(snap.current, c.session.frame(snap.iteration - 1))  # iteration i observes frame i-1
+    assert snap.metrics == c.history[snap.iteration - 1] and snap.predicted is not None and snap.error is not None
+    first = c.snapshots.nearest(1)  # one frame seen: nothing predicted or scored yet
+    assert first.iteration == 1 and first.predicted is None and first.error is None and first.current is not None
