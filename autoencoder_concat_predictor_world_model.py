@@ -18,6 +18,7 @@ Nothing here imports gradio or matplotlib: the app turns the state and metrics i
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import errno
@@ -441,6 +442,16 @@ class AutoencoderConcatPredictorWorldModel:
         self.last_prediction_canvas = canvas
         return np.ascontiguousarray(full[:, x0 : x0 + cfg.frame_size[1]])
 
+    def forget_views(self) -> None:
+        """Drop the latest observation, predictions and training products (after loading other weights,
+        they describe another model); the next iterations rebuild them."""
+        with self.lock:
+            self.interleaved_history.clear()
+            self.last_prediction = self.last_prediction_canvas = self.last_checked_prediction = None
+            self.last_observation = self.last_prediction_error = None
+            self.last_training_canvas = self.last_training_mask = self._train_products = None
+            self.last_training_loss = self.last_training_mse = self.last_grad_norm = None
+
     # -- the loop -------------------------------------------------------------------
 
     def run_iter(self, max_iterations: int, stop_event: threading.Event | None = None) -> Iterator[dict]:
@@ -585,7 +596,7 @@ class AutoencoderConcatPredictorWorldModel:
 
     # -- checkpoints ------------------------------------------------------------------
 
-    def _checkpoint_payload(self) -> dict:
+    def _checkpoint_payload(self, extra: dict | None = None) -> dict:
         cfg = self.config
         config_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
         return {
@@ -597,16 +608,20 @@ class AutoencoderConcatPredictorWorldModel:
             "step": int(self.step),
             "iteration": int(self.iteration),
             "saved_at": time.time(),
+            **(extra or {}),
         }
 
-    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
+    def save_checkpoint(self, path: str | os.PathLike | None = None, extra: dict | None = None,
+                        replace: bool = True) -> Path:
         """Write model, optimizer, step and config atomically (temp file, fsync, rename).
 
         A crash mid-save leaves the previous file intact; concurrent saves leave one complete file.
+        ``extra`` adds plain entries to the file (e.g. the session trained on). With ``replace``
+        False an existing file is never replaced (a hard link, not a rename): ``CheckpointError``.
         """
         path = Path(path) if path is not None else CHECKPOINT_PATH
         with self.lock:
-            payload = self._checkpoint_payload()
+            payload = self._checkpoint_payload(extra)
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temp_files(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -615,9 +630,15 @@ class AutoencoderConcatPredictorWorldModel:
                 torch.save(payload, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            if replace:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)  # fails when the name exists, even if another save took it a moment ago
+                Path(tmp).unlink()
         except BaseException as e:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, FileExistsError):
+                raise CheckpointError(f"a checkpoint named {path.stem} already exists: choose another name") from e
             if isinstance(e, OSError):
                 raise CheckpointError(f"could not save the checkpoint {path.name}: {e.strerror or e}") from e
             raise
@@ -764,7 +785,8 @@ class FileIdentity:
 
 @dataclass(frozen=True)
 class CheckpointOrigin:
-    """Where a controller's model came from: ``kind`` is "fresh" (no file), "loaded" or "refused"."""
+    """Where a controller's model came from: ``kind`` is "fresh" (no file), "loaded", "refused" or
+    "reset" (a fresh model asked for by the user, whatever the files hold)."""
 
     kind: str
     path: Path
@@ -1006,6 +1028,7 @@ class RunController:
         self._park_file: Path | None = None
         self._parked_counters: tuple[int, int] | None = None  # (step, iteration) of a parked model
         self._parked_robot: tuple | None = None  # (session, index, episode_boundary) of a parked replay
+        self._shared_seen: FileIdentity | None = None  # the shared checkpoint as this tab last loaded or saved it
         self._attention_canvas: np.ndarray | None = None  # to recapture attention after a reload
         self.last_used = time.monotonic()
         self._pool = pool
@@ -1107,6 +1130,90 @@ class RunController:
         from world_model_analysis import evaluate_session
 
         return evaluate_session(self.analysis_model(), session, batch_size)
+
+    # -- named checkpoints, reset (issue 12) ----------------------------------------------
+
+    def named_checkpoint_path(self, name: str) -> Path:
+        """``<checkpoint folder>/<name>.pth`` for a name that follows the session-name rule and is
+        not the shared checkpoint's; ValueError naming the problem otherwise."""
+        from session_explorer_lib import check_name
+
+        folder = self.checkpoint_path.parent
+        check_name(name, "checkpoint")
+        if name == self.checkpoint_path.stem:
+            raise ValueError(f"Invalid checkpoint name {name!r}: it is the shared checkpoint every run saves to")
+        check_name(f"{name}.pth", "checkpoint", folder)  # a link planted under that name must not lead out
+        return folder / f"{name}.pth"
+
+    def save_named(self, name: str) -> CheckpointSave:
+        """Save this tab's model as ``<name>.pth`` beside the shared checkpoint, never replacing a file.
+
+        Raises:
+            ValueError: a bad name, or no model yet. CheckpointError: the name is taken or the write failed.
+        """
+        path = self.named_checkpoint_path(name)
+        wm = self._model_if_any()
+        if wm is None:
+            raise ValueError("there is no model to save yet: run the world model first")
+        session = getattr(self.session, "name", None)
+        wm.save_checkpoint(path, extra={"session": session}, replace=False)
+        return CheckpointSave(True, path, wm.step, wm.iteration)
+
+    def load_named(self, name: str) -> CheckpointOrigin:
+        """Load ``<name>.pth`` into this tab's model (not during a run). Another architecture or a
+        damaged file raises ``CheckpointError`` with the model untouched; after a load the metric
+        history and run history (another model's) are cleared and the views start afresh.
+
+        Raises:
+            ValueError: a bad name. CheckpointError: no such file, or a file refused. RunBusyError.
+        """
+        path = self.named_checkpoint_path(name)
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint named {name}")
+        with self._not_running():
+            with self._lock:
+                wm = self._resident()
+                info = wm.load_checkpoint(path)
+                wm.forget_views()
+                self.origin = CheckpointOrigin("loaded", path, info["step"], info["iteration"])
+                self._forget_history()
+                return self.origin
+
+    def reset_model(self) -> None:
+        """A fresh, untrained model for this tab (not during a run): metric and run history cleared,
+        nothing deleted on disk; its first run saves to the shared checkpoint as usual."""
+        with self._not_running():
+            with self._lock:
+                if self._park_file is not None:
+                    self._park_file.unlink(missing_ok=True)
+                    self._park_file = self._parked_robot = self._parked_counters = None
+                robot = ReplayRobot(self.session, start_index=self.start_frame) if self.session is not None else None
+                self._wm = AutoencoderConcatPredictorWorldModel(robot, device=self.device, config=self.config)
+                self.origin = CheckpointOrigin("reset", self.checkpoint_path)
+                self.saved, self._unsaved, self._runs_started, self._problem = None, True, 0, ""
+                self._forget_history()
+        self.touch()
+
+    def shared_checkpoint_replaced(self) -> bool:
+        """Whether the shared checkpoint changed since this tab last loaded or saved it (another tab
+        saved over it; this tab's next save will replace that)."""
+        seen = self._shared_seen
+        return seen is not None and FileIdentity.of(self.checkpoint_path) != seen
+
+    def _forget_history(self) -> None:
+        self.history.clear()
+        self.snapshots.clear()
+        self._attention = self._attention_canvas = self.attention_at = None
+
+    @contextlib.contextmanager
+    def _not_running(self):
+        if not self._run_lock.acquire(timeout=self.run_lock_wait_s):
+            raise RunBusyError("a run is in progress")
+        try:
+            self._finish_if_pending()
+            yield
+        finally:
+            self._run_lock.release()
 
     def _model_if_any(self) -> AutoencoderConcatPredictorWorldModel | None:
         with self._lock:
@@ -1280,7 +1387,8 @@ class RunController:
                 elif self._refused is not None:
                     note = "the refused file had already been set aside or replaced, so it was left alone"
                 self._refused = None
-                wm.save_checkpoint(path)
+                wm.save_checkpoint(path, extra={"session": getattr(self.session, "name", None)})
+                self._shared_seen = FileIdentity.of(path)
             except (CheckpointError, OSError) as e:
                 return CheckpointSave(False, path, wm.step, wm.iteration, aside, str(e))
         self._unsaved = False
@@ -1310,6 +1418,7 @@ class RunController:
             info = wm.load_checkpoint(path)
             self.origin = CheckpointOrigin("loaded", path, info["step"], info["iteration"])
             self._unsaved = False
+            self._shared_seen = identity
         except CheckpointError as e:
             self._refused = identity
             with _CHECKPOINT_FILES_LOCK:
@@ -1421,6 +1530,43 @@ class RunController:
                 self._park_file = self._parked_robot = self._parked_counters = None
         if self._pool is not None:
             self._pool.forget(self)
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """One ``.pth`` file of the checkpoint folder: its counters, when it was saved and on which session
+    (None when the file predates that field), or why it cannot be read."""
+
+    name: str
+    path: Path
+    step: int | None = None
+    iteration: int | None = None
+    saved_at: float | None = None
+    session: str | None = None
+    problem: str = ""
+
+
+def checkpoint_summaries(folder: str | os.PathLike) -> list[CheckpointSummary]:
+    """Every ``*.pth`` file directly in ``folder``, newest first (temporary files skipped). Reads each
+    with ``weights_only=True``, so a file cannot run code; a damaged one is listed with its problem."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("*.pth") if not p.name.startswith(".") and p.is_file()]
+    out = []
+    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"not a world-model checkpoint of format {CHECKPOINT_FORMAT}")
+            session = payload.get("session")
+            out.append(CheckpointSummary(path.stem, path, int(payload.get("step", 0)), int(payload.get("iteration", 0)),
+                                         float(payload.get("saved_at", path.stat().st_mtime)),
+                                         session if isinstance(session, str) else None))
+        except Exception as e:  # unpickling and zip errors come in many types
+            first_line = (str(e).strip().splitlines() or [""])[0][:120]
+            out.append(CheckpointSummary(path.stem, path, problem=f"cannot be read ({type(e).__name__}: {first_line})"))
+    return out
 
 
 def _set_aside(path: Path, refused: FileIdentity) -> tuple[str | None, str]:

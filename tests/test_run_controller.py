@@ -364,3 +364,121 @@ def test_a_run_keeps_snapshots_of_what_the_page_showed(tmp_path):
     assert snap.metrics == c.history[snap.iteration - 1] and snap.predicted is not None and snap.error is not None
     first = c.snapshots.nearest(1)  # one frame seen: nothing predicted or scored yet
     assert first.iteration == 1 and first.predicted is None and first.error is None and first.current is not None
+
+
+# -----------------------------------------------------------------------------
+# named checkpoints, reset, the shared checkpoint replaced by another tab
+
+
+def _trained(tmp_path, iterations=4, **kwargs) -> RunController:
+    c = controller(tmp_path, **kwargs)
+    for _ in c.run(iterations):
+        pass
+    return c
+
+
+def test_a_named_checkpoint_is_saved_once_listed_and_loaded_into_another_tab(tmp_path):
+    from autoencoder_concat_predictor_world_model import CheckpointError, checkpoint_summaries
+
+    a = _trained(tmp_path, 6)
+    saved = a.save_named("after-six")
+    assert saved.path == tmp_path / "after-six.pth" and saved.step == a.world_model().step
+    before = saved.path.read_bytes()
+    with pytest.raises(CheckpointError, match="a checkpoint named after-six already exists"):
+        a.save_named("after-six")  # never replaced
+    assert saved.path.read_bytes() == before
+    listed = {s.name: s for s in checkpoint_summaries(tmp_path)}
+    assert set(listed) == {"after-six", "autoencoder"}
+    assert (listed["after-six"].step, listed["after-six"].iteration, listed["after-six"].session) == (4, 6, "fake")
+    b = _trained(tmp_path, 3)  # another tab, the same checkpoint folder
+    origin = b.load_named("after-six")
+    wm = b.world_model()
+    assert (origin.kind, wm.step, wm.iteration) == ("loaded", 4, 6) and b.history == [] and len(b.snapshots) == 0
+    for name, value in wm.model.state_dict().items():
+        torch.testing.assert_close(value, a.world_model().model.state_dict()[name], rtol=0, atol=0)
+    assert b.prediction_views()["predicted"] is None  # the old model's views are gone
+    assert [m["iteration"] for m in b.run(2) if m is not None] == [7, 8]  # and it trains on from there
+
+
+@pytest.mark.parametrize("name, problem", [("../escape", "Invalid checkpoint name"), ("", "Invalid checkpoint name"),
+                                           ("a/b", "Invalid checkpoint name"), ("autoencoder", "shared checkpoint"),
+                                           (".hidden", "Invalid checkpoint name"), (None, "Invalid checkpoint name")])
+def test_bad_checkpoint_names_are_refused(tmp_path, name, problem):
+    c = _trained(tmp_path, 3)
+    with pytest.raises(ValueError, match=problem):
+        c.save_named(name)
+    with pytest.raises(ValueError, match=problem):
+        c.load_named(name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["autoencoder.pth"]
+
+
+def test_a_link_planted_under_a_checkpoint_name_cannot_lead_out(tmp_path):
+    outside = tmp_path / "outside.pth"
+    c = _trained(tmp_path / "ckpt", 3)
+    (tmp_path / "ckpt" / "planted.pth").symlink_to(outside)
+    with pytest.raises(ValueError, match="leads outside its folder"):
+        c.save_named("planted")
+    assert not outside.exists()
+
+
+def test_loading_a_damaged_or_foreign_named_checkpoint_leaves_the_model_untouched(tmp_path):
+    from autoencoder_concat_predictor_world_model import CheckpointError
+
+    c = _trained(tmp_path, 4)
+    (tmp_path / "damaged.pth").write_bytes(b"not a checkpoint")
+    other = dataclasses.replace(TINY, decoder_depth=1)
+    foreign = RunController(checkpoint_path=tmp_path / "f" / "autoencoder.pth", config=other, device="cpu")
+    foreign.load_session(FakeSession())
+    for _ in foreign.run(3):
+        pass
+    foreign.world_model().save_checkpoint(tmp_path / "foreign.pth")
+    state = {k: v.clone() for k, v in c.world_model().model.state_dict().items()}
+    history = list(c.history)
+    for name, match in (("damaged", "not a readable checkpoint"), ("foreign", "another architecture"),
+                        ("missing", "no checkpoint named missing")):
+        with pytest.raises(CheckpointError, match=match):
+            c.load_named(name)
+    for k, v in c.world_model().model.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+    assert c.history == history and c.world_model().step == 2
+
+
+def test_reset_gives_a_fresh_model_and_deletes_nothing(tmp_path):
+    c = _trained(tmp_path, 5)
+    c.save_named("keep")
+    files = sorted(p.name for p in tmp_path.iterdir())
+    c.reset_model()
+    wm = c.world_model()
+    assert (wm.step, wm.iteration, c.origin.kind) == (0, 0, "reset") and c.history == [] and len(c.snapshots) == 0
+    assert c.status().state == "idle" and c.attention is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == files  # nothing deleted
+    fresh = AutoencoderConcatPredictorWorldModel(None, device="cpu", config=TINY).model.state_dict()
+    for k, v in wm.model.state_dict().items():  # the weights any new tab starts from
+        torch.testing.assert_close(v, fresh[k], rtol=0, atol=0)
+    assert [m["iteration"] for m in c.run(2) if m is not None] == [1, 2]
+    assert c.saved.ok and c.saved.step == 0  # its first run saves to the shared checkpoint as usual
+
+
+def test_reset_and_load_wait_for_a_run(tmp_path):
+    c = _trained(tmp_path, 3, run_lock_wait_s=0.1)
+    c.save_named("x")
+    run = c.run(3)
+    next(run)
+    with pytest.raises(RunBusyError):
+        c.reset_model()
+    with pytest.raises(RunBusyError):
+        c.load_named("x")
+    list(run)
+    c.reset_model()
+
+
+def test_the_tab_learns_when_another_tab_saved_the_shared_checkpoint(tmp_path):
+    a = _trained(tmp_path, 3)
+    assert not a.shared_checkpoint_replaced()
+    b = controller(tmp_path)
+    for _ in b.run(2):
+        pass
+    assert a.shared_checkpoint_replaced() and not b.shared_checkpoint_replaced()
+    for _ in a.run(1):
+        pass
+    assert not a.shared_checkpoint_replaced() and b.shared_checkpoint_replaced()
