@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import shutil
+import tempfile
 import logging
 import math
 import numbers
@@ -54,15 +57,19 @@ from attention_viz import (
     render_patch_attention,
 )
 from autoencoder_concat_predictor_world_model import (
+    CheckpointError,
     ModelPool,
     RunBusyError,
     RunController,
     RunStatus,
+    checkpoint_summaries,
     limit_malloc_arenas,
 )
 from world_model_analysis import ACTIONS, Evaluation, prediction_frames
 from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig
 from record_session import record_session
+from run_export import write_export
+from toroidal_action_selectors import PATTERN_NAMES
 from server_guard import MAX_UPLOAD_BYTES, LoginDelay, LoginGuard, UploadRefusal, never_served_paths
 from session_explorer_lib import (
     ACTION_NAMES,
@@ -105,6 +112,7 @@ RUN_OUTPUT_KEYS = (
     "progress", "checkpoint", "train_original", "train_masked", "train_inpainting", "train_composite",
     "pred_current", "pred_next", "pred_error", "prediction_info", "plot_error", "plot_time", "plot_loss",
     "plot_dot", "attn_image", "attn_stats", "frame_slider", "pred_canvas", "plot_lr", "plot_grad", "attn_picker",
+    "history_slider",
 )
 # what single-canvas training writes: its progress and loss curve, the four training views, then (at the end)
 # the checkpoint status and the attention outputs, recaptured from the changed model
@@ -426,6 +434,8 @@ def checkpoint_markdown(c: RunController) -> str:
     shown = f"`{_display_path(origin.path)}`"
     if origin.kind == "loaded":
         parts = [f"**Checkpoint:** loaded {shown} at step {origin.step} (iteration {origin.iteration})."]
+    elif origin.kind == "reset":
+        parts = [f"**Model reset:** a fresh, untrained model; its first run saves to {shown} as usual."]
     elif origin.kind == "refused":
         parts = [f"**Checkpoint refused:** {markdown_escape(_hide_paths(origin.reason))}. Training a fresh model "
                  "instead; the refused file is kept beside it under a new name when this model first saves."]
@@ -440,13 +450,18 @@ def checkpoint_markdown(c: RunController) -> str:
         parts.append(text)
     elif saved is not None:
         parts.append(f"**Checkpoint not saved:** {markdown_escape(_hide_paths(saved.reason))}")
+    if c.shared_checkpoint_replaced():
+        parts.append(f"**Note:** another tab saved {shown} after this tab last loaded or saved it; this tab's next "
+                     "run will save over it. Save a named checkpoint (section 8) to keep both.")
     return "\n\n".join(parts)
 
 
 def progress_markdown(status: RunStatus) -> str:
     """Progress k/N with the latest prediction error, iteration time and loss, and the model's counters."""
     if status.state == "idle":
-        return "_Not run yet._"
+        if status.model_step is None:
+            return "_Not run yet._"
+        return f"_Not run yet with this model_ | model step {status.model_step}, iteration {status.model_iteration}"
     last = status.last
     state = {"running": "Running", "stopped": "Stopped", "done": "Done"}[status.state]
     time_ms = None if last.get("iteration_time") is None else 1000.0 * last["iteration_time"]
@@ -530,7 +545,17 @@ def _display_outputs(user: UserState, final: bool, first: bool = False) -> tuple
         out["attn_image"], out["attn_stats"] = attention_outputs(user)
         out["attn_picker"] = attention_picker(user)
         out["frame_slider"] = gr.Slider(value=c.start_frame)
+        out["history_slider"] = history_slider(c)
     return tuple(out[k] for k in RUN_OUTPUT_KEYS)
+
+
+def history_slider(c: RunController) -> gr.Slider:
+    """The run-history slider over the kept iterations, at the latest."""
+    kept = c.snapshots.iterations
+    if not kept:
+        return gr.Slider(minimum=0, maximum=1, value=0, interactive=False)
+    return gr.Slider(minimum=kept[0], maximum=max(kept[-1], kept[0] + 1), value=kept[-1], step=1, interactive=True,
+                     label=f"Run history: iteration ({len(kept)} kept, every {c.snapshots.stride} iteration(s))")
 
 
 # -----------------------------------------------------------------------------
@@ -869,6 +894,208 @@ def pick_patch(user: UserState, evt: gr.SelectData) -> tuple:
 
 
 # -----------------------------------------------------------------------------
+# workflow (section 8): named checkpoints and reset
+
+
+def checkpoints_markdown(c: RunController) -> str:
+    """The checkpoint folder as a table: name, step, iteration, time saved, session trained on."""
+    summaries = checkpoint_summaries(c.checkpoint_path.parent)
+    if not summaries:
+        return "_No checkpoints saved yet._"
+    rows = []
+    for s in summaries:
+        name = markdown_escape(s.name) + (" (shared: every run saves here)" if s.path == c.checkpoint_path else "")
+        if s.problem:
+            rows.append(f"| {name} | | | | {markdown_escape(_hide_paths(s.problem))} |")
+        else:
+            rows.append(f"| {name} | {s.step} | {s.iteration} | {format_timestamp(s.saved_at)} | "
+                        f"{markdown_escape(s.session or 'not recorded')} |")
+    return "\n".join(["| checkpoint | step | iteration | saved | session trained on |", "|---|---|---|---|---|", *rows])
+
+
+def checkpoint_choices(c: RunController, value: str | None = None) -> gr.Dropdown:
+    names = [s.name for s in checkpoint_summaries(c.checkpoint_path.parent)
+             if not s.problem and s.path != c.checkpoint_path]
+    return gr.Dropdown(choices=names, value=value if value in names else (names[0] if names else None))
+
+
+def _checkpoint_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise gr.Error("Checkpoint name must be a non-empty name (letters, digits, - and _ read best).")
+    return name.strip()
+
+
+def save_checkpoint(name: Any, user: UserState) -> tuple[str, gr.Dropdown]:
+    """Save this tab's model as ``saved/checkpoints/toroidal_dot/<name>.pth`` (never over an existing file)."""
+    name, c = _checkpoint_name(name), user.controller
+    try:
+        saved = c.save_named(name)
+    except (ValueError, CheckpointError) as e:
+        raise gr.Error(f"Cannot save checkpoint {markdown_escape(name)[:60]}: {_hide_paths(e)}") from None
+    text = f"**Saved** `{markdown_escape(saved.path.name)}` (step {saved.step}, iteration {saved.iteration}).\n\n"
+    return text + checkpoints_markdown(c), checkpoint_choices(c, name)
+
+
+def load_checkpoint(name: Any, user: UserState) -> tuple:
+    """Load a named checkpoint into this tab's model; a damaged or foreign file is refused, model untouched."""
+    name, c = _checkpoint_name(name), user.controller
+    try:
+        origin = c.load_named(name)
+    except RunBusyError:
+        raise gr.Error("A run is in progress in this tab: press Stop or wait for it to finish.") from None
+    except (ValueError, CheckpointError) as e:
+        raise gr.Error(f"Cannot load checkpoint {markdown_escape(name)[:60]}: {_hide_paths(e)}") from None
+    text = f"**Loaded** `{markdown_escape(name)}.pth` (step {origin.step}, iteration {origin.iteration}).\n\n"
+    return (text + checkpoints_markdown(c), *_display_outputs(user, final=True))
+
+
+def reset_model(user: UserState) -> tuple:
+    """A fresh model for this tab: metric history and graphs cleared, nothing deleted on disk."""
+    try:
+        user.controller.reset_model()
+    except RunBusyError:
+        raise gr.Error("A run is in progress in this tab: press Stop or wait for it to finish.") from None
+    text = "**Reset:** this tab now has a fresh, untrained model; no file was deleted.\n\n"
+    return (text + checkpoints_markdown(user.controller), *_display_outputs(user, final=True))
+
+
+def list_checkpoints(user: UserState) -> tuple[str, gr.Dropdown]:
+    return checkpoints_markdown(user.controller), checkpoint_choices(user.controller)
+
+
+# -----------------------------------------------------------------------------
+# workflow: recording a session from the page
+
+
+def _record_in_background(args: tuple, progress: dict) -> threading.Thread:
+    """Run ``record_session`` on a thread; ``progress`` receives 'done', then 'path' or 'error'."""
+    pattern, steps, seed, radius, move = args
+
+    def work() -> None:
+        try:
+            progress["path"] = record_session(pattern, steps, seed, dot_radius=radius, move_pixels=move,
+                                              progress=lambda done, total: progress.__setitem__("done", done))
+        except Exception as e:  # reported to the page; a partial recording is kept and marked stopped
+            progress["error"] = e
+
+    thread = threading.Thread(target=work, name="record-session", daemon=True)
+    thread.start()
+    return thread
+
+
+def record_new_session(pattern: Any, steps: Any, seed: Any, dot_radius: Any, move_pixels: Any):
+    """Record a new session with ``record_session.py``'s code (a fresh folder, never over another),
+    streaming progress; then refresh the session lists with it selected."""
+    args = (choice(pattern, PATTERN_NAMES, "Pattern"), whole_number(steps, "Steps", 3, APP.max_record_steps),
+            whole_number(seed, "Seed", 0, 2**32 - 1), whole_number(dot_radius, "Dot radius", 1, 50),
+            whole_number(move_pixels, "Move pixels", 0, 223))
+    progress = {"done": 0}
+    thread = _record_in_background(args, progress)
+    while thread.is_alive():
+        thread.join(APP.update_interval_s)
+        yield f"**Recording:** {progress['done']}/{args[1]} actions ({args[0]}, seed {args[2]})", gr.skip(), gr.skip()
+    if "error" in progress:
+        raise gr.Error(f"The recording failed: {_hide_paths(progress['error'])}")
+    name = progress["path"].name
+    names = [s.name for s in scan_sessions() if s.ok]
+    done = (f"**Recorded** session `{markdown_escape(name)}`: {args[1] + 1} frames, pattern {args[0]}, seed {args[2]}, "
+            f"dot radius {args[3]} px, move {args[4]} px. It is selected above: press Load session.")
+    yield done, gr.Dropdown(choices=names, value=name), gr.Dropdown(choices=names, value=name)
+
+
+# -----------------------------------------------------------------------------
+# workflow: the run history
+
+
+def history_outputs(c: RunController, iteration: int) -> tuple:
+    """[frame t, predicted frame t+1, error map, metrics] of the kept iteration nearest ``iteration``."""
+    snap = c.snapshots.nearest(iteration)
+    if snap is None:
+        raise gr.Error("No run history yet: run the world model; each run's iterations are kept here.")
+    error, gain = amplify_error(snap.error)
+    m = snap.metrics
+    text = (f"**Iteration {snap.iteration}**" + (f" (the kept one nearest {iteration})" if snap.iteration != iteration else "")
+            + f" | prediction error (MSE) {_fmt(snap.error_mse)} | dot error {_px(m.get('dot_error'))} | training loss "
+            f"{_fmt(m.get('training_loss'))} | learning rate {_fmt(m.get('lr'), 3)} | gradient norm {_fmt(m.get('grad_norm'), 3)}"
+            f" | model step {m.get('step')}. The error map (x{gain:.1f}) compares the prediction made one iteration "
+            "earlier with this frame.")
+    return upscale(snap.current), upscale(snap.predicted), upscale(error), text
+
+
+def browse_history(iteration: Any, user: UserState) -> tuple:
+    """Frame, prediction, error map and metrics of the kept iteration nearest ``iteration``."""
+    return history_outputs(user.controller, whole_number(iteration, "Iteration", 0, 10**9))
+
+
+def play_history(iteration: Any, user: UserState):
+    """Step the run-history slider from ``iteration`` to the latest kept one, a few per second."""
+    start = whole_number(iteration, "Iteration", 0, 10**9)
+    kept = [i for i in user.controller.snapshots.iterations if i >= start] or user.controller.snapshots.iterations
+    for i in kept[:: max(1, len(kept) // APP.history_play_frames)]:
+        yield (gr.Slider(value=i), *history_outputs(user.controller, i))
+        time.sleep(APP.update_interval_s)
+
+
+# -----------------------------------------------------------------------------
+# workflow: export
+
+
+def export_pictures(user: UserState) -> dict[str, tuple[np.ndarray | None, str]]:
+    """The seven views and the attention picture at full resolution, with a line saying what each is."""
+    c = user.controller
+    train, views = c.training_views() or {}, c.prediction_views() or {}
+    error, gain = amplify_error(views.get("error"))
+    attention = attention_outputs(user)[0] if c.attention is not None else None
+    quantile, _, _, aggregation, viz_type = user.attention_controls
+    return {
+        "train_original": (train.get("original"), "training view: the latest training canvas"),
+        "train_masked": (train.get("masked"), "training view: masked patches greyed"),
+        "train_inpainting": (train.get("inpainting"), "training view: the model's output for every patch"),
+        "train_composite": (train.get("composite"), "training view: visible patches plus the inpainted slot"),
+        "prediction_current": (views.get("current"), "prediction view: the current frame t"),
+        "prediction_next": (views.get("predicted"), "prediction view: the predicted frame t+1"),
+        "prediction_error": (error, f"prediction view: |prediction - actual| for frame t, brightness x{gain:.1f}"),
+        "attention": (attention, f"decoder attention as the tab shows it: {viz_type}, quantile {quantile:g}, "
+                                 f"heads combined by {aggregation}"),
+    }
+
+
+def export_results(user: UserState) -> str:
+    """A zip of this tab's views (PNG), metric history (CSV), configuration (JSON) and a README.txt."""
+    c = user.controller
+    if not c.has_model:
+        raise gr.Error("Nothing to export yet: run the world model first.")
+    status = c.status()
+    cfg = {**dataclasses.asdict(c.config), "architecture": c.config.architecture()}
+    meta = {"session": c.session.name if c.session is not None else None, "model_step": status.model_step,
+            "model_iteration": status.model_iteration, "iterations_in_history": len(c.history),
+            "checkpoint": None if c.origin is None else f"{c.origin.kind} {_display_path(c.origin.path)}",
+            "exported_at": format_timestamp(time.time())}
+    folder = Path(tempfile.gettempdir()) / "cwm-exports"
+    _remove_old_exports(folder)
+    folder = Path(tempfile.mkdtemp(prefix="export-", dir=_private_folder(folder)))
+    name = f"cwm_export_step{status.model_step}_iteration{status.model_iteration}.zip"
+    return str(write_export(folder / name, export_pictures(user), c.history, cfg, meta))
+
+
+def _private_folder(folder: Path) -> Path:
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
+
+
+def _remove_old_exports(folder: Path, older_than_s: float = 3600.0) -> None:
+    """Exports are handed to Gradio's cache at once; the copies here are cleaned up after an hour."""
+    if not folder.is_dir():
+        return
+    for old in folder.glob("export-*"):
+        try:
+            if time.time() - old.stat().st_mtime > older_than_s:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+
+
+# -----------------------------------------------------------------------------
 # layout
 
 
@@ -1107,12 +1334,94 @@ def _wire(demo: gr.Blocks, registry: TabRegistry, user: gr.State, c: dict[str, A
                                    api_name="run_world_model", preprocess=False, concurrency_id="model",
                                    concurrency_limit=4, show_progress="minimal", show_progress_on=[c["progress"]])
     canvas_event = _wire_analysis(demo, user, c)
+    _wire_workflow(demo, user, c)
     c["stop_btn"].click(stop_run, [user], run_outputs, api_name="stop", cancels=[run_event, canvas_event],
                         concurrency_limit=None, show_progress="hidden")
     controls = [c["quantile"], *c["layer_boxes"], *c["head_boxes"], c["aggregation"], c["viz_type"]]
     gr.on([control.change for control in controls], update_attention_viz, [*controls, user],
           [c["attn_image"], c["attn_stats"]], api_name="update_attention_viz", preprocess=False,
           trigger_mode="always_last", concurrency_limit=None, show_progress="hidden")
+
+
+def _record_block() -> dict[str, Any]:
+    gr.Markdown("### Record a session (the same code as `record_session.py`; a new folder every time)")
+    with gr.Row():
+        pattern = gr.Dropdown(list(PATTERN_NAMES), value="random", label="Pattern", elem_id="record-pattern")
+        steps = gr.Number(value=200, precision=0, label=f"Steps (3-{APP.max_record_steps:,})", elem_id="record-steps")
+        seed = gr.Number(value=0, precision=0, label="Seed", elem_id="record-seed")
+        radius = gr.Number(value=5, precision=0, label="Dot radius (1-50 px)", elem_id="record-radius")
+        move = gr.Number(value=27, precision=0, label="Move (0-223 px)", elem_id="record-move")
+        record_btn = gr.Button("Record session", elem_id="record-btn")
+    record_md = gr.Markdown(elem_id="record-info")
+    return {"record_pattern": pattern, "record_steps": steps, "record_seed": seed, "record_radius": radius,
+            "record_move": move, "record_btn": record_btn, "record_md": record_md}
+
+
+def _history_block() -> dict[str, Any]:
+    gr.Markdown("### Run history: what the model predicted at earlier iterations")
+    with gr.Row():
+        history_slider = gr.Slider(0, 1, value=0, step=1, label="Run history: iteration", interactive=False,
+                                   elem_id="history-slider", scale=4)
+        play_btn = gr.Button("▶ Play", elem_id="history-play-btn", scale=1)
+        pause_btn = gr.Button("❚❚ Pause", elem_id="history-pause-btn", scale=1)
+    with gr.Row():
+        history_current = _image("Frame t (2x)", "history-current", FRAME_HEIGHT)
+        history_predicted = _image("Predicted frame t+1 (2x)", "history-predicted", FRAME_HEIGHT)
+        history_error = _image("Error of the prediction for frame t (amplified)", "history-error", FRAME_HEIGHT)
+    history_md = gr.Markdown(elem_id="history-info")
+    return {"history_slider": history_slider, "play_btn": play_btn, "pause_btn": pause_btn,
+            "history_current": history_current, "history_predicted": history_predicted, "history_error": history_error,
+            "history_md": history_md}
+
+
+def _workflow_section() -> dict[str, Any]:
+    """Section 8: run history, named checkpoints and reset."""
+    gr.Markdown("## 8. Your work: run history, named checkpoints and reset", elem_classes=["section-title"])
+    record = _record_block()
+    history = _history_block()
+    gr.Markdown("### Checkpoints")
+    gr.Markdown("Every run saves this tab's model to the shared `autoencoder.pth` (the last tab to finish wins). "
+                "Save a named copy to keep a model; load one into this tab to go on from it.")
+    with gr.Row():
+        ckpt_name = gr.Textbox(label="Name for this tab's model", placeholder="e.g. alternate-600", elem_id="ckpt-name",
+                               scale=2)
+        ckpt_save = gr.Button("Save checkpoint", elem_id="ckpt-save-btn", scale=1)
+    with gr.Row():
+        ckpt_choice = gr.Dropdown(label="Saved checkpoint", choices=[], allow_custom_value=True, elem_id="ckpt-choice",
+                                  scale=2)
+        ckpt_load = gr.Button("Load into this tab", elem_id="ckpt-load-btn", scale=1)
+        reset_btn = gr.Button("Reset to a fresh model", variant="stop", elem_id="reset-btn", scale=1)
+    ckpt_md = gr.Markdown(elem_id="ckpt-info")
+    gr.Markdown("### Export")
+    with gr.Row():
+        export_btn = gr.Button("Export views, metrics and settings (zip)", elem_id="export-btn", scale=1)
+        export_file = gr.File(label="Export", elem_id="export-file", interactive=False, scale=2)
+    return {"export_btn": export_btn, "export_file": export_file, "ckpt_name": ckpt_name, "ckpt_save": ckpt_save, "ckpt_choice": ckpt_choice, "ckpt_load": ckpt_load,
+            "reset_btn": reset_btn, "ckpt_md": ckpt_md, **history, **record}
+
+
+def _wire_workflow(demo: gr.Blocks, user: gr.State, c: dict[str, Any]) -> None:
+    """Connect section 8."""
+    listing = [c["ckpt_md"], c["ckpt_choice"]]
+    demo.load(list_checkpoints, [user], listing, api_visibility="private")
+    c["ckpt_save"].click(save_checkpoint, [c["ckpt_name"], user], listing, api_name="save_checkpoint", preprocess=False)
+    run_outputs = [c[key] for key in RUN_OUTPUT_KEYS]
+    c["ckpt_load"].click(load_checkpoint, [c["ckpt_choice"], user], [c["ckpt_md"], *run_outputs],
+                         api_name="load_checkpoint", preprocess=False, concurrency_id="model", concurrency_limit=4)
+    c["reset_btn"].click(reset_model, [user], [c["ckpt_md"], *run_outputs], api_name="reset_model", preprocess=False,
+                         concurrency_id="model", concurrency_limit=4)
+    shown = [c["history_current"], c["history_predicted"], c["history_error"], c["history_md"]]
+    c["history_slider"].release(browse_history, [c["history_slider"], user], shown, api_name="browse_history",
+                                preprocess=False, trigger_mode="always_last", concurrency_limit=None,
+                                show_progress="hidden")
+    play = c["play_btn"].click(play_history, [c["history_slider"], user], [c["history_slider"], *shown],
+                               api_visibility="private", preprocess=False, show_progress="hidden")
+    c["pause_btn"].click(None, None, None, cancels=[play], api_visibility="private")
+    c["export_btn"].click(export_results, [user], [c["export_file"]], api_name="export", preprocess=False)
+    record_inputs = [c[k] for k in ("record_pattern", "record_steps", "record_seed", "record_radius", "record_move")]
+    c["record_btn"].click(record_new_session, record_inputs, [c["record_md"], c["session_dropdown"], c["eval_session"]],
+                          api_name="record_session", preprocess=False, concurrency_id="record", concurrency_limit=2,
+                          show_progress="minimal", show_progress_on=[c["record_md"]])
 
 
 def _wire_analysis(demo: gr.Blocks, user: gr.State, c: dict[str, Any]):
@@ -1158,7 +1467,7 @@ def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, c
             "canvas-inpainting world model and explore why it predicts what it does.", elem_id="app-title")
 
         c = {**_session_section(), **_run_section(), **_views_sections(), **_metrics_section(config),
-             **_attention_section(config), **_analysis_section()}
+             **_attention_section(config), **_analysis_section(), **_workflow_section()}
         _wire(demo, registry, user, c)
     return demo
 

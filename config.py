@@ -179,8 +179,10 @@ class AppConfig:
     default_rollout_steps: int = 5  # its Steps box default
     max_canvas_steps: int = 200  # most optimizer steps one single-canvas training may take
     default_canvas_steps: int = 50  # its Steps box default
+    max_record_steps: int = 10_000  # longest recording the page starts (about 20 MB of PNG frames)
     history_snapshots: int = 500  # run-history pictures kept per tab (thinned evenly when full)
     history_bytes: int = 100 * 2**20  # and at most this many bytes of them (zlib-compressed frames)
+    history_play_frames: int = 60  # Play steps through at most this many of them (evenly spread)
     evaluation_batch: int = 16  # canvases per forward pass when a whole session is evaluated (16 and 32 time alike, 64 slower)
     demo_sessions: tuple[str, ...] = ("always_move", "alternate", "double_move")  # recorded when none exist
     demo_session_steps: int = 200  # steps in each demo session

@@ -460,6 +460,138 @@ def test_analysis_before_a_session_or_a_run_says_what_is_missing(client):
 
 
 # -----------------------------------------------------------------------------
+# workflow (section 8): record, named checkpoints, reset, export, run history
+
+
+def test_record_session_from_the_page_writes_a_new_session_and_selects_it(client, app_server):
+    sessions = app_server.saved_root / "sessions" / "toroidal_dot"
+    before = {p.name for p in sessions.iterdir()}
+    job = client.submit("random", 5, 7, 4, 20, api_name="/record_session")
+    text, dropdown, evaluation = job.result(timeout=120)
+    new = {p.name for p in sessions.iterdir()} - before
+    assert len(new) == 1
+    name = new.pop()
+    assert "**Recorded** session" in text and "6 frames, pattern random, seed 7, dot radius 4 px, move 20 px" in text
+    assert dropdown["value"] == name == evaluation["value"]
+    assert name in [ch[0] if isinstance(ch, (list, tuple)) else ch for ch in dropdown["choices"]]
+    assert len(list((sessions / name / "frames").glob("*.png"))) == 6
+    info = load(client, name)[0]
+    assert "**Frames:** 6" in info
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("spiral", 5, 0, 5, 27), "Pattern must be one of: always_move"),
+    (("random", 2, 0, 5, 27), "Steps must be a whole number from 3 to 10000"),
+    (("random", 10**9, 0, 5, 27), "Steps must be a whole number from 3 to 10000"),
+    (("random", float("nan"), 0, 5, 27), "Steps must be a whole number from 3 to 10000"),
+    (("random", 5, -1, 5, 27), "Seed must be a whole number from 0 to 4294967295"),
+    (("random", 5, 0, 0, 27), "Dot radius must be a whole number from 1 to 50"),
+    (("random", 5, 0, 51, 27), "Dot radius must be a whole number from 1 to 50"),
+    (("random", 5, 0, 5, 224), "Move pixels must be a whole number from 0 to 223"),
+    (("random", 5, 0, 5, "27"), "Move pixels must be a whole number from 0 to 223"),
+])
+def test_bad_recordings_are_refused_and_write_nothing(client, app_server, args, expected):
+    sessions = app_server.saved_root / "sessions" / "toroidal_dot"
+    before = sorted(p.name for p in sessions.iterdir())
+    assert expected in error_of(client, *args, api_name="/record_session")
+    assert sorted(p.name for p in sessions.iterdir()) == before
+
+
+def test_named_checkpoints_save_once_list_and_load_into_another_tab(app_server, tmp_path):
+    folder = app_server.saved_root / "checkpoints" / "toroidal_dot"
+    a, b = connect(app_server.url, tmp_path / "a"), connect(app_server.url, tmp_path / "b")
+    try:
+        load(a)
+        run(a, 4)
+        step, iteration = model_counters(a)
+        table, choices = a.predict("api-ckpt", api_name="/save_checkpoint")
+        assert f"**Saved** `api-ckpt.pth` (step {step}, iteration {iteration})" in table
+        assert f"| api-ckpt | {step} | {iteration} |" in table and f"| {ALT.replace('_', chr(92) + '_')} |" in table
+        assert choices["value"] == "api-ckpt" and (folder / "api-ckpt.pth").is_file()
+        before = (folder / "api-ckpt.pth").read_bytes()
+        assert "already exists" in error_of(a, "api-ckpt", api_name="/save_checkpoint")
+        assert (folder / "api-ckpt.pth").read_bytes() == before  # never replaced
+        load(b, MOVE)
+        loaded = b.predict("api-ckpt", api_name="/load_checkpoint")
+        assert "**Loaded** `api-ckpt.pth`" in loaded[0] and model_counters(b) == (step, iteration)
+        assert run(b, 1)[PROGRESS].startswith("**Done: 1/1**") and model_counters(b)[1] == iteration + 1
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("../escape", "Invalid checkpoint name"), ("a/b", "Invalid checkpoint name"), ("", "must be a non-empty name"),
+    (None, "must be a non-empty name"), ("autoencoder", "shared checkpoint"), (".hidden", "Invalid checkpoint name"),
+])
+def test_bad_checkpoint_names_are_refused(trained, app_server, name, expected):
+    folder = app_server.saved_root / "checkpoints" / "toroidal_dot"
+    before = sorted(p.name for p in folder.iterdir())
+    assert expected in error_of(trained, name, api_name="/save_checkpoint")
+    assert expected in error_of(trained, name, api_name="/load_checkpoint")
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_loading_a_missing_or_damaged_checkpoint_leaves_the_model(trained, app_server):
+    folder = app_server.saved_root / "checkpoints" / "toroidal_dot"
+    (folder / "damaged.pth").write_bytes(b"no checkpoint")
+    before = model_counters(trained)
+    assert "no checkpoint named nope" in error_of(trained, "nope", api_name="/load_checkpoint")
+    assert "not a readable checkpoint" in error_of(trained, "damaged", api_name="/load_checkpoint")
+    assert model_counters(trained) == before
+    (folder / "damaged.pth").unlink()
+
+
+def test_reset_gives_a_fresh_model_and_clears_the_graphs(client, app_server):
+    files = sorted(p.name for p in (app_server.saved_root / "checkpoints" / "toroidal_dot").iterdir())
+    load(client)
+    run(client, 3)
+    out = client.predict(api_name="/reset_model")
+    assert "**Reset:**" in out[0] and "**Model reset:**" in out[1 + CHECKPOINT]
+    assert out[1 + PROGRESS] == "_Not run yet with this model_ | model step 0, iteration 0"
+    assert points(out[1 + PLOT_TIME]) == []
+    assert sorted(p.name for p in (app_server.saved_root / "checkpoints" / "toroidal_dot").iterdir()) == files
+    assert run(client, 2)[PROGRESS].startswith("**Done: 2/2**") and model_counters(client) == (0, 2)
+
+
+def test_export_holds_every_view_the_metric_history_and_a_readme(client):
+    import zipfile
+
+    assert "Nothing to export yet" in error_of(client, api_name="/export")
+    load(client)
+    run(client, 4)
+    path = client.predict(api_name="/export")
+    path = path["value"] if isinstance(path, dict) else path
+    with zipfile.ZipFile(path) as zf:
+        names = set(zf.namelist())
+        assert {"train_original.png", "train_masked.png", "train_inpainting.png", "train_composite.png",
+                "prediction_current.png", "prediction_next.png", "prediction_error.png", "attention.png",
+                "metrics.csv", "config.json", "run.json", "README.txt"} == names
+        readme = zf.read("README.txt").decode()
+        assert all(name in readme for name in names)
+        rows = zf.read("metrics.csv").decode().splitlines()
+        assert rows[0].startswith("iteration,step,prediction_error") and len(rows) == 1 + 4
+        with zf.open("train_original.png") as f:
+            assert Image.open(f).size == (688, 224)  # full resolution
+
+
+def test_run_history_returns_the_nearest_kept_iteration(client):
+    assert "No run history yet" in error_of(client, 3, api_name="/browse_history")
+    load(client)
+    slider = run(client, 6)[-1]
+    last = model_counters(client)[1]  # the model may have come from the shared checkpoint: count from there
+    first = last - 5
+    assert slider["minimum"] == first and slider["maximum"] == last and slider["value"] == last
+    current, predicted, error, text = client.predict(first + 3, api_name="/browse_history")
+    assert text.startswith(f"**Iteration {first + 3}** |") and png(current).shape == (448, 448, 3)
+    frame, _, _ = client.predict(3, api_name="/update_frame")
+    np.testing.assert_array_equal(png(current), png(frame))  # the run's 4th iteration observed frame 3
+    assert client.predict(10**6, api_name="/browse_history")[3].startswith(f"**Iteration {last}** (the kept one nearest")
+    for bad in (-1, float("nan"), "4", None):
+        assert "Iteration must be a whole number from 0 to" in error_of(client, bad, api_name="/browse_history")
+
+
+# -----------------------------------------------------------------------------
 # launch options
 
 

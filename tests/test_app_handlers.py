@@ -26,7 +26,8 @@ from record_session import record_session
 SESSION = "handler_alternate"
 FIXED_ENDPOINTS = {"refresh_sessions", "load_session", "update_frame", "jump_to_frame", "run_world_model", "stop",
                    "update_attention_viz", "counterfactual", "rollout", "evaluate_session", "train_single_canvas",
-                   "patch_attention"}
+                   "patch_attention", "record_session", "save_checkpoint", "load_checkpoint", "reset_model", "export",
+                   "browse_history"}
 ALL_ON = (True,) * 9  # 5 layers + 4 heads
 
 
@@ -88,8 +89,8 @@ def test_build_demo_declares_the_fixed_endpoints_without_launching():
     assert run.concurrency_id == "model" and run.concurrency_limit == 4
     images = [b for b in demo.blocks.values() if isinstance(b, gr.Image)]
     # 1 frame + 4 training + 3 prediction + prediction canvas + attention + picker + patch + 2 counterfactual
-    # + actual + rollout
-    assert len(images) == 16 and all(b.format == "png" for b in images)
+    # + actual + rollout + 3 run history
+    assert len(images) == 19 and all(b.format == "png" for b in images)
     assert not any(isinstance(b, gr.Plot) for b in demo.blocks.values())  # native LinePlots only
     assert getattr(demo, "server", None) is None  # nothing was launched
 
@@ -446,3 +447,11 @@ def test_launch_works_inside_a_running_event_loop(env):
             demo.close()
 
     assert asyncio.run(in_a_notebook()) == 200
+
+
+def test_export_csv_keeps_every_metric_with_missing_values_empty_and_infinities_as_text():
+    from run_export import history_csv
+
+    text = history_csv([{"step": 0, "iteration": 1, "dot_error": None},
+                        {"iteration": 2, "step": 1, "dot_error": float("inf"), "grad_norm": 0.25}])
+    assert text.splitlines() == ["iteration,step,dot_error,grad_norm", "1,0,,", "2,1,inf,0.25"]
