@@ -1334,7 +1334,7 @@ def _wire(demo: gr.Blocks, registry: TabRegistry, user: gr.State, c: dict[str, A
                                    api_name="run_world_model", preprocess=False, concurrency_id="model",
                                    concurrency_limit=4, show_progress="minimal", show_progress_on=[c["progress"]])
     canvas_event = _wire_analysis(demo, user, c)
-    _wire_workflow(demo, user, c)
+    _wire_workflow(demo, user, c, run_event)
     c["stop_btn"].click(stop_run, [user], run_outputs, api_name="stop", cancels=[run_event, canvas_event],
                         concurrency_limit=None, show_progress="hidden")
     controls = [c["quantile"], *c["layer_boxes"], *c["head_boxes"], c["aggregation"], c["viz_type"]]
@@ -1400,10 +1400,11 @@ def _workflow_section() -> dict[str, Any]:
             "reset_btn": reset_btn, "ckpt_md": ckpt_md, **history, **record}
 
 
-def _wire_workflow(demo: gr.Blocks, user: gr.State, c: dict[str, Any]) -> None:
-    """Connect section 8."""
+def _wire_workflow(demo: gr.Blocks, user: gr.State, c: dict[str, Any], run_event) -> None:
+    """Connect section 8 (the checkpoint list is reread when the page opens and after every run's save)."""
     listing = [c["ckpt_md"], c["ckpt_choice"]]
     demo.load(list_checkpoints, [user], listing, api_visibility="private")
+    run_event.then(list_checkpoints, [user], listing, api_visibility="private")
     c["ckpt_save"].click(save_checkpoint, [c["ckpt_name"], user], listing, api_name="save_checkpoint", preprocess=False)
     run_outputs = [c[key] for key in RUN_OUTPUT_KEYS]
     c["ckpt_load"].click(load_checkpoint, [c["ckpt_choice"], user], [c["ckpt_md"], *run_outputs],
