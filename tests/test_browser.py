@@ -7,9 +7,11 @@ itself). Screenshots land in ``test-artifacts/`` at the repository root. Without
 
 from __future__ import annotations
 
+import csv
 import io
 import re
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +148,26 @@ def click_patch(page, elem_id: str, row: int, col: int, patch_px: int) -> None:
     left = box["x"] + (box["width"] - natural_w * scale) / 2
     top = box["y"] + (box["height"] - natural_h * scale) / 2
     page.mouse.click(left + (col + 0.5) * patch_px * scale, top + (row + 0.5) * patch_px * scale)
+
+
+def drag_slider(page, elem_id: str, value: int) -> None:
+    """Drag a slider's thumb to ``value`` with the mouse, as a user would: Gradio 6 sends a slider's
+    ``release`` event on the range input's pointerup only (arrow keys change the value without it)."""
+    track = page.locator(f"{elem_id} input[type=range]")
+    track.scroll_into_view_if_needed()
+    low, high, now = (float(v) for v in track.evaluate("e => [e.min, e.max, e.value]"))
+    box = track.bounding_box()
+    thumb = 16  # Chromium's thumb, in CSS pixels: the track runs from its centre at min to its centre at max
+
+    def x(v: float) -> float:
+        return box["x"] + thumb / 2 + (v - low) / (high - low) * (box["width"] - thumb)
+
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(x(now), y)
+    page.mouse.down()
+    page.mouse.move(x(value), y, steps=8)
+    page.mouse.up()
+    expect(track).to_have_value(str(value))
 
 
 def region_screenshot(page, first, last, path: Path) -> None:
@@ -325,3 +347,77 @@ def test_closing_a_tab_frees_its_model(page, app_server):
     while app_server.log().count(marker) <= count and time.monotonic() < deadline:
         time.sleep(0.25)
     assert app_server.log().count(marker) == count + 1
+
+
+def test_record_browse_history_save_and_export(page):
+    """Issue 12: record a session from the page, run on it, look back at an earlier iteration, keep the
+    model as a named checkpoint and download the export zip."""
+    out = ARTIFACTS / "issue12"
+    out.mkdir(parents=True, exist_ok=True)
+    sessions = page.locator("#session-dropdown input")
+    expect(sessions).not_to_have_value("", timeout=30_000)  # the page has listed the sessions: no refresh to come
+    choose(page, "#record-pattern", "alternate")
+    page.locator("#record-steps input").fill("12")
+    page.locator("#record-seed input").fill("3")
+    page.locator("#record-btn").click()
+    expect(page.locator("#record-info")).to_contain_text("Recorded session", timeout=60_000)
+    expect(sessions).to_have_value(re.compile(r"^toroidal_dot_alternate_\d{8}_\d{6}_3$"))  # the new one, selected
+    name = sessions.input_value()
+    expect(page.locator("#record-info")).to_contain_text("13 frames, pattern alternate, seed 3")
+    page.locator("#load-btn").click()
+    info = page.locator("#session-info")
+    expect(info).to_contain_text(f"Session: {name}")
+    expect(info).to_contain_text("Frames: 13")
+    expect(info).to_contain_text("Pattern: alternate")
+    expect(page.locator("#frame-info")).to_contain_text("Frame 0")
+    frame0 = picture(page, "#frame-image")
+
+    run(page, 6)
+    history = page.locator("#history-slider input[type=range]")
+    first, last = (int(v) for v in history.evaluate("e => [e.min, e.max]"))
+    assert last - first == 5 and history.input_value() == str(last)  # this run's 6 iterations, at the latest
+    target = first + 2  # its third iteration looked at frame 2 (the replay started at frame 0)
+    drag_slider(page, "#history-slider", target)
+    expect(page.locator("#history-info")).to_contain_text(re.compile(rf"\bIteration {target} \|"))
+    wait_for_pictures(page, "#history-current")
+    shown = picture(page, "#history-current")
+    old_src = image_src(page, "#frame-image")
+    page.locator("#frame-slider input[type=range]").fill("2")
+    expect(page.locator("#frame-info")).to_contain_text("Frame 2")
+    wait_for_new_picture(page, "#frame-image", old_src)
+    assert np.array_equal(shown, picture(page, "#frame-image"))  # frame 2, at 2x
+    assert not np.array_equal(shown, frame0)  # alternate: stay, move, ...: the dot moved between frames 1 and 2
+    for elem_id in ("#history-predicted", "#history-error"):
+        assert picture(page, elem_id).shape == shown.shape, elem_id
+
+    page.locator("#ckpt-name textarea").fill("browser-ckpt")
+    page.locator("#ckpt-save-btn").click()
+    ckpt_info = page.locator("#ckpt-info")
+    expect(ckpt_info).to_contain_text("Saved browser-ckpt.pth")
+    row = ckpt_info.locator("table tbody tr").filter(has_text="browser-ckpt")
+    expect(row.locator("td")).to_have_text(["browser-ckpt", re.compile(r"\d+"), str(last), re.compile(r"\d"), name])
+    expect(page.locator("#ckpt-choice input")).to_have_value("browser-ckpt")
+
+    page.locator("#export-btn").click()
+    link = page.locator("#export-file a[download]")
+    expect(link).to_have_attribute("download", re.compile(r"^cwm_export_step\d+_iteration\d+\.zip$"), timeout=60_000)
+    with page.expect_download() as download_info:
+        link.click()
+    download = download_info.value
+    with zipfile.ZipFile(download.path()) as zf:
+        names = set(zf.namelist())
+        for member in ("train_original.png", "prediction_next.png", "attention.png", "metrics.csv", "config.json",
+                       "README.txt"):
+            assert member in names, f"{member} missing from {download.suggested_filename}: {sorted(names)}"
+        metrics = zf.read("metrics.csv").decode()
+        readme = zf.read("README.txt").decode()
+    # the tab's metric history is this run's 6 iterations (its model may go on from the shared checkpoint)
+    assert len(metrics.splitlines()) == 1 + 6
+    assert [int(r["iteration"]) for r in csv.DictReader(io.StringIO(metrics))] == list(range(first, last + 1))
+    assert "(6 rows)" in readme and f"session: {name}" in readme
+
+    for elem_id in ("#history-current", "#history-predicted", "#history-error"):
+        page.locator(elem_id).scroll_into_view_if_needed()
+        wait_for_pictures(page, elem_id)
+    region_screenshot(page, page.get_by_role("heading", name=re.compile(r"^8\. Your work")),
+                      page.locator("#export-file"), out / "section8.png")
