@@ -262,6 +262,12 @@ def _fmt(value: float | None, digits: int = 5) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}g}"
 
 
+def code_span(text: Any) -> str:
+    """``text`` as markdown inline code: shown literally (markdown escapes would show as backslashes
+    inside it), backticks replaced so the span cannot end early."""
+    return "`" + str(text).replace("`", "'") + "`"
+
+
 def _display_path(path: Path) -> str:
     """A path for the page: relative to the project, else with the data folder's location hidden."""
     try:
@@ -444,7 +450,7 @@ def checkpoint_markdown(c: RunController) -> str:
     if saved is not None and saved.ok:
         text = f"**Saved** to `{_display_path(saved.path)}` after the last run: step {saved.step}, iteration {saved.iteration}."
         if saved.set_aside:
-            text += f" The refused file was kept as `{markdown_escape(saved.set_aside)}`."
+            text += f" The refused file was kept as {code_span(saved.set_aside)}."
         elif saved.reason:
             text += f" ({markdown_escape(saved.reason)}.)"
         parts.append(text)
@@ -555,7 +561,8 @@ def history_slider(c: RunController) -> gr.Slider:
     if not kept:
         return gr.Slider(minimum=0, maximum=1, value=0, interactive=False)
     return gr.Slider(minimum=kept[0], maximum=max(kept[-1], kept[0] + 1), value=kept[-1], step=1, interactive=True,
-                     label=f"Run history: iteration ({len(kept)} kept, every {c.snapshots.stride} iteration(s))")
+                     label=f"Run history: iteration ({len(kept)} kept, " + (
+                         "every iteration)" if c.snapshots.stride == 1 else f"every {c.snapshots.stride}th iteration)"))
 
 
 # -----------------------------------------------------------------------------
@@ -932,7 +939,7 @@ def save_checkpoint(name: Any, user: UserState) -> tuple[str, gr.Dropdown]:
         saved = c.save_named(name)
     except (ValueError, CheckpointError) as e:
         raise gr.Error(f"Cannot save checkpoint {markdown_escape(name)[:60]}: {_hide_paths(e)}") from None
-    text = f"**Saved** `{markdown_escape(saved.path.name)}` (step {saved.step}, iteration {saved.iteration}).\n\n"
+    text = f"**Saved** {code_span(saved.path.name)} (step {saved.step}, iteration {saved.iteration}).\n\n"
     return text + checkpoints_markdown(c), checkpoint_choices(c, name)
 
 
@@ -945,7 +952,7 @@ def load_checkpoint(name: Any, user: UserState) -> tuple:
         raise gr.Error("A run is in progress in this tab: press Stop or wait for it to finish.") from None
     except (ValueError, CheckpointError) as e:
         raise gr.Error(f"Cannot load checkpoint {markdown_escape(name)[:60]}: {_hide_paths(e)}") from None
-    text = f"**Loaded** `{markdown_escape(name)}.pth` (step {origin.step}, iteration {origin.iteration}).\n\n"
+    text = f"**Loaded** {code_span(name + '.pth')} (step {origin.step}, iteration {origin.iteration}).\n\n"
     return (text + checkpoints_markdown(c), *_display_outputs(user, final=True))
 
 
@@ -998,7 +1005,7 @@ def record_new_session(pattern: Any, steps: Any, seed: Any, dot_radius: Any, mov
         raise gr.Error(f"The recording failed: {_hide_paths(progress['error'])}")
     name = progress["path"].name
     names = [s.name for s in scan_sessions() if s.ok]
-    done = (f"**Recorded** session `{markdown_escape(name)}`: {args[1] + 1} frames, pattern {args[0]}, seed {args[2]}, "
+    done = (f"**Recorded** session {code_span(name)}: {args[1] + 1} frames, pattern {args[0]}, seed {args[2]}, "
             f"dot radius {args[3]} px, move {args[4]} px. It is selected above: press Load session.")
     yield done, gr.Dropdown(choices=names, value=name), gr.Dropdown(choices=names, value=name)
 
@@ -1015,9 +1022,9 @@ def history_outputs(c: RunController, iteration: int) -> tuple:
     error, gain = amplify_error(snap.error)
     m = snap.metrics
     text = (f"**Iteration {snap.iteration}**" + (f" (the kept one nearest {iteration})" if snap.iteration != iteration else "")
-            + f" | prediction error (MSE) {_fmt(snap.error_mse)} | dot error {_px(m.get('dot_error'))} | training loss "
-            f"{_fmt(m.get('training_loss'))} | learning rate {_fmt(m.get('lr'), 3)} | gradient norm {_fmt(m.get('grad_norm'), 3)}"
-            f" | model step {m.get('step')}. The error map (x{gain:.1f}) compares the prediction made one iteration "
+            + f" | prediction error (MSE): {_fmt(snap.error_mse)} | dot error: {_px(m.get('dot_error'))} | training loss: "
+            f"{_fmt(m.get('training_loss'))} | learning rate: {_fmt(m.get('lr'), 3)} | gradient norm: "
+            f"{_fmt(m.get('grad_norm'), 3)} | model step {m.get('step')}. The error map (x{gain:.1f}) compares the prediction made one iteration "
             "earlier with this frame.")
     return upscale(snap.current), upscale(snap.predicted), upscale(error), text
 
@@ -1367,7 +1374,7 @@ def _history_block() -> dict[str, Any]:
     with gr.Row():
         history_current = _image("Frame t (2x)", "history-current", FRAME_HEIGHT)
         history_predicted = _image("Predicted frame t+1 (2x)", "history-predicted", FRAME_HEIGHT)
-        history_error = _image("Error of the prediction for frame t (amplified)", "history-error", FRAME_HEIGHT)
+        history_error = _image("Its error (amplified)", "history-error", FRAME_HEIGHT)
     history_md = gr.Markdown(elem_id="history-info")
     return {"history_slider": history_slider, "play_btn": play_btn, "pause_btn": pause_btn,
             "history_current": history_current, "history_predicted": history_predicted, "history_error": history_error,

@@ -472,7 +472,7 @@ def test_record_session_from_the_page_writes_a_new_session_and_selects_it(client
     assert len(new) == 1
     name = new.pop()
     assert "**Recorded** session" in text and "6 frames, pattern random, seed 7, dot radius 4 px, move 20 px" in text
-    assert dropdown["value"] == name == evaluation["value"]
+    assert dropdown["value"] == name == evaluation["value"] and f"session `{name}`:" in text  # no escapes in code
     assert name in [ch[0] if isinstance(ch, (list, tuple)) else ch for ch in dropdown["choices"]]
     assert len(list((sessions / name / "frames").glob("*.png"))) == 6
     info = load(client, name)[0]
