@@ -233,3 +233,13 @@ def test_prediction_canvas_view_and_attention_prediction_show_the_predicted_slot
     # the capture pass uses the unfused attention path (to read the weights): a grey level of rounding
     difference = np.abs(capture.prediction.astype(int) - wm.predict_canvas(capture.canvas)[:, x0:])
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+def test_the_engine_modules_import_neither_gradio_nor_matplotlib():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    modules = "autoencoder_concat_predictor_world_model, world_model_analysis, run_export, models, session_explorer_lib"
+    code = f"import sys, {modules}; sys.exit(bool({{'gradio', 'matplotlib'}} & set(sys.modules)))"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(wa.__file__).parent, check=True)
