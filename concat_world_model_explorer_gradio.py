@@ -1247,8 +1247,8 @@ def _patch_attention_block(cfg: AutoencoderConcatPredictorWorldModelConfig) -> d
                 "enter its row and column. Layers, heads and aggregation follow the controls above.")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=300):
-            attn_picker = gr.Image(label="Predicted frame of the last run: click a patch", elem_id="attn-picker",
-                                   height=FRAME_HEIGHT, format="png", type="numpy", interactive=False,
+            attn_picker = gr.Image(format="png", label="Predicted frame of the last run: click a patch",  # lossless
+                                   elem_id="attn-picker", height=FRAME_HEIGHT, type="numpy", interactive=False,
                                    elem_classes=["pixelated"], buttons=["fullscreen"])
         with gr.Column(scale=3):
             with gr.Row():

@@ -20,9 +20,7 @@ also appended to ``benchmarks/out/evaluate.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,6 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import torch  # noqa: E402
+from bench_common import machine_info, report  # noqa: E402
 from conftest import launch_app, stop_process  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
@@ -90,10 +89,7 @@ def main(argv=None) -> None:
         endpoint = time_endpoint(saved_root, Path(tmp), args.repeats)
     out = {
         "benchmark": "evaluate_session",
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
+        **machine_info(),
         "threads": torch.get_num_threads(),
         "frames": args.frames,
         "engine_by_batch": engine,
@@ -101,11 +97,7 @@ def main(argv=None) -> None:
         "target_s": 10.0,
         "target_met": endpoint["median_s"] <= 10.0 and endpoint["first_call_s"] <= 10.0,
     }
-    print(json.dumps(out, indent=1))
-    results = REPO / "benchmarks" / "out"
-    results.mkdir(exist_ok=True)
-    with open(results / "evaluate.jsonl", "a") as f:
-        f.write(json.dumps(out) + "\n")
+    report(out, "evaluate.jsonl")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ also appended to ``benchmarks/out/export.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,6 +25,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from bench_common import machine_info, report  # noqa: E402
 from conftest import launch_app, stop_process  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
@@ -67,8 +66,7 @@ def main(argv=None) -> None:
             stop_process(server.proc)
     out = {
         "benchmark": "export",
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
+        **machine_info(),
         "iterations_run": args.iterations,
         "run_s": round(run_s, 1),
         "export_s": [round(s, 3) for s, _ in exports],
@@ -79,11 +77,7 @@ def main(argv=None) -> None:
         "target_s": 5.0,
         "target_met": max(s for s, _ in exports) <= 5.0,
     }
-    print(json.dumps(out, indent=1))
-    results = REPO / "benchmarks" / "out"
-    results.mkdir(exist_ok=True)
-    with open(results / "export.jsonl", "a") as f:
-        f.write(json.dumps(out) + "\n")
+    report(out, "export.jsonl")
 
 
 if __name__ == "__main__":

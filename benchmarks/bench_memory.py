@@ -26,9 +26,7 @@ The result is also appended to ``benchmarks/out/memory.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -41,7 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import torch  # noqa: E402
+from bench_common import machine_info, report  # noqa: E402
 from conftest import launch_app, stop_process  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
@@ -137,21 +135,14 @@ def main(argv=None) -> None:
     configs = {name: measure_config(name, args.cycles, args.iterations, args.settle_s) for name in args.configs}
     out = {
         "benchmark": "server_memory",
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
+        **machine_info(),
         "cycles": args.cycles,
         "iterations": args.iterations,
         "settle_s": args.settle_s,
         "seconds": round(time.perf_counter() - t0, 1),
         "configs": configs,
     }
-    print(json.dumps(out, indent=1))
-    out_dir = REPO / "benchmarks" / "out"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "memory.jsonl", "a") as f:
-        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **out}) + "\n")
+    report({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **out}, "memory.jsonl")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,26 @@
+"""What every benchmark's JSON shares: the machine it ran on, and printing plus logging the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+
+
+def machine_info() -> dict:
+    """torch version, machine, processor and CPU count, for the head of a result."""
+    return {"torch": torch.__version__, "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+
+
+def report(out: dict, log_name: str) -> None:
+    """Print the result as indented JSON and append it as one line to ``benchmarks/out/<log_name>``."""
+    print(json.dumps(out, indent=1))
+    OUT_DIR.mkdir(exist_ok=True)
+    with open(OUT_DIR / log_name, "a") as f:
+        f.write(json.dumps(out) + "\n")
