@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from config import CHECKPOINT_PATH, AutoencoderConcatPredictorWorldModelConfig
-from models import TargetedMAEWrapper, build_canvas, canvas_to_tensor, tensor_to_uint8
+from models import TargetedMAEWrapper, build_canvas, canvas_to_patches, canvas_to_tensor, tensor_to_uint8
 from models.autoencoder_concat_predictor import (
     compute_randomized_patch_mask_for_last_slot,
     last_slot_x0,
@@ -252,7 +252,9 @@ class AttentionCapture:
 class _TrainProducts:
     canvas: np.ndarray  # uint8 (H, W, 3) the canvas of the latest training step
     mask: torch.Tensor  # bool (L,) its patch mask
-    pred: torch.Tensor  # (1, L, P) the model's output for it, detached
+    pred: torch.Tensor  # (1, L_mask, P) the model's output for its masked patches, detached
+    last_input: torch.Tensor  # (1, 1 + L, Dd) the last decoder block's input for it, detached
+    full: torch.Tensor | None = None  # (1, L, P) every patch, computed when the views first ask
 
 
 class AutoencoderConcatPredictorWorldModel:
@@ -351,13 +353,14 @@ class AutoencoderConcatPredictorWorldModel:
         cfg = self.config
         with self.lock:
             self.model.train()
-            imgs = canvas_to_tensor(self._training_batch(canvas, replay), self.device)  # (B, 3, H, W)
-            mask = self._training_mask(imgs.shape[0])  # (L,) or (B, L)
+            patches = canvas_to_patches(self._training_batch(canvas, replay), cfg.patch_size, self.device)  # (B, L, P)
+            mask = self._training_mask(patches.shape[0])  # (L,) or (B, L)
             first = mask if mask.ndim == 1 else mask[0]  # (L,) the given canvas's mask
             lr = self._set_lr()
-            pred = self.model.forward_with_patch_mask(imgs, mask)  # (B, L, P)
-            loss, _ = self.model.loss(imgs, pred, mask, get_foreground_weight(self.step, cfg))
-            _, mse = self.model.loss(imgs[:1], pred[:1].detach(), first)
+            tap: list = []
+            pred = self.model.forward_patches(patches, mask, masked_only=True, tap=tap)  # (B, L_mask, P)
+            loss, _ = self.model.masked_loss(patches, pred, mask, get_foreground_weight(self.step, cfg))
+            _, mse = self.model.masked_loss(patches[:1], pred[:1].detach(), first)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -366,7 +369,8 @@ class AutoencoderConcatPredictorWorldModel:
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
             self.optimizer.step()
             self.step += 1
-            self._train_products = _TrainProducts(canvas=canvas, mask=first, pred=pred[:1].detach())
+            self._train_products = _TrainProducts(canvas=canvas, mask=first, pred=pred[:1].detach(),
+                                                  last_input=tap[0][:1].detach())
             self.last_training_canvas = canvas
             self.last_training_mask = first
             self.last_training_loss = loss.item()
@@ -396,9 +400,12 @@ class AutoencoderConcatPredictorWorldModel:
     @torch.no_grad()
     def predict_canvas(self, canvas: np.ndarray) -> np.ndarray:
         """Inpaint the masked slot of a canvas; returns the full reconstruction, uint8 (H, W, 3)."""
+        cfg = self.config
         with self.lock:
-            pred = self.model.forward_with_patch_mask(canvas_to_tensor(canvas, self.device), self.patch_mask)
-            return tensor_to_uint8(self.model.reconstruct(pred)[0])
+            patches = canvas_to_patches(canvas, cfg.patch_size, self.device)  # (1, L, P)
+            pred = self.model.forward_patches(patches, self.patch_mask, masked_only=True)  # (1, L_mask, P)
+            full = self.model.scatter_masked(pred, self.patch_mask)  # (1, L, P) visible patches black
+            return tensor_to_uint8(self.model.reconstruct(full)[0])
 
     @torch.no_grad()
     def predict_slots(self, canvases: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -416,9 +423,10 @@ class AutoencoderConcatPredictorWorldModel:
         out = np.empty((len(canvases), *cfg.frame_size, 3), np.uint8)  # (B, H, W_frame, 3)
         with self.lock:
             for i in range(0, len(canvases), batch_size):  # chunks bound the activations' memory
-                imgs = canvas_to_tensor(canvases[i : i + batch_size], self.device)  # (b, 3, H, W_canvas)
-                pred = self.model.forward_with_patch_mask(imgs, self.patch_mask)  # (b, L, P)
-                full = self.model.reconstruct(pred)[..., x0 : x0 + cfg.frame_size[1]]  # (b, 3, H, W_frame)
+                patches = canvas_to_patches(canvases[i : i + batch_size], cfg.patch_size, self.device)  # (b, L, P)
+                pred = self.model.forward_patches(patches, self.patch_mask, masked_only=True)  # (b, L_mask, P)
+                full = self.model.reconstruct(self.model.scatter_masked(pred, self.patch_mask))  # (b, 3, H, W_canvas)
+                full = full[..., x0 : x0 + cfg.frame_size[1]]  # (b, 3, H, W_frame)
                 out[i : i + batch_size] = tensor_to_uint8(full)
         return out
 
@@ -530,7 +538,12 @@ class AutoencoderConcatPredictorWorldModel:
         """The spec's four training views of the latest training step, uint8 (H, W, 3) each:
         ``original``, ``masked`` (masked patches greyed), ``inpainting`` (the model's output for
         every patch), ``composite`` (visible patches from the canvas, masked ones from the model).
-        None before the first training step."""
+        None before the first training step.
+
+        Training computes the masked patches only (nothing learns from the others); the visible
+        patches of ``inpainting`` are computed here, once per step, from the last decoder block's
+        input that the step kept, through the last block and pixel head as they are now (one
+        optimizer step later than the masked patches)."""
         with self.lock:
             products = self._train_products
             if products is None:
@@ -540,7 +553,12 @@ class AutoencoderConcatPredictorWorldModel:
             gh, gw = self.model.grid_size
             canvas = products.canvas
             mask_px = products.mask.reshape(gh, gw).cpu().numpy().repeat(p, 0).repeat(p, 1)  # (H, W) True = masked
-            inpainting = tensor_to_uint8(self.model.reconstruct(products.pred)[0])
+            if products.full is None:
+                with torch.no_grad():
+                    full = self.model.mae.finish_decoder(products.last_input)  # (1, L, P)
+                full[:, products.mask] = products.pred[0]  # the masked patches as the step predicted them
+                products.full = full
+            inpainting = tensor_to_uint8(self.model.reconstruct(products.full)[0])
         masked = canvas.copy()
         masked[mask_px] = (0.35 * canvas[mask_px] + 0.65 * np.array([128, 128, 128])).astype(np.uint8)
         grid = np.zeros_like(mask_px)  # patch borders inside the masked area, so single patches show

@@ -5,6 +5,7 @@ from models.autoencoder_concat_predictor import (
     TargetedMAEWrapper,
     build_canvas,
     build_prediction_canvases,
+    canvas_to_patches,
     canvas_to_tensor,
     compute_patch_mask_for_last_slot,
     compute_randomized_patch_mask_for_last_slot,
@@ -13,7 +14,14 @@ from models.autoencoder_concat_predictor import (
     separator_colours,
     tensor_to_uint8,
 )
-from models.masked_autoencoder_vit import MaskedAutoencoderViT, capture_attention, get_2d_sincos_pos_embed, patchify, unpatchify
+from models.masked_autoencoder_vit import (
+    MaskedAutoencoderViT,
+    capture_attention,
+    get_2d_sincos_pos_embed,
+    patchify,
+    patchify_channels_last,
+    unpatchify,
+)
 
 __all__ = [
     "ACTION_COLOURS",
@@ -21,6 +29,7 @@ __all__ = [
     "TargetedMAEWrapper",
     "build_canvas",
     "build_prediction_canvases",
+    "canvas_to_patches",
     "canvas_to_tensor",
     "capture_attention",
     "compute_patch_mask_for_last_slot",
@@ -29,6 +38,7 @@ __all__ = [
     "masked_frame_loss",
     "roll_canvas_frames",
     "patchify",
+    "patchify_channels_last",
     "separator_colours",
     "tensor_to_uint8",
     "unpatchify",

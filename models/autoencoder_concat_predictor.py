@@ -21,6 +21,7 @@ from models.masked_autoencoder_vit import (
     init_column_lookup_attention,
     init_correspondence_attention,
     patchify,
+    patchify_channels_last,
     unpatchify,
 )
 from toroidal_dot_robot import parse_action
@@ -118,6 +119,19 @@ def canvas_to_tensor(canvas: np.ndarray, device: torch.device | str | None = Non
     return x.permute(0, 3, 1, 2).float().div_(255.0).contiguous()  # (B, 3, H, W)
 
 
+def canvas_to_patches(canvas: np.ndarray, patch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 canvas (H, W, 3) or batch (B, H, W, 3) -> float patches (B, L, p*p*3) in [0, 1], equal to
+    ``patchify(canvas_to_tensor(canvas), p)``: cut on uint8 in the canvas's own layout, moved to the
+    device as uint8 (a quarter of the bytes), converted there."""
+    x = torch.as_tensor(np.asarray(canvas))
+    if x.ndim == 3:
+        x = x.unsqueeze(0)  # (1, H, W, 3)
+    if x.device.type == "cpu" and torch.device(device or "cpu").type == "cuda":
+        x = x.pin_memory()  # an asynchronous upload
+    x = x.to(device, non_blocking=True)  # (B, H, W, 3) uint8
+    return patchify_channels_last(x, patch_size).float().div_(255.0)  # (B, L, p*p*3)
+
+
 def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     """Float image tensor (3, H, W) or (B, 3, H, W) in [0, 1] -> uint8 (H, W, 3) or (B, H, W, 3)."""
     x = x.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
@@ -213,7 +227,7 @@ def compute_randomized_patch_mask_for_last_slot(
 def masked_frame_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     foreground_weight: float = 1.0,
     foreground_threshold: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,15 +239,22 @@ def masked_frame_loss(
     Args:
         pred: (B, L, P) predicted patch pixels; P = patch_size**2 * channels.
         target: (B, L, P) true patch pixels in [0, 1].
-        mask: (B, L) or (L,) bool, True = masked.
+        mask: (B, L) or (L,) bool, True = masked; None when ``pred`` and ``target`` hold the masked
+            patches only (every patch counts).
         foreground_weight: weight of target pixels brighter than the threshold relative to the
             rest; 1 gives the plain masked MSE.
 
     Returns:
         (loss to optimise, plain masked MSE) as 0-dim tensors.
     """
-    m = mask.expand(pred.shape[0], -1).unsqueeze(-1).to(torch.float32)  # (B, L, 1)
     err = (pred.float() - target.float()) ** 2  # (B, L, P)
+    if mask is None:  # every patch given is a masked one
+        mse = err.mean()
+        if foreground_weight == 1.0:
+            return mse, mse
+        w = 1.0 + (foreground_weight - 1.0) * (target > foreground_threshold).float()  # (B, L, P)
+        return (err * w).sum() / w.sum(), mse
+    m = mask.expand(pred.shape[0], -1).unsqueeze(-1).to(torch.float32)  # (B, L, 1)
     mse = (err * m).sum() / (m.sum() * pred.shape[-1]).clamp_min(1)
     if foreground_weight == 1.0:
         return mse, mse
@@ -291,21 +312,27 @@ class TargetedMAEWrapper(nn.Module):
     def grid_size(self) -> tuple[int, int]:
         return self.mae.grid_size
 
-    def forward_with_patch_mask(self, imgs: torch.Tensor, patch_mask: torch.Tensor, return_attn: bool = False):
+    def forward_with_patch_mask(self, imgs: torch.Tensor, patch_mask: torch.Tensor, return_attn: bool = False,
+                                masked_only: bool = False, tap: list | None = None):
         """Inpaint the masked patches of a batch of canvases.
 
         Args:
             imgs: (B, 3, H, W) canvases in [0, 1].
             patch_mask: (L,) or (B, L) bool, True = masked; every row masks the same count.
             return_attn: also return the decoder attention weights (slower, unfused path).
+            masked_only: compute the masked patches' pixels only (what training and prediction
+                use): the decoder's last block and the pixel head skip the visible tokens.
+            tap: a list that receives the last decoder block's input (``masked_only`` only), from
+                which ``mae.finish_decoder`` computes every patch later.
 
         Returns:
-            pred (B, L, P) pixels for every patch, visible ones included; with ``return_attn``,
+            pred (B, L, P) pixels for every patch, visible ones included, or with ``masked_only``
+            (B, L_mask, P) for the masked patches in grid order; with ``return_attn``,
             ``(pred, attn)`` where attn is a list with one (B, heads, L+1, L+1) tensor per decoder
             layer (token 0 is CLS).
         """
         if not return_attn:
-            return self.mae(imgs, patch_mask)
+            return self.mae(imgs, patch_mask, masked_only=masked_only, tap=tap)
         with capture_attention(self.mae.decoder_blocks) as recorded:
             pred = self.mae(imgs, patch_mask)
         return pred, recorded
@@ -320,6 +347,40 @@ class TargetedMAEWrapper(nn.Module):
         target = patchify(imgs, cfg.patch_size)  # (B, L, P)
         fw = cfg.foreground_weight if foreground_weight is None else foreground_weight
         return masked_frame_loss(pred, target, patch_mask, fw, cfg.foreground_threshold)
+
+    def forward_patches(self, patches: torch.Tensor, patch_mask: torch.Tensor, masked_only: bool = False,
+                        tap: list | None = None) -> torch.Tensor:
+        """``forward_with_patch_mask`` for canvases already cut into patches (``canvas_to_patches``):
+        patches (B, L, P) -> pred (B, L, P), or (B, L_mask, P) with ``masked_only``."""
+        return self.mae.forward_patches(patches, patch_mask, masked_only=masked_only, tap=tap)
+
+    def masked_loss(
+        self, patches: torch.Tensor, pred: torch.Tensor, patch_mask: torch.Tensor, foreground_weight: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``loss`` for a ``masked_only`` prediction: the same values, computed on the masked
+        patches alone.
+
+        Args:
+            patches: (B, L, P) the canvases' patches (``canvas_to_patches``, or ``patchify`` of images).
+            pred: (B, L_mask, P) the masked patches' prediction, grid order.
+            patch_mask: (L,) or (B, L) bool, True = masked.
+        """
+        cfg = self.config
+        B = patches.shape[0]
+        mask = patch_mask.expand(B, -1) if patch_mask.ndim == 1 else patch_mask  # (B, L)
+        ids = torch.nonzero(mask, as_tuple=True)[1].reshape(B, -1)  # (B, L_mask) grid order, as the model's
+        target = torch.gather(patches, 1, ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # (B, L_mask, P)
+        fw = cfg.foreground_weight if foreground_weight is None else foreground_weight
+        return masked_frame_loss(pred, target, None, fw, cfg.foreground_threshold)
+
+    def scatter_masked(self, pred: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        """A ``masked_only`` prediction (B, L_mask, P) put back in its places of a (B, L, P) grid of
+        zeros (visible patches black), for ``reconstruct``."""
+        B, _, P = pred.shape
+        mask = patch_mask.expand(B, -1) if patch_mask.ndim == 1 else patch_mask  # (B, L)
+        full = pred.new_zeros(B, mask.shape[1], P)  # (B, L, P)
+        full[mask] = pred.reshape(-1, P)  # row-major over (B, L): the grid order of each row
+        return full
 
     def reconstruct(self, pred: torch.Tensor) -> torch.Tensor:
         """Per-patch pixels (B, L, P) -> canvases (B, 3, H, W)."""

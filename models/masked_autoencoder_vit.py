@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
@@ -54,6 +55,18 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     x = imgs.reshape(B, C, gh, p, gw, p)  # (B, C, gh, p, gw, p)
     x = torch.einsum("bchpwq->bhwpqc", x)  # (B, gh, gw, p, p, C)
     return x.reshape(B, gh * gw, p * p * C)  # (B, L, p*p*C)
+
+
+def patchify_channels_last(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Channels-last images (B, H, W, C) -> patches (B, L, p*p*C), the same layout as ``patchify``.
+
+    Canvases are stored (H, W, C); cutting them into patches from that layout moves runs of
+    p*C contiguous values (no per-pixel shuffle), and works on uint8 before any float copy."""
+    B, H, W, C = x.shape
+    p = patch_size
+    gh, gw = H // p, W // p
+    x = x.reshape(B, gh, p, gw, p * C)  # (B, gh, p, gw, p*C)
+    return x.permute(0, 1, 3, 2, 4).reshape(B, gh * gw, p * p * C)  # (B, L, p*p*C)
 
 
 def unpatchify(x: torch.Tensor, patch_size: int, grid_size: tuple[int, int], in_chans: int = 3) -> torch.Tensor:
@@ -137,6 +150,42 @@ def init_column_lookup_attention(attn: nn.Module, column: float, gain: float, he
         attn.qkv.bias[D + h * hd : D + (h + 1) * hd] = 0
         attn.qkv.bias[out + 2] = gain * torch.sin(omega[ks] * column).to(W.dtype)
         attn.qkv.bias[out + 3] = gain * torch.cos(omega[ks] * column).to(W.dtype)
+
+
+def block_for_queries(blk: nn.Module, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """A timm ``Block`` whose output is wanted at some tokens only: every token is a key and a
+    value, only the tokens ``ids`` are queries. The result equals ``blk(x)`` gathered at ``ids``
+    (the same products, summed in the same order per row); the query projection, attention rows,
+    output projection and MLP run for ``Nq`` tokens instead of ``N``.
+
+    Args:
+        blk: a timm Block (pre-norm attention then MLP, no attention gate).
+        x: (B, N, D) the block's input tokens.
+        ids: (B, Nq) long, the tokens whose output is wanted.
+
+    Returns:
+        (B, Nq, D).
+    """
+    attn = blk.attn
+    if getattr(attn, "gate", None) is not None:
+        raise ValueError("block_for_queries does not support gated attention")
+    B, N, D = x.shape
+    Nq, H, hd = ids.shape[1], attn.num_heads, attn.head_dim
+    A = H * hd  # attention width
+    xq = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, D))  # (B, Nq, D)
+    h = blk.norm1(x)  # (B, N, D)
+    hq = torch.gather(h, 1, ids.unsqueeze(-1).expand(-1, -1, D))  # (B, Nq, D)
+    w, b = attn.qkv.weight, attn.qkv.bias  # (3A, D), (3A,)
+    q = F.linear(hq, w[:A], None if b is None else b[:A])  # (B, Nq, A)
+    kv = F.linear(h, w[A:], None if b is None else b[A:])  # (B, N, 2A)
+    q = q.reshape(B, Nq, H, hd).transpose(1, 2)  # (B, H, Nq, hd)
+    k, v = kv.reshape(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd) each
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)  # (B, H, Nq, hd)
+    o = o.transpose(1, 2).reshape(B, Nq, A)  # (B, Nq, A)
+    o = attn.proj_drop(attn.proj(getattr(attn, "norm", nn.Identity())(o)))  # (B, Nq, D)
+    xq = xq + blk.drop_path1(blk.ls1(o))
+    return xq + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(xq))))  # (B, Nq, D)
 
 
 @contextmanager
@@ -248,47 +297,89 @@ class MaskedAutoencoderViT(nn.Module):
 
     # -- stages ----------------------------------------------------------------
 
-    def split_by_mask(self, patch_mask: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices of the visible patches and the permutation that restores the original order.
+    def split_by_mask(self, patch_mask: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Indices of the visible and of the masked patches, and the permutation that restores the
+        original order.
 
         Args:
             patch_mask: (L,) or (B, L) bool, True = masked; every row masks the same count.
 
         Returns:
-            ids_keep (B, L_vis) visible patch indices in grid order; ids_restore (B, L) such that
-            gathering ``[visible tokens, mask tokens]`` with it gives grid order back.
+            ids_keep (B, L_vis) visible patch indices in grid order; ids_masked (B, L_mask) masked
+            patch indices in grid order; ids_restore (B, L) such that gathering ``[visible tokens,
+            mask tokens]`` with it gives grid order back.
         """
         mask = patch_mask.expand(B, -1) if patch_mask.ndim == 1 else patch_mask  # (B, L)
         n_keep = mask.shape[1] - int(mask[0].sum())
         ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # (B, L) visible first, grid order kept
         ids_restore = torch.argsort(ids_shuffle, dim=1)  # (B, L)
-        return ids_shuffle[:, :n_keep], ids_restore
+        return ids_shuffle[:, :n_keep], ids_shuffle[:, n_keep:], ids_restore
 
-    def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        """Encode the visible patches. imgs (B, C, H, W) -> latent (B, 1 + L_vis, D)."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # (B, L, D)
-        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, L_vis, D)
+    def forward_encoder(self, patches: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Encode the visible patches. patches (B, L, p*p*C) -> latent (B, 1 + L_vis, D).
+
+        The patch embedding is timm's stride-p convolution, applied as the matrix product it is,
+        to the visible patches only (the masked ones never reach the encoder)."""
+        x = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # (B, L_vis, P)
+        w = self.patch_embed.proj.weight  # (D, C, p, p)
+        x = F.linear(x, w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), self.patch_embed.proj.bias)  # (B, L_vis, D)
+        pos = self.pos_embed[:, 1:].expand(x.shape[0], -1, -1)  # (B, L, D)
+        x = x + torch.gather(pos, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, L_vis, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + L_vis, D)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
 
-    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Decode visible tokens plus mask tokens in grid order -> pixels (B, L, p*p*C)."""
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, ids_out: torch.Tensor | None = None,
+                        tap: list | None = None) -> torch.Tensor:
+        """Decode visible tokens plus mask tokens in grid order -> pixels (B, L, p*p*C).
+
+        With ``ids_out`` (B, L_out) patch indices, only those patches' pixels are computed:
+        (B, L_out, p*p*C), equal to the full output gathered there. The last block then runs its
+        queries, MLP and the pixel head for those tokens only (``block_for_queries``); every
+        earlier block still runs for all tokens, since each of them is a key of the next. A list
+        given as ``tap`` receives the last block's input (B, 1 + L, Dd), for ``finish_decoder``."""
         x = self.decoder_embed(latent)  # (B, 1 + L_vis, Dd)
         B, L = ids_restore.shape
         mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)  # (B, L_mask, Dd)
         x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd) visible first, then masked
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, L, Dd) grid order
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1 + L, Dd)
-        for blk in self.decoder_blocks:
+        if ids_out is None:
+            for blk in self.decoder_blocks:
+                x = blk(x)
+            x = self.decoder_pred(self.decoder_norm(x))  # (B, 1 + L, p*p*C)
+            return x[:, 1:]  # (B, L, p*p*C) drop CLS
+        for blk in self.decoder_blocks[:-1]:
             x = blk(x)
-        x = self.decoder_pred(self.decoder_norm(x))  # (B, 1 + L, p*p*C)
-        return x[:, 1:]  # (B, L, p*p*C) drop CLS
+        if tap is not None:
+            tap.append(x)
+        x = block_for_queries(self.decoder_blocks[-1], x, ids_out + 1)  # (B, L_out, Dd); token 0 is CLS
+        return self.decoder_pred(self.decoder_norm(x))  # (B, L_out, p*p*C)
 
-    def forward(self, imgs: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
-        """Inpaint: imgs (B, C, H, W), patch_mask (L,) or (B, L) -> pred (B, L, p*p*C)."""
-        ids_keep, ids_restore = self.split_by_mask(patch_mask.to(imgs.device), imgs.shape[0])
-        latent = self.forward_encoder(imgs, ids_keep)
-        return self.forward_decoder(latent, ids_restore)
+    def finish_decoder(self, x: torch.Tensor) -> torch.Tensor:
+        """The last decoder block and the pixel head over every token: the last block's input
+        (B, 1 + L, Dd), as ``forward_decoder`` taps it, -> pixels (B, L, p*p*C)."""
+        x = self.decoder_pred(self.decoder_norm(self.decoder_blocks[-1](x)))  # (B, 1 + L, p*p*C)
+        return x[:, 1:]  # drop CLS
+
+    def forward(self, imgs: torch.Tensor, patch_mask: torch.Tensor, masked_only: bool = False,
+                tap: list | None = None) -> torch.Tensor:
+        """Inpaint: imgs (B, C, H, W), patch_mask (L,) or (B, L) -> pred (B, L, p*p*C), or with
+        ``masked_only`` the masked patches alone, in grid order: (B, L_mask, p*p*C) (``tap``: see
+        ``forward_decoder``)."""
+        expected = (self.in_chans, self.grid_size[0] * self.patch_size, self.grid_size[1] * self.patch_size)
+        if tuple(imgs.shape[1:]) != expected:
+            raise ValueError(f"images must be (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(imgs.shape)}")
+        return self.forward_patches(patchify(imgs, self.patch_size), patch_mask, masked_only, tap)
+
+    def forward_patches(self, patches: torch.Tensor, patch_mask: torch.Tensor, masked_only: bool = False,
+                        tap: list | None = None) -> torch.Tensor:
+        """``forward`` for images already cut into patches: (B, L, p*p*C) as ``patchify`` makes them."""
+        L, P = self.grid_size[0] * self.grid_size[1], self.patch_size**2 * self.in_chans
+        if patches.ndim != 3 or tuple(patches.shape[1:]) != (L, P):
+            raise ValueError(f"patches must be (B, {L}, {P}), got {tuple(patches.shape)}")
+        ids_keep, ids_masked, ids_restore = self.split_by_mask(patch_mask.to(patches.device), patches.shape[0])
+        latent = self.forward_encoder(patches, ids_keep)
+        return self.forward_decoder(latent, ids_restore, ids_masked if masked_only else None, tap)

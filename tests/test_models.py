@@ -11,11 +11,13 @@ from models import (
     MaskedAutoencoderViT,
     TargetedMAEWrapper,
     build_canvas,
+    canvas_to_patches,
     canvas_to_tensor,
     compute_patch_mask_for_last_slot,
     compute_randomized_patch_mask_for_last_slot,
     masked_frame_loss,
     patchify,
+    patchify_channels_last,
     roll_canvas_frames,
     tensor_to_uint8,
     unpatchify,
@@ -183,6 +185,60 @@ def test_captured_attention_matches_fused_forward_and_rows_sum_to_one():
     # the fused path is back on and no hooks remain
     assert all(blk.attn.fused_attn for blk in model.mae.decoder_blocks)
     assert all(len(blk.attn.attn_drop._forward_hooks) == 0 for blk in model.mae.decoder_blocks)
+
+
+def test_patches_cut_from_the_uint8_canvas_equal_patchify_of_the_image():
+    canvases = np.random.default_rng(0).integers(0, 256, (2, 224, 688, 3), dtype=np.uint8)
+    expected = patchify(canvas_to_tensor(canvases), 16)  # (2, 602, 768)
+    assert torch.equal(canvas_to_patches(canvases, 16), expected)
+    assert torch.equal(canvas_to_patches(canvases[0], 16), expected[:1])
+    assert torch.equal(patchify_channels_last(torch.as_tensor(canvases), 16), patchify(torch.as_tensor(canvases).permute(0, 3, 1, 2), 16))
+
+
+def test_patch_embedding_as_a_matrix_product_equals_timms_convolution():
+    model = TargetedMAEWrapper(TINY).eval()
+    imgs = torch.rand(2, 3, 224, 688)
+    mae = model.mae
+    ids_keep, _, _ = mae.split_by_mask(model.default_mask(), 2)
+    with torch.no_grad():
+        conv = mae.patch_embed(imgs) + mae.pos_embed[:, 1:]  # (2, 602, D) timm's module on every patch
+        conv = torch.gather(conv, 1, ids_keep.unsqueeze(-1).expand(-1, -1, conv.shape[-1]))
+        cls = mae.cls_token + mae.pos_embed[:, :1]
+        x = torch.cat([cls.expand(2, -1, -1), conv], 1)
+        for blk in mae.blocks:
+            x = blk(x)
+        expected = mae.norm(x)
+        got = mae.forward_encoder(patchify(imgs, 16), ids_keep)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_masked_only_forward_and_loss_equal_the_full_ones_on_the_masked_patches(ratio):
+    """Training and prediction compute the masked patches only; the numbers must be the ones the full
+    pass gives there, the gradients too."""
+    model = TargetedMAEWrapper(AutoencoderConcatPredictorWorldModelConfig())  # the real sizes
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # the zero-initialised pixel head would hide differences
+    patches = canvas_to_patches(np.random.default_rng(1).integers(0, 256, (3, 224, 688, 3), dtype=np.uint8), 16)
+    mask = compute_randomized_patch_mask_for_last_slot(224, 16, 3, 8, mask_ratio=ratio, batch_size=3)
+    full = model.forward_patches(patches, mask)  # (3, 602, 768)
+    loss_full, mse_full = model.loss(unpatchify(patches, 16, (14, 43)), full, mask, 5.0)
+    grads_full = torch.autograd.grad(loss_full, list(model.parameters()), allow_unused=True)
+    tap: list = []
+    part = model.forward_patches(patches, mask, masked_only=True, tap=tap)  # (3, L_mask, 768)
+    assert part.shape == (3, int(mask[0].sum()), 768)
+    torch.testing.assert_close(part, full[mask].reshape(part.shape), rtol=1e-5, atol=1e-6)
+    loss, mse = model.masked_loss(patches, part, mask, 5.0)
+    torch.testing.assert_close((loss, mse), (loss_full, mse_full), rtol=1e-5, atol=1e-7)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), grads, grads_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=name)
+    with torch.no_grad():  # the tapped input finishes every patch as the full pass does
+        torch.testing.assert_close(model.mae.finish_decoder(tap[0]), full, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.reconstruct(model.scatter_masked(part, mask))[..., 464:],
+                                   model.reconstruct(full * mask[..., None])[..., 464:], rtol=1e-5, atol=1e-6)
 
 
 def test_sincos_position_embedding_is_non_square_and_fixed():

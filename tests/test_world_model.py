@@ -19,7 +19,7 @@ from autoencoder_concat_predictor_world_model import (
     get_lr,
 )
 from config import AutoencoderConcatPredictorWorldModelConfig
-from models import canvas_to_tensor
+from models import canvas_to_tensor, tensor_to_uint8
 from toroidal_action_selectors import make_selector
 from toroidal_dot_robot import ToroidalDotRobot
 
@@ -68,12 +68,12 @@ def test_loop_trains_from_the_third_frame_and_predicts_from_the_second():
 def test_each_step_trains_on_the_current_canvas_plus_rolled_replays():
     wm = _tiny_world_model(pattern="double_move")
     seen = []
-    forward = wm.model.forward_with_patch_mask
-    wm.model.forward_with_patch_mask = lambda imgs, *a, **k: (seen.append(imgs.detach().clone()), forward(imgs, *a, **k))[1]
+    forward = wm.model.forward_patches
+    wm.model.forward_patches = lambda patches, *a, **k: (seen.append(patches.detach().clone()), forward(patches, *a, **k))[1]
     wm.run(6)
     batches = [x for x in seen if x.shape[0] > 1]  # training passes; predictions are single canvases
     assert len(batches) == 4 and all(x.shape[0] == 1 + TINY.replay_batch_size for x in batches)
-    last = batches[-1]
+    last = wm.model.reconstruct(batches[-1])  # (B, 3, H, W) the canvases the model saw
     assert torch.equal(last[0], canvas_to_tensor(wm.last_training_canvas)[0])  # the current canvas comes first, as it is
     dots = [tuple(np.argwhere(x[0, :, 464:].numpy() > 0.5).mean(0).round()) for x in last]  # dot centre in the target slot
     assert len(set(dots)) > 1  # the replayed copies are rolled elsewhere on the torus
@@ -87,6 +87,13 @@ def test_views_have_the_spec_shapes():
     assert set(views) == {"original", "masked", "inpainting", "composite"}
     assert all(v.shape == (224, 688, 3) and v.dtype == np.uint8 for v in views.values())
     assert np.array_equal(views["composite"][:, :464], views["original"][:, :464])  # visible part kept
+    assert np.array_equal(views["inpainting"][:, 464:], views["composite"][:, 464:])  # the step's own prediction
+    products = wm._train_products
+    with torch.no_grad():  # the visible patches: the last block and pixel head on the input the step kept
+        expected = wm.model.mae.finish_decoder(products.last_input)
+    expected[:, products.mask] = products.pred[0]
+    assert np.array_equal(views["inpainting"], tensor_to_uint8(wm.model.reconstruct(expected)[0]))
+    assert products.full is not None and np.array_equal(wm.get_training_views()["inpainting"], views["inpainting"])
     pv = wm.get_prediction_views()
     assert pv["error"].shape == (224, 224, 3) and pv["error_mse"] == pytest.approx(
         float(np.mean((pv["checked"] / 255.0 - pv["current"] / 255.0) ** 2)), rel=1e-5)
