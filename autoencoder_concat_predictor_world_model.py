@@ -248,6 +248,53 @@ class AttentionCapture:
     prediction: np.ndarray | None = None
 
 
+class _GraphedCall:
+    """A function of fixed-shape CUDA tensors, recorded once as a CUDA graph and then replayed.
+
+    The first ``warmup`` calls run the function eagerly on a side stream (real work: for a training
+    step these are real steps), as capture asks; the next call copies its inputs into static
+    buffers, records the graph and replays it, and every later call only copies and replays. The
+    outputs are static tensors that each replay overwrites: copy what must outlive the next call.
+    If recording fails the function runs eagerly from then on (``failed`` says why).
+    """
+
+    def __init__(self, fn: Callable, warmup: int):
+        self.fn, self.warmup, self.calls = fn, int(warmup), 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_in: list[torch.Tensor] = []
+        self.static_out = None
+        self.failed: str | None = None
+
+    def __call__(self, *inputs: torch.Tensor):
+        self.calls += 1
+        if self.failed is not None:
+            return self.fn(*inputs)
+        if self.graph is None and self.calls <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            try:
+                self.static_in = [x.clone() for x in inputs]
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.static_out = self.fn(*self.static_in)
+                self.graph = graph
+            except Exception as e:  # capture is all or nothing: nothing ran, run this call eagerly
+                self.failed = f"{type(e).__name__}: {e}"[:300]
+                self.static_in, self.static_out = [], None
+                LOG.warning("CUDA graph capture failed, running eagerly: %s", self.failed)
+                return self.fn(*inputs)
+        else:
+            for buf, x in zip(self.static_in, inputs):
+                buf.copy_(x, non_blocking=True)
+        self.graph.replay()
+        return self.static_out
+
+
 @dataclass
 class _TrainProducts:
     canvas: np.ndarray  # uint8 (H, W, 3) the canvas of the latest training step
@@ -290,10 +337,19 @@ class AutoencoderConcatPredictorWorldModel:
         self.training_callback = training_callback
         self.lock = threading.RLock()  # one model, many callers (app events, checkpoint saves)
 
+        if cfg.cuda_precision not in ("bf16", "fp32"):
+            raise ValueError(f"cuda_precision must be 'bf16' or 'fp32', got {cfg.cuda_precision!r}")
         seed_everything(cfg.seed)
         self.model = TargetedMAEWrapper(cfg).to(self.device)
         self.optimizer = configure_optimizer(self.model, cfg)
-        self.patch_mask = self.model.default_mask().to(self.device)  # (L,) True = last slot
+        cuda = self.device.type == "cuda"
+        self.autocast_dtype = torch.bfloat16 if cuda and cfg.cuda_precision == "bf16" else None  # None: fp32
+        self.use_graphs = cuda and cfg.cuda_graphs and cfg.mask_ratio >= 1.0  # random masks change shapes' contents
+        self._graphs: dict[str, _GraphedCall] = {}  # "train" (the loop's batch), "predict" (one canvas)
+        self._foreground_weight = torch.zeros((), device=self.device)  # the loss weight as a tensor a graph can read
+        self._stats_host = torch.zeros(3, pin_memory=cuda)  # loss, masked MSE, grad norm of the latest step
+        self._stats_ready: torch.cuda.Event | None = None  # recorded when their copy to the host was queued
+        self.patch_mask = self.model.default_mask()  # (L,) True = last slot; kept on the host (read without a device sync)
 
         self.step = 0  # optimizer steps taken
         self.iteration = 0  # loop iterations run
@@ -318,8 +374,60 @@ class AutoencoderConcatPredictorWorldModel:
     def _set_lr(self) -> float:
         lr = get_lr(self.step, self.config)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)  # a graph reads the rate from this tensor
+            else:
+                group["lr"] = lr
         return lr
+
+    def _autocast(self):
+        """bf16 autocast on CUDA unless fp32 is configured; a no-op on the CPU."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
+
+    def _forget_graphs(self) -> None:
+        """Drop the recorded graphs (after the optimizer state was replaced: they point at the old one)."""
+        self._graphs.clear()
+
+    def graph_status(self) -> dict:
+        """Which calls run as CUDA graphs: {'train': 'graph' | 'eager (warming up)' | 'eager: <why>', ...}."""
+        out = {}
+        for name, g in self._graphs.items():
+            out[name] = "graph" if g.graph is not None else (f"eager: {g.failed}" if g.failed else "eager (warming up)")
+        return out
+
+    def _train_body(self, patches: torch.Tensor, mask: torch.Tensor, first: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward, loss, backward, clipping and the optimizer step on a batch of patches (B, L, P),
+        with no read on the host (a CUDA graph can record it). Returns device tensors: the stats
+        [loss, masked MSE of canvas 0, grad norm before clipping] (3,), canvas 0's masked-patch
+        prediction (1, L_mask, P) and its last-decoder-block input (1, 1 + L, Dd)."""
+        cfg = self.config
+        tap: list = []
+        with self._autocast():
+            pred = self.model.forward_patches(patches, mask, masked_only=True, tap=tap)  # (B, L_mask, P)
+        loss, _ = self.model.masked_loss(patches, pred, mask, self._foreground_weight)  # fp32
+        _, mse = self.model.masked_loss(patches[:1], pred[:1].detach(), first)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        self.optimizer.step()
+        stats = torch.stack([loss.detach().float(), mse.detach().float(), grad_norm.detach().float()])  # (3,)
+        return stats, pred[:1].detach(), tap[0][:1].detach()
+
+    def _graphed(self, name: str, fn: Callable) -> _GraphedCall:
+        if name not in self._graphs:
+            if name == "train":  # a graph reads the rate from the device and steps with capturable state
+                for group in self.optimizer.param_groups:
+                    if not torch.is_tensor(group["lr"]):
+                        group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+                    group["capturable"] = True
+            self._graphs[name] = _GraphedCall(fn, self.config.cuda_graph_warmup)
+        return self._graphs[name]
 
     def _training_batch(self, canvas: np.ndarray, replay: bool = True) -> np.ndarray:
         """The canvas plus ``replay_batch_size`` canvases drawn from the replay buffer (which holds
@@ -344,40 +452,52 @@ class AutoencoderConcatPredictorWorldModel:
         mask = compute_randomized_patch_mask_for_last_slot(
             cfg.frame_size, cfg.patch_size, cfg.canvas_history_size, cfg.separator_width,
             mask_ratio=cfg.mask_ratio, batch_size=batch_size, generator=self.mask_rng)
-        return mask.to(self.device)  # (B, L)
+        return mask  # (B, L) on the host, like patch_mask
 
     def train_step(self, canvas: np.ndarray, replay: bool = True) -> dict:
         """One optimizer step on a canvas (plus replayed ones, unless ``replay`` is False); returns
         {'loss', 'mse', 'lr', 'grad_norm'} as Python floats, where 'mse' is the plain masked MSE of
         the given canvas alone and 'grad_norm' the gradient's total norm before clipping."""
-        cfg = self.config
         with self.lock:
+            lr = self._queue_step(canvas, replay)
+            return {**self._read_step(), "lr": lr}
+
+    def _queue_step(self, canvas: np.ndarray, replay: bool = True) -> float:
+        """Take the step and queue its numbers' copy to the host without waiting for them
+        (``_read_step`` collects them; the loop does that after the prediction, so that on a GPU one
+        iteration waits for the device once). Returns the step's learning rate."""
+        cfg = self.config
+        if not self.model.training:  # train() walks every module: about 1 ms a step
             self.model.train()
-            patches = canvas_to_patches(self._training_batch(canvas, replay), cfg.patch_size, self.device)  # (B, L, P)
-            mask = self._training_mask(patches.shape[0])  # (L,) or (B, L)
-            first = mask if mask.ndim == 1 else mask[0]  # (L,) the given canvas's mask
-            lr = self._set_lr()
-            tap: list = []
-            pred = self.model.forward_patches(patches, mask, masked_only=True, tap=tap)  # (B, L_mask, P)
-            loss, _ = self.model.masked_loss(patches, pred, mask, get_foreground_weight(self.step, cfg))
-            _, mse = self.model.masked_loss(patches[:1], pred[:1].detach(), first)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-            self.optimizer.step()
-            self.step += 1
-            self._train_products = _TrainProducts(canvas=canvas, mask=first, pred=pred[:1].detach(),
-                                                  last_input=tap[0][:1].detach())
-            self.last_training_canvas = canvas
-            self.last_training_mask = first
-            self.last_training_loss = loss.item()
-            self.last_training_mse = mse.item()
-            self.last_grad_norm = grad_norm.item()
-            return {"loss": self.last_training_loss, "mse": self.last_training_mse, "lr": lr,
-                    "grad_norm": self.last_grad_norm}
+        patches = canvas_to_patches(self._training_batch(canvas, replay), cfg.patch_size, self.device)  # (B, L, P)
+        mask = self._training_mask(patches.shape[0])  # (L,) or (B, L), on the host
+        first = mask if mask.ndim == 1 else mask[0]  # (L,) the given canvas's mask
+        lr = self._set_lr()
+        self._foreground_weight.fill_(get_foreground_weight(self.step, cfg))
+        body = self._train_body
+        if self.use_graphs and mask.ndim == 1 and patches.shape[0] == 1 + cfg.replay_batch_size:
+            body = self._graphed("train", self._train_body)  # the loop's batch; other sizes run eagerly
+        stats, pred, last_input = body(patches, mask, first)
+        self.step += 1
+        # graph outputs are overwritten by the next replay: keep fp32 copies (a few hundred kB on the device)
+        self._train_products = _TrainProducts(canvas=canvas, mask=first, pred=pred.float().clone(),
+                                              last_input=last_input.float().clone())
+        self.last_training_canvas = canvas
+        self.last_training_mask = first
+        self._stats_host.copy_(stats, non_blocking=self.device.type == "cuda")
+        if self.device.type == "cuda":
+            self._stats_ready = torch.cuda.Event()
+            self._stats_ready.record()
+        return lr
+
+    def _read_step(self) -> dict:
+        """The numbers of the step ``_queue_step`` took, as Python floats (waits for their copy)."""
+        if self._stats_ready is not None:
+            self._stats_ready.synchronize()
+            self._stats_ready = None
+        loss, mse, grad_norm = self._stats_host.tolist()
+        self.last_training_loss, self.last_training_mse, self.last_grad_norm = loss, mse, grad_norm
+        return {"loss": loss, "mse": mse, "grad_norm": grad_norm}
 
     def train_autoencoder(self, canvas: np.ndarray) -> float:
         """Train on a canvas: one step, or with the quality gate on, until the masked MSE falls
@@ -386,16 +506,21 @@ class AutoencoderConcatPredictorWorldModel:
         Returns:
             The optimised loss of the last step taken.
         """
+        with self.lock:
+            self._queue_training(canvas)
+            return self._read_step()["loss"]
+
+    def _queue_training(self, canvas: np.ndarray) -> None:
+        """``train_autoencoder`` without reading the last step's numbers (``_read_step`` does)."""
         cfg = self.config
         if cfg.replay_batch_size:
             self.replay_buffer.append(canvas)
-        result = self.train_step(canvas)
+        self._queue_step(canvas)
         if cfg.quality_gate:
             for _ in range(cfg.quality_gate_max_steps - 1):
-                if result["mse"] < cfg.canvas_inpainting_threshold:
+                if self._read_step()["mse"] < cfg.canvas_inpainting_threshold:
                     break
-                result = self.train_step(canvas)
-        return result["loss"]
+                self._queue_step(canvas)
 
     @torch.no_grad()
     def predict_canvas(self, canvas: np.ndarray) -> np.ndarray:
@@ -403,9 +528,18 @@ class AutoencoderConcatPredictorWorldModel:
         cfg = self.config
         with self.lock:
             patches = canvas_to_patches(canvas, cfg.patch_size, self.device)  # (1, L, P)
-            pred = self.model.forward_patches(patches, self.patch_mask, masked_only=True)  # (1, L_mask, P)
-            full = self.model.scatter_masked(pred, self.patch_mask)  # (1, L, P) visible patches black
+            forward = self._predict_body
+            if self.use_graphs:
+                forward = self._graphed("predict", self._predict_body)
+            pred = forward(patches)  # (1, L_mask, P)
+            full = self.model.scatter_masked(pred.float(), self.patch_mask)  # (1, L, P) visible patches black
             return tensor_to_uint8(self.model.reconstruct(full)[0])
+
+    @torch.no_grad()
+    def _predict_body(self, patches: torch.Tensor) -> torch.Tensor:
+        """The masked slot's patches (B, L_mask, P) of canvases' patches (B, L, P); no host read."""
+        with self._autocast():
+            return self.model.forward_patches(patches, self.patch_mask, masked_only=True)
 
     @torch.no_grad()
     def predict_slots(self, canvases: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -424,7 +558,7 @@ class AutoencoderConcatPredictorWorldModel:
         with self.lock:
             for i in range(0, len(canvases), batch_size):  # chunks bound the activations' memory
                 patches = canvas_to_patches(canvases[i : i + batch_size], cfg.patch_size, self.device)  # (b, L, P)
-                pred = self.model.forward_patches(patches, self.patch_mask, masked_only=True)  # (b, L_mask, P)
+                pred = self._predict_body(patches).float()  # (b, L_mask, P)
                 full = self.model.reconstruct(self.model.scatter_masked(pred, self.patch_mask))  # (b, 3, H, W_canvas)
                 full = full[..., x0 : x0 + cfg.frame_size[1]]  # (b, 3, H, W_frame)
                 out[i : i + batch_size] = tensor_to_uint8(full)
@@ -495,11 +629,11 @@ class AutoencoderConcatPredictorWorldModel:
                 self.last_checked_prediction = self.last_prediction
                 self.last_prediction_error = prediction_error
 
-            train = None  # 3. train on the canvas ending in frame t
+            trained = False  # 3. train on the canvas ending in frame t (its numbers are read after step 5)
             if len(self.interleaved_history) >= 2 * K - 1:
                 canvas = build_canvas(self.interleaved_history[-(2 * K - 1) :], cfg.frame_size, cfg.separator_width)
-                self.train_autoencoder(canvas)
-                train = {"loss": self.last_training_loss, "mse": self.last_training_mse}
+                self._queue_training(canvas)
+                trained = True
 
             action = self.action_selector(obs, self.robot.action_space)  # 4. act
             self.interleaved_history.append(action)
@@ -514,6 +648,7 @@ class AutoencoderConcatPredictorWorldModel:
                 self.interleaved_history.clear()
                 self.last_prediction = None
             del self.interleaved_history[: -(2 * (K - 1))]  # 7. keep what the next canvas needs
+            train = self._read_step() if trained else None  # on a GPU, ready since the prediction came back
 
             self.iteration += 1
             metrics = {
@@ -556,8 +691,7 @@ class AutoencoderConcatPredictorWorldModel:
             if products.full is None:
                 with torch.no_grad():
                     full = self.model.mae.finish_decoder(products.last_input)  # (1, L, P)
-                full[:, products.mask] = products.pred[0]  # the masked patches as the step predicted them
-                products.full = full
+                products.full = self.model.scatter_masked(products.pred, products.mask, into=full)  # masked: the step's
             inpainting = tensor_to_uint8(self.model.reconstruct(products.full)[0])
         masked = canvas.copy()
         masked[mask_px] = (0.35 * canvas[mask_px] + 0.65 * np.array([128, 128, 128])).astype(np.uint8)
@@ -622,7 +756,7 @@ class AutoencoderConcatPredictorWorldModel:
             "architecture": cfg.architecture(),
             "config": config_dict,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "optimizer": _portable_optimizer_state(self.optimizer.state_dict()),
             "step": int(self.step),
             "iteration": int(self.iteration),
             "saved_at": time.time(),
@@ -689,11 +823,13 @@ class AutoencoderConcatPredictorWorldModel:
                 self.model.load_state_dict(model_state, strict=True)
                 if optim_state is not None:
                     self.optimizer.load_state_dict(optim_state)
+                    self._forget_graphs()  # new optimizer state tensors: a recorded step would use the old ones
                 self.step = int(payload.get("step", 0))
                 self.iteration = int(payload.get("iteration", 0))
             except Exception as e:
                 self.model.load_state_dict(backup[0])
                 self.optimizer.load_state_dict(backup[1])
+                self._forget_graphs()
                 self.step, self.iteration = backup[2], backup[3]
                 raise CheckpointError(f"{path.name} does not fit this model: {str(e)[:200]}") from e
         return {"path": str(path), "step": self.step, "iteration": self.iteration}
@@ -739,6 +875,18 @@ class AutoencoderConcatPredictorWorldModel:
                     raise CheckpointError(f"{path.name}: optimizer {name} of parameter {index} is missing, misshapen or not finite")
             if (entry["exp_avg_sq"] < 0).any():
                 raise CheckpointError(f"{path.name}: optimizer exp_avg_sq of parameter {index} is negative")
+
+
+def _portable_optimizer_state(state: dict) -> dict:
+    """An optimizer state dict on the CPU, as an eager optimizer on any device loads it: a rate held
+    as a tensor (for CUDA graphs) saved as a float, the graphs' ``capturable`` flag cleared."""
+    state = _to_cpu(state)
+    for group in state.get("param_groups", []):
+        if torch.is_tensor(group.get("lr")):
+            group["lr"] = float(group["lr"])
+        if "capturable" in group:
+            group["capturable"] = False
+    return state
 
 
 def _to_cpu(obj):
@@ -984,7 +1132,9 @@ def _glibc():
 
 # world-model attributes a parked file does not hold: rebuilt on reload
 _NOT_PARKED = frozenset({"config", "robot", "action_selector", "device", "training_callback", "lock", "model",
-                         "optimizer", "patch_mask", "mask_rng"})
+                         "optimizer", "patch_mask", "mask_rng",
+                         # device plumbing the new model makes for itself (CUDA graphs and events do not pickle)
+                         "autocast_dtype", "use_graphs", "_graphs", "_foreground_weight", "_stats_host", "_stats_ready"})
 
 
 class RunController:
@@ -1482,7 +1632,7 @@ class RunController:
             wm = self._wm
             state = {k: v for k, v in vars(wm).items() if k not in _NOT_PARKED}
             state["model"] = wm.model.state_dict()
-            state["optimizer"] = wm.optimizer.state_dict()
+            state["optimizer"] = _portable_optimizer_state(wm.optimizer.state_dict())
             state["mask_rng"] = wm.mask_rng.get_state()
             robot = wm.robot
             replay = (robot.session, robot.index, robot.episode_boundary) if isinstance(robot, ReplayRobot) else None

@@ -110,6 +110,11 @@ class AutoencoderConcatPredictorWorldModelConfig:
     quality_gate: bool = False  # off by default: one optimizer step per iteration keeps the loop live
     quality_gate_max_steps: int = 20  # cap on extra steps one iteration may spend with the gate on
 
+    # device execution (a CPU always runs fp32, eagerly) ---------------------------
+    cuda_precision: str = os.environ.get("CWM_CUDA_PRECISION", "bf16")  # on CUDA: "bf16" autocast over fp32 master weights, or "fp32"
+    cuda_graphs: bool = os.environ.get("CWM_CUDA_GRAPHS", "1") != "0"  # on CUDA: replay the loop's training step and prediction as CUDA graphs
+    cuda_graph_warmup: int = 3  # eager steps (on a side stream) before a graph is recorded, as CUDA graph capture asks
+
     # run ------------------------------------------------------------------
     seed: int = 0  # seeds torch, numpy and python's random in one place
 

@@ -163,7 +163,10 @@ def roll_canvas_frames(canvases: np.ndarray, shifts: np.ndarray, frame_size, sep
     dy, dx = shifts[:, :1], shifts[:, 1:]  # (B, 1) each
     rows = (np.arange(H)[None, :] - dy) % H  # (B, H) source row of each row
     cols = np.where(in_frame[None, :], slot_x0[None, :] + (within[None, :] - dx) % W, x[None, :])  # (B, Wc)
-    return canvases[np.arange(B)[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, H, Wc, 3)
+    # gather whole pixels (3 bytes as one item) by one flat index: 4x faster than indexing bytes in 3 dimensions
+    pixels = np.ascontiguousarray(canvases).view(np.dtype((np.void, 3))).reshape(-1)  # (B * H * Wc,)
+    flat = (np.arange(B)[:, None, None] * H + rows[:, :, None]) * Wc + cols[:, None, :]  # (B, H, Wc)
+    return pixels.take(flat).view(np.uint8).reshape(B, H, Wc, 3)  # (B, H, Wc, 3)
 
 
 def last_slot_x0(frame_width: int, K: int, sep_width: int) -> int:
@@ -228,7 +231,7 @@ def masked_frame_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
     mask: torch.Tensor | None,
-    foreground_weight: float = 1.0,
+    foreground_weight: float | torch.Tensor = 1.0,
     foreground_threshold: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss over masked patches only, with dot pixels counted ``foreground_weight`` times.
@@ -248,15 +251,16 @@ def masked_frame_loss(
         (loss to optimise, plain masked MSE) as 0-dim tensors.
     """
     err = (pred.float() - target.float()) ** 2  # (B, L, P)
+    constant = not torch.is_tensor(foreground_weight)  # a tensor weight (a CUDA graph's input) is never compared on the host
     if mask is None:  # every patch given is a masked one
         mse = err.mean()
-        if foreground_weight == 1.0:
+        if constant and foreground_weight == 1.0:
             return mse, mse
         w = 1.0 + (foreground_weight - 1.0) * (target > foreground_threshold).float()  # (B, L, P)
         return (err * w).sum() / w.sum(), mse
     m = mask.expand(pred.shape[0], -1).unsqueeze(-1).to(torch.float32)  # (B, L, 1)
     mse = (err * m).sum() / (m.sum() * pred.shape[-1]).clamp_min(1)
-    if foreground_weight == 1.0:
+    if constant and foreground_weight == 1.0:
         return mse, mse
     w = (1.0 + (foreground_weight - 1.0) * (target > foreground_threshold).float()) * m  # (B, L, P)
     return (err * w).sum() / w.sum().clamp_min(1), mse
@@ -366,21 +370,19 @@ class TargetedMAEWrapper(nn.Module):
             patch_mask: (L,) or (B, L) bool, True = masked.
         """
         cfg = self.config
-        B = patches.shape[0]
-        mask = patch_mask.expand(B, -1) if patch_mask.ndim == 1 else patch_mask  # (B, L)
-        ids = torch.nonzero(mask, as_tuple=True)[1].reshape(B, -1)  # (B, L_mask) grid order, as the model's
+        ids = self.mae.split_by_mask(patch_mask, patches.shape[0], patches.device)[1]  # (B, L_mask) grid order
         target = torch.gather(patches, 1, ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # (B, L_mask, P)
         fw = cfg.foreground_weight if foreground_weight is None else foreground_weight
         return masked_frame_loss(pred, target, None, fw, cfg.foreground_threshold)
 
-    def scatter_masked(self, pred: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
-        """A ``masked_only`` prediction (B, L_mask, P) put back in its places of a (B, L, P) grid of
-        zeros (visible patches black), for ``reconstruct``."""
+    def scatter_masked(self, pred: torch.Tensor, patch_mask: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """A ``masked_only`` prediction (B, L_mask, P) put back in its places of a (B, L, P) grid:
+        a copy of ``into``, or zeros (visible patches black), for ``reconstruct``."""
         B, _, P = pred.shape
-        mask = patch_mask.expand(B, -1) if patch_mask.ndim == 1 else patch_mask  # (B, L)
-        full = pred.new_zeros(B, mask.shape[1], P)  # (B, L, P)
-        full[mask] = pred.reshape(-1, P)  # row-major over (B, L): the grid order of each row
-        return full
+        ids = self.mae.split_by_mask(patch_mask, B, pred.device)[1]  # (B, L_mask)
+        L = self.grid_size[0] * self.grid_size[1]
+        full = pred.new_zeros(B, L, P) if into is None else into.clone()  # (B, L, P)
+        return full.scatter_(1, ids.unsqueeze(-1).expand(-1, -1, P), pred)
 
     def reconstruct(self, pred: torch.Tensor) -> torch.Tensor:
         """Per-patch pixels (B, L, P) -> canvases (B, 3, H, W)."""

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+SPLIT_CACHE_SIZE = 16  # index sets kept per model (mask x batch size); the loop uses two or three
+
 # -----------------------------------------------------------------------------
 # helpers
 
@@ -297,23 +299,38 @@ class MaskedAutoencoderViT(nn.Module):
 
     # -- stages ----------------------------------------------------------------
 
-    def split_by_mask(self, patch_mask: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def split_by_mask(self, patch_mask: torch.Tensor, B: int, device: torch.device | str | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Indices of the visible and of the masked patches, and the permutation that restores the
         original order.
 
+        The indices are worked out on the host (from a CPU mask this never waits for the device) and
+        kept for each distinct mask and batch size (at most ``SPLIT_CACHE_SIZE``), so the loop's fixed mask costs one
+        upload in all and the same index tensors serve every step (as a CUDA graph needs).
+
         Args:
             patch_mask: (L,) or (B, L) bool, True = masked; every row masks the same count.
+            B: batch size.
+            device: where the indices are wanted (default: the mask's device).
 
         Returns:
             ids_keep (B, L_vis) visible patch indices in grid order; ids_masked (B, L_mask) masked
             patch indices in grid order; ids_restore (B, L) such that gathering ``[visible tokens,
-            mask tokens]`` with it gives grid order back.
+            mask tokens]`` with it gives grid order back. Shared: never modify them in place.
         """
-        mask = patch_mask.expand(B, -1) if patch_mask.ndim == 1 else patch_mask  # (B, L)
-        n_keep = mask.shape[1] - int(mask[0].sum())
-        ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # (B, L) visible first, grid order kept
-        ids_restore = torch.argsort(ids_shuffle, dim=1)  # (B, L)
-        return ids_shuffle[:, :n_keep], ids_shuffle[:, n_keep:], ids_restore
+        device = torch.device(device) if device is not None else patch_mask.device
+        mask = patch_mask.detach().cpu()
+        key = (tuple(mask.shape), int(B), str(device), mask.numpy().tobytes())
+        cache = self.__dict__.setdefault("_split_cache", {})
+        if key not in cache:
+            m = mask.expand(B, -1) if mask.ndim == 1 else mask  # (B, L)
+            n_keep = m.shape[1] - int(m[0].sum())
+            ids_shuffle = torch.argsort(m.to(torch.int8), dim=1, stable=True)  # (B, L) visible first, grid order kept
+            ids_restore = torch.argsort(ids_shuffle, dim=1)  # (B, L)
+            if len(cache) >= SPLIT_CACHE_SIZE:
+                cache.clear()
+            cache[key] = tuple(t.contiguous().to(device) for t in (ids_shuffle[:, :n_keep], ids_shuffle[:, n_keep:], ids_restore))
+        return cache[key]
 
     def forward_encoder(self, patches: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Encode the visible patches. patches (B, L, p*p*C) -> latent (B, 1 + L_vis, D).
@@ -380,6 +397,6 @@ class MaskedAutoencoderViT(nn.Module):
         L, P = self.grid_size[0] * self.grid_size[1], self.patch_size**2 * self.in_chans
         if patches.ndim != 3 or tuple(patches.shape[1:]) != (L, P):
             raise ValueError(f"patches must be (B, {L}, {P}), got {tuple(patches.shape)}")
-        ids_keep, ids_masked, ids_restore = self.split_by_mask(patch_mask.to(patches.device), patches.shape[0])
+        ids_keep, ids_masked, ids_restore = self.split_by_mask(patch_mask, patches.shape[0], patches.device)
         latent = self.forward_encoder(patches, ids_keep)
         return self.forward_decoder(latent, ids_restore, ids_masked if masked_only else None, tap)
