@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
+OUT_DIR = Path(os.environ.get("CWM_BENCH_OUT") or Path(__file__).resolve().parent / "out")  # logs and pictures
 
 
 def machine_info() -> dict:

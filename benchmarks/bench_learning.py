@@ -44,7 +44,7 @@ from toroidal_dot_robot import ToroidalDotRobot  # noqa: E402
 
 PATTERNS = ("always_move", "alternate", "double_move")
 MATRIX_PATTERNS = ("always_move", "alternate", "double_move", "random")
-OUT_DIR = Path(__file__).resolve().parent / "out"
+OUT_DIR = Path(os.environ.get("CWM_BENCH_OUT") or Path(__file__).resolve().parent / "out")  # logs and pictures
 
 
 def window_summary(records: list[dict]) -> dict:
@@ -172,7 +172,8 @@ def plot_matrix(cells: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def matrix_report(cells: list[dict], cfg, overrides: dict, seconds: float, parallel: dict, device: str) -> dict:
+def matrix_report(cells: list[dict], cfg, overrides: dict, seconds: float, parallel: dict, device: str,
+                  log_name: str = "learning_matrix") -> dict:
     """The matrix JSON: every cell's last-100 summary, the worst cell overall and per pattern."""
     patterns = list(dict.fromkeys(c["pattern"] for c in cells))
     return {
@@ -189,7 +190,7 @@ def matrix_report(cells: list[dict], cfg, overrides: dict, seconds: float, paral
         "worst_cell": worst_cell(cells),
         "worst_cell_per_pattern": {p: worst_cell([c for c in cells if c["pattern"] == p]) for p in patterns},
         "all": [{k: c[k] for k in ("pattern", "source", "seed", "threads", "iterations", "seconds")} | {"last_100": c["last_100"]} for c in cells],
-        "png": str(OUT_DIR / "learning_matrix.png"),
+        "png": str(OUT_DIR / f"{log_name}.png"),
     }
 
 
@@ -199,7 +200,7 @@ def run_matrix(args) -> dict:
     cfg, overrides = _config(args.set)
     patterns = args.patterns if args.patterns != list(PATTERNS) else list(MATRIX_PATTERNS)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    log = OUT_DIR / "learning_matrix.jsonl"
+    log = OUT_DIR / f"{args.log}.jsonl"
     cells = []
     for threads in args.threads_list:  # one thread count at a time, so cells never fight for cores
         jobs = [{"pattern": p, "seed": seed, "source": src, "threads": threads, "seconds": args.seconds,
@@ -213,9 +214,9 @@ def run_matrix(args) -> dict:
                     f.write(json.dumps(result) + "\n")
                 print(f"cell {result['pattern']}/{result['source']}/seed {result['seed']}/{result['threads']}t: "
                       f"{json.dumps(result['last_100'])}", file=sys.stderr, flush=True)
-    plot_matrix(cells, OUT_DIR / "learning_matrix.png")
+    plot_matrix(cells, OUT_DIR / f"{args.log}.png")
     parallel = {str(t): args.jobs or max(1, (os.cpu_count() or 1) // t) for t in args.threads_list}
-    return matrix_report(cells, cfg, overrides, args.seconds, parallel, _device_name(args.device))
+    return matrix_report(cells, cfg, overrides, args.seconds, parallel, _device_name(args.device), args.log)
 
 
 def summarise_log(path: Path) -> dict:
@@ -223,11 +224,12 @@ def summarise_log(path: Path) -> dict:
     cells = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     if not cells:
         raise SystemExit(f"{path} holds no matrix cells")
-    plot_matrix(cells, OUT_DIR / "learning_matrix.png")
+    plot_matrix(cells, OUT_DIR / f"{Path(path).stem}.png")
     threads = sorted({c["threads"] for c in cells})
     seconds = max(c["seconds"] for c in cells)
     parallel = {str(t): max(1, (os.cpu_count() or 1) // t) for t in threads}
-    return matrix_report(cells, AutoencoderConcatPredictorWorldModelConfig(), {}, seconds, parallel, _device_name(None))
+    return matrix_report(cells, AutoencoderConcatPredictorWorldModelConfig(), {}, seconds, parallel, _device_name(None),
+                         Path(path).stem)
 
 
 def _device_name(device: str | None) -> str:
@@ -250,6 +252,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[11, 22, 33], help="matrix: start seeds (never tuned on)")
     parser.add_argument("--threads-list", nargs="+", type=int, default=[1, 2], help="matrix: CPU thread counts")
     parser.add_argument("--jobs", type=int, default=0, help="matrix: cells at once (0: cores // threads)")
+    parser.add_argument("--log", default="learning_matrix", help="matrix: name of its JSONL log and PNG in benchmarks/out "
+                        "(or $CWM_BENCH_OUT)")
     parser.add_argument("--summarise", type=Path, metavar="JSONL", help="report the cells of a matrix log again (runs nothing)")
     args = parser.parse_args(argv)
     if args.summarise:
