@@ -1105,6 +1105,18 @@ def return_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+def trim_host_memory() -> float:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``, which also releases
+    free pages inside the heap). A run allocates and frees tens of MB of buffers per iteration
+    among long-lived small objects; without this the freed pages stay resident and the app's RSS
+    creeps up by ~60 MB over 2,000 iterations (docs/SPEED.md). Returns the seconds it took."""
+    t = time.perf_counter()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+    return time.perf_counter() - t
+
+
 def limit_malloc_arenas(arenas: int = 2) -> bool:
     """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would): with one arena per worker thread,
     memory freed by a departed tab stays scattered and is never returned. True when applied."""
@@ -1542,6 +1554,7 @@ class RunController:
             if (self._replaying and not self._start_moved and isinstance(robot, ReplayRobot)
                     and robot.session is self.session):
                 self.start_frame = robot.index  # the next run continues from here
+        trim_host_memory()  # the run's freed buffers go back to the system, once per run
 
     def _save(self, wm: AutoencoderConcatPredictorWorldModel) -> CheckpointSave:
         path = self.checkpoint_path
