@@ -258,8 +258,10 @@ class _GraphedCall:
     If recording fails the function runs eagerly from then on (``failed`` says why).
     """
 
-    def __init__(self, fn: Callable, warmup: int):
+    def __init__(self, fn: Callable, warmup: int, keep: Callable[[], object] | None = None):
         self.fn, self.warmup, self.calls = fn, int(warmup), 0
+        self.keep = keep  # returns what the recorded graph reads by address besides its inputs (cached indices)
+        self.kept = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_in: list[torch.Tensor] = []
         self.static_out = None
@@ -283,6 +285,7 @@ class _GraphedCall:
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.static_out = self.fn(*self.static_in)
                 self.graph = graph
+                self.kept = self.keep() if self.keep is not None else None  # alive as long as the graph
             except Exception as e:  # capture is all or nothing: nothing ran, run this call eagerly
                 self.failed = f"{type(e).__name__}: {e}"[:300]
                 self.static_in, self.static_out = [], None
@@ -424,9 +427,12 @@ class AutoencoderConcatPredictorWorldModel:
             if name == "train":  # a graph reads the rate from the device and steps with capturable state
                 for group in self.optimizer.param_groups:
                     if not torch.is_tensor(group["lr"]):
-                        group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+                        group["lr"] = torch.full((), float(group["lr"]), device=self.device)  # no blocking upload
                     group["capturable"] = True
-            self._graphs[name] = _GraphedCall(fn, self.config.cuda_graph_warmup)
+            # the graph reads the patch index sets by address: keep every cached one alive with it, since
+            # the cache may be cleared (other batch sizes) while the graph is still replayed
+            keep = lambda: tuple(self.model.mae.__dict__.get("_split_cache", {}).values())  # noqa: E731
+            self._graphs[name] = _GraphedCall(fn, self.config.cuda_graph_warmup, keep)
         return self._graphs[name]
 
     def _training_batch(self, canvas: np.ndarray, replay: bool = True) -> np.ndarray:
@@ -524,7 +530,8 @@ class AutoencoderConcatPredictorWorldModel:
 
     @torch.no_grad()
     def predict_canvas(self, canvas: np.ndarray) -> np.ndarray:
-        """Inpaint the masked slot of a canvas; returns the full reconstruction, uint8 (H, W, 3)."""
+        """Inpaint the masked slot of a canvas; returns the canvas, uint8 (H, W, 3), with the model's
+        pixels in the masked slot and black elsewhere (only the masked patches are computed)."""
         cfg = self.config
         with self.lock:
             patches = canvas_to_patches(canvas, cfg.patch_size, self.device)  # (1, L, P)

@@ -257,7 +257,7 @@ def masked_frame_loss(
         if constant and foreground_weight == 1.0:
             return mse, mse
         w = 1.0 + (foreground_weight - 1.0) * (target > foreground_threshold).float()  # (B, L, P)
-        return (err * w).sum() / w.sum(), mse
+        return (err * w).sum() / w.sum().clamp_min(1), mse
     m = mask.expand(pred.shape[0], -1).unsqueeze(-1).to(torch.float32)  # (B, L, 1)
     mse = (err * m).sum() / (m.sum() * pred.shape[-1]).clamp_min(1)
     if constant and foreground_weight == 1.0:
