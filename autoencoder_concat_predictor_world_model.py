@@ -21,43 +21,40 @@ import collections
 import contextlib
 import copy
 import dataclasses
-import errno
 import logging
 import math
 import os
-import pickle
 import random
-import shutil
-import tempfile
 import threading
 import time
-import uuid
-import weakref
-import zipfile
-import zlib
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from config import CHECKPOINT_PATH, AutoencoderConcatPredictorWorldModelConfig
+from checkpoints import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    portable_optimizer_state,
+    read_checkpoint,
+    validate_payload,
+    write_checkpoint,
+)
+import config
+from config import AutoencoderConcatPredictorWorldModelConfig
+from frame_metrics import dot_error, frame_mse
 from models import TargetedMAEWrapper, build_canvas, canvas_to_patches, canvas_to_tensor, tensor_to_uint8
 from models.autoencoder_concat_predictor import (
     compute_randomized_patch_mask_for_last_slot,
     last_slot_x0,
     roll_canvas_frames,
 )
+from models.cuda_graphs import GraphedCall
 from toroidal_dot_robot import ACTION_SPACE, MOVE_RIGHT, STAY, action_dict, parse_action
 
-CHECKPOINT_FORMAT = "concat-world-model/1"  # bump when the checkpoint layout changes
 LOG = logging.getLogger("concat_world_model_explorer.engine")  # a child of the app's logger: its level applies
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be saved or loaded; the live model is left as it was."""
 
 
 # -----------------------------------------------------------------------------
@@ -102,73 +99,28 @@ def configure_optimizer(model: torch.nn.Module, cfg: AutoencoderConcatPredictorW
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and not n.endswith("_token")]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or n.endswith("_token"))]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # the fused kernel (CPU and CUDA) takes ~3 ms a step here against ~10 ms for the foreach one
+    # the fused kernel (CPU and CUDA): one kernel for all parameters instead of one per tensor group
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, fused=True)
 
 
-def frame_mse(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean squared error of two uint8 frames on the 0-1 scale."""
-    return float(np.mean((a.astype(np.float32) / 255.0 - b.astype(np.float32) / 255.0) ** 2))
-
-
-def frame_mses(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``frame_mse`` of each pair of a batch: uint8 (B, H, W, 3) twice -> float64 (B,)."""
-    diff = a.astype(np.float32) / 255.0 - b.astype(np.float32) / 255.0  # (B, H, W, 3)
-    return np.mean(diff.reshape(len(diff), -1) ** 2, axis=1, dtype=np.float64)  # (B,)
-
-
-def dot_centroids(frames: np.ndarray, threshold: int = 127) -> np.ndarray:
-    """Centre (x, y) of the bright pixels of each frame on the torus; NaN where a frame has none.
-
-    A circular mean per axis, so a dot split across an edge is found where it is, not in the middle.
-
-    Args:
-        frames: uint8 (B, H, W, 3).
-
-    Returns:
-        float64 (B, 2).
-    """
-    bright = frames.astype(np.float32).mean(-1) > threshold  # (B, H, W)
-    B, H, W = bright.shape
-    count = bright.sum(axis=(1, 2)).astype(np.float64)  # (B,)
-    per_x, per_y = bright.sum(axis=1), bright.sum(axis=2)  # (B, W), (B, H) bright pixels per column / row
-    ax, ay = np.arange(W) * (2 * np.pi / W), np.arange(H) * (2 * np.pi / H)  # (W,), (H,)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        x = np.arctan2(per_x @ np.sin(ax) / count, per_x @ np.cos(ax) / count) * W / (2 * np.pi) % W  # (B,)
-        y = np.arctan2(per_y @ np.sin(ay) / count, per_y @ np.cos(ay) / count) * H / (2 * np.pi) % H  # (B,)
-    centres = np.stack([x, y], axis=1)  # (B, 2)
-    centres[count == 0] = np.nan
-    return centres
-
-
-def dot_errors(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
-    """``dot_error`` of each pair of a batch: uint8 (B, H, W, 3) twice -> float64 (B,), inf where a
-    prediction has no dot, NaN where the actual frame has none."""
-    guess, truth = dot_centroids(predicted), dot_centroids(actual)  # (B, 2) each
-    H, W = actual.shape[1:3]
-    d = np.abs(guess - truth)  # (B, 2) |dx|, |dy|
-    d = np.minimum(d, np.array([W, H]) - d)  # the short way round the torus
-    errors = np.hypot(d[:, 0], d[:, 1])  # (B,)
-    errors[np.isnan(guess[:, 0])] = np.inf
-    errors[np.isnan(truth[:, 0])] = np.nan
-    return errors
-
-
-def dot_centroid(frame: np.ndarray, threshold: int = 127) -> tuple[float, float] | None:
-    """``dot_centroids`` of one uint8 (H, W, 3) frame: (x, y), or None when it has no bright pixel."""
-    x, y = dot_centroids(frame[None], threshold)[0]
-    return None if math.isnan(x) else (float(x), float(y))
-
-
-def dot_error(predicted: np.ndarray, actual: np.ndarray) -> float | None:
-    """Toroidal distance in pixels between the dots of two frames; inf when the prediction has no
-    dot, None when the actual frame has none."""
-    error = float(dot_errors(predicted[None], actual[None])[0])
-    return None if math.isnan(error) else error
 
 
 def _is_frame(item) -> bool:
     return isinstance(item, np.ndarray)
+
+
+def _to_tensor(frame: np.ndarray | None) -> torch.Tensor | None:
+    return None if frame is None else torch.from_numpy(np.ascontiguousarray(frame))
+
+
+def _to_array(frame: torch.Tensor | None) -> np.ndarray | None:
+    return None if frame is None else frame.numpy()
+
+
+# the latest frames and numbers ``training_state`` keeps (uint8 (H, W, 3) arrays; floats or None)
+_PARKED_FRAMES = ("last_training_canvas", "last_prediction", "last_prediction_canvas", "last_observation",
+                  "last_checked_prediction")
+_PARKED_NUMBERS = ("last_training_loss", "last_training_mse", "last_grad_norm", "last_prediction_error")
 
 
 # -----------------------------------------------------------------------------
@@ -224,6 +176,13 @@ def create_replay_action_selector(robot: ReplayRobot) -> Callable:
     return selector
 
 
+def _default_selector(robot) -> Callable:
+    """The replay selector for a ``ReplayRobot``, always-move otherwise."""
+    if isinstance(robot, ReplayRobot):
+        return create_replay_action_selector(robot)
+    return lambda observation, action_space: action_dict(MOVE_RIGHT)
+
+
 # -----------------------------------------------------------------------------
 # the world model
 
@@ -248,54 +207,6 @@ class AttentionCapture:
     prediction: np.ndarray | None = None
 
 
-class _GraphedCall:
-    """A function of fixed-shape CUDA tensors, recorded once as a CUDA graph and then replayed.
-
-    The first ``warmup`` calls run the function eagerly on a side stream (real work: for a training
-    step these are real steps), as capture asks; the next call copies its inputs into static
-    buffers, records the graph and replays it, and every later call only copies and replays. The
-    outputs are static tensors that each replay overwrites: copy what must outlive the next call.
-    If recording fails the function runs eagerly from then on (``failed`` says why).
-    """
-
-    def __init__(self, fn: Callable, warmup: int, keep: Callable[[], object] | None = None):
-        self.fn, self.warmup, self.calls = fn, int(warmup), 0
-        self.keep = keep  # returns what the recorded graph reads by address besides its inputs (cached indices)
-        self.kept = None
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_in: list[torch.Tensor] = []
-        self.static_out = None
-        self.failed: str | None = None
-
-    def __call__(self, *inputs: torch.Tensor):
-        self.calls += 1
-        if self.failed is not None:
-            return self.fn(*inputs)
-        if self.graph is None and self.calls <= self.warmup:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self.fn(*inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        if self.graph is None:
-            try:
-                self.static_in = [x.clone() for x in inputs]
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    self.static_out = self.fn(*self.static_in)
-                self.graph = graph
-                self.kept = self.keep() if self.keep is not None else None  # alive as long as the graph
-            except Exception as e:  # capture is all or nothing: nothing ran, run this call eagerly
-                self.failed = f"{type(e).__name__}: {e}"[:300]
-                self.static_in, self.static_out = [], None
-                LOG.warning("CUDA graph capture failed, running eagerly: %s", self.failed)
-                return self.fn(*inputs)
-        else:
-            for buf, x in zip(self.static_in, inputs):
-                buf.copy_(x, non_blocking=True)
-        self.graph.replay()
-        return self.static_out
 
 
 @dataclass
@@ -329,13 +240,7 @@ class AutoencoderConcatPredictorWorldModel:
     ):
         self.config = cfg = config or AutoencoderConcatPredictorWorldModelConfig()
         self.robot = robot_interface
-        if action_selector is None:
-            action_selector = (
-                create_replay_action_selector(robot_interface)
-                if isinstance(robot_interface, ReplayRobot)
-                else (lambda observation, action_space: action_dict(MOVE_RIGHT))
-            )
-        self.action_selector = action_selector
+        self.action_selector = action_selector or _default_selector(robot_interface)
         self.device = torch.device(device) if device is not None else default_device()
         self.training_callback = training_callback
         self.lock = threading.RLock()  # one model, many callers (app events, checkpoint saves)
@@ -348,7 +253,7 @@ class AutoencoderConcatPredictorWorldModel:
         cuda = self.device.type == "cuda"
         self.autocast_dtype = torch.bfloat16 if cuda and cfg.cuda_precision == "bf16" else None  # None: fp32
         self.use_graphs = cuda and cfg.cuda_graphs and cfg.mask_ratio >= 1.0  # random masks change shapes' contents
-        self._graphs: dict[str, _GraphedCall] = {}  # "train" (the loop's batch), "predict" (one canvas)
+        self._graphs: dict[str, GraphedCall] = {}  # "train" (the loop's batch), "predict" (one canvas)
         self._foreground_weight = torch.zeros((), device=self.device)  # the loss weight as a tensor a graph can read
         self._stats_host = torch.zeros(3, pin_memory=cuda)  # loss, masked MSE, grad norm of the latest step
         self._stats_ready: torch.cuda.Event | None = None  # recorded when their copy to the host was queued
@@ -422,7 +327,7 @@ class AutoencoderConcatPredictorWorldModel:
         stats = torch.stack([loss.detach().float(), mse.detach().float(), grad_norm.detach().float()])  # (3,)
         return stats, pred[:1].detach(), tap[0][:1].detach()
 
-    def _graphed(self, name: str, fn: Callable) -> _GraphedCall:
+    def _graphed(self, name: str, fn: Callable) -> GraphedCall:
         if name not in self._graphs:
             if name == "train":  # a graph reads the rate from the device and steps with capturable state
                 for group in self.optimizer.param_groups:
@@ -431,8 +336,7 @@ class AutoencoderConcatPredictorWorldModel:
                     group["capturable"] = True
             # the graph reads the patch index sets by address: keep every cached one alive with it, since
             # the cache may be cleared (other batch sizes) while the graph is still replayed
-            keep = lambda: tuple(self.model.mae.__dict__.get("_split_cache", {}).values())  # noqa: E731
-            self._graphs[name] = _GraphedCall(fn, self.config.cuda_graph_warmup, keep)
+            self._graphs[name] = GraphedCall(fn, self.config.cuda_graph_warmup, self.model.mae.cached_index_sets)
         return self._graphs[name]
 
     def _training_batch(self, canvas: np.ndarray, replay: bool = True) -> np.ndarray:
@@ -473,7 +377,7 @@ class AutoencoderConcatPredictorWorldModel:
         (``_read_step`` collects them; the loop does that after the prediction, so that on a GPU one
         iteration waits for the device once). Returns the step's learning rate."""
         cfg = self.config
-        if not self.model.training:  # train() walks every module: about 1 ms a step
+        if not self.model.training:  # train() walks every module: only call it when the mode changes
             self.model.train()
         patches = canvas_to_patches(self._training_batch(canvas, replay), cfg.patch_size, self.device)  # (B, L, P)
         mask = self._training_mask(patches.shape[0])  # (L,) or (B, L), on the host
@@ -505,28 +409,35 @@ class AutoencoderConcatPredictorWorldModel:
         self.last_training_loss, self.last_training_mse, self.last_grad_norm = loss, mse, grad_norm
         return {"loss": loss, "mse": mse, "grad_norm": grad_norm}
 
-    def train_autoencoder(self, canvas: np.ndarray) -> float:
+    def train_autoencoder(self, canvas: np.ndarray, deferred: bool = False) -> float | None:
         """Train on a canvas: one step, or with the quality gate on, until the masked MSE falls
         under ``canvas_inpainting_threshold`` (at most ``quality_gate_max_steps`` steps).
 
-        Returns:
-            The optimised loss of the last step taken.
-        """
-        with self.lock:
-            self._queue_training(canvas)
-            return self._read_step()["loss"]
+        Args:
+            deferred: return at once without reading the last step's numbers back from the device;
+                ``read_training_step()`` reads them later. The loop does that after the prediction,
+                so that on a GPU one iteration waits for the device once.
 
-    def _queue_training(self, canvas: np.ndarray) -> None:
-        """``train_autoencoder`` without reading the last step's numbers (``_read_step`` does)."""
+        Returns:
+            The optimised loss of the last step taken (None when ``deferred``).
+        """
         cfg = self.config
-        if cfg.replay_batch_size:
-            self.replay_buffer.append(canvas)
-        self._queue_step(canvas)
-        if cfg.quality_gate:
-            for _ in range(cfg.quality_gate_max_steps - 1):
-                if self._read_step()["mse"] < cfg.canvas_inpainting_threshold:
-                    break
-                self._queue_step(canvas)
+        with self.lock:
+            if cfg.replay_batch_size:
+                self.replay_buffer.append(canvas)
+            self._queue_step(canvas)
+            if cfg.quality_gate:
+                for _ in range(cfg.quality_gate_max_steps - 1):
+                    if self._read_step()["mse"] < cfg.canvas_inpainting_threshold:
+                        break
+                    self._queue_step(canvas)
+            return None if deferred else self._read_step()["loss"]
+
+    def read_training_step(self) -> dict:
+        """{'loss', 'mse', 'grad_norm'} of the latest step as Python floats (waits for the device);
+        after ``train_autoencoder(..., deferred=True)``."""
+        with self.lock:
+            return self._read_step()
 
     @torch.no_grad()
     def predict_canvas(self, canvas: np.ndarray) -> np.ndarray:
@@ -601,6 +512,78 @@ class AutoencoderConcatPredictorWorldModel:
             self.last_training_canvas = self.last_training_mask = self._train_products = None
             self.last_training_loss = self.last_training_mse = self.last_grad_norm = None
 
+    # -- the robot and parking -------------------------------------------------------
+
+    def attach_robot(self, robot, action_selector: Callable | None = None) -> None:
+        """Observe and act on ``robot`` from the next iteration, choosing actions with
+        ``action_selector`` (default: as in the constructor). The history and the pending prediction
+        are cleared: the next frame does not follow from them."""
+        with self.lock:
+            self.robot = robot
+            self.action_selector = action_selector or _default_selector(robot)
+            self.interleaved_history.clear()
+            self.last_prediction = None
+
+    def detach_robot(self):
+        """Let go of the robot (and its selector); returns it. History and pending prediction are
+        cleared as in ``attach_robot``; ``run_one_iteration`` needs a robot attached again."""
+        with self.lock:
+            robot = self.robot
+            self.robot = self.action_selector = None
+            self.interleaved_history.clear()
+            self.last_prediction = None
+            return robot
+
+    def training_state(self) -> dict:
+        """Everything needed to continue training exactly where this model is, as tensors and plain
+        Python data only (frames as uint8 tensors, no pickled objects): weights, optimizer state,
+        counters, random generator states, replay buffer, the loop's history and the latest
+        products the views show. The robot, its selector and device plumbing are not included.
+        ``load_training_state`` restores it into a model of the same config."""
+        with self.lock:
+            products = self._train_products
+            return {
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": portable_optimizer_state(self.optimizer.state_dict()),
+                "mask_rng": self.mask_rng.get_state(),
+                "replay_rng": self.replay_rng.bit_generator.state,
+                "step": int(self.step),
+                "iteration": int(self.iteration),
+                "interleaved_history": [_to_tensor(x) if _is_frame(x) else dict(x) for x in self.interleaved_history],
+                "replay_buffer": [_to_tensor(c) for c in self.replay_buffer],
+                "train_products": None if products is None else {
+                    "canvas": _to_tensor(products.canvas), "mask": products.mask.cpu(), "pred": products.pred.cpu(),
+                    "last_input": products.last_input.cpu(),
+                    "full": None if products.full is None else products.full.cpu()},
+                **{name: _to_tensor(getattr(self, name)) for name in _PARKED_FRAMES},
+                "last_training_mask": None if self.last_training_mask is None else self.last_training_mask.cpu(),
+                **{name: getattr(self, name) for name in _PARKED_NUMBERS},
+            }
+
+    def load_training_state(self, state: dict) -> None:
+        """Restore what ``training_state`` returned (the inverse of it); the robot stays as it is."""
+        with self.lock:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self._forget_graphs()  # new optimizer state tensors: a recorded step would use the old ones
+            self.mask_rng.set_state(state["mask_rng"])
+            self.replay_rng.bit_generator.state = state["replay_rng"]
+            self.step, self.iteration = int(state["step"]), int(state["iteration"])
+            self.interleaved_history = [_to_array(x) if torch.is_tensor(x) else dict(x)
+                                        for x in state["interleaved_history"]]
+            self.replay_buffer.clear()
+            self.replay_buffer.extend(_to_array(c) for c in state["replay_buffer"])
+            products = state["train_products"]
+            self._train_products = None if products is None else _TrainProducts(
+                canvas=_to_array(products["canvas"]), mask=products["mask"],
+                pred=products["pred"].to(self.device), last_input=products["last_input"].to(self.device),
+                full=None if products["full"] is None else products["full"].to(self.device))
+            for name in _PARKED_FRAMES:
+                setattr(self, name, _to_array(state[name]))
+            self.last_training_mask = state["last_training_mask"]
+            for name in _PARKED_NUMBERS:
+                setattr(self, name, state[name])
+
     # -- the loop -------------------------------------------------------------------
 
     def run_iter(self, max_iterations: int, stop_event: threading.Event | None = None) -> Iterator[dict]:
@@ -639,7 +622,7 @@ class AutoencoderConcatPredictorWorldModel:
             trained = False  # 3. train on the canvas ending in frame t (its numbers are read after step 5)
             if len(self.interleaved_history) >= 2 * K - 1:
                 canvas = build_canvas(self.interleaved_history[-(2 * K - 1) :], cfg.frame_size, cfg.separator_width)
-                self._queue_training(canvas)
+                self.train_autoencoder(canvas, deferred=True)
                 trained = True
 
             action = self.action_selector(obs, self.robot.action_space)  # 4. act
@@ -655,7 +638,7 @@ class AutoencoderConcatPredictorWorldModel:
                 self.interleaved_history.clear()
                 self.last_prediction = None
             del self.interleaved_history[: -(2 * (K - 1))]  # 7. keep what the next canvas needs
-            train = self._read_step() if trained else None  # on a GPU, ready since the prediction came back
+            train = self.read_training_step() if trained else None  # on a GPU, ready since the prediction came back
 
             self.iteration += 1
             metrics = {
@@ -763,7 +746,7 @@ class AutoencoderConcatPredictorWorldModel:
             "architecture": cfg.architecture(),
             "config": config_dict,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": _portable_optimizer_state(self.optimizer.state_dict()),
+            "optimizer": portable_optimizer_state(self.optimizer.state_dict()),
             "step": int(self.step),
             "iteration": int(self.iteration),
             "saved_at": time.time(),
@@ -778,31 +761,10 @@ class AutoencoderConcatPredictorWorldModel:
         ``extra`` adds plain entries to the file (e.g. the session trained on). With ``replace``
         False an existing file is never replaced (a hard link, not a rename): ``CheckpointError``.
         """
-        path = Path(path) if path is not None else CHECKPOINT_PATH
+        path = Path(path) if path is not None else config.CHECKPOINT_PATH
         with self.lock:
             payload = self._checkpoint_payload(extra)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temp_files(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            if replace:
-                os.replace(tmp, path)
-            else:
-                os.link(tmp, path)  # fails when the name exists, even if another save took it a moment ago
-                Path(tmp).unlink()
-        except BaseException as e:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(e, FileExistsError):
-                raise CheckpointError(f"a checkpoint named {path.stem} already exists: choose another name") from e
-            if isinstance(e, OSError):
-                raise CheckpointError(f"could not save the checkpoint {path.name}: {e.strerror or e}") from e
-            raise
-        _fsync_dir(path.parent)
-        return path
+        return write_checkpoint(path, payload, replace=replace)
 
     def load_checkpoint(self, path: str | os.PathLike | None = None) -> dict:
         """Load a checkpoint saved by ``save_checkpoint``; returns a summary dict.
@@ -811,19 +773,11 @@ class AutoencoderConcatPredictorWorldModel:
         run code. A file that is missing, corrupt, of another architecture or without weights
         raises ``CheckpointError`` and leaves the live model and optimizer untouched.
         """
-        path = Path(path) if path is not None else CHECKPOINT_PATH
-        if not path.is_file():
-            raise CheckpointError(f"no checkpoint file named {path.name}")
-        try:
-            with zipfile.ZipFile(path) as zf:  # torch.load skips the CRC-32s: a flipped bit would load silently
-                bad = zf.testzip()
-            if bad is not None:
-                raise ValueError(f"checksum mismatch in {bad}")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling and zip errors come in many types
-            first_line = (str(e).strip().splitlines() or [""])[0][:200]
-            raise CheckpointError(f"{path.name} is not a readable checkpoint ({type(e).__name__}: {first_line})") from e
-        model_state, optim_state = self._validate_payload(payload, path)
+        path = Path(path) if path is not None else config.CHECKPOINT_PATH
+        payload = read_checkpoint(path)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        model_state, optim_state = validate_payload(payload, path, self.config.architecture(),
+                                                    self.model.state_dict(), params)
         with self.lock:
             backup = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.optimizer.state_dict()), self.step, self.iteration)
             try:
@@ -840,1045 +794,3 @@ class AutoencoderConcatPredictorWorldModel:
                 self.step, self.iteration = backup[2], backup[3]
                 raise CheckpointError(f"{path.name} does not fit this model: {str(e)[:200]}") from e
         return {"path": str(path), "step": self.step, "iteration": self.iteration}
-
-    def _validate_payload(self, payload, path: Path) -> tuple[dict, dict | None]:
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path.name} is not a world-model checkpoint of format {CHECKPOINT_FORMAT}")
-        arch = payload.get("architecture")
-        if arch != self.config.architecture():
-            diff = {k: (v, (arch or {}).get(k)) for k, v in self.config.architecture().items() if (arch or {}).get(k) != v}
-            raise CheckpointError(f"{path.name} was trained with another architecture (this model vs file: {diff})")
-        model_state = payload.get("model")
-        live = self.model.state_dict()
-        if not isinstance(model_state, dict) or set(model_state) != set(live):
-            raise CheckpointError(f"{path.name} holds no complete set of model weights")
-        for k, v in live.items():
-            t = model_state[k]
-            if not isinstance(t, torch.Tensor) or t.shape != v.shape or not torch.isfinite(t).all():
-                raise CheckpointError(f"{path.name}: weight {k} is missing, misshapen or not finite")
-        for key in ("step", "iteration"):
-            value = payload.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise CheckpointError(f"{path.name}: '{key}' must be a whole number >= 0, got {value!r}")
-        optim_state = payload.get("optimizer")
-        if optim_state is not None:
-            self._validate_optimizer_state(optim_state, path)
-        return model_state, optim_state
-
-    def _validate_optimizer_state(self, state, path: Path) -> None:
-        """AdamW moments must match their parameters, be finite, and second moments >= 0; a bad
-        moment would otherwise load and turn the weights to NaN at the next step."""
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        groups = state.get("param_groups") if isinstance(state, dict) else None
-        moments = state.get("state") if isinstance(state, dict) else None
-        if not isinstance(groups, list) or not isinstance(moments, dict):
-            raise CheckpointError(f"{path.name}: the optimizer state is malformed")
-        for index, entry in moments.items():
-            if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(entry, dict):
-                raise CheckpointError(f"{path.name}: the optimizer state names an unknown parameter {index!r}")
-            for name in ("exp_avg", "exp_avg_sq"):
-                t = entry.get(name)
-                if not isinstance(t, torch.Tensor) or t.shape != params[index].shape or not torch.isfinite(t).all():
-                    raise CheckpointError(f"{path.name}: optimizer {name} of parameter {index} is missing, misshapen or not finite")
-            if (entry["exp_avg_sq"] < 0).any():
-                raise CheckpointError(f"{path.name}: optimizer exp_avg_sq of parameter {index} is negative")
-
-
-def _portable_optimizer_state(state: dict) -> dict:
-    """An optimizer state dict on the CPU, as an eager optimizer on any device loads it: a rate held
-    as a tensor (for CUDA graphs) saved as a float, the graphs' ``capturable`` flag cleared."""
-    state = _to_cpu(state)
-    for group in state.get("param_groups", []):
-        if torch.is_tensor(group.get("lr")):
-            group["lr"] = float(group["lr"])
-        if "capturable" in group:
-            group["capturable"] = False
-    return state
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
-def _remove_stale_temp_files(path: Path, older_than_s: float = 600.0) -> None:
-    """Delete temp files that a killed save of this checkpoint left behind (ours by their name)."""
-    now = time.time()
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        try:
-            if tmp.is_file() and now - tmp.stat().st_mtime > older_than_s:
-                tmp.unlink()
-        except OSError:
-            pass
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# -----------------------------------------------------------------------------
-# one tab's run lifecycle
-
-_CHECKPOINT_FILES_LOCK = threading.Lock()  # "set a refused file aside, then save" is one step across tabs
-_REFUSED_FILES: set = set()  # FileIdentity of every checkpoint file a tab refused; whoever saves next sets it aside
-
-
-@dataclass(frozen=True)
-class FileIdentity:
-    """Which file sits at a path (device, inode, size, modification time): tells the file a tab
-    refused from one another tab wrote there since."""
-
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, path: str | os.PathLike) -> FileIdentity | None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-@dataclass(frozen=True)
-class CheckpointOrigin:
-    """Where a controller's model came from: ``kind`` is "fresh" (no file), "loaded", "refused" or
-    "reset" (a fresh model asked for by the user, whatever the files hold)."""
-
-    kind: str
-    path: Path
-    step: int = 0
-    iteration: int = 0
-    reason: str = ""  # why the file was refused
-
-
-@dataclass(frozen=True)
-class CheckpointSave:
-    """The outcome of the save at the end of a run."""
-
-    ok: bool
-    path: Path
-    step: int
-    iteration: int
-    set_aside: str | None = None  # the name the refused file was kept under, when this save moved it
-    reason: str = ""  # why the save failed, or why a refused file was not set aside
-
-
-@dataclass(frozen=True)
-class RunStatus:
-    """A short status for the page.
-
-    state: "idle" (no run yet), "running", "stopped" (by Stop or a problem) or "done".
-    done / total: iterations of the latest run; model_step / model_iteration: the model's counters
-    (None before a model exists); last: the latest iteration's metrics ({} before any).
-    """
-
-    state: str
-    done: int
-    total: int
-    problem: str
-    model_step: int | None
-    model_iteration: int | None
-    last: dict
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What the page showed at one iteration: frame t, the predicted frame t+1 and the error map of
-    the prediction frame t was compared with (uint8 (H, W, 3) or None), and that iteration's metrics."""
-
-    iteration: int
-    current: np.ndarray | None
-    predicted: np.ndarray | None
-    error: np.ndarray | None
-    error_mse: float | None
-    metrics: dict
-
-
-class RunSnapshots:
-    """A run history's pictures, bounded: at most ``max_snapshots`` snapshots and ``max_bytes`` bytes.
-
-    Frames are kept zlib-compressed (lossless; a black frame with one dot is a few kB). When either
-    bound is reached every other snapshot is dropped and from then on only every ``stride``-th
-    iteration is kept (the stride doubles each time), so what is kept stays evenly spread over the
-    whole history, first iteration included.
-    """
-
-    def __init__(self, max_snapshots: int = 500, max_bytes: int = 100 * 2**20):
-        if max_snapshots < 2 or max_bytes < 1:
-            raise ValueError("a run history keeps at least 2 snapshots and 1 byte")
-        self.max_snapshots, self.max_bytes = int(max_snapshots), int(max_bytes)
-        self._lock = threading.Lock()
-        self.clear()
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items: list[tuple[int, tuple, dict]] = []  # (iteration, packed pictures, metrics)
-            self._bytes, self.stride, self._first = 0, 1, None
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    @property
-    def iterations(self) -> list[int]:
-        """The iterations kept, oldest first."""
-        with self._lock:
-            return [item[0] for item in self._items]
-
-    def wants(self, iteration: int) -> bool:
-        """Whether ``add`` would keep this iteration (so a caller builds the pictures only then)."""
-        return self._first is None or (int(iteration) - self._first) % self.stride == 0
-
-    def add(self, metrics: dict, views: dict) -> bool:
-        """Keep iteration ``metrics['iteration']`` (views as ``get_prediction_views``) when it falls on the
-        stride; returns whether it was kept."""
-        iteration = int(metrics["iteration"])
-        with self._lock:
-            if self._first is None:
-                self._first = iteration
-            if (iteration - self._first) % self.stride:
-                return False
-            packed = tuple(_pack(views.get(key)) for key in ("current", "predicted", "error"))
-            self._items.append((iteration, packed + (views.get("error_mse"),), dict(metrics)))
-            self._bytes += sum(len(p[0]) for p in packed if p is not None)
-            while len(self._items) > 1 and (len(self._items) > self.max_snapshots or self._bytes > self.max_bytes):
-                self._thin()
-            return True
-
-    def _thin(self) -> None:
-        """Drop every other snapshot (the first stays) and double the stride; call under the lock."""
-        self._items = [item for item in self._items if (item[0] - self._first) % (2 * self.stride) == 0]
-        self._bytes = sum(len(p[0]) for item in self._items for p in item[1][:3] if p is not None)
-        self.stride *= 2
-
-    def nearest(self, iteration: int) -> Snapshot | None:
-        """The kept snapshot whose iteration is nearest (the earlier one on a tie); None when empty."""
-        with self._lock:
-            if not self._items:
-                return None
-            kept = np.array([item[0] for item in self._items])  # (n,) ascending
-            it, packed, metrics = self._items[int(np.argmin(np.abs(kept - iteration)))]
-        current, predicted, error = (_unpack(p) for p in packed[:3])
-        return Snapshot(it, current, predicted, error, packed[3], metrics)
-
-
-def _pack(image: np.ndarray | None) -> tuple[bytes, tuple, str] | None:
-    if image is None:
-        return None
-    image = np.ascontiguousarray(image)
-    return zlib.compress(image.tobytes(), 1), image.shape, image.dtype.str
-
-
-def _unpack(packed: tuple[bytes, tuple, str] | None) -> np.ndarray | None:
-    if packed is None:
-        return None
-    data, shape, dtype = packed
-    return np.frombuffer(zlib.decompress(data), dtype=np.dtype(dtype)).reshape(shape).copy()
-
-
-class RunBusyError(RuntimeError):
-    """A run is already going in this controller."""
-
-
-def return_freed_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the system (glibc keeps them otherwise)."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def trim_host_memory() -> float:
-    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``, which also releases
-    free pages inside the heap). A run allocates and frees tens of MB of buffers per iteration
-    among long-lived small objects; without this the freed pages stay resident and the app's RSS
-    creeps up by ~60 MB over 2,000 iterations (docs/SPEED.md). Returns the seconds it took."""
-    t = time.perf_counter()
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-    return time.perf_counter() - t
-
-
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would): with one arena per worker thread,
-    memory freed by a departed tab stays scattered and is never returned. True when applied."""
-    libc = _glibc()
-    if libc is None:
-        return False
-    M_ARENA_MAX = -8  # from glibc's malloc.h
-    return bool(libc.mallopt(M_ARENA_MAX, int(arenas)))
-
-
-def _glibc():
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or "libc" not in name:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-        libc.malloc_trim, libc.mallopt  # noqa: B018 - glibc only (musl and macOS lack them)
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-# world-model attributes a parked file does not hold: rebuilt on reload
-_NOT_PARKED = frozenset({"config", "robot", "action_selector", "device", "training_callback", "lock", "model",
-                         "optimizer", "patch_mask", "mask_rng",
-                         # device plumbing the new model makes for itself (CUDA graphs and events do not pickle)
-                         "autocast_dtype", "use_graphs", "_graphs", "_foreground_weight", "_stats_host", "_stats_ready"})
-
-
-class RunController:
-    """One tab's run lifecycle, for a page or a script: its session, its world model, its runs.
-
-    - the model is created at the first run, from the checkpoint file when that is compatible; a file
-      it refuses is set aside (never overwritten) before this model's first save;
-    - ``run(total)`` replays the session from ``start_frame`` and yields each iteration's metrics; a
-      Stop (``stop()``, the stop event) ends it after the current iteration; every run ends with
-      ``finish`` (atomic checkpoint save, decoder attention captured once);
-    - ``park()`` saves an idle model to a private temporary file and frees it; any later call that
-      needs the model reloads it (``ModelPool`` decides when).
-
-    Args:
-        checkpoint_path: the shared checkpoint (default ``config.CHECKPOINT_PATH``, read at each use).
-        config: the world model's settings.
-        device: torch device (default: CUDA when present).
-        pool: the ``ModelPool`` that parks idle models (None: models stay in memory).
-        run_lock_wait_s: how long ``run`` waits for a previous run to wind down.
-        stop_grace_s: a Stop that finds nothing running also stops a run that starts this soon after.
-        history_snapshots, history_bytes: bounds of the run history's pictures (``RunSnapshots``).
-    """
-
-    def __init__(self, checkpoint_path: str | os.PathLike | None = None,
-                 config: AutoencoderConcatPredictorWorldModelConfig | None = None,
-                 device: torch.device | str | None = None, pool: ModelPool | None = None,
-                 run_lock_wait_s: float = 5.0, stop_grace_s: float = 1.0, history_snapshots: int = 500,
-                 history_bytes: int = 100 * 2**20):
-        self._checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
-        self.config = config or AutoencoderConcatPredictorWorldModelConfig()
-        self.device = device
-        self.run_lock_wait_s, self.stop_grace_s = run_lock_wait_s, stop_grace_s
-        self.session = None  # the loaded session (session_explorer_lib.Session or alike)
-        self.start_frame = 0  # the frame the next run starts its replay from
-        self.history: list[dict] = []  # one metrics dict per iteration, across runs of this model
-        self.snapshots = RunSnapshots(history_snapshots, history_bytes)  # what the page showed, bounded
-        self.origin: CheckpointOrigin | None = None  # set when the model is created
-        self.saved: CheckpointSave | None = None  # the latest save
-        self.attention_at: tuple[int, int] | None = None  # (iteration, step) the attention was captured at
-        self.stop_event = threading.Event()
-        self._stop_requested_at = -math.inf  # monotonic time of the latest stop request
-        self._run_lock = threading.Lock()  # one run at a time (released by whichever thread ends it)
-        self._lock = threading.RLock()  # guards the model reference, parking and counters
-        self._runs_entered = 0  # runs that took the run lock (Stop watches this for a run still starting)
-        self._runs_started = 0
-        self._in_run = False  # from taking the run lock to releasing it
-        self._running = False
-        self._pending_finish = False  # a run ended without its finish (closed by a cancel)
-        self._start_moved = False  # the start frame was set during the current run: keep it after
-        self._replaying = False  # the latest run replayed the session (not single-canvas training)
-        self._done = self._total = 0
-        self._problem = ""
-        self._stopped = False
-        self._wm: AutoencoderConcatPredictorWorldModel | None = None
-        self._attention: AttentionCapture | None = None
-        self._refused: FileIdentity | None = None  # the checkpoint file this model refused
-        self._unsaved = True  # trained since it was loaded or last saved (a run of 0 iterations saves nothing)
-        self._released = False  # the tab is gone: nothing is created, reloaded or saved any more
-        self._park_file: Path | None = None
-        self._parked_counters: tuple[int, int] | None = None  # (step, iteration) of a parked model
-        self._parked_robot: tuple | None = None  # (session, index, episode_boundary) of a parked replay
-        self._shared_seen: FileIdentity | None = None  # the shared checkpoint as this tab last loaded or saved it
-        self._attention_canvas: np.ndarray | None = None  # to recapture attention after a reload
-        self.last_used = time.monotonic()
-        self._pool = pool
-        if pool is not None:
-            pool.register(self)
-
-    # -- what the page reads ---------------------------------------------------------
-
-    @property
-    def checkpoint_path(self) -> Path:
-        from config import CHECKPOINT_PATH as default  # read at use: tests and the app may move it
-
-        return self._checkpoint_path if self._checkpoint_path is not None else default
-
-    @property
-    def has_model(self) -> bool:
-        """Whether this controller has a model (in memory or parked)."""
-        return self._wm is not None or self._park_file is not None
-
-    @property
-    def is_parked(self) -> bool:
-        return self._wm is None and self._park_file is not None
-
-    @property
-    def running(self) -> bool:
-        return self._running
-
-    def status(self) -> RunStatus:
-        """The latest run's progress and the model's counters (never reloads a parked model)."""
-        with self._lock:
-            if self._running:
-                state = "running"
-            elif self._runs_started == 0:
-                state = "idle"
-            else:
-                state = "stopped" if self._stopped or self._problem else "done"
-            counters = self._counters()
-            return RunStatus(state=state, done=self._done, total=self._total, problem=self._problem,
-                             model_step=None if counters is None else counters[0],
-                             model_iteration=None if counters is None else counters[1],
-                             last=self.history[-1] if self.history else {})
-
-    def _counters(self) -> tuple[int, int] | None:
-        if self._wm is not None:
-            return self._wm.step, self._wm.iteration
-        return self._parked_counters
-
-    def training_views(self) -> dict[str, np.ndarray] | None:
-        """The four training views of the latest training step (see the world model), or None."""
-        wm = self._model_if_any()
-        return None if wm is None else wm.get_training_views()
-
-    def prediction_views(self) -> dict | None:
-        """The prediction views of the latest iteration (see the world model), or None."""
-        wm = self._model_if_any()
-        return None if wm is None else wm.get_prediction_views()
-
-    @property
-    def attention(self) -> AttentionCapture | None:
-        """Decoder attention captured at the end of the latest run (recaptured after a reload)."""
-        with self._lock:
-            if self._attention is None and self._attention_canvas is not None:  # dropped when parked
-                self._attention = self._resident().capture_decoder_attention(self._attention_canvas)
-            return self._attention
-
-    def world_model(self) -> AutoencoderConcatPredictorWorldModel | None:
-        """The model itself (reloaded when parked), for analysis code and tests; None before the first run."""
-        return self._model_if_any()
-
-    def _need_session(self):
-        if self.session is None:
-            raise ValueError("no session is loaded")
-        return self.session
-
-    # -- questions that never train the model (world_model_analysis) ---------------------
-
-    def analysis_model(self) -> AutoencoderConcatPredictorWorldModel:
-        """The model to question: this tab's, created from the checkpoint (as at a first Run) when
-        it has none yet. Analyses may run between a run's iterations; they never change the model."""
-        with self._lock:
-            return self._resident()
-
-    def counterfactual(self, frame_index: int):
-        """Frame t+1 predicted under every action (``world_model_analysis.counterfactual``)."""
-        from world_model_analysis import counterfactual
-
-        session = self._need_session()
-        return counterfactual(self.analysis_model(), session, frame_index)
-
-    def rollout(self, frame_index: int, k: int, max_k: int = 20):
-        """k open-loop steps from frame t with the recorded actions (``world_model_analysis.rollout``)."""
-        from world_model_analysis import rollout
-
-        session = self._need_session()
-        return rollout(self.analysis_model(), session, frame_index, k, max_k)
-
-    def evaluate(self, session, batch_size: int = 32):
-        """Every transition of ``session`` (any session, not only the loaded one), batched."""
-        from world_model_analysis import evaluate_session
-
-        return evaluate_session(self.analysis_model(), session, batch_size)
-
-    # -- named checkpoints, reset (issue 12) ----------------------------------------------
-
-    def named_checkpoint_path(self, name: str) -> Path:
-        """``<checkpoint folder>/<name>.pth`` for a name that follows the session-name rule and is
-        not the shared checkpoint's; ValueError naming the problem otherwise."""
-        from session_explorer_lib import check_name
-
-        folder = self.checkpoint_path.parent
-        check_name(name, "checkpoint")
-        if name == self.checkpoint_path.stem:
-            raise ValueError(f"Invalid checkpoint name {name!r}: it is the shared checkpoint every run saves to")
-        check_name(f"{name}.pth", "checkpoint", folder)  # a link planted under that name must not lead out
-        return folder / f"{name}.pth"
-
-    def save_named(self, name: str) -> CheckpointSave:
-        """Save this tab's model as ``<name>.pth`` beside the shared checkpoint, never replacing a file.
-
-        Raises:
-            ValueError: a bad name, or no model yet. CheckpointError: the name is taken or the write failed.
-        """
-        path = self.named_checkpoint_path(name)
-        wm = self._model_if_any()
-        if wm is None:
-            raise ValueError("there is no model to save yet: run the world model first")
-        session = getattr(self.session, "name", None)
-        wm.save_checkpoint(path, extra={"session": session}, replace=False)
-        return CheckpointSave(True, path, wm.step, wm.iteration)
-
-    def load_named(self, name: str) -> CheckpointOrigin:
-        """Load ``<name>.pth`` into this tab's model (not during a run). Another architecture or a
-        damaged file raises ``CheckpointError`` with the model untouched; after a load the metric
-        history and run history (another model's) are cleared and the views start afresh.
-
-        Raises:
-            ValueError: a bad name. CheckpointError: no such file, or a file refused. RunBusyError.
-        """
-        path = self.named_checkpoint_path(name)
-        if not path.is_file():
-            raise CheckpointError(f"no checkpoint named {name}")
-        with self._not_running():
-            with self._lock:
-                wm = self._resident()
-                info = wm.load_checkpoint(path)
-                wm.forget_views()
-                self.origin = CheckpointOrigin("loaded", path, info["step"], info["iteration"])
-                self._forget_history()
-                return self.origin
-
-    def reset_model(self) -> None:
-        """A fresh, untrained model for this tab (not during a run): metric and run history cleared,
-        nothing deleted on disk; its first run saves to the shared checkpoint as usual."""
-        with self._not_running():
-            with self._lock:
-                if self._park_file is not None:
-                    self._park_file.unlink(missing_ok=True)
-                    self._park_file = self._parked_robot = self._parked_counters = None
-                robot = ReplayRobot(self.session, start_index=self.start_frame) if self.session is not None else None
-                self._wm = AutoencoderConcatPredictorWorldModel(robot, device=self.device, config=self.config)
-                self.origin = CheckpointOrigin("reset", self.checkpoint_path)
-                self.saved, self._unsaved, self._runs_started, self._problem = None, True, 0, ""
-                self._forget_history()
-        self.touch()
-
-    def shared_checkpoint_replaced(self) -> bool:
-        """Whether the shared checkpoint changed since this tab last loaded or saved it (another tab
-        saved over it; this tab's next save will replace that)."""
-        seen = self._shared_seen
-        return seen is not None and FileIdentity.of(self.checkpoint_path) != seen
-
-    def _forget_history(self) -> None:
-        self.history.clear()
-        self.snapshots.clear()
-        self._attention = self._attention_canvas = self.attention_at = None
-
-    @contextlib.contextmanager
-    def _not_running(self):
-        if not self._run_lock.acquire(timeout=self.run_lock_wait_s):
-            raise RunBusyError("a run is in progress")
-        try:
-            self._finish_if_pending()
-            yield
-        finally:
-            self._run_lock.release()
-
-    def _model_if_any(self) -> AutoencoderConcatPredictorWorldModel | None:
-        with self._lock:
-            return self._resident() if self.has_model else None
-
-    # -- session and start frame ------------------------------------------------------
-
-    def load_session(self, session) -> None:
-        """Replay ``session`` from its first frame at the next run; the model is kept."""
-        with self._lock:
-            self.session = session
-            self.start_frame = 0
-            self._start_moved = True
-
-    def set_start_frame(self, index: int) -> None:
-        """The next run starts its replay at frame ``index`` (set during a run, it outlives the run)."""
-        if self.session is None:
-            raise ValueError("no session is loaded")
-        n = len(self.session.observations)
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
-            raise ValueError(f"frame index must be a whole number from 0 to {n - 1}, got {index!r}")
-        with self._lock:
-            self.start_frame = int(index)
-            self._start_moved = True
-
-    # -- runs ---------------------------------------------------------------------------
-
-    def run(self, total: int) -> Iterator[dict | None]:
-        """Run ``total`` iterations on the loaded session from ``start_frame``.
-
-        Yields None once the model is ready (a page can show the start), then each iteration's
-        metrics. Ends after ``finish`` (checkpoint saved, attention captured). A frame that cannot
-        be read ends the run early (``status().problem`` says which); the iterations done are kept.
-
-        Raises (at the first ``next``):
-            ValueError: no session is loaded.
-            RunBusyError: another run of this controller did not end within ``run_lock_wait_s``.
-        """
-        return self._drive(total, lambda wm: wm.run_iter(total, self.stop_event), replay=True)
-
-    def train_single_canvas(self, frame_index: int, steps: int) -> Iterator[dict | None]:
-        """``steps`` optimizer steps on the training canvas ending in frame ``frame_index`` alone (the
-        "can it fit one example" check). A run like ``run`` (one at a time, Stop ends it, finish saves
-        the checkpoint), except that it yields per-step dicts (see ``single_canvas_steps``), keeps
-        them out of ``history`` (that is per loop iteration) and leaves the replay where it was.
-
-        Raises:
-            ValueError: no session, or a frame without the history a canvas needs (at once).
-        """
-        from world_model_analysis import single_canvas_steps, training_canvas
-
-        canvas = training_canvas(self._need_session(), frame_index, self.config)
-        return self._drive(steps, lambda wm: single_canvas_steps(wm, canvas, steps, self.stop_event), replay=False)
-
-    def _drive(self, total: int, work: Callable, replay: bool) -> Iterator[dict | None]:
-        """The body of every run: ``work(wm)`` yields the steps; ``replay`` marks a loop run."""
-        from session_explorer_lib import SessionError
-
-        self._need_session()
-        if not self._run_lock.acquire(timeout=self.run_lock_wait_s):
-            raise RunBusyError("a run is already in progress")
-        # a Stop older than the grace is stale; a newer one (this run was still queued) or one sent
-        # while the model is being built below stops this run
-        if time.monotonic() - self._stop_requested_at > self.stop_grace_s:
-            self.stop_event.clear()
-        self._runs_entered += 1
-        self._in_run = True
-        try:
-            self._finish_if_pending()
-            with self._lock:
-                wm = self._resident()
-                if replay:
-                    self._attach_replay(wm)
-                    self._start_moved = False
-                self._replaying = replay
-                self._runs_started += 1
-                self._running, self._pending_finish = True, True
-                self._done, self._total, self._problem, self._stopped = 0, int(total), "", False
-            yield None
-            try:
-                for metrics in work(wm):
-                    if replay:
-                        self.history.append(metrics)
-                        if self.snapshots.wants(metrics["iteration"]):
-                            self.snapshots.add(metrics, wm.get_prediction_views(canvas=False))
-                    self._done += 1
-                    self._unsaved = True
-                    yield metrics
-            except SessionError as e:
-                # the engine reads the frame before it changes anything: the model is as it was after
-                # the last complete iteration
-                self._problem = f"cannot read the next frame of session {self.session.name}: {e}"
-            self._stopped = self._done < self._total
-            self._running = False
-            self._finish(wm)
-        finally:
-            if self.stop_event.is_set():
-                self._stop_requested_at = -math.inf  # this run took the stop: the next one is not stopped
-            if self._pending_finish:
-                self._stopped = True  # closed by a cancel: its finish comes later (stop, the next run, the pool)
-            self._running = self._in_run = False
-            self._run_lock.release()
-        self.touch()
-
-    def stop(self, wait_s: float = 30.0) -> str:
-        """Stop the run after its current iteration and wait for it to end (and finish).
-
-        Returns "stopped" when a run ended (or was cancelled and is now finished), "stopping" when it
-        did not end within ``wait_s``, "idle" when no run was going or started within ``stop_grace_s``.
-        """
-        started = self._runs_entered
-        was_running = self._in_run or self._pending_finish
-        self._stop_requested_at = time.monotonic()
-        self.stop_event.set()
-        if not self._run_lock.acquire(timeout=wait_s):
-            return "stopping"
-        try:
-            finished = self._finish_if_pending()
-        finally:
-            self._run_lock.release()
-        if was_running or finished or self._runs_entered != started:
-            self._stop_requested_at = -math.inf  # taken by the run it stopped
-            return "stopped"
-        deadline = time.monotonic() + self.stop_grace_s  # a Run sent just before this Stop may not have begun
-        while time.monotonic() < deadline:
-            if self._runs_entered != started:  # it honours the stop: wait for it to end
-                if not self._run_lock.acquire(timeout=wait_s):
-                    return "stopping"
-                try:
-                    self._finish_if_pending()
-                finally:
-                    self._run_lock.release()
-                return "stopped"
-            time.sleep(0.02)
-        return "idle"
-
-    def _finish_if_pending(self) -> bool:
-        """Finish a run that a cancel closed (call with the run lock held)."""
-        if not self._pending_finish:
-            return False
-        self._stopped = True
-        with self._lock:
-            self._finish(self._wm)
-        return True
-
-    def _finish(self, wm: AutoencoderConcatPredictorWorldModel | None) -> None:
-        """Save the checkpoint (setting a refused file aside first) and capture decoder attention."""
-        with self._lock:
-            self._pending_finish = False
-            if self._released or wm is None:
-                return
-            if self._unsaved:  # a run of 0 iterations must not overwrite a newer save of another tab
-                self.saved = self._save(wm)
-            self._attention = wm.capture_decoder_attention()
-            self._attention_canvas = None if self._attention is None else self._attention.canvas
-            self.attention_at = (wm.iteration, wm.step)
-            robot = wm.robot
-            if (self._replaying and not self._start_moved and isinstance(robot, ReplayRobot)
-                    and robot.session is self.session):
-                self.start_frame = robot.index  # the next run continues from here
-        trim_host_memory()  # the run's freed buffers go back to the system, once per run
-
-    def _save(self, wm: AutoencoderConcatPredictorWorldModel) -> CheckpointSave:
-        path = self.checkpoint_path
-        aside, note = None, ""
-        with _CHECKPOINT_FILES_LOCK:
-            try:
-                current = FileIdentity.of(path)
-                if current is not None and current in _REFUSED_FILES:  # refused by this tab or another
-                    aside, note = _set_aside(path, current)
-                    _REFUSED_FILES.discard(current)
-                elif self._refused is not None:
-                    note = "the refused file had already been set aside or replaced, so it was left alone"
-                self._refused = None
-                wm.save_checkpoint(path, extra={"session": getattr(self.session, "name", None)})
-                self._shared_seen = FileIdentity.of(path)
-            except (CheckpointError, OSError) as e:
-                return CheckpointSave(False, path, wm.step, wm.iteration, aside, str(e))
-        self._unsaved = False
-        return CheckpointSave(True, path, wm.step, wm.iteration, aside, note)
-
-    # -- the model ------------------------------------------------------------------
-
-    def _resident(self) -> AutoencoderConcatPredictorWorldModel:
-        """The model in memory: reloaded when parked, created at first use. Call under ``_lock``."""
-        if self._released:
-            raise RuntimeError("this controller was released (its tab is gone)")
-        if self._wm is None:
-            self._wm = self._unpark() if self._park_file is not None else self._create()
-            self._park_file = self._parked_robot = self._parked_counters = None  # only now: has_model stays True
-        self.touch()
-        return self._wm
-
-    def _create(self) -> AutoencoderConcatPredictorWorldModel:
-        robot = ReplayRobot(self.session, start_index=self.start_frame) if self.session is not None else None
-        wm = AutoencoderConcatPredictorWorldModel(robot, device=self.device, config=self.config)
-        path = self.checkpoint_path
-        identity = FileIdentity.of(path)
-        if identity is None or not path.is_file():
-            self.origin = CheckpointOrigin("fresh", path)
-            return wm
-        try:
-            info = wm.load_checkpoint(path)
-            self.origin = CheckpointOrigin("loaded", path, info["step"], info["iteration"])
-            self._unsaved = False
-            self._shared_seen = identity
-        except CheckpointError as e:
-            self._refused = identity
-            with _CHECKPOINT_FILES_LOCK:
-                _REFUSED_FILES.add(identity)
-            self.origin = CheckpointOrigin("refused", path, reason=str(e))
-        return wm
-
-    def _attach_replay(self, wm: AutoencoderConcatPredictorWorldModel) -> None:
-        """Point the model at the session from ``start_frame``; continuing where the last run stopped
-        keeps its history, any other start clears it (the frames would not follow each other)."""
-        robot = wm.robot
-        if isinstance(robot, ReplayRobot) and robot.session is self.session and robot.index == self.start_frame:
-            return
-        robot = ReplayRobot(self.session, start_index=self.start_frame)
-        with wm.lock:
-            wm.robot = robot
-            wm.action_selector = create_replay_action_selector(robot)
-            wm.interleaved_history.clear()
-            wm.last_prediction = None
-
-    # -- parking -------------------------------------------------------------------
-
-    def touch(self) -> None:
-        """Mark this controller used now (the pool parks the least recently used first)."""
-        self.last_used = time.monotonic()
-        if self._pool is not None:
-            self._pool.used(self)
-
-    def park(self, folder: str | os.PathLike) -> bool:
-        """Save the model to a private file in ``folder`` and free it; False when it is running,
-        absent, busy or cannot be written. A run that a cancel closed is finished first. Any later
-        call that needs the model reloads it."""
-        if not self._run_lock.acquire(blocking=False):
-            return False
-        if not self._lock.acquire(blocking=False):  # never wait here: the caller may hold another controller's lock
-            self._run_lock.release()
-            return False
-        path = Path(folder) / f"{id(self):x}-{os.getpid()}.park"
-        try:
-            if self._wm is None or self._released:
-                return False
-            self._finish_if_pending()
-            wm = self._wm
-            state = {k: v for k, v in vars(wm).items() if k not in _NOT_PARKED}
-            state["model"] = wm.model.state_dict()
-            state["optimizer"] = _portable_optimizer_state(wm.optimizer.state_dict())
-            state["mask_rng"] = wm.mask_rng.get_state()
-            robot = wm.robot
-            replay = (robot.session, robot.index, robot.episode_boundary) if isinstance(robot, ReplayRobot) else None
-            with open(path, "wb") as f:  # our own private folder: pickle is safe to read back
-                f.write(zlib.compress(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), 1))
-        except Exception as e:  # a full disk or a vanished folder: the model simply stays in memory
-            path.unlink(missing_ok=True)
-            LOG.warning("could not park an idle model: %s", e)
-            return False
-        else:
-            self._park_file, self._parked_robot = path, replay
-            self._parked_counters = (wm.step, wm.iteration)
-            self._wm, self._attention = None, None
-            drop_cache = getattr(self.session, "drop_cache", None)
-            if drop_cache is not None:
-                drop_cache()  # decoded frames come back from disk when needed
-            LOG.info("parked an idle model (step %d, iteration %d) in %s", wm.step, wm.iteration, path.name)
-            return True
-        finally:
-            self._lock.release()
-            self._run_lock.release()
-
-    def _unpark(self) -> AutoencoderConcatPredictorWorldModel:
-        """The parked model, as it was; a fresh model (with a note in ``status().problem``) when the
-        parked file cannot be read back."""
-        path, replay = self._park_file, self._parked_robot
-        robot = None if replay is None else ReplayRobot(replay[0], start_index=replay[1])
-        if robot is not None:
-            robot.episode_boundary = replay[2]
-        wm = AutoencoderConcatPredictorWorldModel(robot, device=self.device, config=self.config)
-        try:
-            state = pickle.loads(zlib.decompress(path.read_bytes()))
-            wm.model.load_state_dict(state.pop("model"))
-            wm.optimizer.load_state_dict(state.pop("optimizer"))
-            wm.mask_rng.set_state(state.pop("mask_rng"))
-            for key, value in state.items():
-                setattr(wm, key, value)
-        except Exception as e:
-            LOG.warning("could not reload a parked model: %s", e)
-            self._problem = f"this tab's model could not be reloaded after it was set aside while idle ({e}); a new one was made"
-            self.history.clear()
-            self.snapshots.clear()
-            self._park_file = None
-            return self._create()
-        finally:
-            path.unlink(missing_ok=True)
-        LOG.info("reloaded a parked model (step %d, iteration %d)", wm.step, wm.iteration)
-        return wm
-
-    def release(self) -> None:
-        """The tab is gone: stop its run and, on a helper thread (this is called on Gradio's event
-        loop), drop its model and delete its parked file. Nothing is created or saved afterwards."""
-        self._released = True
-        self._stop_requested_at = time.monotonic()
-        self.stop_event.set()
-        threading.Thread(target=self._drop, name="release-tab", daemon=True).start()
-
-    def _drop(self) -> None:
-        with self._lock:
-            self._wm, self._attention, self._attention_canvas, self.session = None, None, None, None
-            if self._park_file is not None:
-                self._park_file.unlink(missing_ok=True)
-                self._park_file = self._parked_robot = self._parked_counters = None
-        if self._pool is not None:
-            self._pool.forget(self)
-
-
-@dataclass(frozen=True)
-class CheckpointSummary:
-    """One ``.pth`` file of the checkpoint folder: its counters, when it was saved and on which session
-    (None when the file predates that field), or why it cannot be read."""
-
-    name: str
-    path: Path
-    step: int | None = None
-    iteration: int | None = None
-    saved_at: float | None = None
-    session: str | None = None
-    problem: str = ""
-
-
-def checkpoint_summaries(folder: str | os.PathLike) -> list[CheckpointSummary]:
-    """Every ``*.pth`` file directly in ``folder``, newest first (temporary files skipped). Reads each
-    with ``weights_only=True``, so a file cannot run code; a damaged one is listed with its problem."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.glob("*.pth") if not p.name.startswith(".") and p.is_file()]
-    out = []
-    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"not a world-model checkpoint of format {CHECKPOINT_FORMAT}")
-            session = payload.get("session")
-            out.append(CheckpointSummary(path.stem, path, int(payload.get("step", 0)), int(payload.get("iteration", 0)),
-                                         float(payload.get("saved_at", path.stat().st_mtime)),
-                                         session if isinstance(session, str) else None))
-        except Exception as e:  # unpickling and zip errors come in many types
-            first_line = (str(e).strip().splitlines() or [""])[0][:120]
-            out.append(CheckpointSummary(path.stem, path, problem=f"cannot be read ({type(e).__name__}: {first_line})"))
-    return out
-
-
-def _set_aside(path: Path, refused: FileIdentity) -> tuple[str | None, str]:
-    """Keep the refused checkpoint under a new name that cannot collide, but only when the file at
-    ``path`` is still that very file. Returns (new name or None, a note when it was not moved)."""
-    if FileIdentity.of(path) != refused:
-        return None, "the refused file had already been replaced or set aside, so it was left alone"
-    stamp = f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
-    kept = path.with_name(f"{path.stem}.refused-{stamp}{path.suffix}")
-    try:
-        os.link(path, kept)  # a second name for the file; never overwrites; the save then replaces `path`
-        linked = True
-    except FileNotFoundError:
-        return None, "the refused file was already gone"
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-            raise
-        os.rename(path, kept)  # no hard links here; the name is unique, so nothing is overwritten
-        linked = False
-    if linked and FileIdentity.of(kept) != refused:  # another program swapped the file in between
-        kept.unlink()  # only our second name of its file goes: the file itself stays at `path`
-        return None, "the checkpoint file changed while it was being set aside, so it was left alone"
-    return kept.name, ""
-
-
-class ModelPool:
-    """Keeps at most ``max_resident`` models of many controllers in memory and parks (saves to a
-    private folder and frees) any model unused for ``idle_s``; a daemon thread sweeps every
-    ``sweep_s`` and returns freed memory to the system. Controllers reload their parked model at
-    their next use.
-
-    Args:
-        idle_s: park a model unused this long (> 0).
-        max_resident: models kept in memory at once (>= 1).
-        sweep_s: how often the sweeper looks (at least 0.5 s).
-        folder: where the private folder of parked files is made (default: the system temp folder).
-    """
-
-    def __init__(self, idle_s: float = 300.0, max_resident: int = 4, sweep_s: float = 15.0,
-                 folder: str | os.PathLike | None = None):
-        if not idle_s > 0 or max_resident < 1:
-            raise ValueError(f"idle_s must be > 0 and max_resident >= 1 (got {idle_s}, {max_resident})")
-        self.idle_s, self.max_resident = float(idle_s), int(max_resident)
-        if folder is not None:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-        self.folder = Path(tempfile.mkdtemp(prefix="cwm-parked-", dir=folder))  # mode 0700: only this user reads it
-        self._controllers: weakref.WeakSet[RunController] = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._freed = threading.Event()  # set when memory was freed; the sweeper hands it back to the system
-        self._wake = threading.Event()  # wakes the sweeper early (memory was freed, or the pool closes)
-        self._finalizer = weakref.finalize(self, _close_pool, self._closed, self._wake, self.folder)
-        self._thread = threading.Thread(target=_sweep_forever, args=(weakref.ref(self), max(0.5, float(sweep_s))),
-                                        name="model-pool-sweeper", daemon=True)
-        self._thread.start()
-
-    def controller(self, **kwargs) -> RunController:
-        """A new controller whose idle model this pool parks."""
-        return RunController(pool=self, **kwargs)
-
-    def register(self, controller: RunController) -> None:
-        with self._lock:
-            self._controllers.add(controller)
-
-    def forget(self, controller: RunController) -> None:
-        with self._lock:
-            self._controllers.discard(controller)
-        self._freed.set()
-        self._wake.set()
-
-    def resident(self) -> list[RunController]:
-        """Controllers whose model is in memory, least recently used first."""
-        with self._lock:
-            live = [c for c in self._controllers if c._wm is not None]
-        return sorted(live, key=lambda c: c.last_used)
-
-    def used(self, controller: RunController) -> None:
-        """Called when a controller uses its model: park the least recently used others until at
-        most ``max_resident`` are in memory (a running or busy one is skipped, the next one tried)."""
-        others = [c for c in self.resident() if c is not controller]
-        excess = len(others) + 1 - self.max_resident
-        for c in others:
-            if excess <= 0:
-                break
-            if c.park(self.folder):
-                excess -= 1
-                self._freed.set()
-                self._wake.set()
-
-    def sweep(self, now: float | None = None) -> int:
-        """Park every model unused for ``idle_s``; returns how many were parked."""
-        now = time.monotonic() if now is None else now
-        parked = sum(c.park(self.folder) for c in self.resident() if now - c.last_used >= self.idle_s)
-        if parked:
-            self._freed.set()
-        if self._freed.is_set():
-            self._freed.clear()
-            return_freed_memory()
-        return parked
-
-    def close(self) -> None:
-        """Stop sweeping and delete the parked files."""
-        self._finalizer()
-
-
-def _sweep_forever(pool_ref: weakref.ref, every_s: float) -> None:
-    """The sweeper thread; it holds the pool weakly, so a dropped pool (and its folder) goes."""
-    while True:
-        pool = pool_ref()
-        if pool is None or pool._closed.is_set():
-            return
-        try:
-            pool.sweep()
-        except Exception as e:  # a sweep must never kill the thread; the next one tries again
-            LOG.warning("model pool sweep failed: %s", e)
-        closed, wake = pool._closed, pool._wake
-        del pool
-        wake.wait(every_s)
-        wake.clear()
-        if closed.is_set():
-            return
-
-
-def _close_pool(closed: threading.Event, wake: threading.Event, folder: Path) -> None:
-    closed.set()
-    wake.set()
-    shutil.rmtree(folder, ignore_errors=True)

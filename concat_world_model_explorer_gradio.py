@@ -56,20 +56,16 @@ from attention_viz import (
     picker_patch,
     render_patch_attention,
 )
-from autoencoder_concat_predictor_world_model import (
-    CheckpointError,
-    ModelPool,
-    RunBusyError,
-    RunController,
-    RunStatus,
-    checkpoint_summaries,
-    limit_malloc_arenas,
-)
+from checkpoints import CheckpointError, RefusedFiles, checkpoint_summaries
+from frame_metrics import WITHIN_PX
+from model_pool import ModelPool, limit_malloc_arenas
+from run_controller import RunBusyError, RunController, RunStatus
 from world_model_analysis import ACTIONS, Evaluation, prediction_frames
 from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig
 from record_session import record_session
 from run_export import write_export
 from toroidal_action_selectors import PATTERN_NAMES
+import server_guard
 from server_guard import MAX_UPLOAD_BYTES, LoginDelay, LoginGuard, UploadRefusal, never_served_paths
 from session_explorer_lib import (
     ACTION_NAMES,
@@ -136,16 +132,19 @@ class UserState:
     object with a new controller from the same pool (models and locks are never shared between tabs).
     """
 
-    def __init__(self, pool: ModelPool | None = None, config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG):
+    def __init__(self, pool: ModelPool | None = None, config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG,
+                 refused_files: RefusedFiles | None = None):
         self.pool = pool
-        options = dict(config=config, run_lock_wait_s=APP.run_lock_wait_s, stop_grace_s=APP.stop_grace_s,
-                       history_snapshots=APP.history_snapshots, history_bytes=APP.history_bytes)
-        self.controller = pool.controller(**options) if pool is not None else RunController(**options)
+        self.refused_files = refused_files if refused_files is not None else RefusedFiles()  # shared by the tabs
+        self.controller = RunController(
+            config=config, refused_files=self.refused_files, pool=pool,
+            run_lock_wait_s=APP.run_lock_wait_s, stop_grace_s=APP.stop_grace_s,
+            history_snapshots=APP.history_snapshots, history_bytes=APP.history_bytes)
         layers, heads = tuple(range(config.decoder_depth)), tuple(range(config.decoder_num_heads))
         self.attention_controls = (APP.default_quantile, layers, heads, "mean", VIZ_LINES)
 
     def __deepcopy__(self, memo) -> UserState:
-        return UserState(self.pool, self.controller.config)
+        return UserState(self.pool, self.controller.config, self.refused_files)
 
 
 def release_user(user: UserState | None) -> None:
@@ -376,7 +375,7 @@ def dot_found_rows(history: list[dict], window: int) -> list[dict]:
     scored = [r for r in history if r.get("dot_error") is not None]
     if not scored:
         return []
-    hit = np.array([r["dot_error"] <= 3.0 for r in scored], dtype=np.float64)  # (n,) inf compares False
+    hit = np.array([r["dot_error"] <= WITHIN_PX for r in scored], dtype=np.float64)  # (n,) inf compares False
     csum = np.concatenate([[0.0], np.cumsum(hit)])  # (n+1,)
     n = np.arange(1, len(hit) + 1)
     share = 100.0 * (csum[n] - csum[np.maximum(n - window, 0)]) / np.minimum(n, window)  # (n,) rolling mean
@@ -1585,13 +1584,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
+    global APP, MODEL_CFG
+    APP, MODEL_CFG = config.from_env()  # the environment is read here, once
+    server_guard.configure_from_env()
     if APP.malloc_arenas:
         limit_malloc_arenas(APP.malloc_arenas)  # before the worker threads exist: freed models' memory goes back
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     LOG.setLevel(logging.INFO)
     ensure_demo_sessions()
-    launch(build_demo(), args)
+    launch(build_demo(MODEL_CFG), args)
     return 0
 
 

@@ -3,22 +3,37 @@
 Every value is read-only data: frozen dataclasses (nanoGPT's ``GPTConfig``, CleanRL's ``Args``).
 Code that needs a variant builds a new object with ``dataclasses.replace(cfg, ...)``; derived
 sizes (canvas width, patch grid) are properties, never stored twice.
+
+Importing this module reads no environment variable: a program's ``main()`` calls ``from_env()``
+once, which applies ``CWM_SAVED_ROOT`` and returns the app and model settings built from the other
+``CWM_*`` variables, and passes them down.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Mapping
 
 # -----------------------------------------------------------------------------
 # paths
 
 PROJECT_ROOT = Path(__file__).resolve().parent  # the folder holding this file
-SAVED_ROOT = Path(os.environ.get("CWM_SAVED_ROOT", PROJECT_ROOT / "saved"))  # all user data lives below here
+SAVED_ROOT = PROJECT_ROOT / "saved"  # all user data lives below here ($CWM_SAVED_ROOT through from_env())
 SESSIONS_ROOT = SAVED_ROOT / "sessions" / "toroidal_dot"  # one folder per recorded session
 CHECKPOINT_DIR = SAVED_ROOT / "checkpoints" / "toroidal_dot"  # where the world model keeps its weights
 CHECKPOINT_PATH = CHECKPOINT_DIR / "autoencoder.pth"  # the default checkpoint file (spec "Model Checkpoints")
+
+
+def use_saved_root(root: str | os.PathLike) -> None:
+    """Keep all user data below ``root``: sets ``SAVED_ROOT``, ``SESSIONS_ROOT``, ``CHECKPOINT_DIR`` and
+    ``CHECKPOINT_PATH``, which the functions defaulting to them read when called."""
+    global SAVED_ROOT, SESSIONS_ROOT, CHECKPOINT_DIR, CHECKPOINT_PATH
+    SAVED_ROOT = Path(root)
+    SESSIONS_ROOT = SAVED_ROOT / "sessions" / "toroidal_dot"
+    CHECKPOINT_DIR = SAVED_ROOT / "checkpoints" / "toroidal_dot"
+    CHECKPOINT_PATH = CHECKPOINT_DIR / "autoencoder.pth"
 
 
 # -----------------------------------------------------------------------------
@@ -40,7 +55,7 @@ class ToroidalDotConfig:
 
 @dataclass(frozen=True)
 class RecordingConfig:
-    """How sessions are written to disk (format in DESIGN.md)."""
+    """How sessions are written to disk."""
 
     shard_size: int = 1000  # events per events_shard_NNN.jsonl file
     frame_format: str = "png"  # lossless; the reader also accepts the seed's older .jpg frames
@@ -73,10 +88,10 @@ class AutoencoderConcatPredictorWorldModelConfig:
     embed_dim: int = 128  # encoder token width; narrower than the spec's 256 for more iterations per second
     depth: int = 1  # encoder blocks: the decoder does the look-ups, the encoder only describes each patch
     num_heads: int = 4  # encoder attention heads
-    decoder_embed_dim: int = 64  # decoder token width; 128 learned no better per iteration and ran slower
+    decoder_embed_dim: int = 64  # decoder token width; narrow, so an iteration is cheap
     decoder_depth: int = 5  # decoder blocks (the attention explorer shows layers 0-4)
     decoder_num_heads: int = 4  # decoder attention heads (the attention explorer shows heads 0-3)
-    mlp_ratio: float = 2.0  # MLP hidden width / token width in every block; 2 runs faster than 4, learns as well
+    mlp_ratio: float = 2.0  # MLP hidden width / token width in every block; below the usual 4, so an iteration is cheap
 
     # optimisation -----------------------------------------------------------
     learning_rate: float = 6e-4  # AdamW peak rate; higher rates localised the dot less precisely
@@ -111,12 +126,19 @@ class AutoencoderConcatPredictorWorldModelConfig:
     quality_gate_max_steps: int = 20  # cap on extra steps one iteration may spend with the gate on
 
     # device execution (a CPU always runs fp32, eagerly) ---------------------------
-    cuda_precision: str = os.environ.get("CWM_CUDA_PRECISION", "bf16")  # on CUDA: "bf16" autocast over fp32 master weights, or "fp32"
-    cuda_graphs: bool = os.environ.get("CWM_CUDA_GRAPHS", "1") != "0"  # on CUDA: replay the loop's training step and prediction as CUDA graphs
+    cuda_precision: str = "bf16"  # on CUDA: "bf16" autocast over fp32 master weights, or "fp32" ($CWM_CUDA_PRECISION)
+    cuda_graphs: bool = True  # on CUDA: replay the loop's training step and prediction as CUDA graphs ($CWM_CUDA_GRAPHS=0: off)
     cuda_graph_warmup: int = 3  # eager steps (on a side stream) before a graph is recorded, as CUDA graph capture asks
 
     # run ------------------------------------------------------------------
     seed: int = 0  # seeds torch, numpy and python's random in one place
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AutoencoderConcatPredictorWorldModelConfig:
+        """The defaults with ``CWM_CUDA_PRECISION`` and ``CWM_CUDA_GRAPHS`` applied."""
+        env = os.environ if environ is None else environ
+        return cls(cuda_precision=env.get("CWM_CUDA_PRECISION", cls.cuda_precision),
+                   cuda_graphs=env.get("CWM_CUDA_GRAPHS", "1") != "0")
 
     # derived sizes --------------------------------------------------------------
     @property
@@ -173,11 +195,11 @@ class AppConfig:
     run_lock_wait_s: float = 5.0  # a Run waits this long for the tab's previous run to wind down
     stop_wait_s: float = 30.0  # Stop waits this long for the run to end so it can show the final state
     stop_grace_s: float = 1.0  # a Stop that finds nothing running also stops a Run that starts within this long (still queued)
-    idle_park_s: float = float(os.environ.get("CWM_IDLE_PARK_S", 300))  # a model unused this long is saved to a temporary file and freed; its tab's next event reloads it
+    idle_park_s: float = 300.0  # ($CWM_IDLE_PARK_S) a model unused this long is saved to a temporary file and freed; its tab's next event reloads it
     max_resident_models: int = 4  # models kept in memory at once; beyond that the least recently used idle one is parked
     park_sweep_s: float = 15.0  # how often idle models are looked for
-    malloc_arenas: int = int(os.environ.get("CWM_MALLOC_ARENAS", 2))  # glibc malloc arenas (MALLOC_ARENA_MAX); 0 keeps glibc's default (8 per core)
-    park_dir: str | None = os.environ.get("CWM_PARK_DIR") or None  # where parked models go (default: the system temp folder; avoid a RAM-backed tmpfs)
+    malloc_arenas: int = 2  # ($CWM_MALLOC_ARENAS) glibc malloc arenas (MALLOC_ARENA_MAX); 0 keeps glibc's default (8 per core)
+    park_dir: str | None = None  # ($CWM_PARK_DIR) where parked models go (default: the system temp folder; avoid a RAM-backed tmpfs)
     dot_window: int = 50  # predictions in the rolling 'within 3 px' share of the Dot found graph
     default_quantile: float = 95.0  # attention filter: keep connections above this percentile (strongest 5%)
     max_rollout_steps: int = 20  # longest open-loop rollout the Analysis section imagines
@@ -188,6 +210,28 @@ class AppConfig:
     history_snapshots: int = 500  # run-history pictures kept per tab (thinned evenly when full)
     history_bytes: int = 100 * 2**20  # and at most this many bytes of them (zlib-compressed frames)
     history_play_frames: int = 60  # Play steps through at most this many of them (evenly spread)
-    evaluation_batch: int = 16  # canvases per forward pass when a whole session is evaluated (16 and 32 time alike, 64 slower)
+    evaluation_batch: int = 16  # canvases per forward pass when a whole session is evaluated (bounds its activation memory)
     demo_sessions: tuple[str, ...] = ("always_move", "alternate", "double_move")  # recorded when none exist
     demo_session_steps: int = 200  # steps in each demo session
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AppConfig:
+        """The defaults with ``CWM_IDLE_PARK_S``, ``CWM_MALLOC_ARENAS`` and ``CWM_PARK_DIR`` applied."""
+        env = os.environ if environ is None else environ
+        app = cls()
+        return replace(app, idle_park_s=float(env.get("CWM_IDLE_PARK_S", app.idle_park_s)),
+                       malloc_arenas=int(env.get("CWM_MALLOC_ARENAS", app.malloc_arenas)),
+                       park_dir=env.get("CWM_PARK_DIR") or None)
+
+
+# -----------------------------------------------------------------------------
+# the environment, read once
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> tuple[AppConfig, AutoencoderConcatPredictorWorldModelConfig]:
+    """Read the ``CWM_*`` variables once, in a program's ``main()``: ``CWM_SAVED_ROOT`` moves the data
+    folder (``use_saved_root``); returns the app and world-model settings built from the others."""
+    env = os.environ if environ is None else environ
+    if env.get("CWM_SAVED_ROOT"):
+        use_saved_root(env["CWM_SAVED_ROOT"])
+    return AppConfig.from_env(env), AutoencoderConcatPredictorWorldModelConfig.from_env(env)

@@ -172,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Args:
         argv: arguments without the program name; defaults to ``sys.argv[1:]``.
     """
+    config.from_env()  # $CWM_SAVED_ROOT moves the default sessions folder
     args = build_parser().parse_args(argv)
     every = max(1, args.steps // PROGRESS_REPORTS)
 

@@ -28,8 +28,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from atomic_files import write_atomic
 from config import RecordingConfig
-from session_explorer_lib import check_name
+from session_explorer_lib import META_FILENAME, check_name
 from toroidal_dot_robot import action_dict, parse_action
 
 # -----------------------------------------------------------------------------
@@ -37,7 +38,6 @@ from toroidal_dot_robot import action_dict, parse_action
 
 _RECORDING = RecordingConfig()
 FORMAT_VERSION = 1  # bump when the on-disk layout changes
-META_FILENAME = "session_meta.json"
 FRAMES_DIRNAME = "frames"
 SHARD_TEMPLATE = "events_shard_{:03d}.jsonl"
 FRAME_TEMPLATE = "frame_{:06d}.{}"
@@ -101,28 +101,6 @@ def _json_default(value: Any) -> Any:
 
 def _dumps(obj: Any, **kwargs: Any) -> str:
     return json.dumps(obj, default=_json_default, allow_nan=False, **kwargs)
-
-
-def _write_bytes_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``.
-
-    A reader sees either no file (or the previous one) or the whole new file, never a torn one.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    created = False
-    try:
-        with open(tmp, "xb") as f:  # "x": never clobber a temp file that is not ours
-            created = True
-            f.write(data)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                tmp.unlink()  # our own temp file only
-        raise
 
 
 def _encode_frame(frame: np.ndarray, suffix: str) -> bytes:
@@ -293,7 +271,7 @@ class SessionWriter:
         line = self._event_line("observation", {"frame_path": rel_path})
         self._reserve(len(data) + len(line))
         # the frame is complete on disk before the event naming it exists (crash safety)
-        self._guarded(lambda: _write_bytes_atomic(self.path / rel_path, data, fsync=self.fsync_frames), rel_path)
+        self._guarded(lambda: write_atomic(self.path / rel_path, data, fsync=self.fsync_frames), rel_path)
         self._data_bytes += len(data)
         self._append_event(line)
         self._num_frames += 1
@@ -416,7 +394,7 @@ class SessionWriter:
         if self._meta["status"] != "recording":
             self._meta["end_time"] = _now_iso()
         data = (_dumps(self._meta, indent=2) + "\n").encode("utf-8")
-        _write_bytes_atomic(self.path / META_FILENAME, data, fsync=True)
+        write_atomic(self.path / META_FILENAME, data, fsync=True)
         self._meta_bytes = len(data)
 
     def _guarded(self, write: Callable[[], None], what: str) -> None:

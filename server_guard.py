@@ -3,8 +3,9 @@ and with ``--auth`` a login guard in front of every route and a growing delay af
 
 Gradio-specific ASGI middleware, kept out of the app file so the layout and handlers read alone.
 The app always installs ``UploadRefusal``, with ``--auth`` also ``LoginGuard`` and ``LoginDelay``, and
-passes ``never_served_paths`` and ``MAX_UPLOAD_BYTES`` to ``launch()``. The environment variables
-``CWM_LOGIN_DELAY_BASE_S`` and ``CWM_LOGIN_DELAY_CAP_S`` set the login delays (tests shorten them).
+passes ``never_served_paths`` and ``MAX_UPLOAD_BYTES`` to ``launch()``. The app's ``main()`` calls
+``configure_from_env()`` once: ``CWM_LOGIN_DELAY_BASE_S`` and ``CWM_LOGIN_DELAY_CAP_S`` set the login
+delays (tests shorten them).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import HTTPConnection
@@ -30,9 +31,9 @@ MAX_UPLOAD_BYTES = 0
 # Gradio's routes that store a file from a browser; UploadRefusal refuses them, empty files included
 UPLOAD_PATHS = frozenset({"/gradio_api/upload", "/gradio_api/process_recording"})
 # the k-th wrong password in a row from one client address is answered after min(base * 2**(k-1), cap) seconds
-LOGIN_DELAY_BASE_S = float(os.environ.get("CWM_LOGIN_DELAY_BASE_S", "0.25"))
+LOGIN_DELAY_BASE_S = 0.25
 # the longest wait for a wrong password: at most one guess per 30 s from one address, once it is reached
-LOGIN_DELAY_CAP_S = float(os.environ.get("CWM_LOGIN_DELAY_CAP_S", "30"))
+LOGIN_DELAY_CAP_S = 30.0
 # a client address that tries no login for this long is forgotten (its count of failures starts again)
 LOGIN_FORGET_S = 600.0
 # at most this many client addresses are remembered; the longest idle ones are forgotten first
@@ -52,6 +53,14 @@ _NO_API_INFO = b'<script>window.gradio_api_info = {"named_endpoints": {}, "unnam
 _NOT_AUTHENTICATED = {"detail": {"error": "Not authenticated", "auth_message": None}}
 _NO_UPLOADS = {"detail": f"This app accepts no uploads (maximum allowed size of {MAX_UPLOAD_BYTES} bytes)."}
 _ONE_LOGIN_AT_A_TIME = {"detail": "Too many login attempts: wait for the answer to the previous one."}
+
+
+def configure_from_env(environ: Mapping[str, str] | None = None) -> None:
+    """Set the login delays from ``CWM_LOGIN_DELAY_BASE_S`` and ``CWM_LOGIN_DELAY_CAP_S`` (once, in ``main()``)."""
+    global LOGIN_DELAY_BASE_S, LOGIN_DELAY_CAP_S
+    env = os.environ if environ is None else environ
+    LOGIN_DELAY_BASE_S = float(env.get("CWM_LOGIN_DELAY_BASE_S", LOGIN_DELAY_BASE_S))
+    LOGIN_DELAY_CAP_S = float(env.get("CWM_LOGIN_DELAY_CAP_S", LOGIN_DELAY_CAP_S))
 
 
 def never_served_paths(temp_dir: str | os.PathLike) -> list[str]:

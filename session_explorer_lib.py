@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 import config
 from config import ToroidalDotConfig
 from toroidal_dot_robot import ACTION_NAMES, ACTION_SPACE, ACTION_VALUES, parse_action
+from validation import is_int
 
 # -----------------------------------------------------------------------------
 # constants
@@ -190,10 +191,6 @@ def _cannot_read(label: str, error: OSError) -> SessionError:
     # the reason from the error number only: str(error) holds the server's absolute path
     reason = error.strerror or type(error).__name__
     return SessionError(f"{label} cannot be read ({reason[:1].lower()}{reason[1:]})")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _type_ok(value: Any, expected: type | tuple[type, ...]) -> bool:
@@ -400,7 +397,7 @@ def _parse_event(obj: Any, where: str) -> dict[str, Any]:
         raise SessionError(f"{where}: an event must be a JSON object")
     step, kind, data = obj.get("step"), obj.get("type"), obj.get("data")
     timestamp = obj.get("timestamp")
-    if not _is_int(step) or step < 0:
+    if not is_int(step) or step < 0:
         raise SessionError(f"{where}: 'step' should be a non-negative integer, found {step!r}"[:200])
     if kind not in ("observation", "action"):
         raise SessionError(f"{where}: 'type' should be 'observation' or 'action', found {kind!r}"[:200])

@@ -14,6 +14,7 @@ from typing import Any, Collection
 import numpy as np
 
 from config import ToroidalDotConfig
+from validation import whole_number
 
 # -----------------------------------------------------------------------------
 # constants
@@ -69,12 +70,6 @@ def action_dict(action: Any, valid: Collection[int] | None = ACTION_VALUES) -> d
     return {"action": parse_action(action, valid)}
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 # -----------------------------------------------------------------------------
 # environment
 
@@ -99,10 +94,10 @@ class ToroidalDotRobot:
         *,
         start: tuple[int, int] | None = None,
     ) -> None:
-        self.img_size = _check_int("img_size", img_size, 1)
-        self.dot_radius = _check_int("dot_radius", dot_radius, 0)
-        self.move_pixels = _check_int("move_pixels", move_pixels, 0)
-        self.seed = None if seed is None else _check_int("seed", seed, 0)
+        self.img_size = whole_number(img_size, "img_size", 1)
+        self.dot_radius = whole_number(dot_radius, "dot_radius", 0)
+        self.move_pixels = whole_number(move_pixels, "move_pixels", 0)
+        self.seed = None if seed is None else whole_number(seed, "seed", 0)
         if start is None:
             rng = np.random.default_rng(self.seed)
             start = tuple(int(v) for v in rng.integers(0, self.img_size, size=2))

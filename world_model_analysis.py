@@ -20,22 +20,13 @@ from typing import Iterator
 
 import numpy as np
 
-from autoencoder_concat_predictor_world_model import (
-    AutoencoderConcatPredictorWorldModel,
-    dot_errors,
-    frame_mses,
-)
+from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel
+from frame_metrics import WITHIN_PX, dot_errors, frame_mses
 from models import build_canvas, build_prediction_canvases
 from toroidal_dot_robot import ACTION_SPACE, STAY, parse_action
+from validation import whole_number
 
 ACTIONS = tuple(parse_action(a) for a in ACTION_SPACE)  # (0, 1): stay, move right
-WITHIN_PX = 3.0  # a predicted dot this close to the true one counts as found
-
-
-def _whole(value, what: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise ValueError(f"{what} must be a whole number from {low} to {high}, got {value!r}")
-    return int(value)
 
 
 def _size(session) -> int:
@@ -97,7 +88,7 @@ def counterfactual(wm: AutoencoderConcatPredictorWorldModel, session, t: int) ->
     """What the model predicts after frame ``t`` for every action of the action space (one batch)."""
     cfg = wm.config
     first, last = prediction_frames(session, cfg)
-    t = _whole(t, "Frame index", first, last)
+    t = whole_number(t, "Frame index", first, last)
     idx = history_indices(np.array([t]), cfg)[0]  # (K-1,)
     frames, actions = _frames(session, idx), _actions(session, idx)  # (K-1, H, W, 3), (K-1,)
     A = len(ACTIONS)
@@ -134,8 +125,8 @@ def rollout(wm: AutoencoderConcatPredictorWorldModel, session, t: int, k: int, m
     """Predict frames t+1..t+k open loop: each prediction becomes the newest history frame."""
     cfg = wm.config
     first, last = prediction_frames(session, cfg)
-    t = _whole(t, "Frame index", first, last)
-    k = _whole(k, f"Steps k (frame {t} + k must exist)", 1, min(max_k, _size(session) - 1 - t))
+    t = whole_number(t, "Frame index", first, last)
+    k = whole_number(k, f"Steps k (frame {t} + k must exist)", 1, min(max_k, _size(session) - 1 - t))
     idx = history_indices(np.array([t]), cfg)[0]  # (K-1,)
     history = list(_frames(session, idx))  # K-1 frames, oldest first
     actions = _actions(session, np.arange(idx[0], t + k))  # (K-2+k,) after each frame from the oldest
@@ -225,7 +216,7 @@ def training_canvas(session, t: int, cfg) -> np.ndarray:
     if _size(session) <= first:
         raise ValueError(f"session {_name(session)} has {_size(session)} frames; a training canvas needs "
                          f"{cfg.canvas_history_size}")
-    t = _whole(t, "Frame index", first, _size(session) - 1)
+    t = whole_number(t, "Frame index", first, _size(session) - 1)
     idx = np.arange(t - first, t + 1)  # (K,)
     frames, actions = _frames(session, idx), _actions(session, idx[:-1])
     items = [x for pair in zip(frames[:-1], actions) for x in pair] + [frames[-1]]  # f, a, f, a, f

@@ -37,7 +37,7 @@ from bench_common import machine_info, report  # noqa: E402
 from conftest import launch_app, stop_process  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
-from autoencoder_concat_predictor_world_model import RunController  # noqa: E402
+from run_controller import RunController  # noqa: E402
 from record_session import record_session  # noqa: E402
 from session_explorer_lib import load_session  # noqa: E402
 

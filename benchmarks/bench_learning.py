@@ -105,7 +105,7 @@ def run_one(pattern: str, source: str, seconds: float, max_iterations: int, ever
 
 
 def _config(overrides_text: list[str]) -> tuple[AutoencoderConcatPredictorWorldModelConfig, dict]:
-    cfg = AutoencoderConcatPredictorWorldModelConfig()
+    cfg = AutoencoderConcatPredictorWorldModelConfig.from_env()
     overrides = {}
     for item in overrides_text:
         key, value = item.split("=", 1)
@@ -228,7 +228,7 @@ def summarise_log(path: Path) -> dict:
     threads = sorted({c["threads"] for c in cells})
     seconds = max(c["seconds"] for c in cells)
     parallel = {str(t): max(1, (os.cpu_count() or 1) // t) for t in threads}
-    return matrix_report(cells, AutoencoderConcatPredictorWorldModelConfig(), {}, seconds, parallel, _device_name(None),
+    return matrix_report(cells, AutoencoderConcatPredictorWorldModelConfig.from_env(), {}, seconds, parallel, _device_name(None),
                          Path(path).stem)
 
 

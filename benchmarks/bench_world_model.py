@@ -244,7 +244,7 @@ def _encode_like_gradio(outputs) -> int:
     return n
 
 
-def time_app_path(iterations: int, rss_at: tuple[int, ...], run_size: int = 100) -> dict:
+def time_app_path(iterations: int, rss_at: tuple[int, ...], model_cfg, run_size: int = 100) -> dict:
     """Drive the web app's Run handler as the page does: Runs of ``run_size`` iterations, each update
     encoded as Gradio would, each Run ending with its checkpoint save and attention capture.
 
@@ -256,7 +256,7 @@ def time_app_path(iterations: int, rss_at: tuple[int, ...], run_size: int = 100)
     import concat_world_model_explorer_gradio as app
 
     session_dir = record_session("alternate", 200, 0, root=Path(os.environ["CWM_SAVED_ROOT"]) / "sessions" / "toroidal_dot")
-    user = app.UserState()
+    user = app.UserState(config=model_cfg)
     app.load_session(session_dir.name, user)
     proc = psutil.Process()
     per_iteration, updates, rss, gpu, done = [], 0, {}, [], 0
@@ -291,15 +291,18 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-app", action="store_true", help="core loop only (no gradio needed)")
     args = parser.parse_args(argv)
     if args.precision:
-        os.environ["CWM_CUDA_PRECISION"] = args.precision  # read by config at import, also in the app path
+        os.environ["CWM_CUDA_PRECISION"] = args.precision  # read by config.from_env() here and in the app's main()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
+    import config
     from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel
     from toroidal_action_selectors import make_selector
     from toroidal_dot_robot import ToroidalDotRobot
 
-    wm = AutoencoderConcatPredictorWorldModel(ToroidalDotRobot(seed=0), make_selector("alternate"), device=device)
+    _, model_cfg = config.from_env()
+    wm = AutoencoderConcatPredictorWorldModel(ToroidalDotRobot(seed=0), make_selector("alternate"), device=device,
+                                              config=model_cfg)
     core = time_core_loop(wm, args.core_iterations or (30 if args.quick else 100))  # warms up graphs and caches too
     gflop = iteration_gflop(wm)
     prof_n = 5
@@ -335,7 +338,7 @@ def main(argv=None) -> None:
     }
     if not args.skip_app:
         rss_at = (50, 200) if args.quick else (200, 2000)
-        app = time_app_path(rss_at[-1], rss_at)
+        app = time_app_path(rss_at[-1], rss_at, model_cfg)
         out.update({
             "app_path_median_s": round(app["median_s"], 5),
             "app_path_kernel_efficiency": round(kernels["total_s"] / app["median_s"], 3),

@@ -332,6 +332,11 @@ class MaskedAutoencoderViT(nn.Module):
             cache[key] = tuple(t.contiguous().to(device) for t in (ids_shuffle[:, :n_keep], ids_shuffle[:, n_keep:], ids_restore))
         return cache[key]
 
+    def cached_index_sets(self) -> tuple:
+        """Every index set ``split_indices`` holds in its cache now; a recorded CUDA graph reads
+        them by address, so it keeps these alive while the cache may be cleared."""
+        return tuple(self.__dict__.get("_split_cache", {}).values())
+
     def forward_encoder(self, patches: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Encode the visible patches. patches (B, L, p*p*C) -> latent (B, 1 + L_vis, D).
 

@@ -28,7 +28,38 @@ if str(REPO) not in sys.path:
 
 import pytest  # noqa: E402
 
+from config import AutoencoderConcatPredictorWorldModelConfig  # noqa: E402
 from record_session import record_session  # noqa: E402
+from session_explorer_lib import SessionError  # noqa: E402
+from toroidal_dot_robot import ToroidalDotRobot  # noqa: E402
+
+# a tiny world model (the default canvas, narrow and shallow blocks): fast enough for unit tests
+TINY = AutoencoderConcatPredictorWorldModelConfig(
+    embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
+)
+
+
+class FakeSession:
+    """A stay/move recording of ``n`` frames in memory, shaped like ``session_explorer_lib.Session``,
+    whose frames from ``broken_from`` on cannot be read."""
+
+    def __init__(self, n=4, name="fake", broken_from=None):
+        robot = ToroidalDotRobot(seed=0)
+        self.frames, self.actions = [], []
+        for i in range(n):
+            self.frames.append(robot.get_observation())
+            self.actions.append(i % 2)
+            robot.execute_action(i % 2)
+        self.observations = self.frames
+        self.name, self.broken_from = name, broken_from
+
+    def frame(self, i):
+        if self.broken_from is not None and i >= self.broken_from:
+            raise SessionError(f"{self.name}/frames/frame_{i:06d}.png cannot be read")
+        return self.frames[i]
+
+    def action_after(self, i):
+        return self.actions[i] if i < len(self.frames) - 1 else None
 
 # the sessions every app test can rely on: name -> (pattern, steps, seed)
 APP_SESSIONS = {

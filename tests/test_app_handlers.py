@@ -19,7 +19,9 @@ import pytest
 
 import concat_world_model_explorer_gradio as app
 import config
-from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel, ModelPool, RunController
+from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel
+from model_pool import ModelPool
+from run_controller import RunController
 from conftest import free_port
 from record_session import record_session
 

@@ -73,13 +73,12 @@ def test_a_training_step_never_waits_for_the_device():
     wm.run(10)  # warm-up: graphs recorded, index tensors uploaded
     frames = [wm.robot.get_observation() for _ in range(3)]
     canvas = build_canvas([frames[0], 1, frames[1], 1, frames[2]])
-    wm.replay_buffer.append(canvas)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        wm._queue_step(canvas)  # raises on any synchronising call
+        wm.train_autoencoder(canvas, deferred=True)  # raises on any synchronising call
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert np.isfinite(wm._read_step()["loss"])
+    assert np.isfinite(wm.read_training_step()["loss"])
 
 
 def test_gpu_memory_is_flat_over_a_long_run():

@@ -1,12 +1,12 @@
 """Canvas geometry, masks, patchify and the MAE ViT (tiny widths where only shapes matter)."""
 
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
 from config import AutoencoderConcatPredictorWorldModelConfig
+from conftest import TINY
 from models import (
     MaskedAutoencoderViT,
     TargetedMAEWrapper,
@@ -23,10 +23,6 @@ from models import (
     unpatchify,
 )
 
-TINY = dataclasses.replace(
-    AutoencoderConcatPredictorWorldModelConfig(),
-    embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
-)
 
 
 def _frame(value: int) -> np.ndarray:

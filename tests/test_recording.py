@@ -169,17 +169,17 @@ def test_cli_disk_limit_exits_non_zero(tmp_path, capsys):
 
 
 def test_disk_full_stops_with_recording_error(tmp_path, monkeypatch):
-    real_write = recording_robot._write_bytes_atomic
+    real_write = recording_robot.write_atomic
     frames_written = []
 
-    def write_then_fill_disk(path, data, fsync=True):
+    def write_then_fill_disk(path, data, fsync=True, replace=True):
         if path.parent.name == "frames":
             if len(frames_written) >= 5:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             frames_written.append(path)
-        real_write(path, data, fsync)
+        real_write(path, data, fsync, replace)
 
-    monkeypatch.setattr(recording_robot, "_write_bytes_atomic", write_then_fill_disk)
+    monkeypatch.setattr(recording_robot, "write_atomic", write_then_fill_disk)
     with pytest.raises(RecordingError, match="No space left") as error_info:
         record_session("alternate", 50, seed=0, name="full", root=tmp_path)
     assert not isinstance(error_info.value, RecordingLimitError)

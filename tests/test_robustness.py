@@ -42,8 +42,9 @@ import torch
 from PIL import Image
 
 import recording_robot
-from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel, CheckpointError
-from config import AutoencoderConcatPredictorWorldModelConfig
+from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel
+from checkpoints import CheckpointError
+from conftest import TINY
 from suite_census import assert_suite_collected
 from record_session import main as record_main
 from record_session import record_session
@@ -52,10 +53,6 @@ from toroidal_action_selectors import make_selector
 from toroidal_dot_robot import ToroidalDotRobot
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dataclasses.replace(
-    AutoencoderConcatPredictorWorldModelConfig(),
-    embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
-)
 MARKER_PARAM = "mae.cls_token"  # the weight the save tests stamp with the step, to tell saves apart
 SHARD0 = "events_shard_000.jsonl"
 
@@ -663,7 +660,6 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, os.getcwd())
 from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel
-from config import AutoencoderConcatPredictorWorldModelConfig
 from toroidal_dot_robot import ToroidalDotRobot
 TINY = dataclasses.replace(AutoencoderConcatPredictorWorldModelConfig(), **%(tiny)r)
 wm = AutoencoderConcatPredictorWorldModel(ToroidalDotRobot(seed=0), device="cpu", config=TINY)

@@ -8,34 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from autoencoder_concat_predictor_world_model import (
-    AutoencoderConcatPredictorWorldModel,
-    ModelPool,
-    RunBusyError,
-    RunController,
-)
-from session_explorer_lib import SessionError
-from test_world_model import TINY, _FakeSession
+from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel
+from checkpoints import CheckpointError, RefusedFiles, checkpoint_summaries
+from conftest import TINY, FakeSession
+from model_pool import ModelPool
+from run_controller import RunBusyError, RunController
+from run_history import RunSnapshots
 from toroidal_dot_robot import ToroidalDotRobot
 
 
 
-class FakeSession(_FakeSession):
-    """A stay/move recording in memory whose frames from ``broken_from`` on cannot be read."""
-
-    def __init__(self, n=12, name="fake", broken_from=None):
-        super().__init__(n)
-        self.name, self.broken_from = name, broken_from
-
-    def frame(self, i):
-        if self.broken_from is not None and i >= self.broken_from:
-            raise SessionError(f"{self.name}/frames/frame_{i:06d}.png cannot be read")
-        return super().frame(i)
+_REFUSED_FILES: dict = {}  # one RefusedFiles per checkpoint folder, as the app shares one among its tabs
 
 
 def controller(tmp_path, **kwargs) -> RunController:
+    kwargs.setdefault("refused_files", _REFUSED_FILES.setdefault(tmp_path, RefusedFiles()))
     c = RunController(checkpoint_path=tmp_path / "autoencoder.pth", config=TINY, device="cpu", **kwargs)
-    c.load_session(FakeSession())
+    c.load_session(FakeSession(n=12))
     return c
 
 
@@ -220,7 +209,7 @@ def test_a_cancelled_run_is_finished_by_stop(tmp_path):
 
 def test_an_unreadable_frame_ends_the_run_keeping_the_iterations_done(tmp_path):
     c = RunController(checkpoint_path=tmp_path / "a.pth", config=TINY, device="cpu")
-    c.load_session(FakeSession(broken_from=3))
+    c.load_session(FakeSession(n=12, broken_from=3))
     metrics = run(c, 10)
     status = c.status()
     assert len(metrics) == 3 and status.state == "stopped" and "frame_000003.png" in status.problem
@@ -323,8 +312,6 @@ def _views(i: int, size: int = 32, noisy: bool = False) -> dict:
 
 
 def test_run_history_stays_within_its_snapshot_bound_and_evenly_spread():
-    from autoencoder_concat_predictor_world_model import RunSnapshots
-
     history = RunSnapshots(max_snapshots=500)
     for i in range(1, 2001):
         if history.wants(i):
@@ -341,8 +328,6 @@ def test_run_history_stays_within_its_snapshot_bound_and_evenly_spread():
 
 
 def test_run_history_stays_within_its_byte_bound():
-    from autoencoder_concat_predictor_world_model import RunSnapshots
-
     history = RunSnapshots(max_snapshots=500, max_bytes=200_000)  # noise does not compress: ~6 kB a snapshot
     for i in range(1, 301):
         history.add({"iteration": i}, _views(i, noisy=True)) if history.wants(i) else None
@@ -378,8 +363,6 @@ def _trained(tmp_path, iterations=4, **kwargs) -> RunController:
 
 
 def test_a_named_checkpoint_is_saved_once_listed_and_loaded_into_another_tab(tmp_path):
-    from autoencoder_concat_predictor_world_model import CheckpointError, checkpoint_summaries
-
     a = _trained(tmp_path, 6)
     saved = a.save_named("after-six")
     assert saved.path == tmp_path / "after-six.pth" and saved.step == a.world_model().step
@@ -422,13 +405,11 @@ def test_a_link_planted_under_a_checkpoint_name_cannot_lead_out(tmp_path):
 
 
 def test_loading_a_damaged_or_foreign_named_checkpoint_leaves_the_model_untouched(tmp_path):
-    from autoencoder_concat_predictor_world_model import CheckpointError
-
     c = _trained(tmp_path, 4)
     (tmp_path / "damaged.pth").write_bytes(b"not a checkpoint")
     other = dataclasses.replace(TINY, decoder_depth=1)
     foreign = RunController(checkpoint_path=tmp_path / "f" / "autoencoder.pth", config=other, device="cpu")
-    foreign.load_session(FakeSession())
+    foreign.load_session(FakeSession(n=12))
     for _ in foreign.run(3):
         pass
     foreign.world_model().save_checkpoint(tmp_path / "foreign.pth")

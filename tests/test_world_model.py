@@ -10,48 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from autoencoder_concat_predictor_world_model import (
-    AutoencoderConcatPredictorWorldModel,
-    CheckpointError,
-    ReplayRobot,
-    dot_centroid,
-    dot_error,
-    get_lr,
-)
+from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel, ReplayRobot, get_lr
+from checkpoints import CheckpointError
+from frame_metrics import dot_centroid, dot_error
 from config import AutoencoderConcatPredictorWorldModelConfig
+from conftest import TINY, FakeSession
 from models import canvas_to_tensor, tensor_to_uint8
 from toroidal_action_selectors import make_selector
 from toroidal_dot_robot import ToroidalDotRobot
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dataclasses.replace(
-    AutoencoderConcatPredictorWorldModelConfig(),
-    embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
-)
-
-
 def _tiny_world_model(pattern="alternate", seed=3, config=TINY):
     robot = ToroidalDotRobot(seed=seed)
     return AutoencoderConcatPredictorWorldModel(robot, make_selector(pattern), device="cpu", config=config)
-
-
-class _FakeSession:
-    """Three distinct frames with recorded actions, shaped like session_explorer_lib.Session."""
-
-    def __init__(self, n=4):
-        robot = ToroidalDotRobot(seed=0)
-        self.frames, self.actions = [], []
-        for i in range(n):
-            self.frames.append(robot.get_observation())
-            self.actions.append(i % 2)
-            robot.execute_action(i % 2)
-        self.observations = self.frames
-
-    def frame(self, i):
-        return self.frames[i]
-
-    def action_after(self, i):
-        return self.actions[i] if i < len(self.frames) - 1 else None
 
 
 def test_loop_trains_from_the_third_frame_and_predicts_from_the_second():
@@ -113,7 +84,7 @@ def test_stop_event_ends_the_run_between_iterations():
 
 
 def test_replay_robot_plays_recorded_frames_and_actions_and_loops():
-    session = _FakeSession(4)
+    session = FakeSession(4)
     robot = ReplayRobot(session)
     wm = AutoencoderConcatPredictorWorldModel(robot, device="cpu", config=TINY)
     wm.run(4)
@@ -256,3 +227,38 @@ np.save({str(tmp_path / 'pred.npy')!r}, wm.predict_next_frame([f[0], {history[1]
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
     got = np.load(tmp_path / "pred.npy")
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1  # same frame up to float rounding
+
+
+def _plain(value) -> bool:
+    """Tensors and plain Python data only (what ``torch.load(weights_only=True)`` reads back)."""
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (torch.Tensor, str, int, float, bool))
+
+
+def test_training_state_is_plain_data_and_restores_the_run_exactly():
+    parked, straight = _tiny_world_model(), _tiny_world_model()
+    parked.run(5)
+    straight.run(5)
+    state = parked.training_state()
+    assert _plain(state) and state["step"] == 3 and state["iteration"] == 5
+    robot, selector = parked.robot, parked.action_selector
+    reloaded = AutoencoderConcatPredictorWorldModel(robot, selector, device="cpu", config=TINY)
+    reloaded.load_training_state(state)
+    np.testing.assert_array_equal(reloaded.last_prediction, straight.last_prediction)
+    assert reloaded.get_training_views().keys() == straight.get_training_views().keys()
+    after, expected = reloaded.run(3), straight.run(3)
+    for key in ("prediction_error", "training_loss", "grad_norm", "step", "iteration"):
+        assert [m[key] for m in after] == [m[key] for m in expected], key
+
+
+def test_a_robot_is_detached_and_attached_with_a_fresh_history():
+    wm = _tiny_world_model()
+    wm.run(3)
+    robot = wm.detach_robot()
+    assert wm.robot is None and wm.interleaved_history == [] and wm.last_prediction is None
+    wm.attach_robot(robot)
+    m = wm.run(1)[0]
+    assert m["prediction_error"] is None and m["iteration"] == 4 and len(wm.interleaved_history) == 2

@@ -1,0 +1,72 @@
+"""One way to write a file so that a crash never leaves a torn one.
+
+The data goes to a temp file in the same folder (``.NAME.<pid>_<random>.tmp``), is flushed (and
+fsynced when asked), then takes the final name with ``os.replace`` (or a hard link that refuses an
+existing name); with fsync the folder is fsynced too, so the new name survives a power cut. A
+reader sees the previous file (or none) or the whole new one. Standard library only: the session
+recorder and the checkpoint code both use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+
+def temp_name(path: Path) -> Path:
+    """A temp file name beside ``path`` that no other writer picks (``.NAME.<pid>_<random>.tmp``)."""
+    return path.with_name(f".{path.name}.{os.getpid()}_{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None], fsync: bool = True,
+                 replace: bool = True) -> None:
+    """Write ``data`` (bytes, or a function that writes to the open file) to ``path`` atomically.
+
+    Args:
+        fsync: fsync the file before the rename and the folder after it (durable across a power cut);
+            without it the file is only flushed (fast, still never torn after a process crash).
+        replace: replace an existing file; when False an existing name raises ``FileExistsError``
+            (a hard link, never a rename over it, even when another writer took the name a moment ago).
+    """
+    path = Path(path)
+    tmp = temp_name(path)
+    created = False
+    try:
+        with open(tmp, "xb") as f:  # "x": never clobber a temp file that is not ours
+            created = True
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails when the name exists
+            tmp.unlink()
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # our own temp file only
+        raise
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """fsync a folder so a rename inside it is durable; silently skipped where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
