@@ -163,7 +163,7 @@ def roll_canvas_frames(canvases: np.ndarray, shifts: np.ndarray, frame_size, sep
     dy, dx = shifts[:, :1], shifts[:, 1:]  # (B, 1) each
     rows = (np.arange(H)[None, :] - dy) % H  # (B, H) source row of each row
     cols = np.where(in_frame[None, :], slot_x0[None, :] + (within[None, :] - dx) % W, x[None, :])  # (B, Wc)
-    # gather whole pixels (3 bytes as one item) by one flat index: 4x faster than indexing bytes in 3 dimensions
+    # gather whole pixels (3 bytes as one item) by one flat index: one gather instead of indexing bytes in 3 dimensions
     pixels = np.ascontiguousarray(canvases).view(np.dtype((np.void, 3))).reshape(-1)  # (B * H * Wc,)
     flat = (np.arange(B)[:, None, None] * H + rows[:, :, None]) * Wc + cols[:, None, :]  # (B, H, Wc)
     return pixels.take(flat).view(np.uint8).reshape(B, H, Wc, 3)  # (B, H, Wc, 3)

@@ -18,6 +18,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from concat_world_model_explorer_gradio import CANVAS_OUTPUT_KEYS, RUN_OUTPUT_KEYS
 from conftest import APP_SESSIONS, AUTH_PASSWORD, AUTH_USER, BROKEN_SESSION
 
 ALT, MOVE = "alternate_small", "always_move_small"
@@ -25,8 +26,11 @@ ALT_FRAMES = APP_SESSIONS[ALT][1] + 1
 ALL_ON = (True,) * 9  # layers 0-4, heads 0-3
 LINES, HEATMAP = "Patch-to-Patch Lines", "Heatmap"
 # output positions of /run_world_model and /stop (the state output is not part of the API)
-PROGRESS, CHECKPOINT, T_ORIGINAL, T_MASKED, T_INPAINT, T_COMPOSITE = 0, 1, 2, 3, 4, 5
-P_CURRENT, P_NEXT, P_ERROR, P_INFO, PLOT_ERROR, PLOT_TIME, PLOT_LOSS, PLOT_DOT, ATTN_IMAGE, ATTN_STATS, SLIDER = range(6, 17)
+PROGRESS, CHECKPOINT, T_ORIGINAL, T_MASKED, T_INPAINT, T_COMPOSITE = (RUN_OUTPUT_KEYS.index(k) for k in (
+    "progress", "checkpoint", "train_original", "train_masked", "train_inpainting", "train_composite"))
+P_CURRENT, P_NEXT, P_ERROR, P_INFO, PLOT_ERROR, PLOT_TIME, PLOT_LOSS, PLOT_DOT, ATTN_IMAGE, ATTN_STATS, SLIDER = (
+    RUN_OUTPUT_KEYS.index(k) for k in ("pred_current", "pred_next", "pred_error", "prediction_info", "plot_error",
+                                       "plot_time", "plot_loss", "plot_dot", "attn_image", "attn_stats", "frame_slider"))
 
 
 # -----------------------------------------------------------------------------
@@ -396,11 +400,12 @@ def test_single_canvas_training_streams_and_trains_this_tabs_model(analysed):
     step, iteration = model_counters(analysed)
     job = analysed.submit(5, 5, api_name="/train_single_canvas")
     final = job.result(timeout=120)
-    progress, plot = final[0], final[1]
+    at = {key: CANVAS_OUTPUT_KEYS.index(key) for key in CANVAS_OUTPUT_KEYS}  # output positions
+    progress, plot = final[at["canvas_progress"]], final[at["canvas_plot"]]
     assert progress.startswith("**Done: 5/5** steps on the canvas ending at frame 5")
     assert len(points(plot, "training loss (weighted)")) == 5
-    assert png(final[2]).shape == (224, 688, 3)  # the training views show that canvas
-    assert "**Saved**" in final[6]
+    assert png(final[at["train_original"]]).shape == (224, 688, 3)  # the training views show that canvas
+    assert "**Saved**" in final[at["checkpoint"]]
     assert model_counters(analysed) == (step + 5, iteration)  # steps taken, no loop iteration
 
 

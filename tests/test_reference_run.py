@@ -13,7 +13,7 @@ from toroidal_action_selectors import make_selector
 from toroidal_dot_robot import ToroidalDotRobot
 
 # default config, ToroidalDotRobot(seed=42), alternate, 10 iterations (8 training steps)
-# re-pinned for the issue-9 recipe (small model, batch of 4 with torus-rolled replays, dot weight 5)
+# with the default recipe (small model, batch of 4 with torus-rolled replays, dot weight 5)
 REFERENCE_TRAINING_LOSS = [0.0080198, 0.0080091, 0.0079937, 0.0079705, 0.0079615, 0.007962, 0.0079789, 0.0079774]
 REFERENCE_PREDICTION_MSE = [0.0016143, 0.0016143, 0.001616, 0.0016172, 0.001643, 0.0016774, 0.0017221, 0.0017453]
 

@@ -1,10 +1,10 @@
-"""Hostile input, file exposure, concurrency and login through the real entry points (issue 6, app half).
+"""Hostile input, file exposure, concurrency and login through the real entry points.
 
 Everything goes through the launched app (``conftest.app_server`` or an app launched here with other
 flags): gradio_client, or plain HTTP where a client library would refuse to send the value. The
 library half (damaged sessions, checkpoints, recordings) lives in ``test_robustness.py``.
 
-Cases (numbers of issue 6):
+Cases:
 1. session names sent straight to ``/load_session``: one generic refusal, nothing outside read;
 2. what the server hands out: only PNGs it drew, under GRADIO_TEMP_DIR; no project file by any route;
 3. numbers: bad iteration counts, frame indices and quantiles refused, nothing runs, state kept;
