@@ -43,7 +43,7 @@ from checkpoints import (
     write_checkpoint,
 )
 import config
-from config import AutoencoderConcatPredictorWorldModelConfig
+from config import LOGGER_NAME, AutoencoderConcatPredictorWorldModelConfig
 from frame_metrics import dot_error, frame_mse
 from models import TargetedMAEWrapper, build_canvas, canvas_to_patches, canvas_to_tensor, tensor_to_uint8
 from models.autoencoder_concat_predictor import (
@@ -54,7 +54,7 @@ from models.autoencoder_concat_predictor import (
 from models.cuda_graphs import GraphedCall
 from toroidal_dot_robot import ACTION_SPACE, MOVE_RIGHT, STAY, action_dict, parse_action
 
-LOG = logging.getLogger("concat_world_model_explorer.engine")  # a child of the app's logger: its level applies
+LOG = logging.getLogger(f"{LOGGER_NAME}.engine")  # a child of the app's logger: its level applies
 
 
 # -----------------------------------------------------------------------------

@@ -94,7 +94,7 @@ UNKNOWN_SESSION = "Unknown session: that name is not a session folder in the ses
 NO_SESSION = "Load a session first: choose one in the list and press Load session."
 NO_MODEL_YET = "_No model yet: it is created at the first Run (from the saved checkpoint when there is one)._"
 NOTHING_RUN_YET = "_Nothing to show yet: run the world model once; its decoder attention is captured at the end of every run._"
-LOG = logging.getLogger("concat_world_model_explorer")
+LOG = logging.getLogger(config.LOGGER_NAME)
 
 CSS = """
 .pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }

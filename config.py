@@ -20,6 +20,7 @@ from typing import Mapping
 # paths
 
 PROJECT_ROOT = Path(__file__).resolve().parent  # the folder holding this file
+LOGGER_NAME = "concat_world_model_explorer"  # the app's logger; the engine logs to its child "<this>.engine"
 SAVED_ROOT = PROJECT_ROOT / "saved"  # all user data lives below here ($CWM_SAVED_ROOT through from_env())
 SESSIONS_ROOT = SAVED_ROOT / "sessions" / "toroidal_dot"  # one folder per recorded session
 CHECKPOINT_DIR = SAVED_ROOT / "checkpoints" / "toroidal_dot"  # where the world model keeps its weights

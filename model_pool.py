@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-LOG = logging.getLogger("concat_world_model_explorer.engine")  # a child of the app's logger: its level applies
+from config import LOGGER_NAME
+
+LOG = logging.getLogger(f"{LOGGER_NAME}.engine")  # a child of the app's logger: its level applies
 
 
 def return_freed_memory(collect: bool = True) -> float:

@@ -31,14 +31,14 @@ from autoencoder_concat_predictor_world_model import (
     ReplayRobot,
 )
 from checkpoints import CheckpointError, FileIdentity, RefusedFiles
-from config import AutoencoderConcatPredictorWorldModelConfig
+from config import LOGGER_NAME, AppConfig, AutoencoderConcatPredictorWorldModelConfig
 from model_pool import ModelPool, return_freed_memory
 from run_history import RunSnapshots
 from session_explorer_lib import SessionError, check_name
 from validation import whole_number
 from world_model_analysis import counterfactual, evaluate_session, rollout, single_canvas_steps, training_canvas
 
-LOG = logging.getLogger("concat_world_model_explorer.engine")  # a child of the app's logger: its level applies
+LOG = logging.getLogger(f"{LOGGER_NAME}.engine")  # a child of the app's logger: its level applies
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,8 @@ class RunController:
                  config: AutoencoderConcatPredictorWorldModelConfig | None = None,
                  refused_files: RefusedFiles | None = None,
                  device: torch.device | str | None = None, pool: ModelPool | None = None,
-                 run_lock_wait_s: float = 5.0, stop_grace_s: float = 1.0, history_snapshots: int = 500,
-                 history_bytes: int = 100 * 2**20):
+                 run_lock_wait_s: float = AppConfig.run_lock_wait_s, stop_grace_s: float = AppConfig.stop_grace_s,
+                 history_snapshots: int = AppConfig.history_snapshots, history_bytes: int = AppConfig.history_bytes):
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else _default_checkpoint_path()
         self.refused_files = refused_files if refused_files is not None else RefusedFiles()
         self.config = config or AutoencoderConcatPredictorWorldModelConfig()

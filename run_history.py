@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from config import AppConfig
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -31,7 +33,7 @@ class RunSnapshots:
     whole history, first iteration included.
     """
 
-    def __init__(self, max_snapshots: int = 500, max_bytes: int = 100 * 2**20):
+    def __init__(self, max_snapshots: int = AppConfig.history_snapshots, max_bytes: int = AppConfig.history_bytes):
         if max_snapshots < 2 or max_bytes < 1:
             raise ValueError("a run history keeps at least 2 snapshots and 1 byte")
         self.max_snapshots, self.max_bytes = int(max_snapshots), int(max_bytes)

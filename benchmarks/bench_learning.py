@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel, ReplayRobot  # noqa: E402
 from config import AutoencoderConcatPredictorWorldModelConfig, ToroidalDotConfig  # noqa: E402
+from frame_metrics import WITHIN_PX  # noqa: E402
 from toroidal_action_selectors import make_selector  # noqa: E402
 from toroidal_dot_robot import ToroidalDotRobot  # noqa: E402
 
@@ -62,7 +63,7 @@ def window_summary(records: list[dict]) -> dict:
         "mse_ratio": mse / copy if copy > 0 else None,
         "dot_present": float(np.mean(np.isfinite(errs))),
         "median_dot_error_px": float(np.median(errs)) if np.isfinite(np.median(errs)) else None,  # None: most missed
-        "within_3px": float(np.mean(errs <= 3.0)),
+        "within_3px": float(np.mean(errs <= WITHIN_PX)),
     }
 
 

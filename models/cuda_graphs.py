@@ -11,7 +11,9 @@ from typing import Callable
 
 import torch
 
-LOG = logging.getLogger("concat_world_model_explorer.engine")  # a child of the app's logger: its level applies
+from config import LOGGER_NAME
+
+LOG = logging.getLogger(f"{LOGGER_NAME}.engine")  # a child of the app's logger: its level applies
 
 
 class GraphedCall:
