@@ -4,10 +4,14 @@
 - ``saved_root``: a temporary ``saved/`` folder with small recorded sessions (and one broken one).
 - ``app_server``: the real app (``python concat_world_model_explorer_gradio.py``) launched as a
   subprocess on a free port against ``saved_root``; ready once its HTTP root answers.
+- ``TINY`` (a tiny world-model config) and ``FakeSession`` (a recording in memory) for unit tests.
+- ``client`` and the helpers that call the launched app (``connect``, ``load``, ``run``,
+  ``error_of``, ``png``, ``points``) for the API and security tests.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -18,7 +22,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
 
 torch.set_num_threads(2)
 
@@ -206,3 +214,83 @@ def guarded_server(saved_root, tmp_path_factory):
                         ("--share", "--auth", f"{AUTH_USER}:{AUTH_PASSWORD}"), env_extra=env)
     yield server
     stop_process(server.proc)
+
+
+# -----------------------------------------------------------------------------
+# calling the launched app (API and security tests)
+
+ALT, MOVE = "alternate_small", "always_move_small"
+ALT_FRAMES = APP_SESSIONS[ALT][1] + 1
+ALL_ON = (True,) * 9  # layers 0-4, heads 0-3
+LINES, HEATMAP = "Patch-to-Patch Lines", "Heatmap"
+
+
+def connect(url: str, downloads: Path, **kwargs) -> Client:
+    return Client(url, verbose=False, download_files=str(downloads), **kwargs)
+
+
+@pytest.fixture
+def client(app_server, tmp_path):
+    c = connect(app_server.url, tmp_path)
+    yield c
+    c.close()
+
+
+def png(path) -> np.ndarray:
+    """Decode an image output; it must be a real PNG file (lossless)."""
+    path = Path(path["value"] if isinstance(path, dict) else path)
+    assert path.suffix == ".png"
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))
+
+
+def points(plot: dict, series: str | None = None) -> list[tuple[float, float]]:
+    """The (iteration, value) points of a LinePlot output (an update carrying the axis span and the
+    value), skipping the null colour-anchor rows."""
+    plot = plot["value"] if plot.get("__type__") == "update" else plot
+    cols = plot["columns"]
+    rows = [dict(zip(cols, row)) for row in plot["data"]]
+    return [(r["iteration"], r["value"]) for r in rows
+            if r["iteration"] is not None and (series is None or r.get("series") == series)]
+
+
+def raw_call(client: Client, api_name: str, data_json: str) -> tuple[str, str]:
+    """Call an endpoint over plain HTTP in ``client``'s browser session with a hand-written JSON body.
+
+    gradio_client refuses to encode NaN and infinities, but any HTTP client can send them, so the
+    app must refuse them too. Returns the (event, data) of the last server-sent event.
+    """
+    body = f'{{"data": {data_json}, "session_hash": {json.dumps(client.session_hash)}}}'.encode()
+    base = client.src.rstrip("/") + f"/gradio_api/call{api_name}"
+    post = urllib.request.Request(base, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(post, timeout=30) as response:
+        event_id = json.loads(response.read())["event_id"]
+    with urllib.request.urlopen(f"{base}/{event_id}", timeout=120) as response:
+        lines = response.read().decode().splitlines()
+    event = [line[7:] for line in lines if line.startswith("event: ")][-1]
+    data = [line[6:] for line in lines if line.startswith("data: ")][-1]
+    return event, data
+
+
+NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}  # JSON tokens Python's json accepts
+
+
+def error_of(client: Client, *args, api_name: str) -> str:
+    """The error message of a call that must fail (non-finite floats go over raw HTTP)."""
+    if any(isinstance(a, float) and not np.isfinite(a) for a in args):
+        items = [NON_FINITE[repr(a)] if isinstance(a, float) and not np.isfinite(a) else json.dumps(a) for a in args]
+        event, data = raw_call(client, api_name, "[" + ", ".join(items) + "]")
+        assert event == "error", (event, data)
+        return data
+    with pytest.raises(AppError) as info:
+        client.predict(*args, api_name=api_name)
+    return str(info.value)
+
+
+def load(client: Client, name: str = ALT):
+    return client.predict(name, api_name="/load_session")
+
+
+def run(client: Client, n: int):
+    return client.predict(n, api_name="/run_world_model")

@@ -10,21 +10,18 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from gradio_client import Client
-from gradio_client.exceptions import AppError
 from PIL import Image
 
 from concat_world_model_explorer_gradio import CANVAS_OUTPUT_KEYS, RUN_OUTPUT_KEYS
-from conftest import APP_SESSIONS, AUTH_PASSWORD, AUTH_USER, BROKEN_SESSION
+from conftest import (
+    ALL_ON, ALT, ALT_FRAMES, APP_SESSIONS, AUTH_PASSWORD, AUTH_USER, BROKEN_SESSION, HEATMAP, LINES, MOVE, connect,
+    error_of, load, png, points, run,
+)
 
-ALT, MOVE = "alternate_small", "always_move_small"
-ALT_FRAMES = APP_SESSIONS[ALT][1] + 1
-ALL_ON = (True,) * 9  # layers 0-4, heads 0-3
-LINES, HEATMAP = "Patch-to-Patch Lines", "Heatmap"
 # output positions of /run_world_model and /stop (the state output is not part of the API)
 PROGRESS, CHECKPOINT, T_ORIGINAL, T_MASKED, T_INPAINT, T_COMPOSITE = (RUN_OUTPUT_KEYS.index(k) for k in (
     "progress", "checkpoint", "train_original", "train_masked", "train_inpainting", "train_composite"))
@@ -37,84 +34,8 @@ P_CURRENT, P_NEXT, P_ERROR, P_INFO, PLOT_ERROR, PLOT_TIME, PLOT_LOSS, PLOT_DOT, 
 # helpers
 
 
-def connect(url: str, downloads: Path, **kwargs) -> Client:
-    return Client(url, verbose=False, download_files=str(downloads), **kwargs)
-
-
-@pytest.fixture
-def client(app_server, tmp_path):
-    c = connect(app_server.url, tmp_path)
-    yield c
-    c.close()
-
-
-def png(path) -> np.ndarray:
-    """Decode an image output; it must be a real PNG file (lossless)."""
-    path = Path(path["value"] if isinstance(path, dict) else path)
-    assert path.suffix == ".png"
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        return np.asarray(image.convert("RGB"))
-
-
 def white_pixels(image: np.ndarray) -> int:
     return int((image.min(axis=2) >= 250).sum())
-
-
-def points(plot: dict, series: str | None = None) -> list[tuple[float, float]]:
-    """The (iteration, value) points of a LinePlot output (an update carrying the axis span and the
-    value), skipping the null colour-anchor rows."""
-    plot = plot["value"] if plot.get("__type__") == "update" else plot
-    cols = plot["columns"]
-    rows = [dict(zip(cols, row)) for row in plot["data"]]
-    return [(r["iteration"], r["value"]) for r in rows
-            if r["iteration"] is not None and (series is None or r.get("series") == series)]
-
-
-def raw_call(client: Client, api_name: str, data_json: str) -> tuple[str, str]:
-    """Call an endpoint over plain HTTP in ``client``'s browser session with a hand-written JSON body.
-
-    gradio_client refuses to encode NaN and infinities, but any HTTP client can send them, so the
-    app must refuse them too. Returns the (event, data) of the last server-sent event.
-    """
-    import json
-    import urllib.request
-
-    body = f'{{"data": {data_json}, "session_hash": {json.dumps(client.session_hash)}}}'.encode()
-    base = client.src.rstrip("/") + f"/gradio_api/call{api_name}"
-    post = urllib.request.Request(base, data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(post, timeout=30) as response:
-        event_id = json.loads(response.read())["event_id"]
-    with urllib.request.urlopen(f"{base}/{event_id}", timeout=120) as response:
-        lines = response.read().decode().splitlines()
-    event = [line[7:] for line in lines if line.startswith("event: ")][-1]
-    data = [line[6:] for line in lines if line.startswith("data: ")][-1]
-    return event, data
-
-
-NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}  # JSON tokens Python's json accepts
-
-
-def error_of(client: Client, *args, api_name: str) -> str:
-    """The error message of a call that must fail (non-finite floats go over raw HTTP)."""
-    if any(isinstance(a, float) and not np.isfinite(a) for a in args):
-        import json
-
-        items = [NON_FINITE[repr(a)] if isinstance(a, float) and not np.isfinite(a) else json.dumps(a) for a in args]
-        event, data = raw_call(client, api_name, "[" + ", ".join(items) + "]")
-        assert event == "error", (event, data)
-        return data
-    with pytest.raises(AppError) as info:
-        client.predict(*args, api_name=api_name)
-    return str(info.value)
-
-
-def load(client: Client, name: str = ALT):
-    return client.predict(name, api_name="/load_session")
-
-
-def run(client: Client, n: int):
-    return client.predict(n, api_name="/run_world_model")
 
 
 def digest(path) -> str:

@@ -39,13 +39,17 @@ from PIL import Image
 
 import concat_world_model_explorer_gradio as app
 import server_guard
-from conftest import AUTH_PASSWORD, AUTH_USER, REPO, free_port, launch_app, stop_process
+from conftest import (
+    ALL_ON, ALT, ALT_FRAMES, AUTH_PASSWORD, AUTH_USER, HEATMAP, LINES, MOVE, REPO, connect, error_of, free_port,
+    launch_app, load, png, points, run, stop_process,
+)
 from record_session import record_session
 from suite_census import assert_suite_collected
-from test_app_api import (
-    ALL_ON, ALT, ALT_FRAMES, ATTN_STATS, CHECKPOINT, HEATMAP, LINES, MOVE, P_CURRENT, PLOT_ERROR, PLOT_TIME,
-    PROGRESS, SLIDER, T_ORIGINAL, connect, error_of, load, png, points, run,
-)
+
+# output positions of /run_world_model and /stop (the state output is not part of the API)
+PROGRESS, CHECKPOINT, T_ORIGINAL, P_CURRENT, PLOT_ERROR, PLOT_TIME, ATTN_STATS, SLIDER = (
+    app.RUN_OUTPUT_KEYS.index(k) for k in ("progress", "checkpoint", "train_original", "pred_current", "plot_error",
+                                           "plot_time", "attn_stats", "frame_slider"))
 
 RED = (255, 0, 0)  # every frame of the sessions outside the sessions folder is solid red
 EVIL_ROOT, EVIL_SESSION = "toroidal_dot_evil", "evil_session"  # a sibling folder sharing the root's name prefix
