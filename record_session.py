@@ -23,6 +23,7 @@ from config import RecordingConfig, ToroidalDotConfig
 from recording_robot import RecordingError, RecordingRobot, SessionExistsError, SessionWriter
 from toroidal_action_selectors import PATTERN_NAMES, make_selector
 from toroidal_dot_robot import ToroidalDotRobot
+from validation import whole_number
 
 # -----------------------------------------------------------------------------
 # constants
@@ -133,22 +134,23 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _int_at_least(minimum: int, what: str):
-    """An argparse type: an integer >= ``minimum``, else a one-line error saying so."""
+    """An argparse type: a whole number >= ``minimum`` (``validation.whole_number``), else a one-line error."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
+            value = text  # refused below, naming the text
+        try:
+            return whole_number(value, what, minimum)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
 
 
-_positive_int = _int_at_least(1, "a positive integer")
-_non_negative_int = _int_at_least(0, "an integer >= 0")
+_positive_int = _int_at_least(1, "the value")
+_non_negative_int = _int_at_least(0, "the value")
 
 
 def build_parser() -> argparse.ArgumentParser:
