@@ -47,12 +47,11 @@ def test_graphs_keep_their_index_tensors_when_the_cache_is_cleared():
     the tensors they were recorded with (freed memory could be reused by anything)."""
     wm = _world_model(cuda_precision="fp32")
     wm.run(10)
-    cache = wm.model.mae._split_cache
-    recorded = {id(t) for entry in cache.values() for t in entry}
+    recorded = {id(t) for entry in wm.model.mae.cached_index_sets() for t in entry}
     canvases = np.zeros((20, 224, 688, 3), np.uint8)
     for b in range(1, 20):  # 19 batch sizes: more than the cache holds
         wm.predict_slots(canvases[:b], batch_size=b)
-    assert not recorded <= {id(t) for entry in cache.values() for t in entry}  # the cache was cleared
+    assert not recorded <= {id(t) for entry in wm.model.mae.cached_index_sets() for t in entry}  # the cache was cleared
     kept = {id(t) for entry in wm._graphs["train"].kept for t in entry}
     assert recorded <= kept
     torch.cuda.empty_cache()
