@@ -660,6 +660,7 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, os.getcwd())
 from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel
+from config import AutoencoderConcatPredictorWorldModelConfig
 from toroidal_dot_robot import ToroidalDotRobot
 TINY = dataclasses.replace(AutoencoderConcatPredictorWorldModelConfig(), **%(tiny)r)
 wm = AutoencoderConcatPredictorWorldModel(ToroidalDotRobot(seed=0), device="cpu", config=TINY)
