@@ -41,6 +41,7 @@ import pytest
 import torch
 from PIL import Image
 
+import atomic_files
 import recording_robot
 from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel
 from checkpoints import CheckpointError
@@ -956,7 +957,9 @@ def _record_on_filling_disk(tmp_path, monkeypatch, capsys, fragment, nth):
     record_session("alternate", 3, seed=9, name="other", root=root)
     before = _snapshot(root / "other")
     capsys.readouterr()
-    monkeypatch.setattr(recording_robot, "open", _FillingDisk(fragment, nth).open, raising=False)
+    disk_open = _FillingDisk(fragment, nth).open  # one disk for the event shards and the atomic writes
+    monkeypatch.setattr(recording_robot, "open", disk_open, raising=False)
+    monkeypatch.setattr(atomic_files, "open", disk_open, raising=False)
     code = record_main(["--pattern", "alternate", "--steps", "6", "--name", "filled", "--out", str(root)])
     monkeypatch.undo()
     return code, capsys.readouterr().err.strip(), root, before
