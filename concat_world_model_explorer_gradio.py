@@ -46,16 +46,8 @@ import torch
 from starlette.middleware import Middleware
 
 import config
-from attention_viz import (
-    AGGREGATIONS,
-    VIZ_HEATMAP,
-    VIZ_LINES,
-    VIZ_TYPES,
-    draw_attention,
-    patch_picker_image,
-    picker_patch,
-    render_patch_attention,
-)
+from attention_draw import draw_attention, patch_picker_image, picker_patch, render_patch_attention
+from attention_viz import AGGREGATIONS, VIZ_HEATMAP, VIZ_LINES, VIZ_TYPES
 from autoencoder_concat_predictor_world_model import (
     CheckpointError,
     ModelPool,
