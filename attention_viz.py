@@ -551,6 +551,10 @@ def statistics_markdown(stats: dict) -> str:
     return "\n".join(lines)
 
 
+# -----------------------------------------------------------------------------
+# one redraw: the numbers behind an attention picture
+
+
 class AttentionView(NamedTuple):
     """What a redraw of the decoder attention needs: the matrix, its kept connections and their statistics.
 
