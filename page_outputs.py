@@ -4,7 +4,7 @@ A run (section 2), single-canvas training (section 7), loading a checkpoint and 
 all end by rewriting the same outputs: the progress and checkpoint status (section 2), the training views (3),
 the prediction views (4), the metric graphs (5), the decoder attention picture and patch picker (6) and the
 run-history slider (8). Their values are built here from the tab's ``RunController``, in ``RUN_OUTPUT_KEYS``
-order; the section modules import them. Imports only ``page_common``.
+order; the section modules import them. Of the page modules it imports only ``page_common``.
 """
 
 from __future__ import annotations
