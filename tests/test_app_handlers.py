@@ -18,6 +18,12 @@ import numpy as np
 import pytest
 
 import concat_world_model_explorer_gradio as app
+import attention_viz
+import page_attention
+import page_common
+import page_outputs
+import page_run
+import page_sessions
 import config
 from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel
 from model_pool import ModelPool
@@ -54,20 +60,20 @@ def env(sessions_root, tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
-def loaded(env) -> app.UserState:
-    user = app.UserState()
-    app.load_session(SESSION, user)
+def loaded(env) -> page_common.UserState:
+    user = page_common.UserState()
+    page_sessions.load_session(SESSION, user)
     return user
 
 
-def run_all(num_iterations, user: app.UserState) -> list[tuple]:
+def run_all(num_iterations, user: page_common.UserState) -> list[tuple]:
     """Consume a run; returns every streamed update (state first, then RUN_OUTPUT_KEYS)."""
-    return list(app.run_world_model(num_iterations, user))
+    return list(page_run.run_world_model(num_iterations, user))
 
 
 def out(update: tuple, key: str):
     """One output of a run update; a graph as its DataFrame."""
-    value = update[1 + app.RUN_OUTPUT_KEYS.index(key)]
+    value = update[1 + page_outputs.RUN_OUTPUT_KEYS.index(key)]
     return value["value"] if key.startswith("plot_") else value
 
 
@@ -99,7 +105,7 @@ def test_build_demo_declares_the_fixed_endpoints_without_launching():
 
 def test_a_run_leaves_no_model_in_the_modules_globals_and_never_loads_pyplot(loaded):
     run_all(1, loaded)
-    kinds = (RunController, ModelPool, AutoencoderConcatPredictorWorldModel, app.UserState)
+    kinds = (RunController, ModelPool, AutoencoderConcatPredictorWorldModel, page_common.UserState)
     assert [name for name, value in vars(app).items() if isinstance(value, kinds)] == []
     assert "matplotlib.pyplot" not in sys.modules  # pictures are drawn with numpy/Pillow, graphs by Gradio
 
@@ -110,28 +116,28 @@ def test_a_run_leaves_no_model_in_the_modules_globals_and_never_loads_pyplot(loa
 
 @pytest.mark.parametrize("value, expected", [(1, 1), (500, 500), (7.0, 7), (np.int64(3), 3)])
 def test_whole_number_accepts_whole_numbers_in_range(value, expected):
-    assert app.whole_number(value, "Number of iterations", 1, 500) == expected
+    assert page_common.whole_number(value, "Number of iterations", 1, 500) == expected
 
 
 @pytest.mark.parametrize("value", [0, -1, 501, 10**12, float("nan"), float("inf"), float("-inf"), None, "5", "abc",
                                    3.5, True, False, [5]])
 def test_whole_number_refuses_everything_else_naming_the_field(value):
     with pytest.raises(gr.Error) as info:
-        app.whole_number(value, "Number of iterations", 1, 500)
+        page_common.whole_number(value, "Number of iterations", 1, 500)
     assert "Number of iterations must be a whole number from 1 to 500" in info.value.message
 
 
 @pytest.mark.parametrize("value", [-0.1, 100.5, float("nan"), float("inf"), None, "95", True])
 def test_quantile_outside_0_to_100_is_refused(value):
     with pytest.raises(gr.Error, match="Quantile must be a number from 0 to 100"):
-        app.parse_quantile(value)
+        page_common.parse_quantile(value)
 
 
 def test_running_or_scrubbing_before_loading_asks_to_load_first(env):
-    user = app.UserState()
-    assert "Load a session first" in error_message(app.run_world_model, 5, user)
-    assert "Load a session first" in error_message(app.update_frame, 0, user)
-    assert "Load a session first" in error_message(app.jump_to_frame, 0, user)
+    user = page_common.UserState()
+    assert "Load a session first" in error_message(page_run.run_world_model, 5, user)
+    assert "Load a session first" in error_message(page_sessions.update_frame, 0, user)
+    assert "Load a session first" in error_message(page_sessions.jump_to_frame, 0, user)
     assert not user.controller.has_model
 
 
@@ -140,21 +146,21 @@ def test_running_or_scrubbing_before_loading_asks_to_load_first(env):
 
 
 def test_load_shows_info_and_frame_zero(env):
-    user = app.UserState()
-    _, info, slider, image, frame_md, jump = app.load_session(SESSION, user)
+    user = page_common.UserState()
+    _, info, slider, image, frame_md, jump = page_sessions.load_session(SESSION, user)
     assert "**Frames:** 25" in info and "**Actions:** 24" in info and "ToroidalDotRobot" in info
     assert slider.maximum == 24 and image.shape == (448, 448, 3) and image.max() == 255
     assert "**Frame 0**" in frame_md and "**Action after it:** 0 = stay" in frame_md and jump == 0
 
 
 def test_update_frame_and_jump_move_the_start_frame_and_the_frame_number_box(loaded):
-    image, frame_md, number = app.update_frame(3.0, loaded)
+    image, frame_md, number = page_sessions.update_frame(3.0, loaded)
     assert loaded.controller.start_frame == 3 and number == 3
     assert "**Frame 3**" in frame_md and "**Step:** 6" in frame_md
-    slider, _, frame_md = app.jump_to_frame(24, loaded)
+    slider, _, frame_md = page_sessions.jump_to_frame(24, loaded)
     assert slider.value == 24 and "none (the last frame)" in frame_md
     for bad in (25, -1, 2.5, float("nan"), "3", None):
-        assert "Frame index must be a whole number from 0 to 24" in error_message(app.update_frame, bad, loaded)
+        assert "Frame index must be a whole number from 0 to 24" in error_message(page_sessions.update_frame, bad, loaded)
     assert loaded.controller.start_frame == 24
 
 
@@ -166,7 +172,7 @@ def test_run_streams_progress_saves_a_checkpoint_and_captures_attention(loaded, 
     started = time.monotonic()
     stamps = []
     updates = []
-    for update in app.run_world_model(4, loaded):
+    for update in page_run.run_world_model(4, loaded):
         stamps.append(time.monotonic() - started)
         updates.append(update)
     final = updates[-1]
@@ -175,14 +181,14 @@ def test_run_streams_progress_saves_a_checkpoint_and_captures_attention(loaded, 
     assert len(updates) >= 2 and c.status().done == 4 and not c.running
     longest = max(m["iteration_time"] for m in c.history)
     gaps = np.diff([0.0, *stamps])
-    assert gaps.max() <= app.APP.update_interval_s + longest + 1.0  # updates arrive on a time budget
+    assert gaps.max() <= page_common.APP.update_interval_s + longest + 1.0  # updates arrive on a time budget
     assert env.is_file() and "**Saved**" in out(final, "checkpoint")
     assert c.attention is not None and "connections" in out(final, "attn_stats")
     error, timing, loss = out(final, "plot_error"), out(final, "plot_time"), out(final, "plot_loss")
     assert timing["iteration"].notna().sum() == 4
-    assert final[1 + app.RUN_OUTPUT_KEYS.index("plot_time")]["x_lim"] == [1, 10]  # whole-number ticks for a short run
-    assert error[error.series == app.SERIES_PREDICTION]["iteration"].notna().sum() == 2  # from iteration 3 on
-    assert loss[loss.series == app.SERIES_LOSS]["iteration"].notna().sum() == 2
+    assert final[1 + page_outputs.RUN_OUTPUT_KEYS.index("plot_time")]["x_lim"] == [1, 10]  # whole-number ticks for a short run
+    assert error[error.series == page_outputs.SERIES_PREDICTION]["iteration"].notna().sum() == 2  # from iteration 3 on
+    assert loss[loss.series == page_outputs.SERIES_LOSS]["iteration"].notna().sum() == 2
     dot = out(final, "plot_dot")  # one share per scored prediction, in percent
     assert dot["iteration"].notna().sum() == 2 and dot["value"].between(0, 100).all()
     for key in ("train_original", "train_composite", "pred_current"):
@@ -192,10 +198,10 @@ def test_run_streams_progress_saves_a_checkpoint_and_captures_attention(loaded, 
 
 def test_dot_found_graph_is_the_rolling_share_within_3px_and_a_missing_dot_is_a_miss():
     history = [{"iteration": i + 1, "dot_error": e} for i, e in enumerate([None, float("inf"), 1.0, 5.0, 2.0, 0.5])]
-    rows = app.dot_found_rows(history, window=2)
+    rows = page_outputs.dot_found_rows(history, window=2)
     assert [r["iteration"] for r in rows] == [2, 3, 4, 5, 6]  # iterations without a scored dot are skipped
     assert [r["within_3px_share"] for r in rows] == [0.0, 50.0, 50.0, 50.0, 100.0]
-    assert app.dot_found_rows([{"iteration": 1, "dot_error": None}], window=50) == []
+    assert page_outputs.dot_found_rows([{"iteration": 1, "dot_error": None}], window=50) == []
 
 
 def test_history_is_kept_across_runs_and_a_new_session_keeps_the_model(loaded):
@@ -203,7 +209,7 @@ def test_history_is_kept_across_runs_and_a_new_session_keeps_the_model(loaded):
     model = loaded.controller.world_model()
     run_all(1, loaded)
     assert [m["iteration"] for m in loaded.controller.history] == [1, 2, 3]
-    app.load_session(SESSION, loaded)
+    page_sessions.load_session(SESSION, loaded)
     final = run_all(1, loaded)[-1]
     assert loaded.controller.world_model() is model and len(loaded.controller.history) == 4
     assert out(final, "plot_time")["iteration"].notna().sum() == 4
@@ -211,13 +217,13 @@ def test_history_is_kept_across_runs_and_a_new_session_keeps_the_model(loaded):
 
 def test_stop_ends_the_run_within_one_iteration(loaded):
     updates = []
-    runner = threading.Thread(target=lambda: updates.extend(app.run_world_model(300, loaded)))
+    runner = threading.Thread(target=lambda: updates.extend(page_run.run_world_model(300, loaded)))
     runner.start()
     c = loaded.controller
     deadline = time.monotonic() + 120
     while c.status().done < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
-    result = app.stop_run(loaded)
+    result = page_run.stop_run(loaded)
     done_at_stop = c.status().done
     runner.join(timeout=60)
     assert not runner.is_alive()
@@ -229,23 +235,23 @@ def test_stop_ends_the_run_within_one_iteration(loaded):
 
 
 def test_stop_finishes_a_run_that_the_queue_cancelled(loaded, env):
-    run = app.run_world_model(50, loaded)
+    run = page_run.run_world_model(50, loaded)
     next(run)
     next(run, None)  # at least one more update: some iterations ran
     run.close()  # what Gradio does on cancels=[...] (GeneratorExit at the yield)
     c = loaded.controller
     assert not c.running and c.saved is None and c.attention is None and not env.is_file()
-    result = app.stop_run(loaded)
+    result = page_run.stop_run(loaded)
     assert c.saved.ok and c.attention is not None and env.is_file()
-    assert result[app.RUN_OUTPUT_KEYS.index("attn_image")] is not None
+    assert result[page_outputs.RUN_OUTPUT_KEYS.index("attn_image")] is not None
     assert result[0].startswith(f"**Stopped: {c.status().done}/50**")
 
 
 def test_a_slider_moved_during_a_run_is_kept_when_the_run_ends(loaded):
     c = loaded.controller
-    run = app.run_world_model(6, loaded)
+    run = page_run.run_world_model(6, loaded)
     next(run)
-    app.update_frame(17, loaded)  # the user drags the slider while the run goes
+    page_sessions.update_frame(17, loaded)  # the user drags the slider while the run goes
     final = list(run)[-1]
     assert out(final, "frame_slider").value == 17 and c.start_frame == 17
     run_all(1, loaded)
@@ -255,10 +261,10 @@ def test_a_slider_moved_during_a_run_is_kept_when_the_run_ends(loaded):
 def test_stop_right_before_the_run_starts_stops_it_and_shows_the_loaded_models_step(loaded, env):
     run_all(3, loaded)
     saved_step = loaded.controller.saved.step
-    tab = app.UserState()
-    app.load_session(SESSION, tab)
+    tab = page_common.UserState()
+    page_sessions.load_session(SESSION, tab)
     answers = []
-    stopper = threading.Thread(target=lambda: answers.append(app.stop_run(tab)))
+    stopper = threading.Thread(target=lambda: answers.append(page_run.stop_run(tab)))
     stopper.start()  # Stop reaches the server first: nothing runs yet
     time.sleep(0.1)
     final = run_all(50, tab)[-1]
@@ -277,8 +283,8 @@ def test_refused_checkpoint_is_reported_kept_aside_and_replaced(loaded, env):
     assert "**Checkpoint refused:**" in final and "The refused file was kept as" in final
     kept = list(env.parent.glob("autoencoder.refused-*.pth"))
     assert len(kept) == 1 and kept[0].read_bytes() == b"not a checkpoint"
-    fresh = app.UserState()
-    app.load_session(SESSION, fresh)
+    fresh = page_common.UserState()
+    page_sessions.load_session(SESSION, fresh)
     assert out(run_all(1, fresh)[0], "checkpoint").startswith("**Checkpoint:** loaded")
 
 
@@ -287,40 +293,40 @@ def test_refused_checkpoint_is_reported_kept_aside_and_replaced(loaded, env):
 
 
 def test_attention_messages_before_a_run_and_for_empty_selections(loaded):
-    image, md = app.update_attention_viz(95, *ALL_ON, "mean", app.VIZ_LINES, loaded)
-    assert image is None and md == app.NOTHING_RUN_YET
+    image, md = page_attention.update_attention_viz(95, *ALL_ON, "mean", attention_viz.VIZ_LINES, loaded)
+    assert image is None and md == page_outputs.NOTHING_RUN_YET
     run_all(2, loaded)
-    image, md = app.update_attention_viz(95, False, False, False, False, False, True, True, True, True, "mean",
-                                         app.VIZ_LINES, loaded)
+    image, md = page_attention.update_attention_viz(95, False, False, False, False, False, True, True, True, True, "mean",
+                                         attention_viz.VIZ_LINES, loaded)
     assert image is None and "Select at least one decoder layer" in md
-    image, md = app.update_attention_viz(95, *(True,) * 5, *(False,) * 4, "sum", app.VIZ_HEATMAP, loaded)
+    image, md = page_attention.update_attention_viz(95, *(True,) * 5, *(False,) * 4, "sum", attention_viz.VIZ_HEATMAP, loaded)
     assert image is None and "Select at least one attention head" in md
     assert "Aggregation must be one of: mean, max, sum" in error_message(
-        app.update_attention_viz, 95, *ALL_ON, "median", app.VIZ_LINES, loaded)
+        page_attention.update_attention_viz, 95, *ALL_ON, "median", attention_viz.VIZ_LINES, loaded)
     assert "Visualization type must be one of" in error_message(
-        app.update_attention_viz, 95, *ALL_ON, "mean", "3D", loaded)
+        page_attention.update_attention_viz, 95, *ALL_ON, "mean", "3D", loaded)
     assert "Decoder layer 2 checkbox must be true or false" in error_message(
-        app.update_attention_viz, 95, True, True, "yes", True, True, True, True, True, True, "mean", app.VIZ_LINES, loaded)
+        page_attention.update_attention_viz, 95, True, True, "yes", True, True, True, True, True, True, "mean", attention_viz.VIZ_LINES, loaded)
 
 
 def test_attention_redraws_from_the_cache_in_under_300_ms(loaded):
     run_all(2, loaded)  # the second iteration makes the first prediction, whose attention is captured
     step = loaded.controller.world_model().step
     pictures = {}
-    for viz in app.VIZ_TYPES:
-        for aggregation in app.AGGREGATIONS:
+    for viz in attention_viz.VIZ_TYPES:
+        for aggregation in attention_viz.AGGREGATIONS:
             times = []
             for _ in range(3):
                 started = time.perf_counter()
-                image, md = app.update_attention_viz(90, *ALL_ON, aggregation, viz, loaded)
+                image, md = page_attention.update_attention_viz(90, *ALL_ON, aggregation, viz, loaded)
                 times.append(time.perf_counter() - started)
             assert statistics.median(times) < 0.3, (viz, aggregation, times)
             assert image.dtype == np.uint8 and "connections" in md
             pictures[viz, aggregation] = (image.tobytes(), md)
-    for viz in app.VIZ_TYPES:  # sum is mean x heads, so only its statistics (weight sum) differ
+    for viz in attention_viz.VIZ_TYPES:  # sum is mean x heads, so only its statistics (weight sum) differ
         assert pictures[viz, "max"][0] != pictures[viz, "mean"][0]
         assert pictures[viz, "sum"][1] != pictures[viz, "mean"][1]
-    assert pictures[app.VIZ_LINES, "mean"][0] != pictures[app.VIZ_HEATMAP, "mean"][0]
+    assert pictures[attention_viz.VIZ_LINES, "mean"][0] != pictures[attention_viz.VIZ_HEATMAP, "mean"][0]
     assert loaded.controller.world_model().step == step  # no training happened
 
 
@@ -329,27 +335,27 @@ def test_a_redraw_checks_its_quantile_once(loaded, monkeypatch):
 
     run_all(2, loaded)
     calls = []
-    for module, name in ((app, "parse_quantile"), (attention_viz, "_check_quantile")):
+    for module, name in ((page_attention, "parse_quantile"), (attention_viz, "_check_quantile")):
         check = getattr(module, name)
         monkeypatch.setattr(module, name, lambda q, check=check, name=name: (calls.append(name), check(q))[1])
-    image, _ = app.update_attention_viz(90, *ALL_ON, "mean", app.VIZ_HEATMAP, loaded)
+    image, _ = page_attention.update_attention_viz(90, *ALL_ON, "mean", attention_viz.VIZ_HEATMAP, loaded)
     assert image is not None and calls == ["parse_quantile"]
 
 
 def test_attention_controls_follow_the_configured_decoder_depth_and_heads(env):
-    small = dataclasses.replace(app.MODEL_CFG, embed_dim=32, decoder_embed_dim=32, decoder_depth=3, decoder_num_heads=2)
+    small = dataclasses.replace(page_common.MODEL_CFG, embed_dim=32, decoder_embed_dim=32, decoder_depth=3, decoder_num_heads=2)
     demo = app.build_demo(config=small)
     ids = {b.elem_id for b in demo.blocks.values() if isinstance(b, gr.Checkbox)}
     assert ids == {"attn-layer-0", "attn-layer-1", "attn-layer-2", "attn-head-0", "attn-head-1"}
     viz = next(fn for fn in demo.fns.values() if fn.api_name == "update_attention_viz")
     assert len(viz.inputs) == 1 + 3 + 2 + 2 + 1  # quantile, layers, heads, aggregation, type, state
-    user = app.UserState(config=small)
-    app.load_session(SESSION, user)
+    user = page_common.UserState(config=small)
+    page_sessions.load_session(SESSION, user)
     run_all(2, user)
-    image, md = app.update_attention_viz(90, True, False, True, False, True, "max", app.VIZ_LINES, user)
+    image, md = page_attention.update_attention_viz(90, True, False, True, False, True, "max", attention_viz.VIZ_LINES, user)
     assert image is not None and user.attention_controls[1:3] == ((0, 2), (1,))
     assert "Expected 3 layer and 2 head checkboxes" in error_message(
-        app.update_attention_viz, 90, *ALL_ON, "mean", app.VIZ_LINES, user)
+        page_attention.update_attention_viz, 90, *ALL_ON, "mean", attention_viz.VIZ_LINES, user)
 
 
 # -----------------------------------------------------------------------------
@@ -358,7 +364,7 @@ def test_attention_controls_follow_the_configured_decoder_depth_and_heads(env):
 
 def test_closing_a_tab_frees_its_model(loaded):
     run_all(1, loaded)
-    registry = app.TabRegistry()
+    registry = page_common.TabRegistry()
     request = types.SimpleNamespace(session_hash="tab-1")
     assert registry.register(loaded, request) is loaded
     registry.release(request)
@@ -405,15 +411,15 @@ def test_flags_default_to_the_gradio_environment_variables(monkeypatch):
 def test_learning_rate_and_gradient_graphs_plot_training_iterations_and_the_clip_line_only_when_near():
     rows = [{"iteration": 1, "lr": None, "grad_norm": None}, {"iteration": 2, "lr": 1e-4, "grad_norm": 0.02},
             {"iteration": 3, "lr": 2e-4, "grad_norm": 0.03}]
-    *_, lr, grad = app.metric_frames(rows, grad_clip=1.0)
+    *_, lr, grad = page_outputs.metric_frames(rows, grad_clip=1.0)
     assert list(lr["iteration"]) == [2, 3] and list(lr["value"]) == [1e-4, 2e-4]
     drawn = grad.dropna()
-    assert list(drawn["series"]) == [app.SERIES_GRAD] * 2  # norms far below the threshold: no clip line
+    assert list(drawn["series"]) == [page_outputs.SERIES_GRAD] * 2  # norms far below the threshold: no clip line
     rows.append({"iteration": 4, "lr": 3e-4, "grad_norm": 0.7})
-    drawn = app.metric_frames(rows, grad_clip=1.0)[-1].dropna()
-    clip = drawn[drawn["series"] == app.SERIES_CLIP]
+    drawn = page_outputs.metric_frames(rows, grad_clip=1.0)[-1].dropna()
+    clip = drawn[drawn["series"] == page_outputs.SERIES_CLIP]
     assert list(clip["iteration"]) == [2, 4] and list(clip["value"]) == [1.0, 1.0]  # across the trained iterations
-    assert app.SERIES_CLIP not in set(app.metric_frames(rows, grad_clip=0.0)[-1].dropna()["series"])  # clipping off
+    assert page_outputs.SERIES_CLIP not in set(page_outputs.metric_frames(rows, grad_clip=0.0)[-1].dropna()["series"])  # clipping off
 
 
 def test_browser_opens_only_where_there_is_a_display(monkeypatch):
@@ -431,8 +437,8 @@ def test_browser_opens_only_where_there_is_a_display(monkeypatch):
 def test_demo_sessions_are_recorded_only_when_none_load(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(config, "SESSIONS_ROOT", tmp_path / "sessions")
     paths = app.ensure_demo_sessions()
-    assert len(paths) == len(app.APP.demo_sessions) and "recording 3 demo sessions" in capsys.readouterr().out
-    names, _ = app.refresh_sessions()
+    assert len(paths) == len(page_common.APP.demo_sessions) and "recording 3 demo sessions" in capsys.readouterr().out
+    names, _ = page_sessions.refresh_sessions()
     assert len(names.choices) == 3
     assert app.ensure_demo_sessions() == []
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import attention_draw as ad
 import attention_viz as av
 
 ROWS, COLS, PATCH = 14, 43, 16
@@ -50,7 +51,7 @@ def capture() -> FakeCapture:
 
 
 def _render(capture, quantile=95, layers=range(5), heads=range(4), aggregation="mean", viz=av.VIZ_LINES):
-    return av.render_attention(capture, quantile, list(layers), list(heads), aggregation, viz)
+    return ad.render_attention(capture, quantile, list(layers), list(heads), aggregation, viz)
 
 
 def test_decoder_to_encoder_keeps_masked_rows_and_visible_columns(capture):
@@ -114,7 +115,7 @@ def test_known_strong_connection_is_kept_and_drawn(capture):
     t = np.linspace(0.2, 0.8, 7)
     xs, ys = np.rint(x0 + t * (x1 - x0)).astype(int), np.rint(y0 + t * (y1 - y0)).astype(int)
     on_line = image[ys, xs].astype(int)  # (7, 3)
-    dimmed = int(100 * av.DIM)
+    dimmed = int(100 * ad.DIM)
     assert (np.abs(on_line - dimmed).max(axis=1) > 40).all()
     assert (on_line[:, 1] > on_line[:, 0]).all() and (on_line[:, 1] > on_line[:, 2]).all()  # layer 2 is green
     assert (image[5, 5] == dimmed).all()  # away from the line the canvas is only dimmed
@@ -122,12 +123,12 @@ def test_known_strong_connection_is_kept_and_drawn(capture):
 
 def test_heatmap_puts_the_strong_cell_at_its_grid_position(capture):
     image, _, _ = _render(capture, quantile=50, layers=[STRONG_LAYER], viz=av.VIZ_HEATMAP)
-    cell, top, left = av.HEATMAP_CELL, av.HEATMAP_TOP, av.HEATMAP_LEFT
+    cell, top, left = ad.HEATMAP_CELL, ad.HEATMAP_TOP, ad.HEATMAP_LEFT
     assert image.shape[0] > top + 196 * cell and image.shape[1] > left + 406 * cell
     matrix = image[top:top + 196 * cell, left:left + 406 * cell]  # (Q * cell, K * cell, 3) the labelled figure's matrix
     row = 3 * 14 + (35 - 29)  # row-major among the masked patches (14 per grid row)
     col = 5 * 14 + 10  # keys left to right: grid column 5 of 29 visible columns, row 10
-    top_colour = np.rint(np.asarray(av.matplotlib.colormaps["viridis"](1.0)[:3]) * 255).astype(np.uint8)
+    top_colour = np.rint(np.asarray(ad.matplotlib.colormaps["viridis"](1.0)[:3]) * 255).astype(np.uint8)
     np.testing.assert_array_equal(matrix[row * cell + 1, col * cell + 1], top_colour)
     # region changes: frame t-2 (columns 0-13) | separator 1 (14) | frame t-1 (15-27) | separator 2 (28)
     white = np.flatnonzero((matrix == 255).all(axis=(0, 2)))
@@ -256,7 +257,7 @@ def test_validate_controls_normalises():
 
 
 def test_module_imports_neither_torch_nor_gradio():
-    code = "import sys, attention_viz; sys.exit(bool({'torch', 'gradio', 'matplotlib.pyplot'} & set(sys.modules)))"
+    code = "import sys, attention_viz, attention_draw; sys.exit(bool({'torch', 'gradio', 'matplotlib.pyplot'} & set(sys.modules)))"
     subprocess.run([sys.executable, "-c", code], cwd=Path(av.__file__).parent, check=True)
 
 
@@ -264,15 +265,15 @@ def test_heatmap_at_quantile_0_is_the_plain_full_matrix(capture):
     image, _, _ = _render(capture, quantile=0, layers=[1, 3], viz=av.VIZ_HEATMAP)
     m = av.decoder_to_encoder(capture.weights, capture.patch_mask, [1, 3], range(4), "mean")
     q, k = av.patch_ids(capture.patch_mask)
-    heatmap = av.render_heatmap(m, k, q, (ROWS, COLS), cell=av.HEATMAP_CELL)
-    h, w = heatmap.shape[0], heatmap.shape[1] - av.COLOUR_BAR_LABEL_WIDTH  # matrix, gap and colour bar
-    np.testing.assert_array_equal(image[av.HEATMAP_TOP:av.HEATMAP_TOP + h, av.HEATMAP_LEFT:av.HEATMAP_LEFT + w],
+    heatmap = ad.render_heatmap(m, k, q, (ROWS, COLS), cell=ad.HEATMAP_CELL)
+    h, w = heatmap.shape[0], heatmap.shape[1] - ad.COLOUR_BAR_LABEL_WIDTH  # matrix, gap and colour bar
+    np.testing.assert_array_equal(image[ad.HEATMAP_TOP:ad.HEATMAP_TOP + h, ad.HEATMAP_LEFT:ad.HEATMAP_LEFT + w],
                                   heatmap[:, :w])
     title = "Decoder attention: layers L1, L3 (averaged); heads H0-H3 combined by mean; every cell at full colour"
-    figure, layout = av.label_heatmap(heatmap, k, q, (ROWS, COLS), title=title, peak=float(m.mean(axis=0).max()),
-                                      cell=av.HEATMAP_CELL)
+    figure, layout = ad.label_heatmap(heatmap, k, q, (ROWS, COLS), title=title, peak=float(m.mean(axis=0).max()),
+                                      cell=ad.HEATMAP_CELL)
     np.testing.assert_array_equal(image, figure)
-    assert layout.origin == (av.HEATMAP_TOP, av.HEATMAP_LEFT) and layout.size == image.shape[:2]
+    assert layout.origin == (ad.HEATMAP_TOP, ad.HEATMAP_LEFT) and layout.size == image.shape[:2]
 
 
 # -----------------------------------------------------------------------------
@@ -289,7 +290,7 @@ def test_heatmap_at_quantile_0_is_the_plain_full_matrix(capture):
      "Decoder attention: layers L0, L4 (averaged); head H2; only the strongest cell at full colour, the rest dimmed"),
 ])
 def test_heatmap_title_names_layers_heads_aggregation_and_quantile(layers, heads, aggregation, quantile, expected):
-    assert av.heatmap_title(layers, heads, aggregation, quantile) == expected
+    assert ad.heatmap_title(layers, heads, aggregation, quantile) == expected
 
 
 def _heatmap_figure(capture, layers):
@@ -297,9 +298,9 @@ def _heatmap_figure(capture, layers):
     heads = tuple(range(capture.weights.shape[1]))
     m = av.decoder_to_encoder(capture.weights, capture.patch_mask, layers, heads, "mean")
     q, k = av.patch_ids(capture.patch_mask)
-    heatmap = av.render_heatmap(m, k, q, capture.grid_size)
-    figure, layout = av.label_heatmap(heatmap, k, q, capture.grid_size, peak=float(m.mean(axis=0).max()),
-                                      title=av.heatmap_title(tuple(layers), heads, "mean", 95))
+    heatmap = ad.render_heatmap(m, k, q, capture.grid_size)
+    figure, layout = ad.label_heatmap(heatmap, k, q, capture.grid_size, peak=float(m.mean(axis=0).max()),
+                                      title=ad.heatmap_title(tuple(layers), heads, "mean", 95))
     return figure, layout, m
 
 
@@ -312,8 +313,8 @@ def test_heatmap_labels_are_drawn_apart_from_each_other_and_the_matrix(capture, 
     x0, y0, x1, y1 = boxes.T
     overlap = (x0[:, None] < x1) & (x0 < x1[:, None]) & (y0[:, None] < y1) & (y0 < y1[:, None])  # (n, n)
     assert not (overlap & ~np.eye(len(boxes), dtype=bool)).any()
-    h, w = m.shape[1] * 3, m.shape[2] * 3 + 4 + av.COLOUR_BAR_WIDTH  # matrix, gap and colour bar
-    top, left = av.HEATMAP_TOP, av.HEATMAP_LEFT
+    h, w = m.shape[1] * 3, m.shape[2] * 3 + 4 + ad.COLOUR_BAR_WIDTH  # matrix, gap and colour bar
+    top, left = ad.HEATMAP_TOP, ad.HEATMAP_LEFT
     assert not ((x0 < left + w) & (left < x1) & (y0 < top + h) & (top < y1)).any()
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= image.shape[1]).all() and (y1 <= image.shape[0]).all()
     for label in layout.labels:  # each text left ink (dark pixels) inside its box
@@ -328,7 +329,7 @@ def test_heatmap_labels_are_drawn_apart_from_each_other_and_the_matrix(capture, 
 
 def test_heatmap_region_labels_rows_ticks_and_leaders_sit_where_they_belong(capture):
     image, layout, _ = _heatmap_figure(capture, [0, 1, 2])
-    top, left, cell, block = av.HEATMAP_TOP, av.HEATMAP_LEFT, 3, 14 * 3  # a grid column of keys is 14 cells wide
+    top, left, cell, block = ad.HEATMAP_TOP, ad.HEATMAP_LEFT, 3, 14 * 3  # a grid column of keys is 14 cells wide
     bottom = top + 196 * cell
     labels = {label.text: label for label in layout.labels}
     centre = lambda label: (label.box[0] + label.box[2]) / 2  # noqa: E731
@@ -339,15 +340,15 @@ def test_heatmap_region_labels_rows_ticks_and_leaders_sit_where_they_belong(capt
     for name, column in (("separator 1", 14), ("separator 2", 28)):  # one grid column each: too narrow for the name
         x = left + int((column + 0.5) * block)
         leader = next(line for line in layout.leaders if line[0] == (x, bottom))
-        assert (image[bottom:leader[1][1], x] == av.INK).all()  # a line from the block down to its label
+        assert (image[bottom:leader[1][1], x] == ad.INK).all()  # a line from the block down to its label
         assert labels[name].box[0] <= x < labels[name].box[2]
     np.testing.assert_array_equal(layout.column_ticks, left + np.array([0, 14, 15, 28, 29]) * block - [0, 0, 0, 0, 1])
-    assert (image[bottom:bottom + av.TICK, layout.column_ticks] == av.INK).all()
+    assert (image[bottom:bottom + ad.TICK, layout.column_ticks] == ad.INK).all()
     np.testing.assert_array_equal(layout.row_ticks, top + np.arange(1, 14) * 14 * cell)  # between grid rows
-    assert (image[layout.row_ticks, left - av.TICK:left] == av.INK).all()
+    assert (image[layout.row_ticks, left - ad.TICK:left] == ad.INK).all()
     for row in (0, 7, 13):  # labelled grid rows, centred on their band of 14 query rows
         x0, y0, x1, y1 = labels[f"row {row}"].box
-        assert abs((y0 + y1) / 2 - (top + (row + 0.5) * 14 * cell)) <= 3 and x1 <= left - av.TICK
+        assert abs((y0 + y1) / 2 - (top + (row + 0.5) * 14 * cell)) <= 3 and x1 <= left - ad.TICK
 
 
 # -----------------------------------------------------------------------------
@@ -384,7 +385,7 @@ def test_patch_attention_is_one_row_of_the_decoder_matrix(capture, aggregation):
 
 
 def test_patch_sources_name_the_strongest_keys_by_region_and_in_frame_position():
-    _, sources, markdown = av.render_patch_attention(_patch_capture(), P_ROW, P_COL, [0, 1], [0, 1], "mean")
+    _, sources, markdown = ad.render_patch_attention(_patch_capture(), P_ROW, P_COL, [0, 1], [0, 1], "mean")
     rows = [(s["layer"], s["rank"], s["region"], s["row"], s["col"], s["grid_row"], s["grid_col"]) for s in sources]
     assert rows == [
         (0, 1, "frame t-1", 13, 13, 13, 27), (0, 2, "frame t-2", 0, 0, 0, 0), (0, 3, "separator 2", 9, 0, 9, 28),
@@ -393,41 +394,41 @@ def test_patch_sources_name_the_strongest_keys_by_region_and_in_frame_position()
     assert [s["weight"] for s in sources] == pytest.approx([0.4, 0.35, 0.25, 1.0, 0.0, 0.0])
     assert markdown.startswith("### Patch (row 2, col 5) of the predicted frame, heads H0, H1 combined by mean\n")
     assert "| L1 | 1 | frame t-1 | 4 | 6 | 1 |" in markdown and "| L0 | 3 | separator 2 | 9 | 0 | 0.25 |" in markdown
-    _, top_one, _ = av.render_patch_attention(_patch_capture(), P_ROW, P_COL, [1], [1], "max", top_k=1)
+    _, top_one, _ = ad.render_patch_attention(_patch_capture(), P_ROW, P_COL, [1], [1], "max", top_k=1)
     assert [(s["layer"], s["grid_row"], s["grid_col"], s["weight"]) for s in top_one] == [(1, 4, 20, 1.0)]
 
 
 def _tinted(weight: float) -> np.ndarray:
     """The expected colour of a key patch over the grey canvas at weight / panel max."""
-    lut = av._colour_lut(av.PATCH_CMAP)
-    base = np.float32(int(CANVAS_GREY * av.DIM))
+    lut = ad._colour_lut(ad.PATCH_CMAP)
+    base = np.float32(int(CANVAS_GREY * ad.DIM))
     colour = lut[int(np.rint(np.float32(weight) * 255))].astype(np.float32)
-    return np.rint(base + (colour - base) * (np.float32(weight) * np.float32(av.MAX_TINT_ALPHA))).astype(np.uint8)
+    return np.rint(base + (colour - base) * (np.float32(weight) * np.float32(ad.MAX_TINT_ALPHA))).astype(np.uint8)
 
 
 def test_patch_panels_tint_the_strongest_key_brightest_and_outline_the_query():
-    image, _, _ = av.render_patch_attention(_patch_capture(), P_ROW, P_COL, [0, 1], [0, 1], "mean")
-    H, W, strip, gap = ROWS * PATCH, COLS * PATCH, av.STRIP_HEIGHT, 6
-    assert av.PATCH_PANEL_COLUMNS == 2 and image.shape == (strip + H, 2 * W + gap, 3) and image.dtype == np.uint8
+    image, _, _ = ad.render_patch_attention(_patch_capture(), P_ROW, P_COL, [0, 1], [0, 1], "mean")
+    H, W, strip, gap = ROWS * PATCH, COLS * PATCH, ad.STRIP_HEIGHT, 6
+    assert ad.PATCH_PANEL_COLUMNS == 2 and image.shape == (strip + H, 2 * W + gap, 3) and image.dtype == np.uint8
     panels = [image[strip:, :W], image[strip:, W + gap:]]  # L0, L1 side by side, each under its label strip
     assert (image[:, W:W + gap] == 255).all()  # the white gap between them
     centres = lambda panel, r, c: panel[r * PATCH + PATCH // 2, c * PATCH + PATCH // 2]  # noqa: E731
     np.testing.assert_array_equal(centres(panels[1], 4, 20), _tinted(1.0))
     visible = panels[1][:, :29 * PATCH].astype(int).sum(axis=2)  # (H, 29 * PATCH) brightness of the key patches
     assert np.unravel_index(visible.argmax(), visible.shape)[1] // PATCH == 20
-    assert (visible[visible != visible.max()] == 3 * int(CANVAS_GREY * av.DIM)).all()  # weight 0: dimmed, untinted
+    assert (visible[visible != visible.max()] == 3 * int(CANVAS_GREY * ad.DIM)).all()  # weight 0: dimmed, untinted
     for (r, c), w in {(13, 27): 1.0, (0, 0): 0.35 / 0.4, (9, 28): 0.25 / 0.4}.items():  # scaled to the panel's max
         np.testing.assert_array_equal(centres(panels[0], r, c), _tinted(w))
-    dimmed_prediction = (np.array(PREDICTION_RGB, np.float32) * av.DIM).astype(np.uint8)
+    dimmed_prediction = (np.array(PREDICTION_RGB, np.float32) * ad.DIM).astype(np.uint8)
     y, x = P_ROW * PATCH, (29 + P_COL) * PATCH
     for panel in panels:
-        assert (panel[[y, y + 1, y + PATCH - 1], x + 4] == av.QUERY_OUTLINE).all()  # 2 px ring inside the patch
-        assert (panel[y + 4, [x, x + 1, x + PATCH - 2, x + PATCH - 1]] == av.QUERY_OUTLINE).all()
+        assert (panel[[y, y + 1, y + PATCH - 1], x + 4] == ad.QUERY_OUTLINE).all()  # 2 px ring inside the patch
+        assert (panel[y + 4, [x, x + 1, x + PATCH - 2, x + PATCH - 1]] == ad.QUERY_OUTLINE).all()
         assert (panel[y + 2:y + PATCH - 2, x + 2:x + PATCH - 2] == dimmed_prediction).all()
         assert (panel[0, 29 * PATCH] == dimmed_prediction).all()  # the prediction fills the slot
-    assert (image[10, 10] == av.LAYER_COLOURS[0]).all() and (image[10, W + gap + 10] == av.LAYER_COLOURS[1]).all()
+    assert (image[10, 10] == ad.LAYER_COLOURS[0]).all() and (image[10, W + gap + 10] == ad.LAYER_COLOURS[1]).all()
     assert (image[:strip, 22:] > 200).all(axis=2).any()  # the strip's label text
-    bare, _, _ = av.render_patch_attention(_patch_capture(prediction=False), P_ROW, P_COL, [1], [0], "mean")
+    bare, _, _ = ad.render_patch_attention(_patch_capture(prediction=False), P_ROW, P_COL, [1], [0], "mean")
     assert (bare[strip, 29 * PATCH] == 0).all()  # no prediction: the blank slot, dimmed
 
 
@@ -442,8 +443,8 @@ def test_captures_without_a_prediction_field_still_work():
 
     c = _patch_capture(prediction=False)
     old = OldCapture(c.weights, c.patch_mask, c.grid_size, c.canvas, c.patch_size)
-    np.testing.assert_array_equal(av.render_patch_attention(old, 1, 2, [0, 1], [0], "max")[0],
-                                  av.render_patch_attention(c, 1, 2, [0, 1], [0], "max")[0])
+    np.testing.assert_array_equal(ad.render_patch_attention(old, 1, 2, [0, 1], [0], "max")[0],
+                                  ad.render_patch_attention(c, 1, 2, [0, 1], [0], "max")[0])
 
 
 @pytest.mark.parametrize("row, col, top_k, message", [
@@ -459,7 +460,7 @@ def test_captures_without_a_prediction_field_still_work():
 ])
 def test_patch_attention_refuses_a_patch_outside_the_slot(row, col, top_k, message):
     with pytest.raises(ValueError, match=message):
-        av.render_patch_attention(_patch_capture(), row, col, [0], [0], "mean", top_k=top_k)
+        ad.render_patch_attention(_patch_capture(), row, col, [0], [0], "mean", top_k=top_k)
     if top_k == 3:
         with pytest.raises(ValueError, match=message):
             av.patch_attention(_patch_capture(), row, col, [0], [0], "mean")
@@ -474,7 +475,7 @@ def test_patch_attention_refuses_a_mask_that_is_not_one_block_and_a_misfit_predi
     c = _patch_capture()
     c.prediction = c.prediction[:, :200]
     with pytest.raises(ValueError, match=r"prediction must fill the predicted slot, \(height, width\) \(224, 224\)"):
-        av.render_patch_attention(c, 0, 0, [0], [0], "mean")
+        ad.render_patch_attention(c, 0, 0, [0], [0], "mean")
 
 
 # -----------------------------------------------------------------------------
@@ -483,37 +484,37 @@ def test_patch_attention_refuses_a_mask_that_is_not_one_block_and_a_misfit_predi
 
 def test_patch_picker_image_is_the_enlarged_prediction_with_a_grey_patch_grid():
     prediction = np.random.default_rng(3).integers(0, 256, (32, 48, 3)).astype(np.uint8)  # 2 x 3 patches
-    image = av.patch_picker_image(prediction, 16, scale=2)
+    image = ad.patch_picker_image(prediction, 16, scale=2)
     assert image.shape == (64, 96, 3) and image.dtype == np.uint8
     expected = prediction.repeat(2, axis=0).repeat(2, axis=1)  # (64, 96, 3) nearest neighbour
     on_grid = np.zeros((64, 96), bool)
     on_grid[[32]] = True
     on_grid[:, [32, 64]] = True  # the first pixel row / column of each patch but the top / left ones
     np.testing.assert_array_equal(image[~on_grid], expected[~on_grid])
-    assert (image[on_grid] == av.PICKER_GRID).all()
-    ringed = av.patch_picker_image(prediction, 16, scale=2, selected=(1, 2))  # patch (1, 2): pixels 32..63, 64..95
+    assert (image[on_grid] == ad.PICKER_GRID).all()
+    ringed = ad.patch_picker_image(prediction, 16, scale=2, selected=(1, 2))  # patch (1, 2): pixels 32..63, 64..95
     changed = np.argwhere((ringed != image).any(axis=2))  # (n, 2)
     assert changed[:, 0].min() >= 32 and changed[:, 1].min() >= 64  # only inside that patch
-    assert (ringed[[32, 33, 63], 80] == av.QUERY_OUTLINE).all() and (ringed[48, [64, 65, 94, 95]] == av.QUERY_OUTLINE).all()
+    assert (ringed[[32, 33, 63], 80] == ad.QUERY_OUTLINE).all() and (ringed[48, [64, 65, 94, 95]] == ad.QUERY_OUTLINE).all()
     np.testing.assert_array_equal(ringed[36:60, 68:92], image[36:60, 68:92])  # the inside is untouched
     with pytest.raises(ValueError, match="selected col must be a whole number from 0 to 2, got 3"):
-        av.patch_picker_image(prediction, 16, selected=(0, 3))
+        ad.patch_picker_image(prediction, 16, selected=(0, 3))
     with pytest.raises(ValueError, match="multiples of patch_size 16, got 32 x 40"):
-        av.patch_picker_image(prediction[:, :40], 16)
+        ad.patch_picker_image(prediction[:, :40], 16)
     with pytest.raises(ValueError, match="scale must be a whole number of at least 1, got 0"):
-        av.patch_picker_image(prediction, 16, scale=0)
+        ad.patch_picker_image(prediction, 16, scale=0)
 
 
 def test_picker_patch_maps_every_patch_centre_and_corner_back_to_its_patch():
-    shape = av.patch_picker_image(np.zeros((224, 224, 3), np.uint8), 16).shape[:2]  # (448, 448): 14 x 14 patches
+    shape = ad.patch_picker_image(np.zeros((224, 224, 3), np.uint8), 16).shape[:2]  # (448, 448): 14 x 14 patches
     for row in range(14):
         for col in range(14):
             y, x = row * 32 + 16, col * 32 + 16
-            assert av.picker_patch(x, y, shape, 16) == (row, col)
-            assert av.picker_patch(col * 32, row * 32, shape, 16) == (row, col)  # top-left pixel (on the grid line)
-            assert av.picker_patch(col * 32 + 31, row * 32 + 31, shape, 16) == (row, col)  # bottom-right pixel
-    assert av.picker_patch(447.0, 0, shape, 16) == (0, 13)
-    assert av.picker_patch(5, 9, (32, 48), 16, scale=1) == (0, 0) and av.picker_patch(47, 31, (32, 48), 16, 1) == (1, 2)
+            assert ad.picker_patch(x, y, shape, 16) == (row, col)
+            assert ad.picker_patch(col * 32, row * 32, shape, 16) == (row, col)  # top-left pixel (on the grid line)
+            assert ad.picker_patch(col * 32 + 31, row * 32 + 31, shape, 16) == (row, col)  # bottom-right pixel
+    assert ad.picker_patch(447.0, 0, shape, 16) == (0, 13)
+    assert ad.picker_patch(5, 9, (32, 48), 16, scale=1) == (0, 0) and ad.picker_patch(47, 31, (32, 48), 16, 1) == (1, 2)
 
 
 @pytest.mark.parametrize("x, y, message", [
@@ -524,4 +525,4 @@ def test_picker_patch_maps_every_patch_centre_and_corner_back_to_its_patch():
 ])
 def test_picker_patch_refuses_a_click_outside_the_picture(x, y, message):
     with pytest.raises(ValueError, match=message):
-        av.picker_patch(x, y, (448, 448), 16)
+        ad.picker_patch(x, y, (448, 448), 16)

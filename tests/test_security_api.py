@@ -38,6 +38,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import concat_world_model_explorer_gradio as app
+import page_common
 import server_guard
 from conftest import (
     ALL_ON, ALT, ALT_FRAMES, AUTH_PASSWORD, AUTH_USER, HEATMAP, LINES, MOVE, REPO, connect, error_of, free_port,
@@ -229,7 +230,7 @@ def test_hostile_session_names_get_one_generic_message_and_nothing_outside_is_re
     for i, name in enumerate(HOSTILE_NAMES):
         value = name.format(**fill) if isinstance(name, str) and name.startswith("{") else name
         messages[f"{i}: {repr(value)[:60]}"] = error_of(client, value, api_name="/load_session")
-    wrong = {name: message for name, message in messages.items() if message != app.UNKNOWN_SESSION}
+    wrong = {name: message for name, message in messages.items() if message != page_common.UNKNOWN_SESSION}
     assert not wrong, wrong  # one text for every hostile name, never an echo of the name or a path
     assert len(messages) == len(HOSTILE_NAMES)
 

@@ -1,0 +1,268 @@
+"""Concat World Model Explorer, shared by every page section: per-tab state, input checks, formatting, layout.
+
+- ``UserState`` (what one browser tab owns) and the ``TabRegistry`` that frees a closed tab's model;
+- the input checks every handler runs first (each raises ``gr.Error`` naming the problem);
+- small picture and text helpers (2x frames, amplified error maps, numbers, paths hidden from messages);
+- the image and graph blocks every section's layout is made of.
+
+Imports no other page module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Sequence
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+
+import config
+from attention_viz import VIZ_LINES
+from checkpoints import RefusedFiles
+from model_pool import ModelPool
+from run_controller import RunController
+from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig
+from images import enlarge
+from session_explorer_lib import Session, SessionError, load_session as load_session_from_disk, resolve_session_dir
+
+# -----------------------------------------------------------------------------
+# constants
+
+APP = AppConfig()
+MODEL_CFG = AutoencoderConcatPredictorWorldModelConfig()
+FRAME_UPSCALE = 2  # single frames are shown at 2x (nearest neighbour) so a 16 px patch is easy to see
+CANVAS_HEIGHT, FRAME_HEIGHT, ATTENTION_HEIGHT = 260, 470, 480  # display heights in CSS pixels
+UNKNOWN_SESSION = "Unknown session: that name is not a session folder in the sessions folder. Press Refresh sessions and choose one from the list."
+NO_SESSION = "Load a session first: choose one in the list and press Load session."
+LOG = logging.getLogger(config.LOGGER_NAME)
+
+
+# -----------------------------------------------------------------------------
+# per-tab state
+
+
+class UserState:
+    """What one browser tab (or API client) owns: a run controller, plus the attention controls only
+    the page needs.
+
+    A plain class, not a dataclass: Gradio serialises dataclass values with ``dataclasses.asdict``.
+    Gradio deep-copies a ``gr.State`` default for every new tab; ``__deepcopy__`` hands out a fresh
+    object with a new controller from the same pool (models and locks are never shared between tabs).
+    """
+
+    def __init__(self, pool: ModelPool | None = None, config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG,
+                 refused_files: RefusedFiles | None = None):
+        self.pool = pool
+        self.refused_files = refused_files if refused_files is not None else RefusedFiles()  # shared by the tabs
+        self.controller = RunController(
+            config=config, refused_files=self.refused_files, pool=pool,
+            run_lock_wait_s=APP.run_lock_wait_s, stop_grace_s=APP.stop_grace_s,
+            history_snapshots=APP.history_snapshots, history_bytes=APP.history_bytes)
+        layers, heads = tuple(range(config.decoder_depth)), tuple(range(config.decoder_num_heads))
+        self.attention_controls = (APP.default_quantile, layers, heads, "mean", VIZ_LINES)
+
+    def __deepcopy__(self, memo) -> UserState:
+        return UserState(self.pool, self.controller.config, self.refused_files)
+
+
+def release_user(user: UserState | None) -> None:
+    """Stop the tab's run and drop its model (the ``gr.State`` delete callback; never blocks)."""
+    if not isinstance(user, UserState):
+        return
+    c = user.controller
+    if c.has_model:
+        name = c.session.name if c.session is not None else "no session"
+        LOG.info("freed the world model of a closed tab (%d iterations run, last session: %s)", len(c.history), name)
+    c.release()
+
+
+class TabRegistry:
+    """Maps open browser tabs to their ``UserState`` so ``demo.unload`` can free a closed tab's model
+    at once instead of an hour later (when Gradio deletes the state of a closed session)."""
+
+    def __init__(self) -> None:
+        self._users: weakref.WeakValueDictionary[str, UserState] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def register(self, user: UserState, request: gr.Request) -> UserState:
+        """Page-load handler: remember this tab's state (and hand it back so Gradio tracks it)."""
+        if request is not None and request.session_hash:
+            with self._lock:
+                self._users[request.session_hash] = user
+        return user
+
+    def release(self, request: gr.Request) -> None:
+        """Unload handler: the tab closed, free its model now."""
+        if request is None or not request.session_hash:
+            return
+        with self._lock:
+            user = self._users.pop(request.session_hash, None)
+        release_user(user)
+
+
+# -----------------------------------------------------------------------------
+# input checks (each raises gr.Error naming the problem; nothing changes before they pass)
+
+
+def _shown(value: Any) -> str:
+    return repr(value)[:40]
+
+
+def whole_number(value: Any, what: str, low: int, high: int) -> int:
+    """Return ``value`` as an int in ``[low, high]``; otherwise raise ``gr.Error`` naming ``what``.
+
+    Accepts ints and integral floats (a slider sends 12.0); refuses bools, None, strings, NaN,
+    infinities, fractions and anything out of range.
+    """
+    rule = f"{what} must be a whole number from {low} to {high}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise gr.Error(f"{rule} (got {_shown(value)}).")
+    number = float(value)
+    if not math.isfinite(number) or number != int(number):
+        raise gr.Error(f"{rule} (got {_shown(value)}).")
+    if not low <= int(number) <= high:
+        raise gr.Error(f"{rule} (got {int(number)}).")
+    return int(number)
+
+
+def parse_quantile(value: Any) -> float:
+    """Return the attention quantile as a float in [0, 100]; otherwise raise ``gr.Error``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise gr.Error(f"Quantile must be a number from 0 to 100 (got {_shown(value)}).")
+    if not 0.0 <= float(value) <= 100.0:
+        raise gr.Error(f"Quantile must be a number from 0 to 100 (got {float(value):g}).")
+    return float(value)
+
+
+def selected_indices(flags: Sequence[Any], what: str) -> tuple[int, ...]:
+    """Indices of the ticked checkboxes; a value that is not true/false raises ``gr.Error``."""
+    for i, flag in enumerate(flags):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise gr.Error(f"{what} {i} checkbox must be true or false (got {_shown(flag)}).")
+    return tuple(i for i, flag in enumerate(flags) if flag)
+
+
+def choice(value: Any, options: Sequence[str], what: str) -> str:
+    """``value`` if it is one of ``options``; otherwise raise ``gr.Error`` listing them."""
+    if not isinstance(value, str) or value not in options:
+        raise gr.Error(f"{what} must be one of: {', '.join(options)} (got {_shown(value)}).")
+    return value
+
+
+def require_session(user: UserState) -> Session:
+    if user.controller.session is None:
+        raise gr.Error(NO_SESSION)
+    return user.controller.session
+
+
+# -----------------------------------------------------------------------------
+# pictures, text and graph data
+
+
+def upscale(image: np.ndarray | None, factor: int = FRAME_UPSCALE) -> np.ndarray | None:
+    """A frame for the page, enlarged ``factor`` times by nearest neighbour (``images.enlarge``); None stays None."""
+    if image is None or factor == 1:
+        return image
+    return enlarge(image, factor)  # (H*f, W*f, 3)
+
+
+def amplify_error(error: np.ndarray | None) -> tuple[np.ndarray | None, float]:
+    """Stretch an |prediction - actual| map so its largest difference is white; returns (image, gain)."""
+    if error is None:
+        return None, 1.0
+    peak = int(error.max())
+    gain = 255.0 / peak if peak > 0 else 1.0
+    return np.clip(error.astype(np.float32) * gain, 0, 255).astype(np.uint8), gain
+
+
+def format_value(value: float | None, digits: int = 5) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}g}"
+
+
+def code_span(text: Any) -> str:
+    """``text`` as markdown inline code: shown literally (markdown escapes would show as backslashes
+    inside it), backticks replaced so the span cannot end early."""
+    return "`" + str(text).replace("`", "'") + "`"
+
+
+def display_path(path: Path) -> str:
+    """A path for the page: relative to the project, else with the data folder's location hidden."""
+    try:
+        return str(Path(path).resolve().relative_to(config.PROJECT_ROOT))
+    except ValueError:
+        return hide_paths(path)
+
+
+def hide_paths(text: Any) -> str:
+    """``text`` with the server's data and project folders replaced by short names (for messages
+    that quote an error from the operating system, which may hold an absolute path)."""
+    text = str(text)
+    for folder, shown in ((config.SESSIONS_ROOT, "<sessions>"), (config.CHECKPOINT_DIR, "<checkpoints>"),
+                          (config.SAVED_ROOT, "<saved>"), (config.PROJECT_ROOT, "<project>")):
+        for form in sorted({str(Path(folder)), str(Path(folder).resolve())}, key=len, reverse=True):
+            text = text.replace(form, shown)
+    return text
+
+
+def series_anchors(colours: dict[str, str]) -> pd.DataFrame:
+    """One empty (null) row per series name. Gradio's LinePlot fixes the colour domain from the data it
+    first draws, so without these a series that appears later would be drawn without a colour
+    (invisible); Vega skips the null rows."""
+    return pd.DataFrame({"iteration": [np.nan] * len(colours), "value": [np.nan] * len(colours),
+                         "series": list(colours)})
+
+
+def format_px(value: float | None) -> str:
+    """A dot error for the page: pixels, 'no dot drawn' for a prediction without one, '-' before any."""
+    if value is None:
+        return "-"
+    return "no dot drawn" if not math.isfinite(value) else f"{value:.1f} px"
+
+
+# -----------------------------------------------------------------------------
+# sessions
+
+
+def open_session(session_choice: Any) -> Session:
+    """The session of that name from the sessions folder; ``gr.Error`` naming the problem otherwise."""
+    if session_choice is None or session_choice == "":
+        raise gr.Error("Choose a session in the list first (press Refresh sessions if it is empty).")
+    try:
+        session_dir = resolve_session_dir(session_choice)
+    except ValueError:
+        raise gr.Error(UNKNOWN_SESSION) from None
+    try:
+        return load_session_from_disk(session_dir)
+    except SessionError as e:
+        raise gr.Error(f"Cannot load session {session_choice}: {hide_paths(e)}") from None
+
+
+# -----------------------------------------------------------------------------
+# layout blocks
+
+
+def image_block(label: str, elem_id: str, height: int, **kwargs) -> gr.Image:
+    # a fixed height keeps the block from collapsing while its (lazy-loaded) picture is off screen
+    return gr.Image(label=label, elem_id=elem_id, height=height, format="png", type="numpy", interactive=False,
+                    elem_classes=["pixelated"], buttons=["download", "fullscreen"], **kwargs)
+
+
+def line_plot(label: str, elem_id: str, y_title: str, colours: dict[str, str] | None = None,
+              y_lim: list[float] | None = None, x_title: str = "iteration") -> gr.LinePlot:
+    # Gradio sizes the Vega view to the whole block: a block label or a legend would push the axes
+    # out of sight, so the title lives inside the view and the colours are named under the graphs
+    if colours:
+        empty = series_anchors(colours)
+    else:
+        empty = pd.DataFrame({"iteration": pd.Series(dtype="float64"), "value": pd.Series(dtype="float64")})
+    return gr.LinePlot(empty, x="iteration", y="value", color="series" if colours else None, color_map=colours,
+                       colors_in_legend=[] if colours else None, title=label, label=label, show_label=False,
+                       elem_id=elem_id, x_title=x_title, y_title=y_title, height=280,
+                       x_axis_format="d", y_lim=y_lim,  # "d": whole iterations, so Vega places no ticks between them
+                       buttons=["fullscreen", "export"])

@@ -1,0 +1,262 @@
+"""What the page shows of a tab's model, rewritten by every section that changes the model.
+
+A run (section 2), single-canvas training (section 7), loading a checkpoint and resetting the model (section 8)
+all end by rewriting the same outputs: the progress and checkpoint status (section 2), the training views (3),
+the prediction views (4), the metric graphs (5), the decoder attention picture and patch picker (6) and the
+run-history slider (8). Their values are built here from the tab's ``RunController``, in ``RUN_OUTPUT_KEYS``
+order; the section modules import them. Of the page modules it imports only ``page_common``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+
+from attention_draw import draw_attention, patch_picker_image
+from frame_metrics import WITHIN_PX
+from run_controller import RunController, RunStatus
+from page_common import (
+    APP,
+    UserState,
+    amplify_error,
+    code_span,
+    display_path,
+    format_px,
+    format_value,
+    hide_paths,
+    series_anchors,
+    upscale,
+)
+from session_explorer_lib import markdown_escape
+
+# -----------------------------------------------------------------------------
+# constants
+
+MAX_PLOT_POINTS = 2000  # longer metric histories are thinned to this many points per series
+MIN_ITERATION_SPAN = 10  # the iteration axis spans at least this many iterations, so its ticks are whole ones
+NO_MODEL_YET = "_No model yet: it is created at the first Run (from the saved checkpoint when there is one)._"
+NOTHING_RUN_YET = "_Nothing to show yet: run the world model once; its decoder attention is captured at the end of every run._"
+
+# the components every run update writes, in order (see display_outputs)
+RUN_OUTPUT_KEYS = (
+    "progress", "checkpoint", "train_original", "train_masked", "train_inpainting", "train_composite",
+    "pred_current", "pred_next", "pred_error", "prediction_info", "plot_error", "plot_time", "plot_loss",
+    "plot_dot", "attn_image", "attn_stats", "frame_slider", "pred_canvas", "plot_lr", "plot_grad", "attn_picker",
+    "history_slider",
+)
+PICKER_SCALE = 2  # the clickable picture of the predicted frame is shown at this enlargement
+TRAIN_VIEW_KEYS = ("train_original", "train_masked", "train_inpainting", "train_composite")
+PREDICTION_KEYS = ("pred_current", "pred_next", "pred_error", "prediction_info", "pred_canvas")
+SERIES_PREDICTION, SERIES_BASELINE = "model prediction", "baseline: repeat last frame"
+SERIES_LOSS, SERIES_MSE = "training loss (weighted)", "masked-patch MSE"
+SERIES_GRAD, SERIES_CLIP = "gradient norm (before clipping)", "clip threshold"
+ERROR_COLOURS = {SERIES_PREDICTION: "#4f46e5", SERIES_BASELINE: "#9ca3af"}
+LOSS_COLOURS = {SERIES_LOSS: "#dc2626", SERIES_MSE: "#f59e0b"}
+GRAD_COLOURS = {SERIES_GRAD: "#0d9488", SERIES_CLIP: "#9ca3af"}
+PLOT_KEYS = ("plot_error", "plot_time", "plot_loss", "plot_dot", "plot_lr", "plot_grad")  # metric_frames order
+CLIP_SHOWN_FROM = 0.5  # the gradient graph draws the clip threshold once a norm reaches this share of it
+
+
+# -----------------------------------------------------------------------------
+# metric graphs (section 5)
+
+
+def _series(rows: list[dict], key: str, label: str, scale: float = 1.0) -> pd.DataFrame:
+    points = [(r["iteration"], r[key] * scale) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+    if len(points) > MAX_PLOT_POINTS:  # thin evenly, always keeping the first and the latest point
+        keep = np.unique(np.linspace(0, len(points) - 1, MAX_PLOT_POINTS).round().astype(int))
+        points = [points[i] for i in keep]
+    return pd.DataFrame({"iteration": np.array([p[0] for p in points], dtype=np.float64),
+                         "value": np.array([p[1] for p in points], dtype=np.float64),
+                         "series": [label] * len(points)})
+
+
+def dot_found_rows(history: list[dict], window: int) -> list[dict]:
+    """Per scored prediction, the share (%) of the last ``window`` predictions whose dot landed within
+    3 px of the true one (no predicted dot counts as a miss): the moment the model finds the dot."""
+    scored = [r for r in history if r.get("dot_error") is not None]
+    if not scored:
+        return []
+    hit = np.array([r["dot_error"] <= WITHIN_PX for r in scored], dtype=np.float64)  # (n,) inf compares False
+    csum = np.concatenate([[0.0], np.cumsum(hit)])  # (n+1,)
+    n = np.arange(1, len(hit) + 1)
+    share = 100.0 * (csum[n] - csum[np.maximum(n - window, 0)]) / np.minimum(n, window)  # (n,) rolling mean
+    return [{"iteration": r["iteration"], "within_3px_share": float(v)} for r, v in zip(scored, share)]
+
+
+def two_series(history: list[dict], colours: dict[str, str], keys: tuple[str, str]) -> pd.DataFrame:
+    (first, second), (a, b) = list(colours), keys
+    return pd.concat([series_anchors(colours), _series(history, a, first), _series(history, b, second)],
+                     ignore_index=True)
+
+
+def metric_frames(history: list[dict], grad_clip: float = 0.0) -> tuple[pd.DataFrame, ...]:
+    """Long-format DataFrames for the graphs, in ``PLOT_KEYS`` order: prediction error, iteration time,
+    training loss, the rolling share of predictions that put the dot within 3 px, learning rate and
+    gradient norm (with the clip threshold as a flat line when clipping is on)."""
+    error = two_series(history, ERROR_COLOURS, ("prediction_error", "copy_error"))
+    timing = _series(history, "iteration_time", "iteration time", scale=1000.0)
+    loss = two_series(history, LOSS_COLOURS, ("training_loss", "training_mse"))
+    dot = _series(dot_found_rows(history, APP.dot_window), "within_3px_share", "within 3 px")
+    lr = _series(history, "lr", "learning rate")
+    norms = [r for r in history if r.get("grad_norm") is not None]
+    # the threshold is drawn once norms come near it: far above them it would flatten their line
+    near = grad_clip and norms and max(r["grad_norm"] for r in norms) >= CLIP_SHOWN_FROM * grad_clip
+    clip = [{"iteration": r["iteration"], "clip": grad_clip} for r in (norms[0], norms[-1])] if near else []
+    grad = pd.concat([series_anchors(GRAD_COLOURS), _series(norms, "grad_norm", SERIES_GRAD),
+                      _series(clip, "clip", SERIES_CLIP)], ignore_index=True)
+    return error, timing, loss, dot, lr, grad
+
+
+def iteration_span(rows: list[dict]) -> list[int]:
+    """An iteration axis at least ``MIN_ITERATION_SPAN`` wide: a shorter one gets ticks between whole
+    iterations (Gradio exposes no tick step), labelled 1, 2, 2 by the "d" format."""
+    first = rows[0]["iteration"] if rows else 1
+    last = rows[-1]["iteration"] if rows else 1
+    return [first, max(last, first + MIN_ITERATION_SPAN - 1)]
+
+
+def plot_updates(history: list[dict], grad_clip: float = 0.0) -> tuple[dict, ...]:
+    """The metric graphs (``PLOT_KEYS`` order) as updates carrying their iteration axis span."""
+    span = iteration_span(history)
+    return tuple(gr.update(value=frame, x_lim=span) for frame in metric_frames(history, grad_clip))
+
+
+# -----------------------------------------------------------------------------
+# what a run shows
+
+
+def checkpoint_markdown(c: RunController) -> str:
+    """Which checkpoint the tab's model came from and where it was last saved."""
+    origin, saved = c.origin, c.saved
+    if origin is None:
+        return NO_MODEL_YET
+    shown = f"`{display_path(origin.path)}`"
+    if origin.kind == "loaded":
+        parts = [f"**Checkpoint:** loaded {shown} at step {origin.step} (iteration {origin.iteration})."]
+    elif origin.kind == "reset":
+        parts = [f"**Model reset:** a fresh, untrained model; its first run saves to {shown} as usual."]
+    elif origin.kind == "refused":
+        parts = [f"**Checkpoint refused:** {markdown_escape(hide_paths(origin.reason))}. Training a fresh model "
+                 "instead; the refused file is kept beside it under a new name when this model first saves."]
+    else:
+        parts = [f"**Checkpoint:** none found at {shown}; training a fresh model."]
+    if saved is not None and saved.ok:
+        text = f"**Saved** to `{display_path(saved.path)}` after the last run: step {saved.step}, iteration {saved.iteration}."
+        if saved.set_aside:
+            text += f" The refused file was kept as {code_span(saved.set_aside)}."
+        elif saved.reason:
+            text += f" ({markdown_escape(saved.reason)}.)"
+        parts.append(text)
+    elif saved is not None:
+        parts.append(f"**Checkpoint not saved:** {markdown_escape(hide_paths(saved.reason))}")
+    if c.shared_checkpoint_replaced():
+        parts.append(f"**Note:** another tab saved {shown} after this tab last loaded or saved it; this tab's next "
+                     "run will save over it. Save a named checkpoint (section 8) to keep both.")
+    return "\n\n".join(parts)
+
+
+def progress_markdown(status: RunStatus) -> str:
+    """Progress k/N with the latest prediction error, iteration time and loss, and the model's counters."""
+    if status.state == "idle":
+        if status.model_step is None:
+            return "_Not run yet._"
+        return f"_Not run yet with this model_ | model step {status.model_step}, iteration {status.model_iteration}"
+    last = status.last
+    state = {"running": "Running", "stopped": "Stopped", "done": "Done"}[status.state]
+    time_ms = None if last.get("iteration_time") is None else 1000.0 * last["iteration_time"]
+    step = "n/a" if status.model_step is None else status.model_step
+    iteration = "n/a" if status.model_iteration is None else status.model_iteration
+    text = (
+        f"**{state}: {status.done}/{status.total}** iterations | "
+        f"**prediction error (MSE):** {format_value(last.get('prediction_error'))} | "
+        f"**dot error:** {format_px(last.get('dot_error'))} | "
+        f"**iteration time:** {format_value(time_ms, 4)} ms | **training loss:** {format_value(last.get('training_loss'))} | "
+        f"model step {step}, iteration {iteration}"
+    )
+    if status.problem and status.state != "running":
+        text += f"\n\n**Run stopped early:** {markdown_escape(hide_paths(status.problem))}"
+    return text
+
+
+def prediction_outputs(views: dict | None) -> tuple:
+    """Current frame, predicted next frame, amplified error map (with its label), a summary and the
+    prediction canvas (``PREDICTION_KEYS`` order)."""
+    views = views or {"current": None, "predicted": None, "error": None, "error_mse": None, "canvas": None}
+    error, gain = amplify_error(views["error"])
+    mse = views["error_mse"]
+    label = f"Prediction error |predicted - actual| (MSE {format_value(mse)}; brightness x{gain:.1f} for visibility)"
+    info = (
+        f"**Prediction error of the current frame (MSE):** {format_value(mse)}. The error map compares the prediction "
+        f"made one iteration earlier with the frame that then arrived; it is amplified x{gain:.1f} so faint "
+        "differences show. _Predicted next frame_ is the model's guess for the frame after the current one."
+    )
+    return (upscale(views["current"]), upscale(views["predicted"]), gr.update(value=upscale(error), label=label), info,
+            views["canvas"])
+
+
+def attention_outputs(user: UserState) -> tuple[np.ndarray | None, str]:
+    """Redraw the cached attention capture with the tab's current controls (never runs the model)."""
+    c = user.controller
+    attention = c.attention
+    if attention is None:
+        return None, NOTHING_RUN_YET
+    quantile, layers, heads, aggregation, viz_type = user.attention_controls
+    if not layers:
+        return None, "_Select at least one decoder layer to show attention._"
+    if not heads:
+        return None, "_Select at least one attention head to show attention._"
+    try:
+        image, _, summary = draw_attention(attention, quantile, layers, heads, aggregation, viz_type)
+    except ValueError as e:
+        raise gr.Error(f"Cannot draw the attention: {e}") from None
+    iteration, step = c.attention_at
+    return image, f"_Decoder attention captured after iteration {iteration} (model step {step})._\n\n{summary}"
+
+
+def attention_picker(user: UserState, selected: tuple[int, int] | None = None) -> np.ndarray | None:
+    """The predicted frame of the attention capture, enlarged with its patch grid (the ``selected``
+    patch ringed): click a patch."""
+    attention = user.controller.attention
+    if attention is None or attention.prediction is None:
+        return None
+    return patch_picker_image(attention.prediction, attention.patch_size, PICKER_SCALE, selected)
+
+
+def training_view_outputs(c: RunController) -> tuple:
+    """The four training views, ``TRAIN_VIEW_KEYS`` order (None before the first training step)."""
+    train = c.training_views() or {}
+    return tuple(train.get(k) for k in ("original", "masked", "inpainting", "composite"))
+
+
+def display_outputs(user: UserState, final: bool, first: bool = False) -> tuple:
+    """Values for RUN_OUTPUT_KEYS; while running, the slow-changing outputs are skipped."""
+    c = user.controller
+    out = dict.fromkeys(RUN_OUTPUT_KEYS, gr.skip())
+    out["progress"] = progress_markdown(c.status())
+    if final or first or not c.has_model:
+        out["checkpoint"] = checkpoint_markdown(c)
+    if not c.has_model:
+        return tuple(out[k] for k in RUN_OUTPUT_KEYS)
+    out.update(zip(TRAIN_VIEW_KEYS, training_view_outputs(c)))
+    out.update(zip(PREDICTION_KEYS, prediction_outputs(c.prediction_views())))
+    out.update(zip(PLOT_KEYS, plot_updates(c.history, c.config.grad_clip)))
+    if final:
+        out["attn_image"], out["attn_stats"] = attention_outputs(user)
+        out["attn_picker"] = attention_picker(user)
+        out["frame_slider"] = gr.Slider(value=c.start_frame)
+        out["history_slider"] = history_slider(c)
+    return tuple(out[k] for k in RUN_OUTPUT_KEYS)
+
+
+def history_slider(c: RunController) -> gr.Slider:
+    """The run-history slider over the kept iterations, at the latest."""
+    kept = c.snapshots.iterations
+    if not kept:
+        return gr.Slider(minimum=0, maximum=1, value=0, interactive=False)
+    return gr.Slider(minimum=kept[0], maximum=max(kept[-1], kept[0] + 1), value=kept[-1], step=1, interactive=True,
+                     label=f"Run history: iteration ({len(kept)} kept, " + (
+                         "every iteration)" if c.snapshots.stride == 1 else f"every {c.snapshots.stride}th iteration)"))

@@ -1,0 +1,159 @@
+"""Sections 2-5 of the page: "Run the world model" (iterations, Run and Stop, progress, checkpoint status,
+training settings) and the layout of what a run shows: "Training views", "Prediction views", "Metric graphs".
+The values those sections show are built in ``page_outputs``.
+
+Endpoints: ``/run_world_model`` (a generator) and ``/stop``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import gradio as gr
+import torch
+
+from run_controller import RunBusyError
+from config import AutoencoderConcatPredictorWorldModelConfig
+from page_common import (
+    APP,
+    CANVAS_HEIGHT,
+    FRAME_HEIGHT,
+    MODEL_CFG,
+    UserState,
+    hide_paths,
+    image_block,
+    line_plot,
+    require_session,
+    whole_number,
+)
+from page_outputs import ERROR_COLOURS, GRAD_COLOURS, LOSS_COLOURS, NO_MODEL_YET, RUN_OUTPUT_KEYS, display_outputs
+
+# -----------------------------------------------------------------------------
+# text
+
+
+def training_settings_markdown(cfg: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG) -> str:
+    """The training settings in use, from ``config.py``."""
+    h, w = cfg.canvas_size
+    gate = (
+        f"on (train until masked MSE < {cfg.canvas_inpainting_threshold:g}, at most {cfg.quality_gate_max_steps} steps)"
+        if cfg.quality_gate else "off (one optimizer step per iteration)"
+    )
+    device = "CUDA" if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    return "\n".join([
+        f"- **Canvas:** {h}x{w} px ({cfg.canvas_history_size} frames, {cfg.separator_width} px separators), "
+        f"{cfg.patch_size} px patches, grid {cfg.grid_size[0]}x{cfg.grid_size[1]}; training masks {cfg.mask_ratio:.0%} of the last slot, prediction all of it",
+        f"- **Model:** encoder {cfg.embed_dim} wide x {cfg.depth} blocks x {cfg.num_heads} heads; "
+        f"decoder {cfg.decoder_embed_dim} wide x {cfg.decoder_depth} blocks x {cfg.decoder_num_heads} heads",
+        f"- **Optimizer:** AdamW, learning rate {cfg.learning_rate:g}, warm-up {cfg.warmup_steps} steps, cosine decay "
+        f"over {cfg.lr_decay_steps} steps to {cfg.min_lr:g}, weight decay {cfg.weight_decay:g}, gradient clip {cfg.grad_clip:g}",
+        f"- **Loss:** masked patches only; dot-pixel (foreground) weight {cfg.foreground_weight:g}, "
+        f"foreground threshold {cfg.foreground_threshold:g}",
+        f"- **Quality gate:** {gate}",
+        f"- **Device:** {device}",
+    ])
+
+
+# -----------------------------------------------------------------------------
+# handlers
+
+
+def run_world_model(num_iterations: Any, user: UserState):
+    """Train for ``num_iterations`` (1-500) on the loaded session, streaming progress a few times a second.
+
+    A frame that cannot be read (changed on disk after the session was loaded) ends the run: the
+    iterations done so far are kept and saved, and the run fails with a message naming the frame.
+    """
+    total = whole_number(num_iterations, "Number of iterations", APP.min_iterations, APP.max_iterations)
+    require_session(user)
+    last_yield = -math.inf
+    try:
+        for metrics in user.controller.run(total):
+            if metrics is None or time.monotonic() - last_yield >= APP.update_interval_s:
+                yield (user, *display_outputs(user, final=False, first=metrics is None))
+                last_yield = time.monotonic()
+    except RunBusyError:
+        raise gr.Error("A run is already in progress in this tab: press Stop or wait for it to finish.") from None
+    yield (user, *display_outputs(user, final=True))
+    status = user.controller.status()
+    if status.problem:
+        raise gr.Error(f"The run stopped after {status.done} of {total} iterations: {hide_paths(status.problem)}.")
+
+
+def stop_run(user: UserState) -> tuple:
+    """Ask the tab's run to stop after its current iteration, wait for it, then show the final state."""
+    answer = user.controller.stop(APP.stop_wait_s)
+    if answer == "stopping":
+        return ("**Stopping:** the run ends after its current iteration.",) + (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 1)
+    if answer == "idle" and not user.controller.has_model:
+        return ("_Nothing is running._",) + (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 1)
+    return display_outputs(user, final=True)
+
+
+# -----------------------------------------------------------------------------
+# layout
+
+
+def run_section() -> dict[str, Any]:
+    """Section 2: iterations, Run and Stop, progress and checkpoint status."""
+    gr.Markdown("## 2. Run the world model", elem_classes=["section-title"])
+    with gr.Row():
+        iterations = gr.Number(value=APP.default_iterations, precision=0, elem_id="iterations",
+                               label=f"Iterations ({APP.min_iterations}-{APP.max_iterations})", scale=1)
+        run_btn = gr.Button("▶ Run world model", variant="primary", elem_id="run-btn", scale=1)
+        stop_btn = gr.Button("■ Stop", variant="stop", elem_id="stop-btn", scale=1)
+    progress = gr.Markdown("_Not run yet._", elem_id="progress")
+    checkpoint = gr.Markdown(NO_MODEL_YET, elem_id="checkpoint-info")
+    with gr.Accordion("Training settings (from config.py)", open=False):
+        gr.Markdown(training_settings_markdown(), elem_id="training-settings")
+    return {"iterations": iterations, "run_btn": run_btn, "stop_btn": stop_btn, "progress": progress, "checkpoint": checkpoint}
+
+
+def views_sections() -> dict[str, Any]:
+    """Sections 3 and 4: the four training views and the three prediction views."""
+    gr.Markdown("## 3. Training views (latest training canvas)", elem_classes=["section-title"])
+    with gr.Row():
+        train_original = image_block("Original canvas: frames t-2, t-1, t with action separators", "train-original", CANVAS_HEIGHT)
+        train_masked = image_block("Masked canvas overlay (grey = masked patches to inpaint)", "train-masked", CANVAS_HEIGHT)
+    with gr.Row():
+        train_inpainting = image_block("Full inpainting output (every patch as the model sees it)", "train-inpainting", CANVAS_HEIGHT)
+        train_composite = image_block("Composite: visible patches + inpainted masked slot", "train-composite", CANVAS_HEIGHT)
+
+    gr.Markdown("## 4. Prediction views", elem_classes=["section-title"])
+    with gr.Row():
+        pred_current = image_block("Current frame t (2x)", "pred-current", FRAME_HEIGHT)
+        pred_next = image_block("Predicted next frame t+1 (2x)", "pred-next", FRAME_HEIGHT)
+        pred_error = image_block("Prediction error |predicted - actual| (amplified)", "pred-error", FRAME_HEIGHT)
+    prediction_info = gr.Markdown(elem_id="prediction-info")
+    pred_canvas = image_block("Prediction canvas: frames t-1 and t with their actions, predicted frame t+1 filled into "
+                              "the last slot", "pred-canvas", CANVAS_HEIGHT)
+    return {"train_original": train_original, "train_masked": train_masked, "train_inpainting": train_inpainting, "train_composite": train_composite, "pred_current": pred_current, "pred_next": pred_next, "pred_error": pred_error, "prediction_info": prediction_info, "pred_canvas": pred_canvas}
+
+
+def metrics_section(cfg: AutoencoderConcatPredictorWorldModelConfig) -> dict[str, Any]:
+    """Section 5: the metric graphs and their legend."""
+    gr.Markdown("## 5. Metric graphs (kept across runs of this tab's model)", elem_classes=["section-title"])
+    with gr.Row():
+        plot_error = line_plot("Prediction error (MSE)", "plot-error", "MSE", ERROR_COLOURS)
+        plot_dot = line_plot(f"Dot found: share of the last {APP.dot_window} predictions within 3 px", "plot-dot", "%",
+                             y_lim=[0, 100])
+    with gr.Row():
+        plot_time = line_plot("Iteration time", "plot-time", "milliseconds")
+        plot_loss = line_plot("Training loss", "plot-loss", "loss", LOSS_COLOURS)
+    with gr.Row():
+        plot_lr = line_plot("Learning rate (warm-up, then cosine decay)", "plot-lr", "learning rate")
+        plot_grad = line_plot(f"Gradient norm per step (clipped at {cfg.grad_clip:g})" if cfg.grad_clip
+                              else "Gradient norm per step", "plot-grad", "norm", GRAD_COLOURS)
+    gr.Markdown(
+        "**Prediction error:** the model (indigo line) against a baseline that simply repeats the last frame "
+        "(grey line); a model below the baseline has learned the motion. **Dot found:** of the last "
+        f"{APP.dot_window} predictions, the share whose dot centre lies within 3 px of the true one (a prediction "
+        "without a dot counts as a miss); it jumps when the model localises the dot. **Training loss:** the optimised, "
+        "dot-weighted loss (red line) and the plain masked-patch MSE (orange line). **Learning rate:** the "
+        "optimizer's rate at each iteration's step. **Gradient norm:** the total gradient norm of each step before "
+        "clipping (teal line); once norms come within half of the clip threshold it is drawn too (grey line): steps above it were scaled down. Histories longer "
+        "than 2000 points are thinned evenly.", elem_id="plot-legend")
+    return {"plot_error": plot_error, "plot_dot": plot_dot, "plot_time": plot_time, "plot_loss": plot_loss,
+            "plot_lr": plot_lr, "plot_grad": plot_grad}

@@ -1,0 +1,304 @@
+"""Section 8 of the page, "Your work": record a session, browse the run history, save and load named
+checkpoints, reset the model, export the views, metrics and settings.
+
+Endpoints: ``/record_session`` (a generator), ``/browse_history``, ``/save_checkpoint``, ``/load_checkpoint``,
+``/reset_model`` and ``/export``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from checkpoints import CheckpointError, checkpoint_summaries
+from run_controller import RunBusyError, RunController
+from page_common import (
+    APP,
+    FRAME_HEIGHT,
+    UserState,
+    amplify_error,
+    choice,
+    code_span,
+    display_path,
+    format_px,
+    format_value,
+    hide_paths,
+    image_block,
+    upscale,
+    whole_number,
+)
+from page_outputs import attention_outputs, display_outputs
+from record_session import record_session
+from run_export import write_export
+from session_explorer_lib import format_timestamp, markdown_escape, scan_sessions
+from toroidal_action_selectors import PATTERN_NAMES
+
+# -----------------------------------------------------------------------------
+# named checkpoints and reset
+
+
+def checkpoints_markdown(c: RunController) -> str:
+    """The checkpoint folder as a table: name, step, iteration, time saved, session trained on."""
+    summaries = checkpoint_summaries(c.checkpoint_path.parent)
+    if not summaries:
+        return "_No checkpoints saved yet._"
+    rows = []
+    for s in summaries:
+        name = markdown_escape(s.name) + (" (shared: every run saves here)" if s.path == c.checkpoint_path else "")
+        if s.problem:
+            rows.append(f"| {name} | | | | {markdown_escape(hide_paths(s.problem))} |")
+        else:
+            rows.append(f"| {name} | {s.step} | {s.iteration} | {format_timestamp(s.saved_at)} | "
+                        f"{markdown_escape(s.session or 'not recorded')} |")
+    return "\n".join(["| checkpoint | step | iteration | saved | session trained on |", "|---|---|---|---|---|", *rows])
+
+
+def checkpoint_choices(c: RunController, value: str | None = None) -> gr.Dropdown:
+    names = [s.name for s in checkpoint_summaries(c.checkpoint_path.parent)
+             if not s.problem and s.path != c.checkpoint_path]
+    return gr.Dropdown(choices=names, value=value if value in names else (names[0] if names else None))
+
+
+def _checkpoint_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise gr.Error("Checkpoint name must be a non-empty name (letters, digits, - and _ read best).")
+    return name.strip()
+
+
+def save_checkpoint(name: Any, user: UserState) -> tuple[str, gr.Dropdown]:
+    """Save this tab's model as ``saved/checkpoints/toroidal_dot/<name>.pth`` (never over an existing file)."""
+    name, c = _checkpoint_name(name), user.controller
+    try:
+        saved = c.save_named(name)
+    except (ValueError, CheckpointError) as e:
+        raise gr.Error(f"Cannot save checkpoint {markdown_escape(name)[:60]}: {hide_paths(e)}") from None
+    text = f"**Saved** {code_span(saved.path.name)} (step {saved.step}, iteration {saved.iteration}).\n\n"
+    return text + checkpoints_markdown(c), checkpoint_choices(c, name)
+
+
+def load_checkpoint(name: Any, user: UserState) -> tuple:
+    """Load a named checkpoint into this tab's model; a damaged or foreign file is refused, model untouched."""
+    name, c = _checkpoint_name(name), user.controller
+    try:
+        origin = c.load_named(name)
+    except RunBusyError:
+        raise gr.Error("A run is in progress in this tab: press Stop or wait for it to finish.") from None
+    except (ValueError, CheckpointError) as e:
+        raise gr.Error(f"Cannot load checkpoint {markdown_escape(name)[:60]}: {hide_paths(e)}") from None
+    text = f"**Loaded** {code_span(name + '.pth')} (step {origin.step}, iteration {origin.iteration}).\n\n"
+    return (text + checkpoints_markdown(c), *display_outputs(user, final=True))
+
+
+def reset_model(user: UserState) -> tuple:
+    """A fresh model for this tab: metric history and graphs cleared, nothing deleted on disk."""
+    try:
+        user.controller.reset_model()
+    except RunBusyError:
+        raise gr.Error("A run is in progress in this tab: press Stop or wait for it to finish.") from None
+    text = "**Reset:** this tab now has a fresh, untrained model; no file was deleted.\n\n"
+    return (text + checkpoints_markdown(user.controller), *display_outputs(user, final=True))
+
+
+def list_checkpoints(user: UserState) -> tuple[str, gr.Dropdown]:
+    return checkpoints_markdown(user.controller), checkpoint_choices(user.controller)
+
+
+# -----------------------------------------------------------------------------
+# recording a session from the page
+
+
+def _record_in_background(args: tuple, progress: dict) -> threading.Thread:
+    """Run ``record_session`` on a thread; ``progress`` receives 'done', then 'path' or 'error'."""
+    pattern, steps, seed, radius, move = args
+
+    def work() -> None:
+        try:
+            progress["path"] = record_session(pattern, steps, seed, dot_radius=radius, move_pixels=move,
+                                              progress=lambda done, total: progress.__setitem__("done", done))
+        except Exception as e:  # reported to the page; a partial recording is kept and marked stopped
+            progress["error"] = e
+
+    thread = threading.Thread(target=work, name="record-session", daemon=True)
+    thread.start()
+    return thread
+
+
+def record_new_session(pattern: Any, steps: Any, seed: Any, dot_radius: Any, move_pixels: Any):
+    """Record a new session with ``record_session.py``'s code (a fresh folder, never over another),
+    streaming progress; then refresh the session lists with it selected."""
+    args = (choice(pattern, PATTERN_NAMES, "Pattern"), whole_number(steps, "Steps", 3, APP.max_record_steps),
+            whole_number(seed, "Seed", 0, 2**32 - 1), whole_number(dot_radius, "Dot radius", 1, 50),
+            whole_number(move_pixels, "Move pixels", 0, 223))
+    progress = {"done": 0}
+    thread = _record_in_background(args, progress)
+    while thread.is_alive():
+        thread.join(APP.update_interval_s)
+        yield f"**Recording:** {progress['done']}/{args[1]} actions ({args[0]}, seed {args[2]})", gr.skip(), gr.skip()
+    if "error" in progress:
+        raise gr.Error(f"The recording failed: {hide_paths(progress['error'])}")
+    name = progress["path"].name
+    names = [s.name for s in scan_sessions() if s.ok]
+    done = (f"**Recorded** session {code_span(name)}: {args[1] + 1} frames, pattern {args[0]}, seed {args[2]}, "
+            f"dot radius {args[3]} px, move {args[4]} px. It is selected above: press Load session.")
+    yield done, gr.Dropdown(choices=names, value=name), gr.Dropdown(choices=names, value=name)
+
+
+# -----------------------------------------------------------------------------
+# the run history
+
+
+def history_outputs(c: RunController, iteration: int) -> tuple:
+    """[frame t, predicted frame t+1, error map, metrics] of the kept iteration nearest ``iteration``."""
+    snap = c.snapshots.nearest(iteration)
+    if snap is None:
+        raise gr.Error("No run history yet: run the world model; each run's iterations are kept here.")
+    error, gain = amplify_error(snap.error)
+    m = snap.metrics
+    text = (f"**Iteration {snap.iteration}**" + (f" (the kept one nearest {iteration})" if snap.iteration != iteration else "")
+            + f" | prediction error (MSE): {format_value(snap.error_mse)} | dot error: {format_px(m.get('dot_error'))} | training loss: "
+            f"{format_value(m.get('training_loss'))} | learning rate: {format_value(m.get('lr'), 3)} | gradient norm: "
+            f"{format_value(m.get('grad_norm'), 3)} | model step {m.get('step')}. The error map (x{gain:.1f}) compares the prediction made one iteration "
+            "earlier with this frame.")
+    return upscale(snap.current), upscale(snap.predicted), upscale(error), text
+
+
+def browse_history(iteration: Any, user: UserState) -> tuple:
+    """Frame, prediction, error map and metrics of the kept iteration nearest ``iteration``."""
+    return history_outputs(user.controller, whole_number(iteration, "Iteration", 0, 10**9))
+
+
+def play_history(iteration: Any, user: UserState):
+    """Step the run-history slider from ``iteration`` to the latest kept one, a few per second."""
+    start = whole_number(iteration, "Iteration", 0, 10**9)
+    kept = [i for i in user.controller.snapshots.iterations if i >= start] or user.controller.snapshots.iterations
+    for i in kept[:: max(1, len(kept) // APP.history_play_frames)]:
+        yield (gr.Slider(value=i), *history_outputs(user.controller, i))
+        time.sleep(APP.update_interval_s)
+
+
+# -----------------------------------------------------------------------------
+# export
+
+
+def export_pictures(user: UserState) -> dict[str, tuple[np.ndarray | None, str]]:
+    """The seven views and the attention picture at full resolution, with a line saying what each is."""
+    c = user.controller
+    train, views = c.training_views() or {}, c.prediction_views() or {}
+    error, gain = amplify_error(views.get("error"))
+    attention = attention_outputs(user)[0] if c.attention is not None else None
+    quantile, _, _, aggregation, viz_type = user.attention_controls
+    return {
+        "train_original": (train.get("original"), "training view: the latest training canvas"),
+        "train_masked": (train.get("masked"), "training view: masked patches greyed"),
+        "train_inpainting": (train.get("inpainting"), "training view: the model's output for every patch"),
+        "train_composite": (train.get("composite"), "training view: visible patches plus the inpainted slot"),
+        "prediction_current": (views.get("current"), "prediction view: the current frame t"),
+        "prediction_next": (views.get("predicted"), "prediction view: the predicted frame t+1"),
+        "prediction_error": (error, f"prediction view: |prediction - actual| for frame t, brightness x{gain:.1f}"),
+        "attention": (attention, f"decoder attention as the tab shows it: {viz_type}, quantile {quantile:g}, "
+                                 f"heads combined by {aggregation}"),
+    }
+
+
+def export_results(user: UserState) -> str:
+    """A zip of this tab's views (PNG), metric history (CSV), configuration (JSON) and a README.txt."""
+    c = user.controller
+    if not c.has_model:
+        raise gr.Error("Nothing to export yet: run the world model first.")
+    status = c.status()
+    cfg = {**dataclasses.asdict(c.config), "architecture": c.config.architecture()}
+    meta = {"session": c.session.name if c.session is not None else None, "model_step": status.model_step,
+            "model_iteration": status.model_iteration, "iterations_in_history": len(c.history),
+            "checkpoint": None if c.origin is None else f"{c.origin.kind} {display_path(c.origin.path)}",
+            "exported_at": format_timestamp(time.time())}
+    folder = Path(tempfile.gettempdir()) / "cwm-exports"
+    _remove_old_exports(folder)
+    folder = Path(tempfile.mkdtemp(prefix="export-", dir=_private_folder(folder)))
+    name = f"cwm_export_step{status.model_step}_iteration{status.model_iteration}.zip"
+    return str(write_export(folder / name, export_pictures(user), c.history, cfg, meta))
+
+
+def _private_folder(folder: Path) -> Path:
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
+
+
+def _remove_old_exports(folder: Path, older_than_s: float = 3600.0) -> None:
+    """Exports are handed to Gradio's cache at once; the copies here are cleaned up after an hour."""
+    if not folder.is_dir():
+        return
+    for old in folder.glob("export-*"):
+        try:
+            if time.time() - old.stat().st_mtime > older_than_s:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+
+
+# -----------------------------------------------------------------------------
+# layout
+
+
+def _record_block() -> dict[str, Any]:
+    gr.Markdown("### Record a session (the same code as `record_session.py`; a new folder every time)")
+    with gr.Row():
+        pattern = gr.Dropdown(list(PATTERN_NAMES), value="random", label="Pattern", elem_id="record-pattern")
+        steps = gr.Number(value=200, precision=0, label=f"Steps (3-{APP.max_record_steps:,})", elem_id="record-steps")
+        seed = gr.Number(value=0, precision=0, label="Seed", elem_id="record-seed")
+        radius = gr.Number(value=5, precision=0, label="Dot radius (1-50 px)", elem_id="record-radius")
+        move = gr.Number(value=27, precision=0, label="Move (0-223 px)", elem_id="record-move")
+        record_btn = gr.Button("Record session", elem_id="record-btn")
+    record_md = gr.Markdown(elem_id="record-info")
+    return {"record_pattern": pattern, "record_steps": steps, "record_seed": seed, "record_radius": radius,
+            "record_move": move, "record_btn": record_btn, "record_md": record_md}
+
+
+def _history_block() -> dict[str, Any]:
+    gr.Markdown("### Run history: what the model predicted at earlier iterations")
+    with gr.Row():
+        history_slider = gr.Slider(0, 1, value=0, step=1, label="Run history: iteration", interactive=False,
+                                   elem_id="history-slider", scale=4)
+        play_btn = gr.Button("▶ Play", elem_id="history-play-btn", scale=1)
+        pause_btn = gr.Button("❚❚ Pause", elem_id="history-pause-btn", scale=1)
+    with gr.Row():
+        history_current = image_block("Frame t (2x)", "history-current", FRAME_HEIGHT)
+        history_predicted = image_block("Predicted frame t+1 (2x)", "history-predicted", FRAME_HEIGHT)
+        history_error = image_block("Its error (amplified)", "history-error", FRAME_HEIGHT)
+    history_md = gr.Markdown(elem_id="history-info")
+    return {"history_slider": history_slider, "play_btn": play_btn, "pause_btn": pause_btn,
+            "history_current": history_current, "history_predicted": history_predicted, "history_error": history_error,
+            "history_md": history_md}
+
+
+def workflow_section() -> dict[str, Any]:
+    """Section 8: run history, named checkpoints and reset."""
+    gr.Markdown("## 8. Your work: run history, named checkpoints and reset", elem_classes=["section-title"])
+    record = _record_block()
+    history = _history_block()
+    gr.Markdown("### Checkpoints")
+    gr.Markdown("Every run saves this tab's model to the shared `autoencoder.pth` (the last tab to finish wins). "
+                "Save a named copy to keep a model; load one into this tab to go on from it.")
+    with gr.Row():
+        ckpt_name = gr.Textbox(label="Name for this tab's model", placeholder="e.g. alternate-600", elem_id="ckpt-name",
+                               scale=2)
+        ckpt_save = gr.Button("Save checkpoint", elem_id="ckpt-save-btn", scale=1)
+    with gr.Row():
+        ckpt_choice = gr.Dropdown(label="Saved checkpoint", choices=[], allow_custom_value=True, elem_id="ckpt-choice",
+                                  scale=2)
+        ckpt_load = gr.Button("Load into this tab", elem_id="ckpt-load-btn", scale=1)
+        reset_btn = gr.Button("Reset to a fresh model", variant="stop", elem_id="reset-btn", scale=1)
+    ckpt_md = gr.Markdown(elem_id="ckpt-info")
+    gr.Markdown("### Export")
+    with gr.Row():
+        export_btn = gr.Button("Export views, metrics and settings (zip)", elem_id="export-btn", scale=1)
+        export_file = gr.File(label="Export", elem_id="export-file", interactive=False, scale=2)
+    return {"export_btn": export_btn, "export_file": export_file, "ckpt_name": ckpt_name, "ckpt_save": ckpt_save, "ckpt_choice": ckpt_choice, "ckpt_load": ckpt_load,
+            "reset_btn": reset_btn, "ckpt_md": ckpt_md, **history, **record}
