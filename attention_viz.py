@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from config import AutoencoderConcatPredictorWorldModelConfig
+from validation import is_int, whole_number, whole_number_rule
 
 if TYPE_CHECKING:  # type hints only: importing the world model would pull in torch
     from autoencoder_concat_predictor_world_model import AttentionCapture
@@ -86,10 +87,6 @@ class Connections:
         return self.total > len(self.weight)
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
-
-
 def _check_quantile(quantile) -> float:
     if quantile is None or isinstance(quantile, (bool, np.bool_)):
         raise ValueError(f"Quantile must be a number between 0 and 100, got {quantile!r}")
@@ -117,7 +114,7 @@ def _check_indices(selection, n: int, what: str) -> tuple[int, ...]:
     for item in selection:  # a handful of checkbox values, not patches
         if isinstance(item, str) and item.strip().isdigit():
             item = int(item.strip())
-        if not _is_int(item):
+        if not is_int(item):
             raise ValueError(f"A {what} must be an integer index, got {item!r}")
         if not 0 <= int(item) < n:
             raise ValueError(f"{what.capitalize()} {int(item)} does not exist; choose from 0-{n - 1}")
@@ -223,13 +220,16 @@ def format_weight(x: float) -> str:
 
 
 def check_whole(value, name: str, low: int, high: int | None = None) -> int:
-    """``value`` as an int in [low, high) (no upper bound when high is None); 3.0 passes, 3.5, True and '3' do not."""
-    real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-    whole = _is_int(value) or (real and math.isfinite(value) and float(value).is_integer())
-    if not whole or int(value) < low or (high is not None and int(value) >= high):
-        allowed = f"from {low} to {high - 1}" if high is not None else f"of at least {low}"
-        raise ValueError(f"{name} must be a whole number {allowed}, got {value!r}")
-    return int(value)
+    """``value`` as an int in [low, high) (no upper bound when high is None); 3.0 passes, 3.5, True and '3' do not.
+
+    The rule is ``validation.whole_number``'s (on the closed range [low, high - 1]); the message
+    ends ", got <value>" as this module's other messages do.
+    """
+    top = None if high is None else high - 1
+    try:
+        return whole_number(value, name, low, top)
+    except ValueError:
+        raise ValueError(f"{whole_number_rule(name, low, top)}, got {value!r}") from None
 
 
 def _ids_text(prefix: str, ids: tuple[int, ...]) -> str:

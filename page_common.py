@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 import config
+import validation
 from attention_viz import VIZ_LINES
 from checkpoints import RefusedFiles
 from model_pool import ModelPool
@@ -117,18 +118,13 @@ def _shown(value: Any) -> str:
 def whole_number(value: Any, what: str, low: int, high: int) -> int:
     """Return ``value`` as an int in ``[low, high]``; otherwise raise ``gr.Error`` naming ``what``.
 
-    Accepts ints and integral floats (a slider sends 12.0); refuses bools, None, strings, NaN,
-    infinities, fractions and anything out of range.
+    The rule and its message are ``validation.whole_number``'s (ints and integral floats pass, since
+    a slider sends 12.0; bools, None, strings, NaN, infinities, fractions and out-of-range values do not).
     """
-    rule = f"{what} must be a whole number from {low} to {high}"
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise gr.Error(f"{rule} (got {_shown(value)}).")
-    number = float(value)
-    if not math.isfinite(number) or number != int(number):
-        raise gr.Error(f"{rule} (got {_shown(value)}).")
-    if not low <= int(number) <= high:
-        raise gr.Error(f"{rule} (got {int(number)}).")
-    return int(number)
+    try:
+        return validation.whole_number(value, what, low, high)
+    except ValueError as e:
+        raise gr.Error(str(e)) from None
 
 
 def parse_quantile(value: Any) -> float:

@@ -14,7 +14,7 @@ from typing import Any, Collection
 import numpy as np
 
 from config import ToroidalDotConfig
-from validation import whole_number
+from validation import is_int, whole_number
 
 # -----------------------------------------------------------------------------
 # constants
@@ -46,8 +46,8 @@ def parse_action(action: Any, valid: Collection[int] | None = ACTION_VALUES) -> 
             ``'action'``, or a value outside ``valid``.
     """
     value = action.get("action") if isinstance(action, dict) and set(action) == {"action"} else action
-    # bool is an int subclass; True is not a sensible action, so refuse it explicitly
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+    # is_int refuses bools (an int subclass): True is not a sensible action
+    if is_int(value):
         if valid is None or value in valid:
             return int(value)
     expected = (
