@@ -305,6 +305,13 @@ class AutoencoderConcatPredictorWorldModel:
             out[name] = "graph" if g.graph is not None else (f"eager: {g.failed}" if g.failed else "eager (warming up)")
         return out
 
+    def graph_kept(self, name: str):
+        """What the recorded graph ``name`` ('train' or 'predict') keeps alive besides its inputs: the
+        cached patch index sets it reads by address, as ``model.mae.cached_index_sets()`` returned
+        them when it was recorded. None before it is recorded (or without graphs)."""
+        graph = self._graphs.get(name)
+        return graph.kept if graph is not None else None
+
     def _train_body(self, patches: torch.Tensor, mask: torch.Tensor, first: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward, loss, backward, clipping and the optimizer step on a batch of patches (B, L, P),

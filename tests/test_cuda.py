@@ -52,7 +52,7 @@ def test_graphs_keep_their_index_tensors_when_the_cache_is_cleared():
     for b in range(1, 20):  # 19 batch sizes: more than the cache holds
         wm.predict_slots(canvases[:b], batch_size=b)
     assert not recorded <= {id(t) for entry in wm.model.mae.cached_index_sets() for t in entry}  # the cache was cleared
-    kept = {id(t) for entry in wm._graphs["train"].kept for t in entry}
+    kept = {id(t) for entry in wm.graph_kept("train") for t in entry}
     assert recorded <= kept
     torch.cuda.empty_cache()
     assert np.isfinite(_losses(wm.run(10))).all()
