@@ -251,20 +251,21 @@ def time_app_path(iterations: int, rss_at: tuple[int, ...], model_cfg, run_size:
     Returns median seconds per iteration over the Runs, updates per second, RSS (bytes) at the
     iteration counts in ``rss_at`` and, on CUDA, GPU memory allocated after the first and last Run.
     """
+    from page_common import UserState
+    from page_run import run_world_model
+    from page_sessions import load_session
     from record_session import record_session
 
-    import concat_world_model_explorer_gradio as app
-
     session_dir = record_session("alternate", 200, 0, root=Path(os.environ["CWM_SAVED_ROOT"]) / "sessions" / "toroidal_dot")
-    user = app.UserState(config=model_cfg)
-    app.load_session(session_dir.name, user)
+    user = UserState(config=model_cfg)
+    load_session(session_dir.name, user)
     proc = psutil.Process()
     per_iteration, updates, rss, gpu, done = [], 0, {}, [], 0
     t_all = time.perf_counter()
     while done < iterations:
         n = min(run_size, iterations - done)
         t = time.perf_counter()
-        for outputs in app.run_world_model(n, user):
+        for outputs in run_world_model(n, user):
             _encode_like_gradio(outputs[1:])
             updates += 1
         per_iteration.append((time.perf_counter() - t) / n)
