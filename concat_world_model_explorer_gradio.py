@@ -14,14 +14,23 @@ functions that tests import and call) and its layout builder:
 8. ``page_workflow.py``: your work (recording, run history, named checkpoints, reset, export);
 
 on top of ``page_outputs.py`` (what every section shows of a tab's model after changing it) and
-``page_common.py`` (per-tab state, input checks, formatting and layout helpers). This file assembles
-the page (``build_demo()`` only declares the layout and wires the handlers) and holds the command
-line (``main``); nothing launches on import.
+``page_common.py`` (per-tab state, input checks, formatting and layout helpers).
 
-Endpoints (``api_name``, tests and tools call them): ``/refresh_sessions``, ``/load_session``,
-``/update_frame``, ``/jump_to_frame``, ``/run_world_model`` (a generator), ``/stop``,
-``/update_attention_viz``, ``/patch_attention``, and the analysis section's ``/counterfactual``,
-``/rollout``, ``/evaluate_session`` and ``/train_single_canvas`` (a generator). Usage::
+This file is the entry. ``build_demo()`` makes the model pool and the tab registry, lays the
+sections out in page order and wires every component to its handler (event options, API names,
+concurrency groups and cancellations are all set here, in ``_wire`` and its two helpers). ``main()``
+reads the settings from the environment once (``config.from_env()``,
+``server_guard.configure_from_env()``) and passes them down, records demo sessions when
+the sessions folder has no loadable one and serves the page (``launch``, behind ``server_guard``'s
+upload refusal and, with ``--auth``, its login guard). Importing it launches nothing and reads no
+setting.
+
+Endpoints (``api_name``, tests and tools call them): section 1 ``/refresh_sessions``,
+``/load_session``, ``/update_frame``, ``/jump_to_frame``; section 2 ``/run_world_model`` (a
+generator), ``/stop``; section 6 ``/update_attention_viz``, ``/patch_attention``; section 7
+``/counterfactual``, ``/rollout``, ``/evaluate_session``, ``/train_single_canvas`` (a generator);
+section 8 ``/record_session`` (a generator), ``/browse_history``, ``/save_checkpoint``,
+``/load_checkpoint``, ``/reset_model``, ``/export``. Usage::
 
     python concat_world_model_explorer_gradio.py [--host 0.0.0.0] [--port 7860] [--share]
         [--auth USER:PASS] [--public] [--no-browser]

@@ -3,6 +3,7 @@ import gradio or matplotlib. Imports are read from the source with ``ast`` (top-
 those inside functions alike), so no module has to be imported to be checked."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,18 @@ import %s
 sys.exit(str(sorted({k for k in read if k.startswith("CWM_")})) if any(k.startswith("CWM_") for k in read) else 0)
 """ % ", ".join(ENGINE)
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=300)
+
+
+def documented_imports() -> dict[str, set[str]]:
+    """The "who imports whom" table of docs/ARCHITECTURE.md: module -> the project modules it names."""
+    table = {}
+    for line in (REPO / "docs" / "ARCHITECTURE.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0].startswith("`") and cells[0].count("`") == 2:
+            table[cells[0].strip("`")] = set(re.findall(r"`([\w.]+)`", cells[1]))
+    return table
+
+
+def test_the_documented_import_table_is_the_code():
+    """docs/ARCHITECTURE.md lists every module with exactly the project modules it imports."""
+    assert documented_imports() == import_graph()
