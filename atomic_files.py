@@ -22,7 +22,7 @@ def temp_name(path: Path) -> Path:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None], fsync: bool = True,
-                 replace: bool = True) -> None:
+                 replace: bool = True, mode: int | None = None) -> None:
     """Write ``data`` (bytes, or a function that writes to the open file) to ``path`` atomically.
 
     Args:
@@ -30,13 +30,20 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
             without it the file is only flushed (fast, still never torn after a process crash).
         replace: replace an existing file; when False an existing name raises ``FileExistsError``
             (a hard link, never a rename over it, even when another writer took the name a moment ago).
+        mode: the file's permission bits, such as 0o600 for a file only its owner may read; the temp
+            file is created with them (never readable by others, not even for a moment) and they are
+            set exactly, whatever the umask. None: the usual bits the umask leaves (0o644 under 022).
     """
     path = Path(path)
     tmp = temp_name(path)
     created = False
+    # an opener only when asked for, so the plain call is open(tmp, "xb") and nothing more
+    opener = {} if mode is None else {"opener": lambda name, flags: os.open(name, flags, mode)}
     try:
-        with open(tmp, "xb") as f:  # "x": never clobber a temp file that is not ours
+        with open(tmp, "xb", **opener) as f:  # "x": never clobber a temp file that is not ours
             created = True
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)  # the umask may have taken bits from the created file
             if callable(data):
                 data(f)
             else:

@@ -1,6 +1,7 @@
 """The world model's checkpoint files: format, writing, reading, validation and the folder's listing.
 
-- ``write_checkpoint``: atomic (``atomic_files.write_atomic``: temp file, fsync, rename, folder fsync);
+- ``write_checkpoint``: atomic (``atomic_files.write_atomic``: temp file, fsync, rename, folder fsync)
+  and readable by the server's user only (0o600);
 - ``read_checkpoint``: checks every zip CRC-32 (``torch.load`` skips them), then unpickles plain
   tensors and containers only (``weights_only=True``), so a file can neither run code nor load a
   flipped bit silently;
@@ -30,6 +31,7 @@ from atomic_files import write_atomic
 from validation import is_int
 
 CHECKPOINT_FORMAT = "concat-world-model/1"  # bump when the checkpoint layout changes
+CHECKPOINT_MODE = 0o600  # checkpoint files are the server user's alone
 
 
 class CheckpointError(Exception):
@@ -43,12 +45,14 @@ class CheckpointError(Exception):
 def write_checkpoint(path: Path, payload: dict, replace: bool = True) -> Path:
     """Write ``payload`` with ``torch.save`` atomically; a crash mid-save leaves the previous file
     intact and concurrent saves leave one complete file. With ``replace`` False an existing file is
-    never replaced. Failures raise ``CheckpointError`` naming the file."""
+    never replaced. The file is readable and writable by the server's user only (0o600): it holds
+    the trained weights and the name of the session trained on. Failures raise ``CheckpointError``
+    naming the file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_files(path)
     try:
-        write_atomic(path, lambda f: torch.save(payload, f), fsync=True, replace=replace)
+        write_atomic(path, lambda f: torch.save(payload, f), fsync=True, replace=replace, mode=CHECKPOINT_MODE)
     except FileExistsError as e:
         raise CheckpointError(f"a checkpoint named {path.stem} already exists: choose another name") from e
     except OSError as e:

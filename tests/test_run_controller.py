@@ -1,6 +1,7 @@
 """One tab's run lifecycle (``RunController``, ``ModelPool``), driven without Gradio."""
 
 import dataclasses
+import stat
 import threading
 import time
 
@@ -366,6 +367,7 @@ def test_a_named_checkpoint_is_saved_once_listed_and_loaded_into_another_tab(tmp
     a = _trained(tmp_path, 6)
     saved = a.save_named("after-six")
     assert saved.path == tmp_path / "after-six.pth" and saved.step == a.world_model().step
+    assert stat.S_IMODE(saved.path.stat().st_mode) == 0o600  # named checkpoints are the server user's alone too
     before = saved.path.read_bytes()
     with pytest.raises(CheckpointError, match="a checkpoint named after-six already exists"):
         a.save_named("after-six")  # never replaced

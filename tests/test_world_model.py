@@ -2,6 +2,7 @@
 
 import dataclasses
 import pickle
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,18 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_step(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_saved_checkpoint_is_readable_by_its_owner_only(tmp_path):
+    """The file holds the trained weights and the session's name: 0o600 whatever the umask, also
+    when it replaces a file that others could read."""
+    path = tmp_path / "ck.pth"
+    path.write_bytes(b"an older file")
+    path.chmod(0o644)
+    wm = _tiny_world_model()
+    wm.run(3)
+    assert stat.S_IMODE(wm.save_checkpoint(path).stat().st_mode) == 0o600
+    assert stat.S_IMODE(wm.save_checkpoint(tmp_path / "fresh.pth").stat().st_mode) == 0o600
+
+
 def _assert_refused_and_untouched(wm, path, match):
     before = {k: v.clone() for k, v in wm.model.state_dict().items()}
     step = wm.step
@@ -201,7 +214,7 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
 
 
 def test_a_new_process_loads_the_checkpoint_and_predicts_the_same_frame(tmp_path):
-    """The issue's 'done when': run on a recorded session, save, reload elsewhere, same prediction."""
+    """The whole round trip: run on a recorded session, save, reload elsewhere, same prediction."""
     from record_session import record_session
     from session_explorer_lib import load_session
 
