@@ -38,7 +38,7 @@ from attention_viz import (
     statistics_markdown,
     validate_controls,
 )
-from images import enlarge
+from images import enlarge, panel_grid
 
 if TYPE_CHECKING:  # type hints only: importing the world model would pull in torch
     from autoencoder_concat_predictor_world_model import AttentionCapture
@@ -654,17 +654,7 @@ def render_patch_attention(
         text = (f"L{layer}: strongest source {best['region']} row {best['row']} col {best['col']} "
                 f"(weight {format_weight(best['weight'])})")
         panels.append(np.concatenate([_label_strip(panel.shape[1], text, _layer_colour(layer)), panel]))
-    return _panel_grid(panels, PATCH_PANEL_COLUMNS), sources, markdown
-
-
-def _panel_grid(panels: list[np.ndarray], columns: int, gap: int = 6) -> np.ndarray:
-    """Equal-sized panels (h, w, 3) in reading order, ``columns`` to a row, white gaps; blank cells stay white."""
-    h, w, _ = panels[0].shape
-    rows = -(-len(panels) // columns)  # ceil
-    cells = np.full((rows * columns, h + gap, w + gap, 3), 255, np.uint8)  # (cells, h+g, w+g, 3)
-    cells[: len(panels), :h, :w] = np.stack(panels)
-    grid = cells.reshape(rows, columns, h + gap, w + gap, 3).transpose(0, 2, 1, 3, 4)  # (rows, h+g, cols, w+g, 3)
-    return np.ascontiguousarray(grid.reshape(rows * (h + gap), columns * (w + gap), 3)[:-gap, :-gap])
+    return panel_grid(panels, PATCH_PANEL_COLUMNS), sources, markdown
 
 
 # -----------------------------------------------------------------------------

@@ -17,3 +17,18 @@ def enlarge(image: np.ndarray, factor: int) -> np.ndarray:
         a new (H * factor, W * factor, ...) array of the same dtype (a copy, also for factor 1).
     """
     return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)  # (H*f, W*f, ...)
+
+
+def panel_grid(panels: list[np.ndarray] | np.ndarray, columns: int, gap: int = 6) -> np.ndarray:
+    """Equal-sized uint8 panels (h, w, 3) in reading order, ``columns`` to a row, white gaps between
+    them; blank cells of the last row stay white.
+
+    Returns:
+        uint8 (rows * (h + gap) - gap, columns * (w + gap) - gap, 3).
+    """
+    h, w, _ = panels[0].shape
+    rows = -(-len(panels) // columns)  # ceil
+    cells = np.full((rows * columns, h + gap, w + gap, 3), 255, np.uint8)  # (cells, h+g, w+g, 3)
+    cells[: len(panels), :h, :w] = np.stack(panels)
+    grid = cells.reshape(rows, columns, h + gap, w + gap, 3).transpose(0, 2, 1, 3, 4)  # (rows, h+g, cols, w+g, 3)
+    return np.ascontiguousarray(grid.reshape(rows * (h + gap), columns * (w + gap), 3)[:-gap, :-gap])

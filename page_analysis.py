@@ -31,6 +31,7 @@ from page_common import (
     upscale,
     whole_number,
 )
+from images import panel_grid
 from page_outputs import (
     LOSS_COLOURS,
     TRAIN_VIEW_KEYS,
@@ -105,11 +106,7 @@ def rollout_strip(actual: np.ndarray, predicted: np.ndarray, gap: int = 4) -> tu
         (uint8 (3H + 2 gap, kW + (k-1) gap, 3), the error gain).
     """
     error, gain = amplify_error(np.abs(predicted.astype(np.int16) - actual).astype(np.uint8))  # (k, H, W, 3)
-    rows = np.stack([actual, predicted, error])  # (3, k, H, W, 3)
-    padded = np.pad(rows, ((0, 0), (0, 0), (0, gap), (0, gap), (0, 0)), constant_values=255)  # (3, k, H+g, W+g, 3)
-    _, k, h, w, _ = padded.shape
-    strip = padded.transpose(0, 2, 1, 3, 4).reshape(3 * h, k * w, 3)  # (3(H+g), k(W+g), 3)
-    return np.ascontiguousarray(strip[:-gap, :-gap]), gain
+    return panel_grid([*actual, *predicted, *error], columns=len(actual), gap=gap), gain
 
 
 def rollout_outputs(ro, model_line: str) -> tuple:
