@@ -59,7 +59,7 @@ class RecordingConfig:
     """How sessions are written to disk."""
 
     shard_size: int = 1000  # events per events_shard_NNN.jsonl file
-    frame_format: str = "png"  # lossless; the reader also accepts the seed's older .jpg frames
+    frame_format: str = "png"  # lossless; the reader also accepts the original tools' .jpg frames
     max_session_bytes: int | None = None  # stop a recording (never delete) once a session exceeds this; None = no limit
 
 

@@ -1,6 +1,6 @@
 """Recording sessions to disk: ``SessionWriter`` and the ``RecordingRobot`` wrapper.
 
-A session is a folder ``<root>/<session_name>/`` holding (format in DESIGN.md, "Data contracts"):
+A session is a folder ``<root>/<session_name>/`` holding (README.md, "Recording sessions", describes it for users):
 
 - ``session_meta.json``: names, action space, times, counts, environment parameters and ``status``;
   always written atomically (temp file in the same folder, flush, fsync, ``os.replace``).

@@ -1,7 +1,7 @@
 """Listing, validating and loading recorded sessions; frame loading and formatting helpers.
 
-Reads the session format of DESIGN.md ("Data contracts"), as written by ``recording_robot.SessionWriter``
-(PNG frames, ``status``/``pattern``/environment keys) and by the seed's tools (JPEG frames, none of the newer
+Reads the session format described in ``recording_robot``, as written by ``recording_robot.SessionWriter``
+(PNG frames, ``status``/``pattern``/environment keys) and by the original tools (JPEG frames, none of the newer
 metadata keys). Everything here is defensive: session names come from a browser, and files can be
 truncated by a killed recording. Each problem becomes a ``SessionError`` that names the file and what is
 wrong; a torn last event line, the one thing a killed recording leaves behind, is repaired with a note.
@@ -33,7 +33,7 @@ from validation import is_int
 
 META_FILENAME = "session_meta.json"
 SHARD_PATTERN = re.compile(r"^events_shard_(\d+)\.jsonl$")
-FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")  # png is what we write; jpg is the seed's format
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")  # png is what we write; jpg is what the original tools wrote
 DOT_ACTION_SPACE = [dict(a) for a in ACTION_SPACE]  # stay, move right
 MIN_FRAMES = 3  # a canvas needs 3 frames: two of history and the one to predict
 FRAME_CACHE_SIZE = 64  # decoded frames kept per session (~150 kB each at 224x224)
@@ -41,7 +41,7 @@ MAX_META_BYTES = 1 << 20  # a metadata file is a few hundred bytes; refuse to pa
 MAX_FRAME_PIXELS = 4096 * 4096  # refuse to decode absurd images (decompression bombs)
 MAX_NAME_BYTES = 255  # longest file or folder name (UTF-8 bytes) on common file systems
 _DEFAULT_FRAME_SIZE = ToroidalDotConfig().img_size
-_REQUIRED_META = {"session_name": str, "robot_type": str, "action_space": list}  # the seed's keys that matter
+_REQUIRED_META = {"session_name": str, "robot_type": str, "action_space": list}  # the original tools' keys that matter
 _OPTIONAL_META = {  # checked only when present: older sessions lack most of them
     "start_time": (str, int, float, type(None)),
     "end_time": (str, int, float, type(None)),

@@ -10,7 +10,7 @@ depend on the weights):
   subprocess (what a user waits for: loading the session, predicting, the table and the plot data,
   the HTTP round trip). The first call also creates the tab's model; it is reported apart.
 
-The issue's target is a 200-frame session in at most 10 s on the project's 2-core CPU. The result is
+The target is a 200-frame session in at most 10 s on the project's 2-core CPU. The result is
 also appended to ``benchmarks/out/evaluate.jsonl``.
 
     python benchmarks/bench_evaluate.py                 # 200 frames, 3 repeats

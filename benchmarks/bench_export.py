@@ -3,7 +3,7 @@
 Launches the real app against a temporary ``saved/`` folder with one recorded session, runs
 ``--iterations`` iterations through ``gradio_client`` and times ``/export`` (building the zip of eight
 PNG pictures, the metric CSV and JSON files, plus Gradio handing the file to the client), and
-``/browse_history`` for a few iterations. The issue's target is an export under 5 s. The result is
+``/browse_history`` for a few iterations. The target is an export under 5 s. The result is
 also appended to ``benchmarks/out/export.jsonl``.
 
     python benchmarks/bench_export.py [--iterations 300] [--repeats 3]

@@ -10,7 +10,7 @@ JSON object. Not part of the test suite.
 
     python benchmarks/bench_learning.py                      # all patterns, replay + live, 180 s each
     python benchmarks/bench_learning.py --patterns always_move --sources live --seconds 60
-    python benchmarks/bench_learning.py --matrix --seeds 11 22 33 --threads-list 1 2   # the issue-9 grid
+    python benchmarks/bench_learning.py --matrix --seeds 11 22 33 --threads-list 1 2   # the grid of docs/LEARNING.md
 
 ``--matrix`` runs every cell of patterns x seeds x sources x thread counts, each cell in its own
 process (``--jobs`` of them at once; by default as many as the cores allow at that thread count,

@@ -14,8 +14,8 @@ Measures, in one process so the ratios hold on a noisy machine:
 * the median seconds per iteration of (a) the core loop (``run(1)``: observe, train, predict) and
   (b) the app path (the Run handler of the web app, default update cadence, with its images,
   graphs, run-history snapshots and attention capture), with efficiency = floor / measured;
-* the core loop against another commit of this project (default: the one the speed issue was
-  measured on, which ran at 1.02x the reference implementation), both in fresh processes, in
+* the core loop against another commit of this project (default: the one before the speed work,
+  which ran at 1.02x the reference implementation), both in fresh processes, in
   alternating rounds;
 * resident memory (RSS) at iterations 200 and 2,000 of the app path, and on CUDA the GPU memory
   allocated after the first and the last Run;
@@ -59,7 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bench_common import machine_info, report  # noqa: E402
 
-BASELINE_COMMIT = "fdc8bbe"  # the project when the speed issue was filed (spec-sized model, batch of 1)
+BASELINE_COMMIT = "fdc8bbe"  # the project before the speed work (spec-sized model, batch of 1)
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 ATTENTION_FORWARD = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention",
                      "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention")

@@ -246,8 +246,8 @@ def test_load_scrub_run_and_explore_attention(page):
 
 
 def test_pick_a_patch_and_analyse_a_frame(page):
-    """Issue 11: click a patch of the predicted frame to see where it looks, then section 7's analyses."""
-    out = ARTIFACTS / "issue11"
+    """Click a patch of the predicted frame to see where it looks, then section 7's analyses."""
+    out = ARTIFACTS / "pick_a_patch"
     out.mkdir(parents=True, exist_ok=True)
     choose_and_load(page)
     run(page, 5)
@@ -350,9 +350,9 @@ def test_closing_a_tab_frees_its_model(page, app_server):
 
 
 def test_record_browse_history_save_and_export(page):
-    """Issue 12: record a session from the page, run on it, look back at an earlier iteration, keep the
+    """Record a session from the page, run on it, look back at an earlier iteration, keep the
     model as a named checkpoint and download the export zip."""
-    out = ARTIFACTS / "issue12"
+    out = ARTIFACTS / "record_and_export"
     out.mkdir(parents=True, exist_ok=True)
     sessions = page.locator("#session-dropdown input")
     expect(sessions).not_to_have_value("", timeout=30_000)  # the page has listed the sessions: no refresh to come

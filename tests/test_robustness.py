@@ -1,14 +1,15 @@
-"""Issue 6, library half: hostile and damaged input, faults and concurrent writers.
+"""Hostile and damaged input, faults and concurrent writers, through the library (the web API's side is
+``test_security_api.py``).
 
 Every case goes through a real entry point:
 
-- item 4, damaged sessions: ``session_explorer_lib.load_session`` / ``scan_sessions`` on a copy of a session
+- damaged sessions: ``session_explorer_lib.load_session`` / ``scan_sessions`` on a copy of a session
   recorded by ``record_session`` and then damaged;
-- item 5, damaged checkpoints and interrupted or concurrent saves: the world model's ``save_checkpoint`` /
+- damaged checkpoints and interrupted or concurrent saves: the world model's ``save_checkpoint`` /
   ``load_checkpoint``, in this process, in threads and in forked processes killed with SIGKILL;
-- item 6, killed and starved recordings: ``record_session.py`` as a subprocess (SIGKILL, a real full tmpfs)
+- killed and starved recordings: ``record_session.py`` as a subprocess (SIGKILL, a real full tmpfs)
   and through ``main()`` with a disk that fills at a chosen write;
-- item 9, a self-count: the cases declared here must all be collected, none skipped.
+- a self-count: the cases declared here must all be collected, none skipped.
 
 Nothing here may skip or xfail: the engine bugs this suite found (unchecked zip CRCs, optimizer moments
 and step) were fixed, and the self-count at the end fails on any skip mark.
@@ -64,7 +65,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 # =============================================================================
-# item 4: damaged sessions
+# damaged sessions
 # =============================================================================
 #
 # "good" is alternate, 6 steps, seed 0: 13 events (observation at even steps, action at odd steps),
@@ -373,7 +374,7 @@ def test_other_sessions_still_list_and_load_beside_a_damaged_one(sessions_root, 
 
 
 # =============================================================================
-# item 5: checkpoints
+# checkpoints
 # =============================================================================
 
 
@@ -758,7 +759,7 @@ def test_concurrent_saves_from_two_processes_leave_one_complete_file(tmp_path, l
 
 
 # =============================================================================
-# item 6: recording
+# recording
 # =============================================================================
 
 
@@ -1015,7 +1016,7 @@ def test_a_size_limit_never_deletes_other_sessions(tmp_path, capsys):
 
 
 # =============================================================================
-# item 9: the suite proves it runs
+# the suite proves it runs
 # =============================================================================
 
 # every robustness test, with the fewest cases it must declare; a rename or a dropped case fails here

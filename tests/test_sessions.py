@@ -59,7 +59,7 @@ def _event(step, kind, data, timestamp=1_700_000_000.0):
 
 
 def _seed_style_session(root: Path, name="seed_jpg", frames=4) -> Path:
-    """A session as the seed's tools wrote it: JPEG frames, only the original metadata keys."""
+    """A session as the original tools wrote it: JPEG frames, only the original metadata keys."""
     folder = root / name
     (folder / "frames").mkdir(parents=True)
     robot = ToroidalDotRobot(seed=3)
