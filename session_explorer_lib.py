@@ -168,7 +168,7 @@ class Session:
         return self._action_after[self._check_index(index)]
 
     def _check_index(self, index: int) -> int:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < self.num_frames:
+        if not is_int(index) or not 0 <= index < self.num_frames:
             raise IndexError(f"Frame index {index!r} out of range 0..{self.num_frames - 1}")
         return int(index)
 
