@@ -68,7 +68,7 @@ TESTS=(tests/test_cuda.py tests/test_reference_run.py tests/test_models.py tests
 [ $SMOKE -eq 1 ] && TESTS=(tests/test_cuda.py tests/test_reference_run.py)
 step tests "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 
-# 4. speed: bf16 (the default) and fp32, against the commit the speed issue was measured on
+# 4. speed: bf16 (the default) and fp32, against the commit before the speed work (BASELINE_COMMIT)
 SPEED_ARGS=(--device "$DEVICE" --quick)
 [ $HAVE_GRADIO -eq 1 ] || SPEED_ARGS+=(--skip-app)
 [ $SMOKE -eq 1 ] && SPEED_ARGS+=(--core-iterations 3 --against "" --skip-app)
