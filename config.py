@@ -192,7 +192,7 @@ class AppConfig:
     min_iterations: int = 1  # smallest Run request
     max_iterations: int = 500  # largest Run request (spec: 1-500)
     default_iterations: int = 20  # Run box default
-    update_interval_s: float = 0.25  # a running Run streams to the page at most this often (about one update per CPU iteration)
+    update_interval_s: float = 0.25  # the page shows a running Run's latest state this often; the training never waits for it
     run_lock_wait_s: float = 5.0  # a Run waits this long for the tab's previous run to wind down
     stop_wait_s: float = 30.0  # Stop waits this long for the run to end so it can show the final state
     stop_grace_s: float = 1.0  # a Stop that finds nothing running also stops a Run that starts within this long (still queued)

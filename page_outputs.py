@@ -243,7 +243,7 @@ def display_outputs(user: UserState, final: bool, first: bool = False) -> tuple:
         return tuple(out[k] for k in RUN_OUTPUT_KEYS)
     out.update(zip(TRAIN_VIEW_KEYS, training_view_outputs(c)))
     out.update(zip(PREDICTION_KEYS, prediction_outputs(c.prediction_views())))
-    out.update(zip(PLOT_KEYS, plot_updates(c.history, c.config.grad_clip)))
+    out.update(zip(PLOT_KEYS, plot_updates(list(c.history), c.config.grad_clip)))  # a copy: a run may append
     if final:
         out["attn_image"], out["attn_stats"] = attention_outputs(user)
         out["attn_picker"] = attention_picker(user)

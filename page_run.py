@@ -7,8 +7,6 @@ Endpoints: ``/run_world_model`` (a generator) and ``/stop``.
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any
 
 import gradio as gr
@@ -61,19 +59,20 @@ def training_settings_markdown(cfg: AutoencoderConcatPredictorWorldModelConfig =
 
 
 def run_world_model(num_iterations: Any, user: UserState):
-    """Train for ``num_iterations`` (1-500) on the loaded session, streaming progress a few times a second.
+    """Train for ``num_iterations`` (1-500) on the loaded session, showing its progress a few times a second.
 
-    A frame that cannot be read (changed on disk after the session was loaded) ends the run: the
-    iterations done so far are kept and saved, and the run fails with a message naming the frame.
+    The training runs in its own thread at full speed; the page shows its latest state every
+    ``update_interval_s`` and never makes it wait. A frame that cannot be read (changed on disk after
+    the session was loaded) ends the run: the iterations done so far are kept and saved, and the run
+    fails with a message naming the frame.
     """
     total = whole_number(num_iterations, "Number of iterations", APP.min_iterations, APP.max_iterations)
     require_session(user)
-    last_yield = -math.inf
+    c = user.controller
     try:
-        for metrics in user.controller.run(total):
-            if metrics is None or time.monotonic() - last_yield >= APP.update_interval_s:
+        for metrics in c.stream(c.run(total), APP.update_interval_s):
+            if c.running or metrics is None:
                 yield (user, *display_outputs(user, final=False, first=metrics is None))
-                last_yield = time.monotonic()
     except RunBusyError:
         raise gr.Error("A run is already in progress in this tab: press Stop or wait for it to finish.") from None
     yield (user, *display_outputs(user, final=True))
