@@ -192,6 +192,7 @@ class AppConfig:
     min_iterations: int = 1  # smallest Run request
     max_iterations: int = 500  # largest Run request (spec: 1-500)
     default_iterations: int = 20  # Run box default
+    torch_threads: int = 0  # torch CPU threads of the server ($CWM_TORCH_THREADS); 0: as many as the cores, at most 4
     update_interval_s: float = 0.25  # the page shows a running Run's latest state this often; the training never waits for it
     run_lock_wait_s: float = 5.0  # a Run waits this long for the tab's previous run to wind down
     stop_wait_s: float = 30.0  # Stop waits this long for the run to end so it can show the final state
@@ -217,10 +218,11 @@ class AppConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AppConfig:
-        """The defaults with ``CWM_IDLE_PARK_S``, ``CWM_MALLOC_ARENAS`` and ``CWM_PARK_DIR`` applied."""
+        """The defaults with ``CWM_IDLE_PARK_S``, ``CWM_TORCH_THREADS``, ``CWM_MALLOC_ARENAS`` and ``CWM_PARK_DIR`` applied."""
         env = os.environ if environ is None else environ
         app = cls()
         return replace(app, idle_park_s=float(env.get("CWM_IDLE_PARK_S", app.idle_park_s)),
+                       torch_threads=int(env.get("CWM_TORCH_THREADS", app.torch_threads)),
                        malloc_arenas=int(env.get("CWM_MALLOC_ARENAS", app.malloc_arenas)),
                        park_dir=env.get("CWM_PARK_DIR") or None)
 

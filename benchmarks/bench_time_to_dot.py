@@ -12,8 +12,10 @@ iterations). Worlds: ``live`` (the app's robot: move 27 px, radius 5), ``move45_
 
 Modes (a function per mode, one shared cell loop):
 
-- ``bare`` (the only one so far): the loop itself, ``run_one_iteration`` on a fresh model.
-- ``--app`` is left for the app's path (RunController, page redraws); add it to ``MODES``.
+- ``bare``: the loop itself, ``run_one_iteration`` on a fresh model.
+- ``--app``: the launched app, a gradio_client consumer streaming ``/run_world_model`` as the page
+  does (the cell's world recorded as a session first: the same frames and actions), time counted
+  at the client.
 
     python benchmarks/bench_time_to_dot.py                                   # 4 patterns x 3 seeds, 3 worlds
     python benchmarks/bench_time_to_dot.py --patterns double_move --seeds 1234 --worlds live --set learning_rate=1e-3
@@ -38,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the app launcher the API tests use
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -73,7 +76,69 @@ def bare_mode(job: dict, cfg):
     return wm.run_one_iteration, lambda: None
 
 
-MODES = {"bare": bare_mode}  # "app": another engineer's RunController path
+def app_cell(job: dict) -> dict:
+    """The same cell through the launched app, timed at a client that streams ``/run_world_model`` as
+    the page does (every update's pictures downloaded): the cell's world is recorded as a session
+    first (the same frames and actions as the live robot of that seed), the client loads it and
+    presses Run (500 iterations, again until the dot or the time limit), and the dot counts when
+    the Dot-found graph of an update that has reached the client first shows 90% over a full window.
+    """
+    import tempfile
+
+    from gradio_client import Client
+
+    from conftest import launch_app, stop_process
+    from page_outputs import RUN_OUTPUT_KEYS
+    from record_session import record_session
+
+    if job["set"]:
+        raise SystemExit("--app runs the app's own settings: --set applies to the bare loop only")
+    work = Path(tempfile.mkdtemp(prefix="ttd_app_"))
+    world = WORLDS[job["world"]]
+    frames = int(job["max_iterations"]) + 10 if job["max_iterations"] < 100_000 else 2_000
+    name = record_session(job["pattern"], frames, job["seed"], name="ttd",
+                          root=work / "saved" / "sessions" / "toroidal_dot", **world).name
+    server = launch_app(work / "saved", work, e2e=False, env_extra={"CWM_TORCH_THREADS": str(job["threads"])})
+    client = Client(server.url, verbose=False, download_files=str(work / "downloads"))
+    dot_at, progress_at = RUN_OUTPUT_KEYS.index("plot_dot"), RUN_OUTPUT_KEYS.index("progress")
+    curve, to_dot, updates, n = [], None, 0, 0
+    try:
+        client.predict(name, api_name="/load_session")
+        t0 = time.perf_counter()
+        while to_dot is None and time.perf_counter() - t0 < job["max_seconds"] and n < job["max_iterations"]:
+            run = client.submit(min(500, job["max_iterations"] - n), api_name="/run_world_model")
+            for out in run:
+                elapsed = time.perf_counter() - t0
+                updates += 1
+                plot = out[dot_at]
+                plot = plot.get("value", plot) if isinstance(plot, dict) else None
+                if not plot or not plot.get("data"):
+                    continue
+                rows = [dict(zip(plot["columns"], r)) for r in plot["data"]]
+                shares = [(r["iteration"], r["value"] / 100.0) for r in rows if r.get("iteration") is not None]
+                n = max(n, int(shares[-1][0]))
+                curve.append({"iteration": n, "seconds": round(elapsed, 2), "within_3px_50": round(shares[-1][1], 3)})
+                full = [it for k, (it, share) in enumerate(shares) if k + 1 >= WINDOW and share >= SHARE]
+                if to_dot is None and full:
+                    to_dot = {"iteration": int(full[0]), "seconds": round(elapsed, 2)}
+                    run.cancel()
+                    break
+            else:
+                run.result()
+        total = time.perf_counter() - t0
+    finally:
+        client.close()
+        stop_process(server.proc)
+    return {
+        "mode": "app", "world": job["world"], "pattern": job["pattern"], "seed": job["seed"], "threads": job["threads"],
+        "set": job["set"], "iterations_to_dot": None if to_dot is None else to_dot["iteration"],
+        "seconds_to_dot": None if to_dot is None else to_dot["seconds"], "iterations": n, "seconds": round(total, 2),
+        "updates": updates, "updates_per_second": round(updates / max(total, 1e-9), 2),
+        "seconds_per_iteration": round(total / max(1, n), 4), "last_100": {}, "curve": curve,
+    }
+
+
+MODES = {"bare": bare_mode}  # modes whose iterations run in this process; "app" runs app_cell
 
 
 # -----------------------------------------------------------------------------
@@ -82,6 +147,8 @@ MODES = {"bare": bare_mode}  # "app": another engineer's RunController path
 
 def run_cell(job: dict) -> dict:
     """One cell in a fresh process: time from the start of a fresh model's run to the dot."""
+    if job["mode"] == "app":
+        return app_cell(job)
     torch.set_num_threads(job["threads"])
     cfg, _ = _config(job["set"])
     t_build = time.perf_counter()
@@ -234,13 +301,11 @@ def main(argv=None) -> None:
     parser.add_argument("--every", type=int, default=10, help="iterations per curve point")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="config overrides (experiments)")
     parser.add_argument("--device", default="cpu", help="torch device")
-    parser.add_argument("--app", action="store_true", help="time the app's path instead of the bare loop (not yet)")
+    parser.add_argument("--app", action="store_true", help="time the launched app through a streaming client instead of the bare loop")
     parser.add_argument("--log", default="time_to_dot", help="name of the JSONL log and PNG in benchmarks/out")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     mode = "app" if args.app else "bare"
-    if mode not in MODES:
-        raise SystemExit(f"mode {mode!r} is not implemented yet (modes: {', '.join(MODES)})")
     args.jobs = args.jobs or max(1, (os.cpu_count() or 1) // args.threads)
     cfg, overrides = _config(args.set)
     jobs = []
