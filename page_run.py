@@ -70,9 +70,10 @@ def run_world_model(num_iterations: Any, user: UserState):
     require_session(user)
     c = user.controller
     try:
-        for metrics in c.stream(c.run(total), APP.update_interval_s):
+        for k, metrics in enumerate(c.stream(c.run(total), APP.update_interval_s)):
             if c.running or metrics is None:
-                yield (user, *display_outputs(user, final=False, first=metrics is None))
+                views = k % APP.run_views_every == 0
+                yield (user, *display_outputs(user, final=False, first=metrics is None, views=views))
     except RunBusyError:
         raise gr.Error("A run is already in progress in this tab: press Stop or wait for it to finish.") from None
     yield (user, *display_outputs(user, final=True))

@@ -203,10 +203,11 @@ class RunController:
         wm = self._model_if_any()
         return None if wm is None else wm.get_training_views()
 
-    def prediction_views(self) -> dict | None:
-        """The prediction views of the latest iteration (see the world model), or None."""
+    def prediction_views(self, canvas: bool = True) -> dict | None:
+        """The prediction views of the latest iteration (see the world model; ``canvas`` False leaves
+        the prediction canvas out), or None."""
         wm = self._model_if_any()
-        return None if wm is None else wm.get_prediction_views()
+        return None if wm is None else wm.get_prediction_views(canvas=canvas)
 
     @property
     def attention(self) -> AttentionCapture | None:
