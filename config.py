@@ -77,6 +77,7 @@ class AutoencoderConcatPredictorWorldModelConfig:
     decoder_depth: int = 5  # decoder blocks (the attention explorer shows layers 0-4)
     decoder_num_heads: int = 4  # decoder attention heads (the attention explorer shows heads 0-3)
     mlp_ratio: float = 2.0  # MLP hidden width / token width in every block; 2 runs faster than 4, learns as well
+    decoder_mode: str = "self"  # "self": MAE decoder, self-attention over all 603 tokens; "cross", "cross_mlp", "cross_self": CrossMAE, the 196 masked tokens are the only queries (see MaskedAutoencoderViT)
 
     # optimisation -----------------------------------------------------------
     learning_rate: float = 6e-4  # AdamW peak rate; higher rates localised the dot less precisely
@@ -153,7 +154,7 @@ class AutoencoderConcatPredictorWorldModelConfig:
             "decoder_depth": self.decoder_depth,
             "decoder_num_heads": self.decoder_num_heads,
             "mlp_ratio": self.mlp_ratio,
-        }
+        } | ({"decoder_mode": self.decoder_mode} if self.decoder_mode != "self" else {})  # older checkpoints: self
 
 
 # -----------------------------------------------------------------------------
