@@ -93,6 +93,7 @@ class AutoencoderConcatPredictorWorldModelConfig:
     decoder_depth: int = 5  # decoder blocks (the attention explorer shows layers 0-4)
     decoder_num_heads: int = 4  # decoder attention heads (the attention explorer shows heads 0-3)
     mlp_ratio: float = 2.0  # MLP hidden width / token width in every block; below the usual 4, so an iteration is cheap
+    decoder_mode: str = "cross_self"  # "cross_self": the 196 masked tokens are the decoder's only queries, over visible + masked keys (CrossMAE); "self": the MAE decoder, every token a query; "cross", "cross_mlp": visible keys only
 
     # optimisation -----------------------------------------------------------
     learning_rate: float = 6e-4  # AdamW peak rate; higher rates localised the dot less precisely
@@ -176,7 +177,7 @@ class AutoencoderConcatPredictorWorldModelConfig:
             "decoder_depth": self.decoder_depth,
             "decoder_num_heads": self.decoder_num_heads,
             "mlp_ratio": self.mlp_ratio,
-        }
+        } | ({"decoder_mode": self.decoder_mode} if self.decoder_mode != "self" else {})  # older checkpoints: self
 
 
 # -----------------------------------------------------------------------------
