@@ -93,6 +93,7 @@ class AutoencoderConcatPredictorWorldModelConfig:
     decoder_depth: int = 5  # decoder blocks (the attention explorer shows layers 0-4)
     decoder_num_heads: int = 4  # decoder attention heads (the attention explorer shows heads 0-3)
     mlp_ratio: float = 2.0  # MLP hidden width / token width in every block; below the usual 4, so an iteration is cheap
+    decoder_mode: str = "cross_self"  # "cross_self": the 196 masked tokens are the decoder's only queries, over visible + masked keys (CrossMAE); "self": the MAE decoder, every token a query; "cross", "cross_mlp": visible keys only
 
     # optimisation -----------------------------------------------------------
     learning_rate: float = 6e-4  # AdamW peak rate; higher rates localised the dot less precisely
@@ -176,7 +177,7 @@ class AutoencoderConcatPredictorWorldModelConfig:
             "decoder_depth": self.decoder_depth,
             "decoder_num_heads": self.decoder_num_heads,
             "mlp_ratio": self.mlp_ratio,
-        }
+        } | ({"decoder_mode": self.decoder_mode} if self.decoder_mode != "self" else {})  # older checkpoints: self
 
 
 # -----------------------------------------------------------------------------
@@ -192,7 +193,9 @@ class AppConfig:
     min_iterations: int = 1  # smallest Run request
     max_iterations: int = 500  # largest Run request (spec: 1-500)
     default_iterations: int = 20  # Run box default
-    update_interval_s: float = 0.25  # a running Run streams to the page at most this often (about one update per CPU iteration)
+    torch_threads: int = 0  # torch CPU threads of the server ($CWM_TORCH_THREADS); 0: as many as the cores, at most 4
+    run_views_every: int = 4  # while a run goes, the training views and prediction canvas are redrawn every this many updates (the predicted frame and graphs every update)
+    update_interval_s: float = 0.25  # the page shows a running Run's latest state this often; the training never waits for it
     run_lock_wait_s: float = 5.0  # a Run waits this long for the tab's previous run to wind down
     stop_wait_s: float = 30.0  # Stop waits this long for the run to end so it can show the final state
     stop_grace_s: float = 1.0  # a Stop that finds nothing running also stops a Run that starts within this long (still queued)
@@ -217,10 +220,11 @@ class AppConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AppConfig:
-        """The defaults with ``CWM_IDLE_PARK_S``, ``CWM_MALLOC_ARENAS`` and ``CWM_PARK_DIR`` applied."""
+        """The defaults with ``CWM_IDLE_PARK_S``, ``CWM_TORCH_THREADS``, ``CWM_MALLOC_ARENAS`` and ``CWM_PARK_DIR`` applied."""
         env = os.environ if environ is None else environ
         app = cls()
         return replace(app, idle_park_s=float(env.get("CWM_IDLE_PARK_S", app.idle_park_s)),
+                       torch_threads=int(env.get("CWM_TORCH_THREADS", app.torch_threads)),
                        malloc_arenas=int(env.get("CWM_MALLOC_ARENAS", app.malloc_arenas)),
                        park_dir=env.get("CWM_PARK_DIR") or None)
 

@@ -7,8 +7,6 @@ Endpoints: ``/run_world_model`` (a generator) and ``/stop``.
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any
 
 import gradio as gr
@@ -61,19 +59,21 @@ def training_settings_markdown(cfg: AutoencoderConcatPredictorWorldModelConfig =
 
 
 def run_world_model(num_iterations: Any, user: UserState):
-    """Train for ``num_iterations`` (1-500) on the loaded session, streaming progress a few times a second.
+    """Train for ``num_iterations`` (1-500) on the loaded session, showing its progress a few times a second.
 
-    A frame that cannot be read (changed on disk after the session was loaded) ends the run: the
-    iterations done so far are kept and saved, and the run fails with a message naming the frame.
+    The training runs in its own thread at full speed; the page shows its latest state every
+    ``update_interval_s`` and never makes it wait. A frame that cannot be read (changed on disk after
+    the session was loaded) ends the run: the iterations done so far are kept and saved, and the run
+    fails with a message naming the frame.
     """
     total = whole_number(num_iterations, "Number of iterations", APP.min_iterations, APP.max_iterations)
     require_session(user)
-    last_yield = -math.inf
+    c = user.controller
     try:
-        for metrics in user.controller.run(total):
-            if metrics is None or time.monotonic() - last_yield >= APP.update_interval_s:
-                yield (user, *display_outputs(user, final=False, first=metrics is None))
-                last_yield = time.monotonic()
+        for k, metrics in enumerate(c.stream(c.run(total), APP.update_interval_s)):
+            if c.running or metrics is None:
+                views = k % APP.run_views_every == 0
+                yield (user, *display_outputs(user, final=False, first=metrics is None, views=views))
     except RunBusyError:
         raise gr.Error("A run is already in progress in this tab: press Stop or wait for it to finish.") from None
     yield (user, *display_outputs(user, final=True))
@@ -118,7 +118,7 @@ def views_sections() -> dict[str, Any]:
         train_original = image_block("Original canvas: frames t-2, t-1, t with action separators", "train-original", CANVAS_HEIGHT)
         train_masked = image_block("Masked canvas overlay (grey = masked patches to inpaint)", "train-masked", CANVAS_HEIGHT)
     with gr.Row():
-        train_inpainting = image_block("Full inpainting output (every patch as the model sees it)", "train-inpainting", CANVAS_HEIGHT)
+        train_inpainting = image_block("Inpainting output: every patch the decoder computes (the cross decoder: the masked slot only, the rest black)", "train-inpainting", CANVAS_HEIGHT)
         train_composite = image_block("Composite: visible patches + inpainted masked slot", "train-composite", CANVAS_HEIGHT)
 
     gr.Markdown("## 4. Prediction views", elem_classes=["section-title"])

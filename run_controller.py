@@ -2,7 +2,7 @@
 
 ``RunController`` sits above the world model and the analysis: it creates the model (from the
 shared checkpoint when that fits), replays the loaded session from a chosen frame, runs and stops
-the loop in the caller's thread, finishes every run (atomic checkpoint save, decoder attention
+the loop (in the caller's thread, or in a worker thread that a page samples: ``stream``), finishes every run (atomic checkpoint save, decoder attention
 captured once), keeps the metric and picture history, answers analysis questions with
 ``world_model_analysis`` and parks an idle model when its ``ModelPool`` asks.
 """
@@ -203,10 +203,11 @@ class RunController:
         wm = self._model_if_any()
         return None if wm is None else wm.get_training_views()
 
-    def prediction_views(self) -> dict | None:
-        """The prediction views of the latest iteration (see the world model), or None."""
+    def prediction_views(self, canvas: bool = True) -> dict | None:
+        """The prediction views of the latest iteration (see the world model; ``canvas`` False leaves
+        the prediction canvas out), or None."""
         wm = self._model_if_any()
-        return None if wm is None else wm.get_prediction_views()
+        return None if wm is None else wm.get_prediction_views(canvas=canvas)
 
     @property
     def attention(self) -> AttentionCapture | None:
@@ -377,6 +378,48 @@ class RunController:
         """
         canvas = training_canvas(self._need_session(), frame_index, self.config)
         return self._drive(steps, lambda wm: single_canvas_steps(wm, canvas, steps, self.stop_event), replay=False)
+
+    def stream(self, steps: Iterator[dict | None], every_s: float) -> Iterator[dict | None]:
+        """Drive a run (``run(total)`` or ``train_single_canvas(...)``) in a worker thread at its own
+        pace and sample it: yields None once the model is ready, then the latest step's metrics at
+        most every ``every_s`` seconds (the steps between are skipped, never waited for), then the
+        last step's once the run has finished (saved, attention captured).
+
+        A page that is slow to draw, encode or send therefore never slows the training; it reads the
+        views through the model's lock, which a training iteration holds only while it runs.
+        Closing this iterator (a client that cancels or goes away) stops the run after its current
+        iteration; the worker still finishes it.
+
+        Raises (at the first ``next``): what the run raises before its first step (no session, a
+        run already in progress); after that, an error of the worker is raised here at the end.
+        """
+        first = next(steps)  # takes the run lock and makes the model resident, in the caller's thread
+        latest: list = [first]
+        failed: list[BaseException] = []
+        done = threading.Event()
+
+        def drain() -> None:
+            try:
+                for item in steps:
+                    latest[0] = item
+            except BaseException as e:  # handed to the consumer, which raises it
+                failed.append(e)
+            finally:
+                done.set()
+
+        worker = threading.Thread(target=drain, name="run-worker", daemon=True)
+        worker.start()
+        try:
+            yield first
+            while not done.wait(every_s):
+                yield latest[0]
+        finally:
+            if not done.is_set():
+                self.stop_event.set()  # the consumer went away: end after the current iteration
+        worker.join()
+        if failed:
+            raise failed[0]
+        yield latest[0]
 
     def _drive(self, total: int, work: Callable, replay: bool) -> Iterator[dict | None]:
         """The body of every run: ``work(wm)`` yields the steps; ``replay`` marks a loop run."""

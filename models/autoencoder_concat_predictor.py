@@ -287,6 +287,7 @@ class TargetedMAEWrapper(nn.Module):
             decoder_depth=cfg.decoder_depth,
             decoder_num_heads=cfg.decoder_num_heads,
             mlp_ratio=cfg.mlp_ratio,
+            decoder_mode=cfg.decoder_mode,
         )
         if cfg.correspondence_init_layers:
             # the same place one slot to the left, plus a few columns either side (see config)
@@ -333,10 +334,15 @@ class TargetedMAEWrapper(nn.Module):
             pred (B, L, P) pixels for every patch, visible ones included, or with ``masked_only``
             (B, L_mask, P) for the masked patches in grid order; with ``return_attn``,
             ``(pred, attn)`` where attn is a list with one (B, heads, L+1, L+1) tensor per decoder
-            layer (token 0 is CLS).
+            layer (token 0 is CLS). A cross decoder (``decoder_mode``) computes the masked queries'
+            rows only (the rest are zero) and no visible patch's pixels (zero).
         """
         if not return_attn:
             return self.mae(imgs, patch_mask, masked_only=masked_only, tap=tap)
+        if self.mae.decoder_mode != "self":  # a cross decoder records its weights itself
+            recorded: list = []
+            pred = self.mae(imgs, patch_mask, attn=recorded)
+            return pred, recorded
         with capture_attention(self.mae.decoder_blocks) as recorded:
             pred = self.mae(imgs, patch_mask)
         return pred, recorded

@@ -190,6 +190,48 @@ def block_for_queries(blk: nn.Module, x: torch.Tensor, ids: torch.Tensor) -> tor
     return xq + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(xq))))  # (B, Nq, D)
 
 
+DECODER_MODES = ("self", "cross", "cross_mlp", "cross_self")
+
+
+def cross_block(blk: nn.Module, xq: torch.Tensor, ctx: torch.Tensor, record: list | None = None) -> torch.Tensor:
+    """A timm ``Block`` as a CrossMAE decoder block (Fu et al., arXiv 2401.14391): the tokens ``xq``
+    are the queries, the tokens ``ctx`` the keys and values; the block's own parameters serve both
+    (``norm1`` and the key/value part of ``qkv`` on ``ctx``, the query part on ``xq``), so the
+    attention initialisations of the self-attention decoder apply unchanged.
+
+    Args:
+        blk: a timm Block (pre-norm attention then MLP, no attention gate).
+        xq: (B, Nq, D) query tokens (the masked patches).
+        ctx: (B, Nk, D) key/value tokens.
+        record: a list that receives the softmax weights (B, heads, Nq, Nk) (explicit, slower path).
+
+    Returns:
+        (B, Nq, D), ``xq`` after the attention and MLP residuals.
+    """
+    attn = blk.attn
+    if getattr(attn, "gate", None) is not None:
+        raise ValueError("cross_block does not support gated attention")
+    B, Nq, D = xq.shape
+    Nk, H, hd = ctx.shape[1], attn.num_heads, attn.head_dim
+    A = H * hd
+    w, b = attn.qkv.weight, attn.qkv.bias  # (3A, D), (3A,)
+    q = F.linear(blk.norm1(xq), w[:A], None if b is None else b[:A]).reshape(B, Nq, H, hd).transpose(1, 2)  # (B, H, Nq, hd)
+    kv = F.linear(blk.norm1(ctx), w[A:], None if b is None else b[A:])  # (B, Nk, 2A)
+    k, v = kv.reshape(B, Nk, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, Nk, hd) each
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if record is None:
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)  # (B, H, Nq, hd)
+    else:
+        a = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, Nq, Nk)
+        a = a.softmax(dim=-1)
+        record.append(a.detach())
+        o = attn.attn_drop(a) @ v
+    o = o.transpose(1, 2).reshape(B, Nq, A)  # (B, Nq, A)
+    o = attn.proj_drop(attn.proj(getattr(attn, "norm", nn.Identity())(o)))  # (B, Nq, D)
+    xq = xq + blk.drop_path1(blk.ls1(o))
+    return xq + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(xq))))  # (B, Nq, D)
+
+
 @contextmanager
 def capture_attention(blocks: Sequence[nn.Module]) -> Iterator[list[torch.Tensor]]:
     """Record the softmax attention weights of timm ``Block``s during one forward pass.
@@ -230,6 +272,12 @@ class MaskedAutoencoderViT(nn.Module):
         embed_dim, depth, num_heads: encoder width, blocks and heads.
         decoder_embed_dim, decoder_depth, decoder_num_heads: decoder width, blocks and heads.
         mlp_ratio: MLP hidden width over token width.
+        decoder_mode: "self" (every decoder block is self-attention over all tokens, MAE) or a
+            CrossMAE decoder whose queries are the masked tokens alone: "cross" (keys and values are
+            the visible decoder tokens and CLS, the same in every block), "cross_mlp" (those tokens
+            also pass through each block's MLP, a cheap update without attention), "cross_self"
+            (keys and values are the visible tokens plus the masked tokens as they are now).
+            Only the masked patches get pixels in a cross mode; the parameters are the same.
     """
 
     def __init__(
@@ -244,8 +292,12 @@ class MaskedAutoencoderViT(nn.Module):
         decoder_depth: int = 5,
         decoder_num_heads: int = 4,
         mlp_ratio: float = 4.0,
+        decoder_mode: str = "self",
     ):
         super().__init__()
+        if decoder_mode not in DECODER_MODES:
+            raise ValueError(f"decoder_mode must be one of {DECODER_MODES}, got {decoder_mode!r}")
+        self.decoder_mode = decoder_mode
         self.patch_size = patch_size
         self.in_chans = in_chans
 
@@ -354,20 +406,25 @@ class MaskedAutoencoderViT(nn.Module):
         return self.norm(x)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, ids_out: torch.Tensor | None = None,
-                        tap: list | None = None) -> torch.Tensor:
+                        tap: list | None = None, attn: list | None = None) -> torch.Tensor:
         """Decode visible tokens plus mask tokens in grid order -> pixels (B, L, p*p*C).
 
         With ``ids_out`` (B, L_out) patch indices, only those patches' pixels are computed:
         (B, L_out, p*p*C), equal to the full output gathered there. The last block then runs its
         queries, MLP and the pixel head for those tokens only (``block_for_queries``); every
         earlier block still runs for all tokens, since each of them is a key of the next. A list
-        given as ``tap`` receives the last block's input (B, 1 + L, Dd), for ``finish_decoder``."""
+        given as ``tap`` receives the last block's input (B, 1 + L, Dd), for ``finish_decoder``.
+
+        A cross ``decoder_mode`` runs the blocks for the masked tokens only (``_forward_cross``);
+        ``attn`` (cross modes only) then receives each block's weights as (B, heads, 1 + L, 1 + L)."""
         x = self.decoder_embed(latent)  # (B, 1 + L_vis, Dd)
         B, L = ids_restore.shape
         mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)  # (B, L_mask, Dd)
         x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd) visible first, then masked
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, L, Dd) grid order
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1 + L, Dd)
+        if self.decoder_mode != "self":
+            return self._forward_cross(x, ids_restore, mask_tokens.shape[1], ids_out, tap, attn)
         if ids_out is None:
             for blk in self.decoder_blocks:
                 x = blk(x)
@@ -380,28 +437,74 @@ class MaskedAutoencoderViT(nn.Module):
         x = block_for_queries(self.decoder_blocks[-1], x, ids_out + 1)  # (B, L_out, Dd); token 0 is CLS
         return self.decoder_pred(self.decoder_norm(x))  # (B, L_out, p*p*C)
 
+    def _forward_cross(self, x: torch.Tensor, ids_restore: torch.Tensor, n_masked: int, ids_out: torch.Tensor | None,
+                       tap: list | None, attn: list | None) -> torch.Tensor:
+        """The CrossMAE decoder on the embedded tokens x (B, 1 + L, Dd) in grid order (CLS first):
+        the masked tokens are the queries of every block, the CLS and visible tokens the keys (see
+        ``decoder_mode``). Returns the masked patches' pixels (B, L_mask, P) in grid order, or with
+        ``ids_out`` None every patch (B, L, P) with the visible ones zero (nothing is decoded there).
+        ``tap`` receives the last block's query input (B, L_mask, Dd); ``attn`` one (B, heads,
+        1 + L, 1 + L) tensor per block, zero outside the computed rows (masked queries) and columns."""
+        B, L = ids_restore.shape
+        Dd = x.shape[-1]
+        ids_shuffle = torch.argsort(ids_restore, dim=1)  # (B, L) visible first, then masked (grid order in each)
+        n_vis = x.shape[1] - 1 - n_masked
+        ids_vis, ids_msk = ids_shuffle[:, :n_vis], ids_shuffle[:, n_vis:]  # (B, L_vis), (B, L_mask)
+        if ids_out is not None and not torch.equal(ids_out, ids_msk):
+            raise ValueError("a cross decoder computes the masked patches only")
+        ctx = torch.cat([x[:, :1], torch.gather(x, 1, (ids_vis + 1).unsqueeze(-1).expand(-1, -1, Dd))], dim=1)  # (B, 1 + L_vis, Dd)
+        xq = torch.gather(x, 1, (ids_msk + 1).unsqueeze(-1).expand(-1, -1, Dd))  # (B, L_mask, Dd)
+        rec: list | None = [] if attn is not None else None
+        for i, blk in enumerate(self.decoder_blocks):
+            if tap is not None and i == len(self.decoder_blocks) - 1:
+                tap.append(xq)
+            keys = torch.cat([ctx, xq], dim=1) if self.decoder_mode == "cross_self" else ctx
+            xq_new = cross_block(blk, xq, keys, rec)
+            if self.decoder_mode == "cross_mlp" and i < len(self.decoder_blocks) - 1:
+                ctx = ctx + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(ctx))))
+            xq = xq_new
+        if rec is not None:  # scatter each block's (B, H, L_mask, Nk) weights into the (B, H, 1 + L, 1 + L) grid
+            key_ids = torch.cat([torch.zeros_like(ids_vis[:, :1]), ids_vis + 1], dim=1)  # (B, 1 + L_vis)
+            if self.decoder_mode == "cross_self":
+                key_ids = torch.cat([key_ids, ids_msk + 1], dim=1)
+            for a in rec:
+                full = a.new_zeros(B, a.shape[1], L + 1, L + 1)
+                rows = (ids_msk + 1)[:, None, :, None].expand(-1, a.shape[1], -1, L + 1)  # (B, H, L_mask, 1 + L)
+                cols = key_ids[:, None, None, :].expand(-1, a.shape[1], a.shape[2], -1)  # (B, H, L_mask, Nk)
+                block_rows = a.new_zeros(B, a.shape[1], a.shape[2], L + 1).scatter_(3, cols, a)  # (B, H, L_mask, 1 + L)
+                attn.append(full.scatter_(2, rows, block_rows))
+        out = self.decoder_pred(self.decoder_norm(xq))  # (B, L_mask, P)
+        if ids_out is not None:
+            return out
+        full = out.new_zeros(B, L, out.shape[-1])
+        return full.scatter_(1, ids_msk.unsqueeze(-1).expand(-1, -1, out.shape[-1]), out)  # (B, L, P)
+
     def finish_decoder(self, x: torch.Tensor) -> torch.Tensor:
         """The last decoder block and the pixel head over every token: the last block's input
-        (B, 1 + L, Dd), as ``forward_decoder`` taps it, -> pixels (B, L, p*p*C)."""
+        (B, 1 + L, Dd), as ``forward_decoder`` taps it, -> pixels (B, L, p*p*C). A cross decoder
+        decodes no visible patch: (B, L, p*p*C) zeros (its tap holds the masked queries only)."""
+        if self.decoder_mode != "self":
+            L, P = self.grid_size[0] * self.grid_size[1], self.patch_size**2 * self.in_chans
+            return x.new_zeros(x.shape[0], L, P)
         x = self.decoder_pred(self.decoder_norm(self.decoder_blocks[-1](x)))  # (B, 1 + L, p*p*C)
         return x[:, 1:]  # drop CLS
 
     def forward(self, imgs: torch.Tensor, patch_mask: torch.Tensor, masked_only: bool = False,
-                tap: list | None = None) -> torch.Tensor:
+                tap: list | None = None, attn: list | None = None) -> torch.Tensor:
         """Inpaint: imgs (B, C, H, W), patch_mask (L,) or (B, L) -> pred (B, L, p*p*C), or with
         ``masked_only`` the masked patches alone, in grid order: (B, L_mask, p*p*C) (``tap``: see
         ``forward_decoder``)."""
         expected = (self.in_chans, self.grid_size[0] * self.patch_size, self.grid_size[1] * self.patch_size)
         if tuple(imgs.shape[1:]) != expected:
             raise ValueError(f"images must be (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(imgs.shape)}")
-        return self.forward_patches(patchify(imgs, self.patch_size), patch_mask, masked_only, tap)
+        return self.forward_patches(patchify(imgs, self.patch_size), patch_mask, masked_only, tap, attn)
 
     def forward_patches(self, patches: torch.Tensor, patch_mask: torch.Tensor, masked_only: bool = False,
-                        tap: list | None = None) -> torch.Tensor:
+                        tap: list | None = None, attn: list | None = None) -> torch.Tensor:
         """``forward`` for images already cut into patches: (B, L, p*p*C) as ``patchify`` makes them."""
         L, P = self.grid_size[0] * self.grid_size[1], self.patch_size**2 * self.in_chans
         if patches.ndim != 3 or tuple(patches.shape[1:]) != (L, P):
             raise ValueError(f"patches must be (B, {L}, {P}), got {tuple(patches.shape)}")
         ids_keep, ids_masked, ids_restore = self.split_by_mask(patch_mask, patches.shape[0], patches.device)
         latent = self.forward_encoder(patches, ids_keep)
-        return self.forward_decoder(latent, ids_restore, ids_masked if masked_only else None, tap)
+        return self.forward_decoder(latent, ids_restore, ids_masked if masked_only else None, tap, attn)

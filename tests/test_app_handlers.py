@@ -196,6 +196,23 @@ def test_run_streams_progress_saves_a_checkpoint_and_captures_attention(loaded, 
     assert out(final, "frame_slider").value == 4  # the next run continues where this one stopped
 
 
+def test_a_running_update_redraws_the_costly_pictures_only_every_few_updates(loaded):
+    """While a run goes, the predicted frame and graphs come with every update; the training views
+    and the prediction canvas with every ``run_views_every``-th; the final update has everything."""
+    c = loaded.controller
+    list(page_run.run_world_model(3, loaded))  # a model with views to show
+    light = page_outputs.display_outputs(loaded, final=False, views=False)
+    full = page_outputs.display_outputs(loaded, final=False, views=True)
+    skipped = lambda update, key: isinstance(update[page_outputs.RUN_OUTPUT_KEYS.index(key)], dict) and \
+        update[page_outputs.RUN_OUTPUT_KEYS.index(key)].get("__type__") == "update" and \
+        len(update[page_outputs.RUN_OUTPUT_KEYS.index(key)]) == 1
+    for key in ("train_original", "train_inpainting", "pred_canvas"):
+        assert skipped(light, key) and not skipped(full, key), key
+    for key in ("pred_next", "pred_current", "plot_dot", "progress"):
+        assert not skipped(light, key), key
+    assert c.status().done == 3
+
+
 def test_dot_found_graph_is_the_rolling_share_within_3px_and_a_missing_dot_is_a_miss():
     history = [{"iteration": i + 1, "dot_error": e} for i, e in enumerate([None, float("inf"), 1.0, 5.0, 2.0, 0.5])]
     rows = page_outputs.dot_found_rows(history, window=2)
@@ -234,13 +251,12 @@ def test_stop_ends_the_run_within_one_iteration(loaded):
     assert out(final, "progress").startswith("**Done: 1/1**")
 
 
-def test_stop_finishes_a_run_that_the_queue_cancelled(loaded, env):
+def test_a_run_the_queue_cancelled_stops_and_is_finished(loaded, env):
     run = page_run.run_world_model(50, loaded)
     next(run)
     next(run, None)  # at least one more update: some iterations ran
     run.close()  # what Gradio does on cancels=[...] (GeneratorExit at the yield)
-    c = loaded.controller
-    assert not c.running and c.saved is None and c.attention is None and not env.is_file()
+    c = loaded.controller  # the training thread ends after its current iteration and finishes the run
     result = page_run.stop_run(loaded)
     assert c.saved.ok and c.attention is not None and env.is_file()
     assert result[page_outputs.RUN_OUTPUT_KEYS.index("attn_image")] is not None

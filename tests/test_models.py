@@ -243,3 +243,135 @@ def test_sincos_position_embedding_is_non_square_and_fixed():
     assert not mae.pos_embed.requires_grad
     assert torch.all(mae.pos_embed[0, 0] == 0)
     assert torch.unique(mae.pos_embed[0, 1:], dim=0).shape[0] == 602  # every patch distinct
+
+
+# -----------------------------------------------------------------------------
+# CrossMAE decoder (config.decoder_mode): the masked tokens are the only queries
+
+CROSS_MODES = ("cross", "cross_mlp", "cross_self")
+
+
+def _perturbed(model: TargetedMAEWrapper) -> TargetedMAEWrapper:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # the zero-initialised pixel head would hide differences
+    return model
+
+
+@pytest.mark.parametrize("mode", CROSS_MODES)
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_cross_decoder_shapes_masked_only_equals_full_and_visible_patches_are_zero(mode, ratio):
+    model = _perturbed(TargetedMAEWrapper(dataclasses.replace(TINY, decoder_mode=mode))).eval()
+    patches = canvas_to_patches(np.random.default_rng(1).integers(0, 256, (3, 224, 688, 3), dtype=np.uint8), 16)
+    mask = compute_randomized_patch_mask_for_last_slot(224, 16, 3, 8, mask_ratio=ratio, batch_size=3)
+    n = int(mask[0].sum())
+    with torch.no_grad():
+        tap: list = []
+        part = model.forward_patches(patches, mask, masked_only=True, tap=tap)
+        full = model.forward_patches(patches, mask)
+        single = torch.cat([model.forward_patches(patches[i : i + 1], mask[i : i + 1], masked_only=True) for i in range(3)])
+    assert part.shape == (3, n, 768) and full.shape == (3, 602, 768) and torch.isfinite(part).all()
+    assert tap[0].shape == (3, n, TINY.decoder_embed_dim)  # the last block's queries
+    torch.testing.assert_close(part, full[mask].reshape(part.shape))
+    assert (full[~mask] == 0).all()  # nothing is decoded at a visible patch
+    assert (model.mae.finish_decoder(tap[0]) == 0).all()
+    torch.testing.assert_close(single, part, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", CROSS_MODES)
+def test_cross_decoder_every_parameter_gets_a_gradient(mode):
+    model = _perturbed(TargetedMAEWrapper(dataclasses.replace(TINY, decoder_mode=mode)))  # a zero pixel head stops gradients
+    patches = canvas_to_patches(np.random.default_rng(2).integers(0, 256, (2, 224, 688, 3), dtype=np.uint8), 16)
+    mask = model.default_mask()
+    loss, _ = model.masked_loss(patches, model.forward_patches(patches, mask, masked_only=True), mask)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+    assert model.mae.mask_token.grad.abs().sum() > 0 and model.mae.decoder_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_cross_decoder_blocks_equal_timm_blocks_over_keys_and_queries():
+    """The reference: each cross block is timm's own Block run over [CLS, visible, masked] tokens, read
+    at the masked tokens; in "cross" and "cross_mlp" an attention mask keeps the masked tokens from
+    seeing each other (and themselves)."""
+    cfg = dataclasses.replace(TINY, decoder_depth=2)
+    mask = compute_patch_mask_for_last_slot(224, 16, 3, 8)
+    patches = canvas_to_patches(np.random.default_rng(3).integers(0, 256, (2, 224, 688, 3), dtype=np.uint8), 16)
+    for mode in ("cross_self", "cross", "cross_mlp"):
+        torch.manual_seed(0)
+        model = _perturbed(TargetedMAEWrapper(dataclasses.replace(cfg, decoder_mode=mode))).eval()
+        mae = model.mae
+        ids_keep, ids_masked, ids_restore = mae.split_by_mask(mask, 2)
+        with torch.no_grad():
+            got = mae.forward_patches(patches, mask, masked_only=True)
+            latent = mae.forward_encoder(patches, ids_keep)
+            x = mae.decoder_embed(latent)  # (2, 1 + L_vis, Dd) CLS then visible, grid order
+            pos = mae.decoder_pos_embed.expand(2, -1, -1)
+            ctx = torch.cat([x[:, :1] + pos[:, :1], x[:, 1:] + pos[:, 1:][:, ~mask]], 1)
+            xq = mae.mask_token + pos[:, 1:][:, mask]  # (2, L_mask, Dd)
+            n_ctx, n = ctx.shape[1], ctx.shape[1] + xq.shape[1]
+            allowed = torch.ones(n, n, dtype=torch.bool)
+            if mode != "cross_self":
+                allowed[n_ctx:, n_ctx:] = False
+            for blk in mae.decoder_blocks:
+                new = blk(torch.cat([ctx, xq], 1), attn_mask=allowed)[:, n_ctx:]
+                if mode == "cross_mlp":
+                    ctx = ctx + blk.mlp(blk.norm2(ctx))
+                xq = new
+            expected = mae.decoder_pred(mae.decoder_norm(xq))
+        rows = slice(None)
+        torch.testing.assert_close(got[:, rows], expected[:, rows], rtol=1e-4, atol=1e-5, msg=mode)
+
+
+@pytest.mark.parametrize("mode", CROSS_MODES)
+def test_cross_decoder_attention_capture_keeps_the_viewers_layout(mode):
+    import attention_viz as av
+
+    model = TargetedMAEWrapper(dataclasses.replace(AutoencoderConcatPredictorWorldModelConfig(), decoder_mode=mode)).eval()
+    imgs = torch.rand(1, 3, 224, 688)
+    mask = model.default_mask()
+    with torch.no_grad():
+        fused = model.forward_with_patch_mask(imgs, mask)
+        pred, attn = model.forward_with_patch_mask(imgs, mask, return_attn=True)
+    torch.testing.assert_close(pred, fused, rtol=1e-5, atol=1e-5)
+    assert len(attn) == 5 and all(a.shape == (1, 4, 603, 603) for a in attn)
+    w = torch.stack(attn)[:, 0]  # (layers, heads, N, N)
+    rows = torch.cat([torch.zeros(1, dtype=torch.bool), mask])  # the masked queries' rows
+    torch.testing.assert_close(w[:, :, rows].sum(-1), torch.ones(5, 4, 196))  # each a softmax over its keys
+    assert (w[:, :, ~rows] == 0).all()  # CLS and visible tokens are no queries
+    if mode != "cross_self":
+        assert (w[:, :, :, 1:][..., mask] == 0).all()  # masked tokens are no keys
+    # block 0 starts out reading one slot back: a query at (row 5, column 35) looks ~14.5 columns left
+    q = 1 + 5 * 43 + 35
+    cols = (w[0, :, q, 1:].argmax(-1) % 43).tolist()
+    assert cols == [21, 20, 19, 18] and (w[0, :, q, 1:].argmax(-1) // 43 == 5).all()
+    # block 1's first head starts out on the action band's columns
+    assert 27 <= int(w[1, 0, q, 1:].argmax()) % 43 <= 28
+    out = av.decoder_to_encoder(w.numpy(), mask.numpy(), [0, 4], [0, 3], "mean")
+    assert out.shape == (2, 196, 406) and np.isfinite(out).all()
+
+
+def test_decoder_mode_is_checked_and_recorded_only_when_not_the_default():
+    assert "decoder_mode" not in AutoencoderConcatPredictorWorldModelConfig().architecture()  # old checkpoints load
+    assert dataclasses.replace(TINY, decoder_mode="cross").architecture()["decoder_mode"] == "cross"
+    with pytest.raises(ValueError, match="decoder_mode"):
+        TargetedMAEWrapper(dataclasses.replace(TINY, decoder_mode="crossed"))
+
+
+@pytest.mark.parametrize("mode", CROSS_MODES)
+def test_world_model_loop_views_and_attention_with_a_cross_decoder(mode):
+    from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel
+    from toroidal_action_selectors import make_selector
+    from toroidal_dot_robot import ToroidalDotRobot
+
+    cfg = dataclasses.replace(TINY, decoder_mode=mode, replay_batch_size=1)
+    wm = AutoencoderConcatPredictorWorldModel(ToroidalDotRobot(seed=1), action_selector=make_selector("alternate", 1),
+                                              device="cpu", config=cfg)
+    for _ in range(5):
+        metrics = wm.run_one_iteration()
+    assert np.isfinite(metrics["training_loss"]) and metrics["prediction_error"] is not None
+    views = wm.get_training_views()
+    assert views["inpainting"].shape == (224, 688, 3) and (views["inpainting"][:, :464] == 0).all()
+    capture = wm.capture_decoder_attention()
+    assert capture.weights.shape == (2, 4, 603, 603) and capture.prediction.shape == (224, 224, 3)

@@ -465,3 +465,65 @@ def test_the_tab_learns_when_another_tab_saved_the_shared_checkpoint(tmp_path):
     for _ in a.run(1):
         pass
     assert not a.shared_checkpoint_replaced() and b.shared_checkpoint_replaced()
+
+
+def test_a_streamed_run_trains_while_its_consumer_is_busy(tmp_path):
+    """The page samples a run; a consumer that does not ask for anything never holds the training back."""
+    c = controller(tmp_path)
+    c.load_session(FakeSession(n=40))
+    samples = c.stream(c.run(12), every_s=0.05)
+    assert next(samples) is None  # the model is ready; the consumer now draws and asks for nothing
+    deadline = time.monotonic() + 300
+    while c.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert c.status().done == 12, "the run waited for its consumer"
+    rest = list(samples)  # then the consumer catches up: the latest state, not every step
+    assert rest[-1]["iteration"] == 12 and len(rest) < 12
+    assert c.saved.ok and c.saved.iteration == 12 and c.attention is not None
+
+
+def _iteration_span(tmp_path, sleep_s: float, n: int = 16) -> float:
+    """Seconds from the first to the last iteration of a streamed run whose consumer sleeps
+    ``sleep_s`` after every sample it gets."""
+    c = controller(tmp_path)
+    c.load_session(FakeSession(n=40))
+    samples = c.stream(c.run(n), every_s=0.01)
+    next(samples)
+    stamps = []
+    c.world_model().training_callback = lambda metrics: stamps.append(time.monotonic())
+    for _ in samples:
+        if c.running:
+            time.sleep(sleep_s)
+    assert c.status().done == n
+    return stamps[-1] - stamps[0]
+
+
+def test_a_sleeping_consumer_does_not_slow_a_streamed_run(tmp_path):
+    """Iterations per second with a consumer that sleeps 0.5 s per sample stay those of one that
+    never sleeps, within noise (the better of two alternating tries each)."""
+    spans = {0.0: [], 0.5: []}
+    for k in range(2):
+        for sleep_s in spans:
+            spans[sleep_s].append(_iteration_span(tmp_path / f"{sleep_s}-{k}", sleep_s))
+    awake, asleep = min(spans[0.0]), min(spans[0.5])
+    # waiting for the consumer would add about 0.5 s per iteration, 7.5 s over the 15 gaps
+    assert asleep < 1.5 * awake + 2.0, spans
+
+
+def test_closing_a_streamed_run_stops_it_and_the_worker_still_finishes_it(tmp_path):
+    c = controller(tmp_path)
+    c.load_session(FakeSession(n=400))
+    samples = c.stream(c.run(300), every_s=0.02)
+    next(samples)
+    next(samples)
+    samples.close()  # the client went away
+    assert c.stop(30) == "stopped"
+    status = c.status()
+    assert status.state == "stopped" and 0 < status.done < 300
+    assert c.saved.ok and c.saved.iteration == status.model_iteration
+
+
+def test_a_streamed_run_refuses_like_a_run(tmp_path):
+    bare = RunController(checkpoint_path=tmp_path / "x.pth", config=TINY, device="cpu")
+    with pytest.raises(ValueError, match="no session"):
+        next(bare.stream(bare.run(1), 0.1))
