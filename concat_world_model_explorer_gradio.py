@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server_guard.configure_from_env()
     if app.malloc_arenas:
         limit_malloc_arenas(app.malloc_arenas)  # before the worker threads exist: freed models' memory goes back
-    torch.set_num_threads(app.torch_threads or min(4, os.cpu_count() or 1))
+    torch.set_num_threads(app.torch_threads or max(1, min(4, (os.cpu_count() or 1) - 1)))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     LOG.setLevel(logging.INFO)
     ensure_demo_sessions()
