@@ -69,14 +69,17 @@ def run_world_model(num_iterations: Any, user: UserState):
     total = whole_number(num_iterations, "Number of iterations", APP.min_iterations, APP.max_iterations)
     require_session(user)
     c = user.controller
+    final = None
     try:
         for k, metrics in enumerate(c.stream(c.run(total), APP.update_interval_s)):
-            if c.running or metrics is None:
+            if not c.streamed_run_ended:
                 views = k % APP.run_views_every == 0
                 yield (user, *display_outputs(user, final=False, first=metrics is None, views=views))
+            else:  # the run has ended; the tab's next run waits until its end is read here
+                final = display_outputs(user, final=True)
     except RunBusyError:
         raise gr.Error("A run is already in progress in this tab: press Stop or wait for it to finish.") from None
-    yield (user, *display_outputs(user, final=True))
+    yield (user, *(final or display_outputs(user, final=True)))
     status = user.controller.status()
     if status.problem:
         raise gr.Error(f"The run stopped after {status.done} of {total} iterations: {hide_paths(status.problem)}.")

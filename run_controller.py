@@ -132,6 +132,8 @@ class RunController:
         self.stop_event = threading.Event()
         self._stop_requested_at = -math.inf  # monotonic time of the latest stop request
         self._run_lock = threading.Lock()  # one run at a time (released by whichever thread ends it)
+        self._hand_over = False  # a stream is running: the run's end leaves it the run lock (see ``stream``)
+        self._handed_over = False  # the stream holds the run lock of a run that has ended
         self._lock = threading.RLock()  # guards the model reference, parking and counters
         self._runs_entered = 0  # runs that took the run lock (Stop watches this for a run still starting)
         self._runs_started = 0
@@ -177,6 +179,12 @@ class RunController:
     @property
     def running(self) -> bool:
         return self._running
+
+    @property
+    def streamed_run_ended(self) -> bool:
+        """A streamed run has ended (saved, attention captured); its stream keeps the run lock until
+        the consumer has read that end (see ``stream``)."""
+        return self._handed_over
 
     def status(self) -> RunStatus:
         """The latest run's progress and the model's counters (never reloads a parked model)."""
@@ -386,14 +394,18 @@ class RunController:
         last step's once the run has finished (saved, attention captured).
 
         A page that is slow to draw, encode or send therefore never slows the training; it reads the
-        views through the model's lock, which a training iteration holds only while it runs.
-        Closing this iterator (a client that cancels or goes away) stops the run after its current
-        iteration; the worker still finishes it.
+        views through the model's lock, which a training iteration holds only while it runs. The
+        run lock is kept from the run's end until the consumer asks for more after the last item,
+        so what it shows of that end is not overtaken by the tab's next run. Closing this iterator
+        (a client that cancels or goes away) stops the run after its current iteration; the worker
+        still finishes it.
 
         Raises (at the first ``next``): what the run raises before its first step (no session, a
         run already in progress); after that, an error of the worker is raised here at the end.
         """
         first = next(steps)  # takes the run lock and makes the model resident, in the caller's thread
+        with self._lock:
+            self._hand_over, self._handed_over = True, False
         latest: list = [first]
         failed: list[BaseException] = []
         done = threading.Event()
@@ -413,13 +425,18 @@ class RunController:
             yield first
             while not done.wait(every_s):
                 yield latest[0]
+            worker.join()
+            if failed:
+                raise failed[0]
+            yield latest[0]
         finally:
             if not done.is_set():
                 self.stop_event.set()  # the consumer went away: end after the current iteration
-        worker.join()
-        if failed:
-            raise failed[0]
-        yield latest[0]
+            with self._lock:
+                self._hand_over = False  # a worker still running releases the run lock itself
+                if self._handed_over:
+                    self._handed_over = False
+                    self._run_lock.release()
 
     def _drive(self, total: int, work: Callable, replay: bool) -> Iterator[dict | None]:
         """The body of every run: ``work(wm)`` yields the steps; ``replay`` marks a loop run."""
@@ -466,7 +483,11 @@ class RunController:
             if self._pending_finish:
                 self._stopped = True  # closed by a cancel: its finish comes later (stop, the next run, the pool)
             self._running = self._in_run = False
-            self._run_lock.release()
+            with self._lock:
+                if self._hand_over:  # a stream shows this run's end first, then releases the run lock
+                    self._handed_over = True
+                else:
+                    self._run_lock.release()
         self.touch()
 
     def stop(self, wait_s: float = 30.0) -> str:

@@ -1,5 +1,6 @@
 """Canvas geometry, masks, patchify and the MAE ViT (tiny widths where only shapes matter)."""
 
+import dataclasses
 
 import numpy as np
 import pytest
@@ -27,6 +28,9 @@ from models import (
 
 def _frame(value: int) -> np.ndarray:
     return np.full((224, 224, 3), value, dtype=np.uint8)
+
+
+SELF_DECODER = dataclasses.replace(AutoencoderConcatPredictorWorldModelConfig(), decoder_mode="self")  # real sizes, MAE decoder
 
 
 def test_canvas_is_224_by_688_with_action_coloured_separators():
@@ -169,7 +173,7 @@ def test_batched_forward_matches_per_sample_forward():
 
 
 def test_captured_attention_matches_fused_forward_and_rows_sum_to_one():
-    model = TargetedMAEWrapper(AutoencoderConcatPredictorWorldModelConfig()).eval()  # the real sizes
+    model = TargetedMAEWrapper(SELF_DECODER).eval()  # the real sizes; the cross decoder's capture is tested below
     imgs = torch.rand(1, 3, 224, 688)
     mask = model.default_mask()
     with torch.no_grad():
@@ -211,8 +215,8 @@ def test_patch_embedding_as_a_matrix_product_equals_timms_convolution():
 @pytest.mark.parametrize("ratio", [1.0, 0.5])
 def test_masked_only_forward_and_loss_equal_the_full_ones_on_the_masked_patches(ratio):
     """Training and prediction compute the masked patches only; the numbers must be the ones the full
-    pass gives there, the gradients too."""
-    model = TargetedMAEWrapper(AutoencoderConcatPredictorWorldModelConfig())  # the real sizes
+    pass gives there, the gradients too (the MAE decoder; the cross decoders are tested below)."""
+    model = TargetedMAEWrapper(SELF_DECODER)  # the real sizes
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -353,7 +357,8 @@ def test_cross_decoder_attention_capture_keeps_the_viewers_layout(mode):
 
 
 def test_decoder_mode_is_checked_and_recorded_only_when_not_the_default():
-    assert "decoder_mode" not in AutoencoderConcatPredictorWorldModelConfig().architecture()  # old checkpoints load
+    assert "decoder_mode" not in SELF_DECODER.architecture()  # checkpoints from before the field hold this decoder
+    assert AutoencoderConcatPredictorWorldModelConfig().architecture()["decoder_mode"] == "cross_self"
     assert dataclasses.replace(TINY, decoder_mode="cross").architecture()["decoder_mode"] == "cross"
     with pytest.raises(ValueError, match="decoder_mode"):
         TargetedMAEWrapper(dataclasses.replace(TINY, decoder_mode="crossed"))

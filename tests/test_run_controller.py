@@ -527,3 +527,22 @@ def test_a_streamed_run_refuses_like_a_run(tmp_path):
     bare = RunController(checkpoint_path=tmp_path / "x.pth", config=TINY, device="cpu")
     with pytest.raises(ValueError, match="no session"):
         next(bare.stream(bare.run(1), 0.1))
+
+
+def test_the_next_run_waits_until_a_streamed_run_s_end_has_been_read(tmp_path):
+    """What a page shows of a run's end is that run's: a second run queued behind it starts only
+    once the stream's consumer has read the end."""
+    c = controller(tmp_path, run_lock_wait_s=60)
+    samples = c.stream(c.run(3), every_s=0.01)
+    next(samples)
+    deadline = time.monotonic() + 120
+    while not c.streamed_run_ended and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = threading.Thread(target=lambda: [None for _ in c.run(1)])
+    second.start()
+    time.sleep(0.3)
+    assert c.status().done == 3 and c.status().total == 3  # the second run has not taken over
+    *_, last = samples  # the consumer reads the end, then lets go
+    assert last["iteration"] == 3
+    second.join(120)
+    assert c.status().total == 1 and c.status().done == 1
