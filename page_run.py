@@ -121,7 +121,7 @@ def views_sections() -> dict[str, Any]:
         train_original = image_block("Original canvas: frames t-2, t-1, t with action separators", "train-original", CANVAS_HEIGHT)
         train_masked = image_block("Masked canvas overlay (grey = masked patches to inpaint)", "train-masked", CANVAS_HEIGHT)
     with gr.Row():
-        train_inpainting = image_block("Inpainting output: every patch the decoder computes (the cross decoder: the masked slot only, the rest black)", "train-inpainting", CANVAS_HEIGHT)
+        train_inpainting = image_block("Inpainting output (the decoder computes the masked slot only)", "train-inpainting", CANVAS_HEIGHT)
         train_composite = image_block("Composite: visible patches + inpainted masked slot", "train-composite", CANVAS_HEIGHT)
 
     gr.Markdown("## 4. Prediction views", elem_classes=["section-title"])
