@@ -194,7 +194,7 @@ class AppConfig:
     max_iterations: int = 500  # largest Run request (spec: 1-500)
     default_iterations: int = 20  # Run box default
     torch_threads: int = 0  # torch CPU threads of the server ($CWM_TORCH_THREADS); 0: one core fewer than the machine has (the page's work gets a core), 1-4
-    run_views_every: int = 4  # while a run goes, the training views and prediction canvas are redrawn every this many updates (the predicted frame and graphs every update)
+    run_views_every: int = 4  # while a run goes, the training views, prediction canvas and graphs are redrawn every this many updates (the progress and predicted frame every update)
     update_interval_s: float = 0.25  # the page shows a running Run's latest state this often; the training never waits for it
     run_lock_wait_s: float = 5.0  # a Run waits this long for the tab's previous run to wind down
     stop_wait_s: float = 30.0  # Stop waits this long for the run to end so it can show the final state

@@ -234,8 +234,9 @@ def training_view_outputs(c: RunController) -> tuple:
 
 def display_outputs(user: UserState, final: bool, first: bool = False, views: bool = True) -> tuple:
     """Values for RUN_OUTPUT_KEYS; while running, the slow-changing outputs are skipped, and with
-    ``views`` False also the training views and the prediction canvas (the pictures that cost the
-    most to make and send; the predicted frame and the graphs are always redrawn)."""
+    ``views`` False also the training views, the prediction canvas and the graphs (what costs the
+    most to make, send and draw in the browser; the progress and the predicted frame are always
+    redrawn)."""
     c = user.controller
     out = dict.fromkeys(RUN_OUTPUT_KEYS, gr.skip())
     out["progress"] = progress_markdown(c.status())
@@ -248,7 +249,8 @@ def display_outputs(user: UserState, final: bool, first: bool = False, views: bo
         out.update(zip(TRAIN_VIEW_KEYS, training_view_outputs(c)))
     out.update((k, v) for k, v in zip(PREDICTION_KEYS, prediction_outputs(c.prediction_views(canvas=views)))
                if views or k != "pred_canvas")
-    out.update(zip(PLOT_KEYS, plot_updates(list(c.history), c.config.grad_clip)))  # a copy: a run may append
+    if views:
+        out.update(zip(PLOT_KEYS, plot_updates(list(c.history), c.config.grad_clip)))  # a copy: a run may append
     if final:
         out["attn_image"], out["attn_stats"] = attention_outputs(user)
         out["attn_picker"] = attention_picker(user)

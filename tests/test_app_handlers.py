@@ -197,8 +197,9 @@ def test_run_streams_progress_saves_a_checkpoint_and_captures_attention(loaded, 
 
 
 def test_a_running_update_redraws_the_costly_pictures_only_every_few_updates(loaded):
-    """While a run goes, the predicted frame and graphs come with every update; the training views
-    and the prediction canvas with every ``run_views_every``-th; the final update has everything."""
+    """While a run goes, the progress and predicted frame come with every update; the training views,
+    the prediction canvas and the graphs with every ``run_views_every``-th; the final update has
+    everything."""
     c = loaded.controller
     list(page_run.run_world_model(3, loaded))  # a model with views to show
     light = page_outputs.display_outputs(loaded, final=False, views=False)
@@ -206,9 +207,9 @@ def test_a_running_update_redraws_the_costly_pictures_only_every_few_updates(loa
     skipped = lambda update, key: isinstance(update[page_outputs.RUN_OUTPUT_KEYS.index(key)], dict) and \
         update[page_outputs.RUN_OUTPUT_KEYS.index(key)].get("__type__") == "update" and \
         len(update[page_outputs.RUN_OUTPUT_KEYS.index(key)]) == 1
-    for key in ("train_original", "train_inpainting", "pred_canvas"):
+    for key in ("train_original", "train_inpainting", "pred_canvas", "plot_dot", "plot_error"):
         assert skipped(light, key) and not skipped(full, key), key
-    for key in ("pred_next", "pred_current", "plot_dot", "progress"):
+    for key in ("pred_next", "pred_current", "pred_error", "progress"):
         assert not skipped(light, key), key
     assert c.status().done == 3
 
