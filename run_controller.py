@@ -13,10 +13,8 @@ import contextlib
 import logging
 import math
 import os
-import pickle
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -627,8 +625,7 @@ class RunController:
             state = wm.training_state()
             robot = wm.robot
             replay = (robot.session, robot.index, robot.episode_boundary) if isinstance(robot, ReplayRobot) else None
-            with open(path, "wb") as f:  # our own private folder: pickle is safe to read back
-                f.write(zlib.compress(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), 1))
+            torch.save(state, path)  # tensors and plain data, read back with weights_only: no code runs
         except Exception as e:  # a full disk or a vanished folder: the model simply stays in memory
             path.unlink(missing_ok=True)
             LOG.warning("could not park an idle model: %s", e)
@@ -655,7 +652,7 @@ class RunController:
             robot.episode_boundary = replay[2]
         wm = AutoencoderConcatPredictorWorldModel(robot, device=self.device, config=self.config)
         try:
-            wm.load_training_state(pickle.loads(zlib.decompress(path.read_bytes())))
+            wm.load_training_state(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:
             LOG.warning("could not reload a parked model: %s", e)
             self._problem = f"this tab's model could not be reloaded after it was set aside while idle ({e}); a new one was made"

@@ -1,6 +1,7 @@
 """One tab's run lifecycle (``RunController``, ``ModelPool``), driven without Gradio."""
 
 import dataclasses
+from pathlib import Path
 import stat
 import threading
 import time
@@ -232,6 +233,30 @@ def test_a_parked_model_reloads_at_its_next_use_and_continues_exactly(tmp_path):
     after_park, straight = run(parked, 3), run(kept, 3)
     assert [m["prediction_error"] for m in after_park] == [m["prediction_error"] for m in straight]
     assert [m["training_loss"] for m in after_park] == [m["training_loss"] for m in straight]
+
+
+class _RunsCode:
+    """Unpickling this touches a file: what a planted park file would try to run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_park_file_runs_no_code_when_the_tab_reloads(tmp_path):
+    folder = tmp_path / "parked"
+    folder.mkdir()
+    c = controller(tmp_path / "a")
+    run(c, 3)
+    assert c.park(folder)
+    (park_file,) = folder.iterdir()
+    marker = tmp_path / "ran"
+    torch.save({"model": _RunsCode(marker)}, park_file)  # another account swaps the file
+    assert c.world_model() is not None  # reloading refuses the file
+    assert not marker.exists(), "the park file ran code"
+    assert "could not be reloaded" in c.status().problem
 
 
 def test_the_pool_parks_idle_and_least_recently_used_models_and_release_deletes_the_file(tmp_path):
