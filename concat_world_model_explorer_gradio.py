@@ -57,19 +57,43 @@ from model_pool import ModelPool, limit_malloc_arenas
 from page_analysis import (
     CANVAS_OUTPUT_KEYS,
     analysis_section,
+    check_evaluate_session,
+    check_frame_analysis,
+    check_rollout,
+    check_train_single_canvas,
     counterfactual,
     evaluate_session,
     rollout,
     session_names,
     train_single_canvas,
 )
-from page_attention import attention_section, patch_attention, pick_patch, update_attention_viz
+from page_attention import (
+    attention_section,
+    check_patch_attention,
+    check_update_attention_viz,
+    patch_attention,
+    pick_patch,
+    update_attention_viz,
+)
 from page_common import APP, LOG, MODEL_CFG, TabRegistry, UserState, release_user
 from page_outputs import RUN_OUTPUT_KEYS
-from page_run import metrics_section, run_section, run_world_model, stop_run, views_sections
-from page_sessions import jump_to_frame, load_session, refresh_sessions, session_section, update_frame
+from page_run import check_run_world_model, metrics_section, run_section, run_world_model, stop_run, views_sections
+from page_sessions import (
+    check_jump_to_frame,
+    check_load_session,
+    check_update_frame,
+    jump_to_frame,
+    load_session,
+    refresh_sessions,
+    session_section,
+    update_frame,
+)
 from page_workflow import (
     browse_history,
+    check_browse_history,
+    check_load_checkpoint,
+    check_record_new_session,
+    check_save_checkpoint,
     export_results,
     list_checkpoints,
     load_checkpoint,
@@ -108,17 +132,22 @@ def _wire(demo: gr.Blocks, registry: TabRegistry, user: gr.State, c: dict[str, A
     c["refresh_btn"].click(refresh_sessions, None, refresh_outputs, api_name="refresh_sessions")
     c["load_btn"].click(load_session, [c["session_dropdown"], user],
                         [user, c["session_info"], c["frame_slider"], c["frame_image"], c["frame_info"], c["jump_number"]],
-                        api_name="load_session", preprocess=False)
+                        api_name="load_session", preprocess=False, validator=check_load_session, show_progress="hidden")
     c["frame_slider"].change(update_frame, [c["frame_slider"], user], [c["frame_image"], c["frame_info"], c["jump_number"]],
-                             api_name="update_frame", preprocess=False, trigger_mode="always_last",
+                             api_name="update_frame", preprocess=False, validator=check_update_frame, trigger_mode="always_last",
                              concurrency_limit=None, show_progress="hidden")
     jump_inputs, jump_outputs = [c["jump_number"], user], [c["frame_slider"], c["frame_image"], c["frame_info"]]
-    c["jump_btn"].click(jump_to_frame, jump_inputs, jump_outputs, api_name="jump_to_frame", preprocess=False)
-    c["jump_number"].submit(jump_to_frame, jump_inputs, jump_outputs, api_visibility="private", preprocess=False)
+    # a refused input never reaches the handler (validator=): the outputs stay as they were, the message
+    # shows under the input, an API client gets it as a validation error; the handler's own refusals
+    # (a file gone bad since) come as a toast with show_progress="hidden", so no "Error" badge covers them
+    jump = dict(preprocess=False, validator=check_jump_to_frame, show_progress="hidden")
+    c["jump_btn"].click(jump_to_frame, jump_inputs, jump_outputs, api_name="jump_to_frame", **jump)
+    c["jump_number"].submit(jump_to_frame, jump_inputs, jump_outputs, api_visibility="private", **jump)
     # concurrency_id is global across users, so the limit lets several tabs train at once;
     # each tab's own runs are serialised by its controller
     run_event = c["run_btn"].click(run_world_model, [c["iterations"], user], [user, *run_outputs],
-                                   api_name="run_world_model", preprocess=False, concurrency_id="model",
+                                   api_name="run_world_model", preprocess=False, validator=check_run_world_model,
+                                   concurrency_id="model",
                                    concurrency_limit=4, show_progress="minimal", show_progress_on=[c["progress"]])
     canvas_event = _wire_analysis(demo, user, c)
     _wire_workflow(demo, user, c, run_event)
@@ -127,6 +156,7 @@ def _wire(demo: gr.Blocks, registry: TabRegistry, user: gr.State, c: dict[str, A
     controls = [c["quantile"], *c["layer_boxes"], *c["head_boxes"], c["aggregation"], c["viz_type"]]
     gr.on([control.change for control in controls], update_attention_viz, [*controls, user],
           [c["attn_image"], c["attn_stats"]], api_name="update_attention_viz", preprocess=False,
+          validator=check_update_attention_viz,
           trigger_mode="always_last", concurrency_limit=None, show_progress="hidden")
 
 
@@ -135,23 +165,28 @@ def _wire_workflow(demo: gr.Blocks, user: gr.State, c: dict[str, Any], run_event
     listing = [c["ckpt_md"], c["ckpt_choice"]]
     demo.load(list_checkpoints, [user], listing, api_visibility="private")
     run_event.then(list_checkpoints, [user], listing, api_visibility="private")
-    c["ckpt_save"].click(save_checkpoint, [c["ckpt_name"], user], listing, api_name="save_checkpoint", preprocess=False)
+    c["ckpt_save"].click(save_checkpoint, [c["ckpt_name"], user], listing, api_name="save_checkpoint", preprocess=False,
+                         validator=check_save_checkpoint, show_progress="hidden")
     run_outputs = [c[key] for key in RUN_OUTPUT_KEYS]
     c["ckpt_load"].click(load_checkpoint, [c["ckpt_choice"], user], [c["ckpt_md"], *run_outputs],
-                         api_name="load_checkpoint", preprocess=False, concurrency_id="model", concurrency_limit=4)
+                         api_name="load_checkpoint", preprocess=False, validator=check_load_checkpoint,
+                         concurrency_id="model", concurrency_limit=4, show_progress="hidden")
     c["reset_btn"].click(reset_model, [user], [c["ckpt_md"], *run_outputs], api_name="reset_model", preprocess=False,
-                         concurrency_id="model", concurrency_limit=4)
+                         concurrency_id="model", concurrency_limit=4, show_progress="hidden")
     shown = [c["history_current"], c["history_predicted"], c["history_error"], c["history_md"]]
     c["history_slider"].release(browse_history, [c["history_slider"], user], shown, api_name="browse_history",
-                                preprocess=False, trigger_mode="always_last", concurrency_limit=None,
+                                preprocess=False, validator=check_browse_history, trigger_mode="always_last", concurrency_limit=None,
                                 show_progress="hidden")
     play = c["play_btn"].click(play_history, [c["history_slider"], user], [c["history_slider"], *shown],
-                               api_visibility="private", preprocess=False, show_progress="hidden")
+                               api_visibility="private", preprocess=False, validator=check_browse_history,
+                               show_progress="hidden")
     c["pause_btn"].click(None, None, None, cancels=[play], api_visibility="private")
-    c["export_btn"].click(export_results, [user], [c["export_file"]], api_name="export", preprocess=False)
+    c["export_btn"].click(export_results, [user], [c["export_file"]], api_name="export", preprocess=False,
+                          show_progress="hidden")
     record_inputs = [c[k] for k in ("record_pattern", "record_steps", "record_seed", "record_radius", "record_move")]
     c["record_btn"].click(record_new_session, record_inputs, [c["record_md"], c["session_dropdown"], c["eval_session"]],
-                          api_name="record_session", preprocess=False, concurrency_id="record", concurrency_limit=2,
+                          api_name="record_session", preprocess=False, validator=check_record_new_session,
+                          concurrency_id="record", concurrency_limit=2,
                           show_progress="minimal", show_progress_on=[c["record_md"]])
 
 
@@ -164,19 +199,19 @@ def _wire_analysis(demo: gr.Blocks, user: gr.State, c: dict[str, Any]):
     frame = c["analysis_frame"]
     quick = dict(preprocess=False, concurrency_id="analysis", concurrency_limit=2)
     c["cf_btn"].click(counterfactual, [frame, user], [*c["cf_pictures"], c["cf_actual"], c["cf_md"]],
-                      api_name="counterfactual", **quick)
+                      api_name="counterfactual", validator=check_frame_analysis, **quick)
     c["rollout_btn"].click(rollout, [frame, c["rollout_k"], user], [c["rollout_image"], c["rollout_table"], c["rollout_md"]],
-                           api_name="rollout", **quick)
+                           api_name="rollout", validator=check_rollout, **quick)
     c["eval_btn"].click(evaluate_session, [c["eval_session"], user], [c["eval_md"], c["eval_plot"]],
-                        api_name="evaluate_session", **quick)
+                        api_name="evaluate_session", validator=check_evaluate_session, **quick)
     patch_outputs = [c["patch_image"], c["patch_md"]]
     c["patch_btn"].click(patch_attention, [c["patch_row"], c["patch_col"], user], [*patch_outputs, c["attn_picker"]],
-                         api_name="patch_attention", **quick)
+                         api_name="patch_attention", validator=check_patch_attention, **quick)
     c["attn_picker"].select(pick_patch, [user], [c["patch_row"], c["patch_col"], c["attn_picker"], *patch_outputs],
                             api_visibility="private", **quick)
     return c["canvas_btn"].click(train_single_canvas, [frame, c["canvas_steps"], user],
                                  [user, *(c[key] for key in CANVAS_OUTPUT_KEYS)], api_name="train_single_canvas",
-                                 preprocess=False, concurrency_id="model", concurrency_limit=4, show_progress="minimal",
+                                 preprocess=False, validator=check_train_single_canvas, concurrency_id="model", concurrency_limit=4, show_progress="minimal",
                                  show_progress_on=[c["canvas_progress"]])
 
 

@@ -205,6 +205,7 @@ class AppConfig:
     malloc_arenas: int = 2  # ($CWM_MALLOC_ARENAS) glibc malloc arenas (MALLOC_ARENA_MAX); 0 keeps glibc's default (8 per core)
     park_dir: str | None = None  # ($CWM_PARK_DIR) where parked models go (default: the system temp folder; avoid a RAM-backed tmpfs)
     dot_window: int = 50  # predictions in the rolling 'within 3 px' share of the Dot found graph
+    error_window: int = 10  # predictions in the rolling means of the Prediction error graph (its strong lines)
     default_quantile: float = 95.0  # attention filter: keep connections above this percentile (strongest 5%)
     max_rollout_steps: int = 20  # longest open-loop rollout the Analysis section imagines
     default_rollout_steps: int = 5  # its Steps box default

@@ -17,8 +17,11 @@ from page_common import (
     hide_paths,
     image_block,
     open_session,
+    refusal,
     require_session,
+    session_folder,
     upscale,
+    validated,
     whole_number,
 )
 from session_explorer_lib import (
@@ -50,7 +53,7 @@ def frame_outputs(session: Session, index: int) -> tuple[np.ndarray, str]:
     try:
         image = session.frame(index)
     except SessionError as e:
-        raise gr.Error(f"Cannot show frame {index}: {hide_paths(e)}") from None
+        raise refusal(f"Cannot show frame {index}: {hide_paths(e)}") from None
     return upscale(image), frame_markdown(session, index)
 
 
@@ -89,23 +92,42 @@ def load_session(session_choice: Any, user: UserState) -> tuple:
     return user, info, slider, image, frame_md, 0
 
 
+def check_load_session(session_choice: Any, user: UserState) -> list[dict]:
+    """Validator of ``load_session``: a name of a folder in the sessions folder."""
+    return validated(lambda: session_folder(session_choice), None)
+
+
+def frame_of(value: Any, user: UserState, what: str) -> int:
+    """``value`` as a frame index of the loaded session; a refusal naming ``what`` otherwise."""
+    session = require_session(user)
+    return whole_number(value, what, 0, session.num_frames - 1)
+
+
 def update_frame(frame_index: Any, user: UserState) -> tuple[np.ndarray, str, int]:
     """Show frame ``frame_index`` (the slider) with its step, timestamp and following action; the
     next Run starts there (also when the slider moves during a run)."""
-    session = require_session(user)
-    index = whole_number(frame_index, "Frame index", 0, session.num_frames - 1)
-    image, frame_md = frame_outputs(session, index)
+    index = frame_of(frame_index, user, "Frame index")
+    image, frame_md = frame_outputs(user.controller.session, index)
     user.controller.set_start_frame(index)
     return image, frame_md, index
 
 
+def check_update_frame(frame_index: Any, user: UserState) -> list[dict]:
+    """Validator of ``update_frame``."""
+    return validated(lambda: frame_of(frame_index, user, "Frame index"), None)
+
+
 def jump_to_frame(frame_number: Any, user: UserState) -> tuple:
     """Jump straight to a frame number; moves the slider too."""
-    session = require_session(user)
-    index = whole_number(frame_number, "Frame number", 0, session.num_frames - 1)
-    image, frame_md = frame_outputs(session, index)
+    index = frame_of(frame_number, user, "Frame number")
+    image, frame_md = frame_outputs(user.controller.session, index)
     user.controller.set_start_frame(index)
     return gr.Slider(value=index), image, frame_md
+
+
+def check_jump_to_frame(frame_number: Any, user: UserState) -> list[dict]:
+    """Validator of ``jump_to_frame``: a refused number leaves the frame, slider and text as they were."""
+    return validated(lambda: frame_of(frame_number, user, "Frame number"), None)
 
 
 # -----------------------------------------------------------------------------

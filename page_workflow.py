@@ -8,6 +8,7 @@ Endpoints: ``/record_session`` (a generator), ``/browse_history``, ``/save_check
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import tempfile
 import threading
@@ -28,14 +29,13 @@ from page_common import (
     choice,
     code_span,
     display_path,
-    format_px,
-    format_value,
     hide_paths,
     image_block,
-    upscale,
+    refusal,
+    validated,
     whole_number,
 )
-from page_outputs import attention_outputs, display_outputs
+from page_outputs import NO_HISTORY, attention_outputs, display_outputs, history_outputs
 from record_session import record_session
 from run_export import write_export
 from session_explorer_lib import format_timestamp, markdown_escape, scan_sessions
@@ -69,8 +69,36 @@ def checkpoint_choices(c: RunController, value: str | None = None) -> gr.Dropdow
 
 def _checkpoint_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise gr.Error("Checkpoint name must be a non-empty name (letters, digits, - and _ read best).")
+        raise refusal("Checkpoint name must be a non-empty name (letters, digits, - and _ read best).")
     return name.strip()
+
+
+def _named_path(name: str, c: RunController, verb: str) -> Path:
+    try:
+        return c.named_checkpoint_path(name)
+    except ValueError as e:
+        raise refusal(f"Cannot {verb} checkpoint {markdown_escape(name)[:60]}: {hide_paths(e)}") from None
+
+
+def check_save_checkpoint(name: Any, user: UserState) -> list[dict]:
+    """Validator of ``save_checkpoint``: a free, well-formed name and a model to save (a refused name
+    leaves the checkpoint list and its dropdown as they were)."""
+    def check() -> None:
+        shown, c = markdown_escape(_checkpoint_name(name))[:60], user.controller
+        if _named_path(_checkpoint_name(name), c, "save").exists():
+            raise refusal(f"Cannot save checkpoint {shown}: a checkpoint named {shown} already exists: choose another name")
+        if not c.has_model:
+            raise refusal(f"Cannot save checkpoint {shown}: there is no model to save yet: run the world model first")
+    return validated(check, None)
+
+
+def check_load_checkpoint(name: Any, user: UserState) -> list[dict]:
+    """Validator of ``load_checkpoint``: the name of a checkpoint file in the checkpoint folder."""
+    def check() -> None:
+        if not _named_path(_checkpoint_name(name), user.controller, "load").is_file():
+            raise refusal(f"Cannot load checkpoint {markdown_escape(name.strip())[:60]}: no checkpoint named "
+                          f"{markdown_escape(name.strip())[:60]}")
+    return validated(check, None)
 
 
 def save_checkpoint(name: Any, user: UserState) -> tuple[str, gr.Dropdown]:
@@ -79,7 +107,7 @@ def save_checkpoint(name: Any, user: UserState) -> tuple[str, gr.Dropdown]:
     try:
         saved = c.save_named(name)
     except (ValueError, CheckpointError) as e:
-        raise gr.Error(f"Cannot save checkpoint {markdown_escape(name)[:60]}: {hide_paths(e)}") from None
+        raise refusal(f"Cannot save checkpoint {markdown_escape(name)[:60]}: {hide_paths(e)}") from None
     text = f"**Saved** {code_span(saved.path.name)} (step {saved.step}, iteration {saved.iteration}).\n\n"
     return text + checkpoints_markdown(c), checkpoint_choices(c, name)
 
@@ -90,9 +118,9 @@ def load_checkpoint(name: Any, user: UserState) -> tuple:
     try:
         origin = c.load_named(name)
     except RunBusyError:
-        raise gr.Error("A run is in progress in this tab: press Stop or wait for it to finish.") from None
+        raise refusal("A run is in progress in this tab: press Stop or wait for it to finish.") from None
     except (ValueError, CheckpointError) as e:
-        raise gr.Error(f"Cannot load checkpoint {markdown_escape(name)[:60]}: {hide_paths(e)}") from None
+        raise refusal(f"Cannot load checkpoint {markdown_escape(name)[:60]}: {hide_paths(e)}") from None
     text = f"**Loaded** {code_span(name + '.pth')} (step {origin.step}, iteration {origin.iteration}).\n\n"
     return (text + checkpoints_markdown(c), *display_outputs(user, final=True))
 
@@ -102,7 +130,7 @@ def reset_model(user: UserState) -> tuple:
     try:
         user.controller.reset_model()
     except RunBusyError:
-        raise gr.Error("A run is in progress in this tab: press Stop or wait for it to finish.") from None
+        raise refusal("A run is in progress in this tab: press Stop or wait for it to finish.") from None
     text = "**Reset:** this tab now has a fresh, untrained model; no file was deleted.\n\n"
     return (text + checkpoints_markdown(user.controller), *display_outputs(user, final=True))
 
@@ -131,19 +159,28 @@ def _record_in_background(args: tuple, progress: dict) -> threading.Thread:
     return thread
 
 
+RECORD_CHECKS = (  # pattern, steps, seed, dot radius, move pixels: each returns the value or refuses it
+    lambda v: choice(v, PATTERN_NAMES, "Pattern"), lambda v: whole_number(v, "Steps", 3, APP.max_record_steps),
+    lambda v: whole_number(v, "Seed", 0, 2**32 - 1), lambda v: whole_number(v, "Dot radius", 1, 50),
+    lambda v: whole_number(v, "Move pixels", 0, 223))
+
+
+def check_record_new_session(*values: Any) -> list[dict]:
+    """Validator of ``record_new_session``: each setting under its own box."""
+    return validated(*(functools.partial(check, value) for check, value in zip(RECORD_CHECKS, values)))
+
+
 def record_new_session(pattern: Any, steps: Any, seed: Any, dot_radius: Any, move_pixels: Any):
     """Record a new session with ``record_session.py``'s code (a fresh folder, never over another),
     streaming progress; then refresh the session lists with it selected."""
-    args = (choice(pattern, PATTERN_NAMES, "Pattern"), whole_number(steps, "Steps", 3, APP.max_record_steps),
-            whole_number(seed, "Seed", 0, 2**32 - 1), whole_number(dot_radius, "Dot radius", 1, 50),
-            whole_number(move_pixels, "Move pixels", 0, 223))
+    args = tuple(check(value) for check, value in zip(RECORD_CHECKS, (pattern, steps, seed, dot_radius, move_pixels)))
     progress = {"done": 0}
     thread = _record_in_background(args, progress)
     while thread.is_alive():
         thread.join(APP.update_interval_s)
         yield f"**Recording:** {progress['done']}/{args[1]} actions ({args[0]}, seed {args[2]})", gr.skip(), gr.skip()
     if "error" in progress:
-        raise gr.Error(f"The recording failed: {hide_paths(progress['error'])}")
+        raise refusal(f"The recording failed: {hide_paths(progress['error'])}")
     name = progress["path"].name
     names = [s.name for s in scan_sessions() if s.ok]
     done = (f"**Recorded** session {code_span(name)}: {args[1] + 1} frames, pattern {args[0]}, seed {args[2]}, "
@@ -155,29 +192,25 @@ def record_new_session(pattern: Any, steps: Any, seed: Any, dot_radius: Any, mov
 # the run history
 
 
-def history_outputs(c: RunController, iteration: int) -> tuple:
-    """[frame t, predicted frame t+1, error map, metrics] of the kept iteration nearest ``iteration``."""
-    snap = c.snapshots.nearest(iteration)
-    if snap is None:
-        raise gr.Error("No run history yet: run the world model; each run's iterations are kept here.")
-    error, gain = amplify_error(snap.error)
-    m = snap.metrics
-    text = (f"**Iteration {snap.iteration}**" + (f" (the kept one nearest {iteration})" if snap.iteration != iteration else "")
-            + f" | prediction error (MSE): {format_value(snap.error_mse)} | dot error: {format_px(m.get('dot_error'))} | training loss: "
-            f"{format_value(m.get('training_loss'))} | learning rate: {format_value(m.get('lr'), 3)} | gradient norm: "
-            f"{format_value(m.get('grad_norm'), 3)} | model step {m.get('step')}. The error map (x{gain:.1f}) compares the prediction made one iteration "
-            "earlier with this frame.")
-    return upscale(snap.current), upscale(snap.predicted), upscale(error), text
+def _history_iteration(iteration: Any, user: UserState) -> int:
+    if not user.controller.snapshots.iterations:
+        raise refusal(NO_HISTORY)
+    return whole_number(iteration, "Iteration", 0, 10**9)
+
+
+def check_browse_history(iteration: Any, user: UserState) -> list[dict]:
+    """Validator of ``browse_history`` (and Play)."""
+    return validated(lambda: _history_iteration(iteration, user), None)
 
 
 def browse_history(iteration: Any, user: UserState) -> tuple:
     """Frame, prediction, error map and metrics of the kept iteration nearest ``iteration``."""
-    return history_outputs(user.controller, whole_number(iteration, "Iteration", 0, 10**9))
+    return history_outputs(user.controller, _history_iteration(iteration, user))
 
 
 def play_history(iteration: Any, user: UserState):
     """Step the run-history slider from ``iteration`` to the latest kept one, a few per second."""
-    start = whole_number(iteration, "Iteration", 0, 10**9)
+    start = _history_iteration(iteration, user)
     kept = [i for i in user.controller.snapshots.iterations if i >= start] or user.controller.snapshots.iterations
     for i in kept[:: max(1, len(kept) // APP.history_play_frames)]:
         yield (gr.Slider(value=i), *history_outputs(user.controller, i))
@@ -212,7 +245,7 @@ def export_results(user: UserState) -> str:
     """A zip of this tab's views (PNG), metric history (CSV), configuration (JSON) and a README.txt."""
     c = user.controller
     if not c.has_model:
-        raise gr.Error("Nothing to export yet: run the world model first.")
+        raise refusal("Nothing to export yet: run the world model first.")
     status = c.status()
     cfg = {**dataclasses.asdict(c.config), "architecture": c.config.architecture()}
     meta = {"session": c.session.name if c.session is not None else None, "model_step": status.model_step,

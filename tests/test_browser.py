@@ -421,3 +421,146 @@ def test_record_browse_history_save_and_export(page):
         wait_for_pictures(page, elem_id)
     region_screenshot(page, page.get_by_role("heading", name=re.compile(r"^8\. Your work")),
                       page.locator("#export-file"), out / "section8.png")
+
+
+# -----------------------------------------------------------------------------
+# the page a new user can trust (issue 21): graphs that can be read, views that follow the model,
+# refusals that leave the page as it was
+
+
+def hex_rgb(colour: str) -> np.ndarray:
+    return np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=np.int16)
+
+
+def colour_mask(image: np.ndarray, colour: str, tolerance: int = 40) -> np.ndarray:
+    """(H, W) True where a pixel is within ``tolerance`` (sum of channel differences) of ``colour``."""
+    return np.abs(image.astype(np.int16) - hex_rgb(colour)).sum(axis=2) <= tolerance
+
+
+def element_pixels(page, elem_id: str) -> np.ndarray:
+    """A screenshot of one element as (H, W, 3) uint8, scrolled into view first."""
+    page.locator(elem_id).scroll_into_view_if_needed()
+    page.wait_for_timeout(300)
+    with Image.open(io.BytesIO(page.locator(elem_id).screenshot())) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def column_runs(columns: np.ndarray) -> int:
+    """Number of separate runs of True in a 1-D mask (vertical marks side by side count once)."""
+    return int(np.count_nonzero(np.diff(np.concatenate([[0], columns.astype(np.int8)])) == 1))
+
+
+def test_the_error_graph_shows_model_and_baseline_as_two_readable_lines_and_marks_the_replay_loop(page):
+    """On an alternating session the copy-last-frame baseline jumps between 0 and its full error
+    every iteration. Both the model's line and the baseline's must be readable: each a line of its
+    own colour across the graph (not a block), and the replay's loop to frame 0 marked."""
+    from page_outputs import ERROR_COLOURS, LOOP_COLOUR, SERIES_BASELINE_MEAN, SERIES_PREDICTION_MEAN
+
+    out = ARTIFACTS / "trust"
+    out.mkdir(parents=True, exist_ok=True)
+    choose_and_load(page)
+    run(page, 45)  # 41 frames: the replay loops after iteration 41
+    page.wait_for_function("() => document.querySelectorAll('#plot-error g.mark-line path').length > 4")
+    pixels = element_pixels(page, "#plot-error")
+    Image.fromarray(pixels).save(out / "plot-error.png")
+    model = colour_mask(pixels, ERROR_COLOURS[SERIES_PREDICTION_MEAN])
+    baseline = colour_mask(pixels, ERROR_COLOURS[SERIES_BASELINE_MEAN])
+    loop = colour_mask(pixels, LOOP_COLOUR)
+    width = np.flatnonzero(model.any(axis=0) | baseline.any(axis=0))
+    span = width[-1] - width[0] + 1
+    for name, mask in (("model", model), ("baseline", baseline)):
+        columns = mask.any(axis=0)
+        assert columns.sum() >= 0.8 * span, f"the {name} line is hidden in much of the graph"
+        extent = [np.ptp(np.flatnonzero(mask[:, x])) for x in np.flatnonzero(columns)]
+        assert np.median(extent) <= 12, f"the {name} line is a block, not a line (median height {np.median(extent)} px)"
+    tall = loop.sum(axis=0) >= 0.5 * np.ptp(np.flatnonzero((model | baseline).any(axis=1)))
+    assert column_runs(tall) == 1  # one vertical mark: the loop after iteration 41
+
+
+def test_views_follow_the_model_after_a_run_a_reset_and_a_checkpoint_load(page):
+    """Every view shows what its label says: right after a run the run history shows the run's last
+    iteration; after Reset no graph holds a point and no view a picture; after a checkpoint load and a
+    new run the run history's pictures and text are those of the iteration its slider reads."""
+    choose_and_load(page)
+    run(page, 5)  # the model may go on from the shared checkpoint: its iterations count from there
+    history, slider = page.locator("#history-info"), page.locator("#history-slider input[type=number]")
+    last = int(re.search(r"iteration (\d+)$", page.locator("#progress").inner_text()).group(1))
+    expect(slider).to_have_value(str(last))
+    expect(history).to_contain_text(re.compile(rf"\bIteration {last} \|"))
+    expect(page.locator("#history-predicted img")).to_have_count(1)
+    assert np.array_equal(picture(page, "#history-predicted"), picture(page, "#pred-next"))  # the run's last prediction
+
+    name = f"views-{time.time_ns()}"
+    page.locator("#ckpt-name textarea").fill(name)
+    page.locator("#ckpt-save-btn").click()
+    expect(page.locator("#ckpt-info")).to_contain_text(f"Saved {name}.pth")
+    page.locator("#reset-btn").click()
+    expect(page.locator("#ckpt-info")).to_contain_text("Reset:")
+    for elem_id in ("#plot-error", "#plot-time", "#plot-loss", "#plot-dot", "#plot-lr", "#plot-grad"):
+        page.locator(elem_id).scroll_into_view_if_needed()
+        page.wait_for_function("s => document.querySelectorAll(s + ' g.mark-line path').length === 0 || "
+                               "Array.from(document.querySelectorAll(s + ' g.mark-line path'))"
+                               ".every(p => !(p.getAttribute('d') || '').length)", arg=elem_id)
+        assert line_points(page, elem_id) == 0, f"{elem_id} still shows the old model's points"
+    for elem_id in (*VIEWS, "#pred-canvas", "#attn-image", "#history-current", "#history-predicted", "#history-error"):
+        expect(page.locator(f"{elem_id} img")).to_have_count(0)
+    expect(history).to_contain_text("No run history yet")
+
+    choose(page, "#ckpt-choice", name)
+    page.locator("#ckpt-load-btn").click()
+    expect(page.locator("#ckpt-info")).to_contain_text(f"Loaded {name}.pth")
+    run(page, 3)
+    expect(slider).to_have_value(str(last + 3))  # the loaded model's iterations go on from its checkpoint
+    expect(history).to_contain_text(re.compile(rf"\bIteration {last + 3} \|"))
+    expect(page.locator("#history-predicted img")).to_have_count(1)
+    assert np.array_equal(picture(page, "#history-predicted"), picture(page, "#pred-next"))
+
+
+def error_badges(page) -> int:
+    """Visible elements that say just "Error": the badge Gradio puts over an output whose event failed,
+    and the title of an error toast."""
+    return page.get_by_text("Error", exact=True).evaluate_all(
+        "els => els.filter(e => e.offsetParent !== null && e.getClientRects().length).length")
+
+
+def test_a_refused_input_leaves_every_output_as_it_was(page):
+    """Frame 999 and a checkpoint name already taken are refused next to the box they were typed in;
+    the frame, slider, frame text and checkpoint list stay as they were, with no "Error" badge over
+    them, and the page goes on working (the dropdown stays usable through a Reset)."""
+    out = ARTIFACTS / "trust"
+    out.mkdir(parents=True, exist_ok=True)
+    choose_and_load(page)
+    page.locator("#jump-number input").fill("12")
+    page.locator("#jump-btn").click()
+    expect(page.locator("#frame-info")).to_contain_text("Frame 12")
+    src, info = image_src(page, "#frame-image"), page.locator("#frame-info").inner_text()
+
+    page.locator("#jump-number input").fill("999")
+    page.locator("#jump-btn").click()
+    expect(page.locator("#jump-number")).to_contain_text("Frame number must be a whole number from 0 to 40 (got 999)")
+    page.wait_for_timeout(1000)  # time for a late update to arrive, were there one
+    page.locator("#frame-image").scroll_into_view_if_needed()
+    page.screenshot(path=out / "jump-999-refused.png")
+    assert error_badges(page) == 0
+    assert image_src(page, "#frame-image") == src and page.locator("#frame-info").inner_text() == info
+    expect(page.locator("#frame-slider input[type=number]")).to_have_value("12")
+
+    run(page, 1)
+    name = f"refused-{time.time_ns()}"
+    page.locator("#ckpt-name textarea").fill(name)
+    page.locator("#ckpt-save-btn").click()
+    ckpt_info = page.locator("#ckpt-info")
+    expect(ckpt_info).to_contain_text(f"Saved {name}.pth")
+    table = ckpt_info.inner_text()
+    page.locator("#ckpt-save-btn").click()  # the same name again
+    expect(page.locator("#ckpt-name")).to_contain_text(f"a checkpoint named {name} already exists")
+    page.wait_for_timeout(1000)
+    page.locator("#ckpt-choice").scroll_into_view_if_needed()
+    page.screenshot(path=out / "duplicate-checkpoint-refused.png")
+    assert error_badges(page) == 0
+    assert ckpt_info.inner_text() == table
+    expect(page.locator("#ckpt-choice input")).to_have_value(name)
+    page.locator("#reset-btn").click()
+    expect(ckpt_info).to_contain_text("Reset:")
+    choose(page, "#ckpt-choice", name)  # nothing covers the dropdown
+    assert error_badges(page) == 0

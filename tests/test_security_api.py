@@ -34,7 +34,7 @@ from pathlib import Path
 import gradio
 import numpy as np
 import pytest
-from gradio_client.exceptions import AppError
+from gradio_client.exceptions import AppError, ValidationError
 from PIL import Image
 
 import concat_world_model_explorer_gradio as app
@@ -123,7 +123,7 @@ def outcome(fn, *args, **kwargs) -> tuple[str, object]:
     """("ok", result) or ("error", message) of a call that may be refused."""
     try:
         return "ok", fn(*args, **kwargs)
-    except AppError as e:
+    except (AppError, ValidationError) as e:
         return "error", str(e)
 
 
