@@ -265,7 +265,7 @@ def raw_call(client: Client, api_name: str, data_json: str) -> tuple[str, str]:
 
     gradio_client refuses to encode NaN and infinities, but any HTTP client can send them, so the
     app must refuse them too. Returns the (event, data) of the last server-sent event, or ("error",
-    the answer's body) when the event's validator refused the input (HTTP 422, nothing queued).
+    its messages) when the event's validator refused the input (HTTP 422, nothing queued).
     """
     body = f'{{"data": {data_json}, "session_hash": {json.dumps(client.session_hash)}}}'.encode()
     base = client.src.rstrip("/") + f"/gradio_api/call{api_name}"
@@ -276,7 +276,8 @@ def raw_call(client: Client, api_name: str, data_json: str) -> tuple[str, str]:
     except urllib.error.HTTPError as e:
         if e.code != 422:
             raise
-        return "error", e.read().decode()
+        detail = json.loads(e.read().decode()).get("detail", [])
+        return "error", "\n".join(d.get("message", "") for d in detail if d.get("is_valid") is False)
     with urllib.request.urlopen(f"{base}/{event_id}", timeout=120) as response:
         lines = response.read().decode().splitlines()
     event = [line[7:] for line in lines if line.startswith("event: ")][-1]
@@ -297,7 +298,15 @@ def error_of(client: Client, *args, api_name: str) -> str:
         return data
     with pytest.raises((AppError, ValidationError)) as info:  # refused in the handler, or by its validator
         client.predict(*args, api_name=api_name)
-    return str(info.value)
+    return refusal_text(info.value)
+
+
+def refusal_text(error: Exception) -> str:
+    """The message of a refused call: an ``AppError``'s text, or the messages of a ``ValidationError``
+    (gradio_client words it "1 parameter(s) failed validation:\\n- <parameter>: <message>")."""
+    if isinstance(error, ValidationError):
+        return "\n".join(line.split(": ", 1)[1] for line in str(error).splitlines()[1:])
+    return str(error)
 
 
 def load(client: Client, name: str = ALT):

@@ -88,9 +88,15 @@ def image_src(page, elem_id: str) -> str | None:
 
 
 def line_points(page, elem_id: str) -> int:
-    """Number of points on the lines of a native (Vega, SVG) plot."""
-    paths = page.locator(f"{elem_id} g.mark-line path").evaluate_all("ps => ps.map(p => p.getAttribute('d') || '')")
-    return sum(len(re.findall(r"[ML]", d)) for d in paths)
+    """Number of points on the visible lines of a native (Vega, SVG) plot (the transparent axis-span
+    point left out)."""
+    return page.evaluate(f"{LINE_POINTS_JS}({elem_id!r})")
+
+
+# the same count in the page, for wait_for_function
+LINE_POINTS_JS = ("(s => Array.from(document.querySelectorAll(s + ' g.mark-line path'))"
+                  ".filter(p => p.getAttribute('stroke') !== 'transparent')"
+                  ".reduce((n, p) => n + ((p.getAttribute('d') || '').match(/[ML]/g) || []).length, 0))")
 
 
 def choose(page, elem_id: str, option: str) -> None:
@@ -221,8 +227,7 @@ def test_load_scrub_run_and_explore_attention(page):
     page.screenshot(path=ARTIFACTS / "02-after-run-full-page.png", full_page=True)
 
     run(page, 3)  # the graphs grow: the history is kept across runs
-    page.wait_for_function("() => { const p = document.querySelector('#plot-time g.mark-line path');"
-                           " return p && (p.getAttribute('d').match(/[ML]/g) || []).length === 8; }")
+    page.wait_for_function(f"() => {LINE_POINTS_JS}('#plot-time') === 8")
 
     stats = page.locator("#attn-stats")
     expect(stats).to_contain_text("connections")
@@ -516,6 +521,12 @@ def test_views_follow_the_model_after_a_run_a_reset_and_a_checkpoint_load(page):
     assert np.array_equal(picture(page, "#history-predicted"), picture(page, "#pred-next"))
 
 
+def settled_text(page, elem_id: str) -> str:
+    """The text of an output once its event is over (no progress timer such as "0.1s" left over it)."""
+    page.wait_for_function("s => !/^\\s*\\d+(\\.\\d+)?s\\b/.test(document.querySelector(s).innerText)", arg=elem_id)
+    return page.locator(elem_id).inner_text()
+
+
 def error_badges(page) -> int:
     """Visible elements that say just "Error": the badge Gradio puts over an output whose event failed,
     and the title of an error toast."""
@@ -533,7 +544,7 @@ def test_a_refused_input_leaves_every_output_as_it_was(page):
     page.locator("#jump-number input").fill("12")
     page.locator("#jump-btn").click()
     expect(page.locator("#frame-info")).to_contain_text("Frame 12")
-    src, info = image_src(page, "#frame-image"), page.locator("#frame-info").inner_text()
+    src, info = image_src(page, "#frame-image"), settled_text(page, "#frame-info")
 
     page.locator("#jump-number input").fill("999")
     page.locator("#jump-btn").click()
@@ -551,7 +562,7 @@ def test_a_refused_input_leaves_every_output_as_it_was(page):
     page.locator("#ckpt-save-btn").click()
     ckpt_info = page.locator("#ckpt-info")
     expect(ckpt_info).to_contain_text(f"Saved {name}.pth")
-    table = ckpt_info.inner_text()
+    table = settled_text(page, "#ckpt-info")
     page.locator("#ckpt-save-btn").click()  # the same name again
     expect(page.locator("#ckpt-name")).to_contain_text(f"a checkpoint named {name} already exists")
     page.wait_for_timeout(1000)

@@ -42,7 +42,7 @@ import page_common
 import server_guard
 from conftest import (
     ALL_ON, ALT, ALT_FRAMES, AUTH_PASSWORD, AUTH_USER, HEATMAP, LINES, MOVE, REPO, connect, error_of, free_port,
-    launch_app, load, png, points, run, stop_process,
+    launch_app, load, png, points, refusal_text, run, stop_process,
 )
 from record_session import record_session
 from suite_census import assert_suite_collected
@@ -124,7 +124,7 @@ def outcome(fn, *args, **kwargs) -> tuple[str, object]:
     try:
         return "ok", fn(*args, **kwargs)
     except (AppError, ValidationError) as e:
-        return "error", str(e)
+        return "error", refusal_text(e)
 
 
 def iteration_of(progress: str) -> int:
