@@ -172,3 +172,21 @@ def test_ctrl_c_stops_after_the_current_iteration_and_leaves_a_checkpoint_that_l
     path = saved / "checkpoints" / "toroidal_dot" / "autoencoder.pth"
     info = AutoencoderConcatPredictorWorldModel(None, device="cpu", config=TINY).load_checkpoint(path)
     assert 0 < info["iteration"] < 100000 and f"iteration {info['iteration']})" in out
+
+
+def test_set_overrides_take_the_fields_type_and_name_what_is_wrong():
+    cfg = config.with_overrides(TINY, ["embed_dim=16", "betas=[0.8, 0.9]", "decoder_mode=self",
+                                       "foreground_weight_final=2.5", "learning_rate=1", "torus_roll=false"])
+    assert (cfg.embed_dim, cfg.betas, cfg.decoder_mode) == (16, (0.8, 0.9), "self")
+    assert (cfg.foreground_weight_final, cfg.learning_rate, cfg.torus_roll) == (2.5, 1.0, False)
+    for item, says in [("embed_dim=3.5", "embed_dim must be int like 32, got 3.5"),
+                       ("torus_roll=1", "torus_roll must be bool like true, got 1"),
+                       ("embed_dim=true", "embed_dim must be int like 32, got true"),
+                       ("no_such_field=1", "'no_such_field=1' is not FIELD=VALUE"), ("embed_dim", "is not FIELD=VALUE")]:
+        with pytest.raises(ValueError, match=says):
+            config.with_overrides(TINY, [item])
+
+
+def test_the_app_reads_its_tensorboard_folder_from_the_environment_and_is_off_without_it():
+    assert config.AppConfig.from_env({}).tensorboard_dir is None
+    assert config.AppConfig.from_env({"CWM_TENSORBOARD_DIR": "runs"}).tensorboard_dir == "runs"
