@@ -193,7 +193,7 @@ def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, c
     registry = TabRegistry()
     with gr.Blocks(title="Concat World Model Explorer", delete_cache=(cache_frequency_s, cache_age_s)) as demo:
         pool = ModelPool(app.idle_park_s, app.max_resident_models, min(app.park_sweep_s, app.idle_park_s / 2), app.park_dir)
-        user = gr.State(UserState(pool, config), delete_callback=release_user)
+        user = gr.State(UserState(pool, config, tensorboard_dir=app.tensorboard_dir), delete_callback=release_user)
         gr.Markdown(
             "# Concat World Model Explorer\nLoad a recorded toroidal-dot session, scrub its frames, run the "
             "canvas-inpainting world model and explore why it predicts what it does.", elem_id="app-title")
@@ -316,6 +316,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(app.torch_threads or max(1, min(4, (os.cpu_count() or 1) - 1)))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     LOG.setLevel(logging.INFO)
+    if app.tensorboard_dir:
+        try:
+            Path(app.tensorboard_dir).mkdir(mode=0o700, parents=True, exist_ok=True)  # each tab's run folder goes in it
+        except OSError as e:
+            print(f"Cannot use CWM_TENSORBOARD_DIR={app.tensorboard_dir}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        print(f"TensorBoard logs: one run folder per tab in {app.tensorboard_dir} "
+              f"(tensorboard --logdir {app.tensorboard_dir})", flush=True)
     ensure_demo_sessions()
     launch(build_demo(model_config, app=app), args)
     return 0

@@ -90,9 +90,10 @@ class RunController:
 
     - the model is created at the first run, from the checkpoint file when that is compatible; a file
       it refuses is set aside (never overwritten) before this model's first save;
-    - ``run(total)`` replays the session from ``start_frame`` and yields each iteration's metrics; a
-      Stop (``stop()``, the stop event) ends it after the current iteration; every run ends with
-      ``finish`` (atomic checkpoint save, decoder attention captured once);
+    - ``run(total)`` replays the session from ``start_frame`` and yields each iteration's metrics
+      (``run_live`` drives a live robot instead); a Stop (``stop()``, the stop event) ends it after
+      the current iteration; every run ends with ``finish`` (atomic checkpoint save, decoder
+      attention captured once); ``iteration_hook``, when set, sees every iteration's metrics;
     - ``park()`` saves an idle model to a private temporary file and frees it; any later call that
       needs the model reloads it (``ModelPool`` decides when).
 
@@ -127,6 +128,9 @@ class RunController:
         self.origin: CheckpointOrigin | None = None  # set when the model is created
         self.saved: CheckpointSave | None = None  # the latest save
         self.attention_at: tuple[int, int] | None = None  # (iteration, step) the attention was captured at
+        # called as hook(controller, metrics) in the run's thread after each loop iteration is recorded
+        # (a TensorBoard log, say); None costs the run nothing
+        self.iteration_hook: Callable[[RunController, dict], None] | None = None
         self.stop_event = threading.Event()
         self._stop_requested_at = -math.inf  # monotonic time of the latest stop request
         self._run_lock = threading.Lock()  # one run at a time (released by whichever thread ends it)
@@ -373,6 +377,20 @@ class RunController:
         """
         return self._drive(total, lambda wm: wm.run_iter(total, self.stop_event), replay=True)
 
+    def run_live(self, total: int, robot, action_selector: Callable) -> Iterator[dict | None]:
+        """Run ``total`` iterations on a live robot (a ``ToroidalDotRobot``, say) that ``action_selector``
+        drives; no session is needed. The same run as ``run`` otherwise (history, Stop, finish); the
+        model continues the robot where the last run left it when it is the same robot.
+
+        Raises (at the first ``next``): RunBusyError as ``run`` does.
+        """
+        def work(wm: AutoencoderConcatPredictorWorldModel) -> Iterator[dict]:
+            if wm.robot is not robot:
+                wm.attach_robot(robot, action_selector)
+            return wm.run_iter(total, self.stop_event)
+
+        return self._drive(total, work, replay=False, loop=True)
+
     def train_single_canvas(self, frame_index: int, steps: int) -> Iterator[dict | None]:
         """``steps`` optimizer steps on the training canvas ending in frame ``frame_index`` alone (the
         "can it fit one example" check). A run like ``run`` (one at a time, Stop ends it, finish saves
@@ -436,9 +454,12 @@ class RunController:
                     self._handed_over = False
                     self._run_lock.release()
 
-    def _drive(self, total: int, work: Callable, replay: bool) -> Iterator[dict | None]:
-        """The body of every run: ``work(wm)`` yields the steps; ``replay`` marks a loop run."""
-        self._need_session()
+    def _drive(self, total: int, work: Callable, replay: bool, loop: bool | None = None) -> Iterator[dict | None]:
+        """The body of every run: ``work(wm)`` yields the steps; ``replay``: it replays the session;
+        ``loop`` (default: ``replay``): its steps are loop iterations, kept in the history."""
+        loop = replay if loop is None else loop
+        if replay:
+            self._need_session()
         if not self._run_lock.acquire(timeout=self.run_lock_wait_s):
             raise RunBusyError("a run is already in progress")
         # a Stop older than the grace is stale; a newer one (this run was still queued) or one sent
@@ -461,10 +482,12 @@ class RunController:
             yield None
             try:
                 for metrics in work(wm):
-                    if replay:
+                    if loop:
                         self.history.append(metrics)
                         if self.snapshots.wants(metrics["iteration"]):
                             self.snapshots.add(metrics, wm.get_prediction_views(canvas=False))
+                        if self.iteration_hook is not None:
+                            self.iteration_hook(self, metrics)
                     self._done += 1
                     self._unsaved = True
                     yield metrics
