@@ -217,6 +217,8 @@ class AppConfig:
     history_bytes: int = 100 * 2**20  # and at most this many bytes of them (zlib-compressed frames)
     history_play_frames: int = 60  # Play steps through at most this many of them (evenly spread)
     evaluation_batch: int = 16  # canvases per forward pass when a whole session is evaluated (bounds its activation memory)
+    max_play_steps: int = 50  # most actions one play (from frame t to Reset) may take, typed or pressed; bounds its frames in memory
+    compare_top_frames: int = 5  # transitions shown where two compared models disagree most
     demo_sessions: tuple[str, ...] = ("always_move", "alternate", "double_move")  # recorded when none exist
     demo_session_steps: int = 200  # steps in each demo session
     tensorboard_dir: str | None = None  # ($CWM_TENSORBOARD_DIR) TensorBoard logs go here, one run folder per tab; None: off

@@ -34,7 +34,19 @@ from model_pool import ModelPool, return_freed_memory
 from run_history import RunSnapshots
 from session_explorer_lib import SessionError, check_name
 from validation import whole_number
-from world_model_analysis import counterfactual, evaluate_session, rollout, single_canvas_steps, training_canvas
+from world_model_analysis import (
+    Comparison,
+    Play,
+    compare_models,
+    counterfactual,
+    evaluate_session,
+    play_actions,
+    play_steps,
+    rollout,
+    single_canvas_steps,
+    start_play,
+    training_canvas,
+)
 
 LOG = logging.getLogger(f"{LOGGER_NAME}.engine")  # a child of the app's logger: its level applies
 
@@ -157,6 +169,7 @@ class RunController:
         self._parked_robot: tuple | None = None  # (session, index, episode_boundary) of a parked replay
         self._shared_seen: FileIdentity | None = None  # the shared checkpoint as this tab last loaded or saved it
         self._attention_canvas: np.ndarray | None = None  # to recapture attention after a reload
+        self._play: Play | None = None  # the latest open-loop play (frames in memory, at most a few MB)
         self.last_used = time.monotonic()
         self._pool = pool
         if pool is not None:
@@ -258,6 +271,70 @@ class RunController:
         """Every transition of ``session`` (any session, not only the loaded one), batched."""
         return evaluate_session(self.analysis_model(), session, batch_size)
 
+    # -- play and compare (never train the model) -------------------------------------
+
+    def play_start(self, frame_index: int) -> Play:
+        """Begin a new open-loop play from frame t of the loaded session (``world_model_analysis.start_play``);
+        it replaces the one before. Needs no model yet."""
+        self._play = start_play(self._need_session(), frame_index, self.config)
+        return self._play
+
+    def current_play(self) -> Play | None:
+        """The play going on the loaded session, or None (none begun, or another session loaded since)."""
+        play = self._play
+        return play if play is not None and play.session is self.session else None
+
+    def play(self, actions: str, max_steps: int) -> Play:
+        """Continue the play with ``actions`` (a string of 0/1), each imagined by this tab's model fed
+        its own predictions, beside the simulated world. Waits ``run_lock_wait_s`` for a model a
+        run is using (between two iterations it is free), then refuses.
+
+        Raises:
+            ValueError: no play on the loaded session, bad actions, or more than ``max_steps`` in the play
+                (nothing changes). RunBusyError: the model stayed busy.
+        """
+        play = self.current_play()
+        if play is None:
+            raise ValueError("no play has begun on the loaded session: start one from frame t first")
+        play_actions(actions, play, max_steps)  # a bad request is refused at once, busy model or not
+        wm = self.analysis_model()
+        if not wm.lock.acquire(timeout=self.run_lock_wait_s):
+            raise RunBusyError("the model is busy (a run is using it)")
+        try:  # the lock also keeps two presses of this tab from stepping the play at once
+            return play_steps(wm, play, play_actions(actions, play, max_steps))
+        finally:
+            wm.lock.release()
+
+    def compare(self, name_a: str | None, name_b: str | None, session, batch_size: int = 32, top: int = 5,
+                progress: Callable[[int, int], None] | None = None) -> Comparison:
+        """Two models on every transition of ``session`` (``world_model_analysis.compare_models``): a named
+        checkpoint each, or None for a copy of this tab's model as it is now (a run may go on training
+        it meanwhile). Neither is this tab's model afterwards; nothing is saved.
+
+        Raises:
+            ValueError: a bad name (the ``named_checkpoint_path`` rule). CheckpointError: no such
+                checkpoint, or a file refused (damaged, another architecture).
+        """
+        paths = [None if name is None else self._existing_checkpoint(name) for name in (name_a, name_b)]
+        models = [self._model_to_compare(path) for path in paths]
+        names = tuple("this tab's model" if name is None else name for name in (name_a, name_b))
+        return compare_models(*models, session, names, batch_size, top, progress)
+
+    def _existing_checkpoint(self, name: str) -> Path:
+        path = self.named_checkpoint_path(name)
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint named {name}")
+        return path
+
+    def _model_to_compare(self, path: Path | None) -> AutoencoderConcatPredictorWorldModel:
+        """A model of its own: loaded from ``path``, or (None) a copy of this tab's model."""
+        wm = AutoencoderConcatPredictorWorldModel(None, device=self.device, config=self.config)
+        if path is None:
+            wm.load_training_state(self.analysis_model().training_state())  # taken under the model's lock
+        else:
+            wm.load_checkpoint(path)
+        return wm
+
     # -- named checkpoints, reset ----------------------------------------------
 
     def named_checkpoint_path(self, name: str) -> Path:
@@ -292,9 +369,7 @@ class RunController:
         Raises:
             ValueError: a bad name. CheckpointError: no such file, or a file refused. RunBusyError.
         """
-        path = self.named_checkpoint_path(name)
-        if not path.is_file():
-            raise CheckpointError(f"no checkpoint named {name}")
+        path = self._existing_checkpoint(name)
         with self._not_running():
             with self._lock:
                 wm = self._resident()
