@@ -54,6 +54,7 @@ from starlette.middleware import Middleware
 
 import config
 import server_guard
+from autoencoder_concat_predictor_world_model import compute_path, default_device
 from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig
 from model_pool import ModelPool, limit_malloc_arenas
 from page_analysis import (
@@ -345,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(f"TensorBoard logs: one run folder per tab in {app.tensorboard_dir} "
               f"(tensorboard --logdir {app.tensorboard_dir})", flush=True)
+    print(f"Training on {compute_path(default_device(), model_config)}", flush=True)
     ensure_demo_sessions()
     launch(build_demo(model_config, app=app), args)
     return 0

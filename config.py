@@ -95,6 +95,7 @@ class AutoencoderConcatPredictorWorldModelConfig:
     decoder_depth: int = 5  # decoder blocks (the attention explorer shows layers 0-4)
     decoder_num_heads: int = 4  # decoder attention heads (the attention explorer shows heads 0-3)
     mlp_ratio: float = 2.0  # MLP hidden width / token width in every block; below the usual 4, so an iteration is cheap
+    decoder_position: str = "canvas"  # decoder position code: "canvas" (2-D sin-cos over the canvas) or "torus" (also each patch's column round its frame and its slot, so look-ups wrap at frame edges)
     decoder_mode: str = "cross_self"  # "cross_self": the 196 masked tokens are the decoder's only queries, over visible + masked keys (CrossMAE); "self": the MAE decoder, every token a query; "cross", "cross_mlp": visible keys only
 
     # optimisation -----------------------------------------------------------
@@ -129,7 +130,8 @@ class AutoencoderConcatPredictorWorldModelConfig:
     quality_gate: bool = False  # off by default: one optimizer step per iteration keeps the loop live
     quality_gate_max_steps: int = 20  # cap on extra steps one iteration may spend with the gate on
 
-    # device execution (a CPU always runs fp32, eagerly) ---------------------------
+    # device execution ------------------------------------------------------------
+    cpu_precision: str = "fp32"  # on a CPU: "fp32", "bf16" autocast over fp32 master weights, or "auto" (bf16 where the CPU has AMX) ($CWM_CPU_PRECISION)
     cuda_precision: str = "bf16"  # on CUDA: "bf16" autocast over fp32 master weights, or "fp32" ($CWM_CUDA_PRECISION)
     cuda_graphs: bool = True  # on CUDA: replay the loop's training step and prediction as CUDA graphs ($CWM_CUDA_GRAPHS=0: off)
     cuda_graph_warmup: int = 3  # eager steps (on a side stream) before a graph is recorded, as CUDA graph capture asks
@@ -139,9 +141,10 @@ class AutoencoderConcatPredictorWorldModelConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AutoencoderConcatPredictorWorldModelConfig:
-        """The defaults with ``CWM_CUDA_PRECISION`` and ``CWM_CUDA_GRAPHS`` applied."""
+        """The defaults with ``CWM_CPU_PRECISION``, ``CWM_CUDA_PRECISION`` and ``CWM_CUDA_GRAPHS`` applied."""
         env = os.environ if environ is None else environ
-        return cls(cuda_precision=env.get("CWM_CUDA_PRECISION", cls.cuda_precision),
+        return cls(cpu_precision=env.get("CWM_CPU_PRECISION", cls.cpu_precision),
+                   cuda_precision=env.get("CWM_CUDA_PRECISION", cls.cuda_precision),
                    cuda_graphs=env.get("CWM_CUDA_GRAPHS", "1") != "0")
 
     # derived sizes --------------------------------------------------------------
@@ -179,7 +182,8 @@ class AutoencoderConcatPredictorWorldModelConfig:
             "decoder_depth": self.decoder_depth,
             "decoder_num_heads": self.decoder_num_heads,
             "mlp_ratio": self.mlp_ratio,
-        } | ({"decoder_mode": self.decoder_mode} if self.decoder_mode != "self" else {})  # older checkpoints: self
+        } | ({"decoder_mode": self.decoder_mode} if self.decoder_mode != "self" else {}) | (  # older checkpoints: self
+            {"decoder_position": self.decoder_position} if self.decoder_position != "canvas" else {})  # and canvas
 
 
 # -----------------------------------------------------------------------------
