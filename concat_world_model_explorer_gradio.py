@@ -10,7 +10,8 @@ functions that tests import and call) and its layout builder:
 1. ``page_sessions.py``: session and frames;
 2-5. ``page_run.py``: run the world model, training views, prediction views, metric graphs;
 6. ``page_attention.py``: decoder attention, and one patch's attention;
-7. ``page_analysis.py``: analysis (counterfactuals, rollouts, evaluation, single-canvas training);
+7. ``page_analysis.py``: analysis (counterfactuals, rollouts, evaluation, single-canvas training), and
+   ``page_play.py``: play the model with your own actions, compare two models;
 8. ``page_workflow.py``: your work (recording, run history, named checkpoints, reset, export);
 
 on top of ``page_outputs.py`` (what every section shows of a tab's model after changing it) and
@@ -29,7 +30,8 @@ the parked models and its private folders. Importing it launches nothing and rea
 Endpoints (``api_name``, tests and tools call them): section 1 ``/refresh_sessions``,
 ``/load_session``, ``/update_frame``, ``/jump_to_frame``; section 2 ``/run_world_model`` (a
 generator), ``/stop``; section 6 ``/update_attention_viz``, ``/patch_attention``; section 7
-``/counterfactual``, ``/rollout``, ``/evaluate_session``, ``/train_single_canvas`` (a generator);
+``/counterfactual``, ``/rollout``, ``/evaluate_session``, ``/train_single_canvas`` (a generator),
+``/play_start``, ``/play``, ``/compare_models``;
 section 8 ``/record_session`` (a generator), ``/browse_history``, ``/save_checkpoint``,
 ``/load_checkpoint``, ``/reset_model``, ``/export``. Usage::
 
@@ -67,6 +69,7 @@ from page_analysis import (
     train_single_canvas,
 )
 from page_attention import attention_section, patch_attention, pick_patch, update_attention_viz
+from page_play import compare_models, play, play_move, play_section, play_start, play_stay, play_typed, refresh_compare_lists
 from page_common import APP, LOG, MODEL_CFG, TabRegistry, UserState, release_user
 from page_outputs import RUN_OUTPUT_KEYS
 from page_run import metrics_section, run_section, run_world_model, stop_run, views_sections
@@ -125,6 +128,7 @@ def _wire(demo: gr.Blocks, registry: TabRegistry, user: gr.State, c: dict[str, A
                                    api_name="run_world_model", preprocess=False, concurrency_id="model",
                                    concurrency_limit=4, show_progress="minimal", show_progress_on=[c["progress"]])
     canvas_event = _wire_analysis(demo, user, c)
+    _wire_play(demo, user, c)
     record_event = _wire_workflow(demo, user, c, run_event, app)
     # Stop also ends the tab's recording: the cancel closes its handler, and stop_run stops it for API clients
     c["stop_btn"].click(stop_run, [user], run_outputs, api_name="stop", cancels=[run_event, canvas_event, record_event],
@@ -188,6 +192,23 @@ def _wire_analysis(demo: gr.Blocks, user: gr.State, c: dict[str, Any]):
                                  show_progress_on=[c["canvas_progress"]])
 
 
+def _wire_play(demo: gr.Blocks, user: gr.State, c: dict[str, Any]) -> None:
+    """Connect play and compare: Reset is ``/play_start``, Enter in the actions box ``/play``; the
+    Stay, Move and Play buttons also start a play at frame t when none is going."""
+    frame, typed = c["analysis_frame"], c["play_typed"]
+    quick = dict(preprocess=False, concurrency_id="analysis", concurrency_limit=2)
+    shown = [c[key] for key in ("play_imagined", "play_truth", "play_strip", "play_table", "play_info")]
+    c["play_reset"].click(play_start, [frame, user], shown, api_name="play_start", **quick)
+    typed.submit(play, [typed, user], shown, api_name="play", **quick)
+    c["play_typed_btn"].click(play_typed, [frame, typed, user], shown, api_visibility="private", **quick)
+    c["play_stay"].click(play_stay, [frame, user], shown, api_visibility="private", **quick)
+    c["play_move"].click(play_move, [frame, user], shown, api_visibility="private", **quick)
+    lists = [c["compare_a"], c["compare_b"], c["compare_session"]]
+    gr.on([demo.load, c["refresh_btn"].click], refresh_compare_lists, [user], lists, api_visibility="private")
+    c["compare_btn"].click(compare_models, [*lists, user], [c[k] for k in ("compare_md", "compare_plot", "compare_top", "compare_top_md")],
+                           api_name="compare_models", show_progress_on=[c["compare_md"]], **quick)
+
+
 def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, cache_frequency_s: int = 600,
                cache_age_s: int = 3600, app: AppConfig = APP) -> gr.Blocks:
     """Declare the page and wire the handlers; launches nothing.
@@ -208,13 +229,14 @@ def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, c
     registry = TabRegistry(recordings)
     with gr.Blocks(title="Concat World Model Explorer", delete_cache=(cache_frequency_s, cache_age_s)) as demo:
         demo.model_pool = pool  # main() closes it when the server stops: the parked files go
-        user = gr.State(UserState(pool, config, recordings=recordings), delete_callback=release_user)
+        user = gr.State(UserState(pool, config, tensorboard_dir=app.tensorboard_dir, recordings=recordings),
+                        delete_callback=release_user)
         gr.Markdown(
             "# Concat World Model Explorer\nLoad a recorded toroidal-dot session, scrub its frames, run the "
             "canvas-inpainting world model and explore why it predicts what it does.", elem_id="app-title")
 
         c = {**session_section(), **run_section(), **views_sections(), **metrics_section(config),
-             **attention_section(config), **analysis_section(), **workflow_section()}
+             **attention_section(config), **analysis_section(), **play_section(), **workflow_section()}
         _wire(demo, registry, user, c, app)
     return demo
 
@@ -389,6 +411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         private_temp_folders()
+        if app.tensorboard_dir:  # each tab's run folder goes in it: 0700, refused when another account could change it
+            tensorboard = check_folder(app.tensorboard_dir, "the TensorBoard folder ($CWM_TENSORBOARD_DIR)")
+            print(f"TensorBoard logs: one run folder per tab in {tensorboard} "
+                  f"(tensorboard --logdir {tensorboard})", flush=True)
         if app.malloc_arenas:
             limit_malloc_arenas(app.malloc_arenas)  # before the worker threads exist: freed models' memory goes back
         torch.set_num_threads(app.torch_threads or max(1, min(4, (os.cpu_count() or 1) - 1)))

@@ -11,10 +11,12 @@ once, which applies ``CWM_SAVED_ROOT`` and returns the app and model settings bu
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 # -----------------------------------------------------------------------------
 # paths
@@ -219,13 +221,18 @@ class AppConfig:
     history_bytes: int = 100 * 2**20  # and at most this many bytes of them (zlib-compressed frames)
     history_play_frames: int = 60  # Play steps through at most this many of them (evenly spread)
     evaluation_batch: int = 16  # canvases per forward pass when a whole session is evaluated (bounds its activation memory)
+    max_play_steps: int = 50  # most actions one play (from frame t to Reset) may take, typed or pressed; bounds its frames in memory
+    compare_top_frames: int = 5  # transitions shown where two compared models disagree most
     demo_sessions: tuple[str, ...] = ("always_move", "alternate", "double_move")  # recorded when none exist
     demo_session_steps: int = 200  # steps in each demo session
+    tensorboard_dir: str | None = None  # ($CWM_TENSORBOARD_DIR) TensorBoard logs go here, one run folder per tab; None: off
+    tensorboard_images_every: int = 50  # TensorBoard: the current, predicted and error pictures every this many iterations
+    tensorboard_flush_s: float = 10.0  # TensorBoard: logged values reach the disk at least this often
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AppConfig:
         """The defaults with ``CWM_IDLE_PARK_S``, ``CWM_TORCH_THREADS``, ``CWM_MALLOC_ARENAS``, ``CWM_PARK_DIR``
-        and ``CWM_RECORD_BUDGET_MB`` (mebibytes) applied."""
+        ``CWM_TENSORBOARD_DIR`` and ``CWM_RECORD_BUDGET_MB`` (mebibytes) applied."""
         env = os.environ if environ is None else environ
         app = cls()
         budget = env.get("CWM_RECORD_BUDGET_MB")
@@ -233,7 +240,47 @@ class AppConfig:
                        torch_threads=int(env.get("CWM_TORCH_THREADS", app.torch_threads)),
                        malloc_arenas=int(env.get("CWM_MALLOC_ARENAS", app.malloc_arenas)),
                        park_dir=env.get("CWM_PARK_DIR") or None,
+                       tensorboard_dir=env.get("CWM_TENSORBOARD_DIR") or None,
                        record_budget_bytes=app.record_budget_bytes if not budget else max(0, int(float(budget) * 2**20)))
+
+
+# -----------------------------------------------------------------------------
+# overrides typed on a command line
+
+
+def with_overrides(cfg, items: Sequence[str]):
+    """``cfg`` (any of the dataclasses above) with ``FIELD=VALUE`` overrides applied, for experiments
+    from a command line. VALUE is JSON (``32``, ``0.5``, ``true``, ``[1, 2]``, ``null``), or plain
+    text for a text field; it must have the field's type (a whole number for an int field).
+
+    Raises:
+        ValueError: naming the item that is not FIELD=VALUE, names no field, or has a wrong value.
+    """
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"{item!r} is not FIELD=VALUE with a field of {type(cfg).__name__} (see config.py)")
+        current = getattr(cfg, key)
+        try:
+            value = text if isinstance(current, str) else json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"{item!r}: {text!r} is not a JSON value") from None
+        changes[key] = _typed(key, value, current)
+    return replace(cfg, **changes)
+
+
+def _typed(key: str, value, current):
+    """``value`` as the type of the field's ``current`` value; ValueError when it is not one."""
+    if current is None or isinstance(current, str):
+        return value  # optional fields take any JSON value; text fields take the text
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    kinds = {bool: (bool,), int: (int,), float: (int, float)}.get(type(current), (type(current),))
+    if isinstance(value, bool) != isinstance(current, bool) or not isinstance(value, kinds):
+        raise ValueError(f"{key} must be {type(current).__name__} like {json.dumps(current)}, got {json.dumps(value)}")
+    return type(current)(value)
 
 
 # -----------------------------------------------------------------------------

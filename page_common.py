@@ -34,8 +34,9 @@ from model_pool import ModelPool
 from record_session import RecordingGate
 from run_controller import RunController
 from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig
-from images import enlarge
+from images import amplify_error, enlarge  # noqa: F401 (amplify_error: the sections import it from here)
 from session_explorer_lib import Session, SessionError, load_session as load_session_from_disk, resolve_session_dir
+from tensorboard_log import TensorBoardLog
 
 # -----------------------------------------------------------------------------
 # constants
@@ -63,20 +64,25 @@ class UserState:
     """
 
     def __init__(self, pool: ModelPool | None = None, config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG,
-                 refused_files: RefusedFiles | None = None, recordings: RecordingGate | None = None):
+                 refused_files: RefusedFiles | None = None, tensorboard_dir: str | None = None,
+                 recordings: RecordingGate | None = None):
         self.pool = pool
         self.refused_files = refused_files if refused_files is not None else RefusedFiles()  # shared by the tabs
+        self.tensorboard_dir = tensorboard_dir  # each tab logs its runs to a run folder of its own here (None: off)
         self.recordings = recordings if recordings is not None else RecordingGate(  # shared by the tabs
             APP.max_recordings, APP.record_budget_bytes)
         self.controller = RunController(
             config=config, refused_files=self.refused_files, pool=pool,
             run_lock_wait_s=APP.run_lock_wait_s, stop_grace_s=APP.stop_grace_s,
             history_snapshots=APP.history_snapshots, history_bytes=APP.history_bytes)
+        if tensorboard_dir:  # the folder is made at the tab's first run
+            self.controller.iteration_hook = TensorBoardLog(tensorboard_dir, "tab", APP.tensorboard_images_every,
+                                                            APP.tensorboard_flush_s, APP.dot_window)
         layers, heads = tuple(range(config.decoder_depth)), tuple(range(config.decoder_num_heads))
         self.attention_controls = (APP.default_quantile, layers, heads, "mean", VIZ_LINES)
 
     def __deepcopy__(self, memo) -> UserState:
-        return UserState(self.pool, self.controller.config, self.refused_files, self.recordings)
+        return UserState(self.pool, self.controller.config, self.refused_files, self.tensorboard_dir, self.recordings)
 
 
 def release_user(user: UserState | None) -> None:
@@ -90,6 +96,8 @@ def release_user(user: UserState | None) -> None:
         name = c.session.name if c.session is not None else "no session"
         LOG.info("freed the world model of a closed tab (%d iterations run, last session: %s)", len(c.history), name)
     c.release()
+    if isinstance(c.iteration_hook, TensorBoardLog):
+        c.iteration_hook.close()
 
 
 class TabRegistry:
@@ -180,15 +188,6 @@ def upscale(image: np.ndarray | None, factor: int = FRAME_UPSCALE) -> np.ndarray
     if image is None or factor == 1:
         return image
     return enlarge(image, factor)  # (H*f, W*f, 3)
-
-
-def amplify_error(error: np.ndarray | None) -> tuple[np.ndarray | None, float]:
-    """Stretch an |prediction - actual| map so its largest difference is white; returns (image, gain)."""
-    if error is None:
-        return None, 1.0
-    peak = int(error.max())
-    gain = 255.0 / peak if peak > 0 else 1.0
-    return np.clip(error.astype(np.float32) * gain, 0, 255).astype(np.uint8), gain
 
 
 def format_value(value: float | None, digits: int = 5) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from attention_draw import draw_attention, patch_picker_image
-from frame_metrics import WITHIN_PX
+from frame_metrics import dot_found_shares
 from run_controller import RunController, RunStatus
 from page_common import (
     APP,
@@ -78,12 +78,7 @@ def dot_found_rows(history: list[dict], window: int) -> list[dict]:
     """Per scored prediction, the share (%) of the last ``window`` predictions whose dot landed within
     3 px of the true one (no predicted dot counts as a miss): the moment the model finds the dot."""
     scored = [r for r in history if r.get("dot_error") is not None]
-    if not scored:
-        return []
-    hit = np.array([r["dot_error"] <= WITHIN_PX for r in scored], dtype=np.float64)  # (n,) inf compares False
-    csum = np.concatenate([[0.0], np.cumsum(hit)])  # (n+1,)
-    n = np.arange(1, len(hit) + 1)
-    share = 100.0 * (csum[n] - csum[np.maximum(n - window, 0)]) / np.minimum(n, window)  # (n,) rolling mean
+    share = 100.0 * dot_found_shares([r["dot_error"] for r in scored], window)  # (n,)
     return [{"iteration": r["iteration"], "within_3px_share": float(v)} for r, v in zip(scored, share)]
 
 

@@ -37,7 +37,19 @@ from private_files import create_private_file
 from run_history import RunSnapshots
 from session_explorer_lib import SessionError, check_name
 from validation import whole_number
-from world_model_analysis import counterfactual, evaluate_session, rollout, single_canvas_steps, training_canvas
+from world_model_analysis import (
+    Comparison,
+    Play,
+    compare_models,
+    counterfactual,
+    evaluate_session,
+    play_actions,
+    play_steps,
+    rollout,
+    single_canvas_steps,
+    start_play,
+    training_canvas,
+)
 
 LOG = logging.getLogger(f"{LOGGER_NAME}.engine")  # a child of the app's logger: its level applies
 
@@ -94,9 +106,10 @@ class RunController:
 
     - the model is created at the first run, from the checkpoint file when that is compatible; a file
       it refuses is set aside (never overwritten) before this model's first save;
-    - ``run(total)`` replays the session from ``start_frame`` and yields each iteration's metrics; a
-      Stop (``stop()``, the stop event) ends it after the current iteration; every run ends with
-      ``finish`` (atomic checkpoint save, decoder attention captured once);
+    - ``run(total)`` replays the session from ``start_frame`` and yields each iteration's metrics
+      (``run_live`` drives a live robot instead); a Stop (``stop()``, the stop event) ends it after
+      the current iteration; every run ends with ``finish`` (atomic checkpoint save, decoder
+      attention captured once); ``iteration_hook``, when set, sees every iteration's metrics;
     - ``park()`` saves an idle model to a private temporary file and frees it; any later call that
       needs the model reloads it (``ModelPool`` decides when).
 
@@ -131,6 +144,9 @@ class RunController:
         self.origin: CheckpointOrigin | None = None  # set when the model is created
         self.saved: CheckpointSave | None = None  # the latest save
         self.attention_at: tuple[int, int] | None = None  # (iteration, step) the attention was captured at
+        # called as hook(controller, metrics) in the run's thread after each loop iteration is recorded
+        # (a TensorBoard log, say); None costs the run nothing
+        self.iteration_hook: Callable[[RunController, dict], None] | None = None
         self.stop_event = threading.Event()
         self._stop_requested_at = -math.inf  # monotonic time of the latest stop request
         self._run_lock = threading.Lock()  # one run at a time (released by whichever thread ends it)
@@ -158,6 +174,7 @@ class RunController:
         self._parked_robot: tuple | None = None  # (session, index, episode_boundary) of a parked replay
         self._shared_seen: FileIdentity | None = None  # the shared checkpoint as this tab last loaded or saved it
         self._attention_canvas: np.ndarray | None = None  # to recapture attention after a reload
+        self._play: Play | None = None  # the latest open-loop play (frames in memory, at most a few MB)
         self.last_used = time.monotonic()
         self._pool = pool
         if pool is not None:
@@ -259,6 +276,70 @@ class RunController:
         """Every transition of ``session`` (any session, not only the loaded one), batched."""
         return evaluate_session(self.analysis_model(), session, batch_size)
 
+    # -- play and compare (never train the model) -------------------------------------
+
+    def play_start(self, frame_index: int) -> Play:
+        """Begin a new open-loop play from frame t of the loaded session (``world_model_analysis.start_play``);
+        it replaces the one before. Needs no model yet."""
+        self._play = start_play(self._need_session(), frame_index, self.config)
+        return self._play
+
+    def current_play(self) -> Play | None:
+        """The play going on the loaded session, or None (none begun, or another session loaded since)."""
+        play = self._play
+        return play if play is not None and play.session is self.session else None
+
+    def play(self, actions: str, max_steps: int) -> Play:
+        """Continue the play with ``actions`` (a string of 0/1), each imagined by this tab's model fed
+        its own predictions, beside the simulated world. Waits ``run_lock_wait_s`` for a model a
+        run is using (between two iterations it is free), then refuses.
+
+        Raises:
+            ValueError: no play on the loaded session, bad actions, or more than ``max_steps`` in the play
+                (nothing changes). RunBusyError: the model stayed busy.
+        """
+        play = self.current_play()
+        if play is None:
+            raise ValueError("no play has begun on the loaded session: start one from frame t first")
+        play_actions(actions, play, max_steps)  # a bad request is refused at once, busy model or not
+        wm = self.analysis_model()
+        if not wm.lock.acquire(timeout=self.run_lock_wait_s):
+            raise RunBusyError("the model is busy (a run is using it)")
+        try:  # the lock also keeps two presses of this tab from stepping the play at once
+            return play_steps(wm, play, play_actions(actions, play, max_steps))
+        finally:
+            wm.lock.release()
+
+    def compare(self, name_a: str | None, name_b: str | None, session, batch_size: int = 32, top: int = 5,
+                progress: Callable[[int, int], None] | None = None) -> Comparison:
+        """Two models on every transition of ``session`` (``world_model_analysis.compare_models``): a named
+        checkpoint each, or None for a copy of this tab's model as it is now (a run may go on training
+        it meanwhile). Neither is this tab's model afterwards; nothing is saved.
+
+        Raises:
+            ValueError: a bad name (the ``named_checkpoint_path`` rule). CheckpointError: no such
+                checkpoint, or a file refused (damaged, another architecture).
+        """
+        paths = [None if name is None else self._existing_checkpoint(name) for name in (name_a, name_b)]
+        models = [self._model_to_compare(path) for path in paths]
+        names = tuple("this tab's model" if name is None else name for name in (name_a, name_b))
+        return compare_models(*models, session, names, batch_size, top, progress)
+
+    def _existing_checkpoint(self, name: str) -> Path:
+        path = self.named_checkpoint_path(name)
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint named {name}")
+        return path
+
+    def _model_to_compare(self, path: Path | None) -> AutoencoderConcatPredictorWorldModel:
+        """A model of its own: loaded from ``path``, or (None) a copy of this tab's model."""
+        wm = AutoencoderConcatPredictorWorldModel(None, device=self.device, config=self.config)
+        if path is None:
+            wm.load_training_state(self.analysis_model().training_state())  # taken under the model's lock
+        else:
+            wm.load_checkpoint(path)
+        return wm
+
     # -- named checkpoints, reset ----------------------------------------------
 
     def named_checkpoint_path(self, name: str) -> Path:
@@ -299,9 +380,7 @@ class RunController:
         Raises:
             ValueError: a bad name. CheckpointError: no such file, or a file refused. RunBusyError.
         """
-        path = self.named_checkpoint_path(name)
-        if not path.is_file():
-            raise CheckpointError(f"no checkpoint named {name}")
+        path = self._existing_checkpoint(name)
         with self._not_running():
             with self._lock:
                 wm = self._resident()
@@ -382,6 +461,20 @@ class RunController:
         """
         return self._drive(total, lambda wm: wm.run_iter(total, self.stop_event), replay=True)
 
+    def run_live(self, total: int, robot, action_selector: Callable) -> Iterator[dict | None]:
+        """Run ``total`` iterations on a live robot (a ``ToroidalDotRobot``, say) that ``action_selector``
+        drives; no session is needed. The same run as ``run`` otherwise (history, Stop, finish); the
+        model continues the robot where the last run left it when it is the same robot.
+
+        Raises (at the first ``next``): RunBusyError as ``run`` does.
+        """
+        def work(wm: AutoencoderConcatPredictorWorldModel) -> Iterator[dict]:
+            if wm.robot is not robot:
+                wm.attach_robot(robot, action_selector)
+            return wm.run_iter(total, self.stop_event)
+
+        return self._drive(total, work, replay=False, loop=True)
+
     def train_single_canvas(self, frame_index: int, steps: int) -> Iterator[dict | None]:
         """``steps`` optimizer steps on the training canvas ending in frame ``frame_index`` alone (the
         "can it fit one example" check). A run like ``run`` (one at a time, Stop ends it, finish saves
@@ -445,9 +538,12 @@ class RunController:
                     self._handed_over = False
                     self._run_lock.release()
 
-    def _drive(self, total: int, work: Callable, replay: bool) -> Iterator[dict | None]:
-        """The body of every run: ``work(wm)`` yields the steps; ``replay`` marks a loop run."""
-        self._need_session()
+    def _drive(self, total: int, work: Callable, replay: bool, loop: bool | None = None) -> Iterator[dict | None]:
+        """The body of every run: ``work(wm)`` yields the steps; ``replay``: it replays the session;
+        ``loop`` (default: ``replay``): its steps are loop iterations, kept in the history."""
+        loop = replay if loop is None else loop
+        if replay:
+            self._need_session()
         if not self._run_lock.acquire(timeout=self.run_lock_wait_s):
             raise RunBusyError("a run is already in progress")
         # a Stop older than the grace is stale; a newer one (this run was still queued) or one sent
@@ -470,10 +566,12 @@ class RunController:
             yield None
             try:
                 for metrics in work(wm):
-                    if replay:
+                    if loop:
                         self.history.append(metrics)
                         if self.snapshots.wants(metrics["iteration"]):
                             self.snapshots.add(metrics, wm.get_prediction_views(canvas=False))
+                        if self.iteration_hook is not None:
+                            self.iteration_hook(self, metrics)
                     self._done += 1
                     self._unsaved = True
                     yield metrics

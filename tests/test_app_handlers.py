@@ -35,7 +35,7 @@ SESSION = "handler_alternate"
 FIXED_ENDPOINTS = {"refresh_sessions", "load_session", "update_frame", "jump_to_frame", "run_world_model", "stop",
                    "update_attention_viz", "counterfactual", "rollout", "evaluate_session", "train_single_canvas",
                    "patch_attention", "record_session", "save_checkpoint", "load_checkpoint", "reset_model", "export",
-                   "browse_history"}
+                   "browse_history", "play_start", "play", "compare_models"}
 ALL_ON = (True,) * 9  # 5 layers + 4 heads
 
 
@@ -97,8 +97,8 @@ def test_build_demo_declares_the_fixed_endpoints_without_launching():
     assert run.concurrency_id == "model" and run.concurrency_limit == 4
     images = [b for b in demo.blocks.values() if isinstance(b, gr.Image)]
     # 1 frame + 4 training + 3 prediction + prediction canvas + attention + picker + patch + 2 counterfactual
-    # + actual + rollout + 3 run history
-    assert len(images) == 19 and all(b.format == "png" for b in images)
+    # + actual + rollout + play's imagined, true and strip + the comparison's disagreements + 3 run history
+    assert len(images) == 23 and all(b.format == "png" for b in images)
     assert not any(isinstance(b, gr.Plot) for b in demo.blocks.values())  # native LinePlots only
     assert getattr(demo, "server", None) is None  # nothing was launched
 
