@@ -70,11 +70,11 @@ from page_analysis import (
 )
 from page_attention import attention_section, patch_attention, pick_patch, update_attention_viz
 from page_play import compare_models, play, play_move, play_section, play_start, play_stay, play_typed, refresh_compare_lists
-from page_common import APP, LOG, MODEL_CFG, TabRegistry, UserState, release_user
+from page_common import APP, LOG, MODEL_CFG, TabRegistry, UserState, export_folder, release_user
 from page_outputs import RUN_OUTPUT_KEYS
 from page_run import metrics_section, run_section, run_world_model, stop_run, views_sections
 from page_sessions import jump_to_frame, load_session, refresh_sessions, session_section, update_frame
-from private_files import UnsafeFolderError, check_folder, private_folder, readable_by_others, remove_private_folders, show_as
+from private_files import PrivateFolder, UnsafeFolderError, check_folder, readable_by_others
 from page_workflow import (
     browse_history,
     export_results,
@@ -221,16 +221,20 @@ def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, c
 
     Raises:
         private_files.UnsafeFolderError: the park folder is one another account could change.
+
+    The page's ``demo`` carries ``model_pool`` and ``exports`` (a ``PrivateFolder``): whoever serves it
+    closes both when it stops.
     """
     # before Gradio's first component: the pool refuses a park folder another account could change
     pool = ModelPool(app.idle_park_s, app.max_resident_models, min(app.park_sweep_s, app.idle_park_s / 2), app.park_dir,
                      app.park_retry_s)
     recordings = RecordingGate(app.max_recordings, app.record_budget_bytes)
+    exports = export_folder()  # made at the first export, deleted by main() (or its finalizer) at the end
     registry = TabRegistry(recordings)
     with gr.Blocks(title="Concat World Model Explorer", delete_cache=(cache_frequency_s, cache_age_s)) as demo:
-        demo.model_pool = pool  # main() closes it when the server stops: the parked files go
-        user = gr.State(UserState(pool, config, tensorboard_dir=app.tensorboard_dir, recordings=recordings),
-                        delete_callback=release_user)
+        demo.model_pool, demo.exports = pool, exports  # main() closes them when the server stops: their files go
+        user = gr.State(UserState(pool, config, tensorboard_dir=app.tensorboard_dir, recordings=recordings,
+                                  exports=exports), delete_callback=release_user)
         gr.Markdown(
             "# Concat World Model Explorer\nLoad a recorded toroidal-dot session, scrub its frames, run the "
             "canvas-inpainting world model and explore why it predicts what it does.", elem_id="app-title")
@@ -339,36 +343,38 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, block: bool = True) -> gr.
     return demo
 
 
-def private_temp_folders(environ: dict | None = None) -> Path:
+def private_temp_folders(environ: dict | None = None) -> tuple[Path, PrivateFolder | None]:
     """Check the folders the app writes into outside ``saved/`` and give Gradio a private cache.
 
     The system temp folder (where the app makes its private export and, by default, park and cache
     folders) must be one no other account can change (``/tmp``, sticky and root's, is fine). Gradio's
     cache is ``$GRADIO_TEMP_DIR`` when set (created 0700 when missing; refused when another account
     could change it), else a new private folder (0700, an unguessable name) that this sets as
-    ``GRADIO_TEMP_DIR`` before any Gradio component reads it and that goes when the app ends.
+    ``GRADIO_TEMP_DIR`` before any Gradio component reads it.
 
     Returns:
-        Gradio's cache folder.
+        Gradio's cache folder, and the ``PrivateFolder`` that made it (None when ``GRADIO_TEMP_DIR`` was
+        set): the caller closes it when the app ends, which deletes the cache.
 
     Raises:
         private_files.UnsafeFolderError: a folder another account could change, said in one sentence.
     """
     env = os.environ if environ is None else environ
-    temp = check_folder(tempfile.gettempdir(), "the system temp folder ($TMPDIR)", shared=True)
+    check_folder(tempfile.gettempdir(), "the system temp folder ($TMPDIR)", shared=True)
     given = env.get("GRADIO_TEMP_DIR")
+    owner = None
     if given:
         cache = check_folder(given, "Gradio's cache folder ($GRADIO_TEMP_DIR)")
-        show_as(cache, "<gradio cache>")
         if readable_by_others(cache):
             LOG.warning("Gradio's cache folder ($GRADIO_TEMP_DIR) can be read by other accounts: the pictures "
                         "the app draws are readable there (exports are written 0600); make it mode 0700")
     else:
-        cache = private_folder(temp, "cwm-gradio-", "<gradio cache>")
+        owner = PrivateFolder("cwm-gradio-", "the system temp folder ($TMPDIR) for Gradio's cache")
+        cache = owner.path()
         env["GRADIO_TEMP_DIR"] = str(cache)
     if environ is None:
         point_gradio_at(cache)
-    return cache
+    return cache, owner
 
 
 def point_gradio_at(cache: Path) -> None:
@@ -386,14 +392,6 @@ class _Terminated(KeyboardInterrupt):
     parked models and private folders are deleted on the way out."""
 
 
-_signalled: list[int] = []  # the SIGTERM received, if any (Gradio's block_thread swallows the interrupt)
-
-
-def _on_sigterm(signum, frame) -> None:
-    _signalled.append(signum)
-    raise _Terminated()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the flags, check the folders the app writes into, record demo sessions when needed and serve
     the app; returns the exit code. On exit (SIGTERM and Ctrl-C included) the parked models, the export
@@ -407,10 +405,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     server_guard.configure_from_env()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     LOG.setLevel(logging.INFO)
-    demo = None
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    demo, gradio_cache, signalled = None, None, []
+
+    def on_sigterm(signum, frame) -> None:  # Gradio's block_thread swallows the interrupt: remember it
+        signalled.append(signum)
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        private_temp_folders()
+        _, gradio_cache = private_temp_folders()
         if app.tensorboard_dir:  # each tab's run folder goes in it: 0700, refused when another account could change it
             tensorboard = check_folder(app.tensorboard_dir, "the TensorBoard folder ($CWM_TENSORBOARD_DIR)")
             print(f"TensorBoard logs: one run folder per tab in {tensorboard} "
@@ -421,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ensure_demo_sessions()
         demo = build_demo(model_config, app=app)
         launch(demo, args)
-        if _signalled:
+        if signalled:
             return 143
     except UnsafeFolderError as e:
         print(f"concat_world_model_explorer_gradio.py: {e}", file=sys.stderr)
@@ -432,7 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if demo is not None:
             demo.model_pool.close()
-        remove_private_folders()
+            demo.exports.close()
+        if gradio_cache is not None:
+            gradio_cache.close()
     return 0
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from config import LOGGER_NAME
-from private_files import check_folder, forget_private_folder, private_folder
+from private_files import check_folder, private_folder
 
 LOG = logging.getLogger(f"{LOGGER_NAME}.engine")  # a child of the app's logger: its level applies
 
@@ -103,7 +103,7 @@ class ModelPool:
         self.idle_s, self.max_resident, self.retry_s = float(idle_s), int(max_resident), float(retry_s)
         what = "the park folder ($CWM_PARK_DIR)" if folder is not None else "the system temp folder for parked models"
         parent = check_folder(folder if folder is not None else tempfile.gettempdir(), what, shared=True)
-        self.folder = private_folder(parent, "cwm-parked-", "<parked models>")  # mode 0700: only this user reads it
+        self.folder = private_folder(parent, "cwm-parked-")  # mode 0700: only this user reads it
         self._controllers: weakref.WeakSet = weakref.WeakSet()  # RunController objects
         self._failed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # controller -> when its park failed
         self._causes_logged: set[tuple] = set()  # park failure causes already logged (until a park works again)
@@ -219,5 +219,4 @@ def _close_pool(closed: threading.Event, wake: threading.Event, folder: Path) ->
     when the process ends)."""
     closed.set()
     wake.set()
-    forget_private_folder(folder)
     shutil.rmtree(folder, ignore_errors=True)

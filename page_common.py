@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 
 import config
-import private_files
 import validation
 from attention_viz import VIZ_LINES
 from checkpoints import RefusedFiles
 from model_pool import ModelPool
+from private_files import PrivateFolder
 from record_session import RecordingGate
 from run_controller import RunController
 from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig
@@ -65,12 +65,13 @@ class UserState:
 
     def __init__(self, pool: ModelPool | None = None, config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG,
                  refused_files: RefusedFiles | None = None, tensorboard_dir: str | None = None,
-                 recordings: RecordingGate | None = None):
+                 recordings: RecordingGate | None = None, exports: PrivateFolder | None = None):
         self.pool = pool
         self.refused_files = refused_files if refused_files is not None else RefusedFiles()  # shared by the tabs
         self.tensorboard_dir = tensorboard_dir  # each tab logs its runs to a run folder of its own here (None: off)
         self.recordings = recordings if recordings is not None else RecordingGate(  # shared by the tabs
             APP.max_recordings, APP.record_budget_bytes)
+        self.exports = exports if exports is not None else export_folder()  # shared by the tabs
         self.controller = RunController(
             config=config, refused_files=self.refused_files, pool=pool,
             run_lock_wait_s=APP.run_lock_wait_s, stop_grace_s=APP.stop_grace_s,
@@ -82,7 +83,13 @@ class UserState:
         self.attention_controls = (APP.default_quantile, layers, heads, "mean", VIZ_LINES)
 
     def __deepcopy__(self, memo) -> UserState:
-        return UserState(self.pool, self.controller.config, self.refused_files, self.tensorboard_dir, self.recordings)
+        return UserState(self.pool, self.controller.config, self.refused_files, self.tensorboard_dir, self.recordings,
+                         self.exports)
+
+
+def export_folder() -> PrivateFolder:
+    """The private folder exports are written in (``cwm-exports-*``, 0700, inside the system temp folder)."""
+    return PrivateFolder("cwm-exports-", "the system temp folder ($TMPDIR) for exports")
 
 
 def release_user(user: UserState | None) -> None:
@@ -213,12 +220,11 @@ _ABSOLUTE_PATH = re.compile(r"(?<![\w.<>~:/-])/[^\s'\"<>|,;:)]+")  # what is lef
 
 def hide_paths(text: Any) -> str:
     """``text`` with the server's folders replaced by short names (for messages that quote an error from
-    the operating system, which may hold an absolute path): the data and project folders, the app's
-    private folders (parked models, exports, Gradio's cache) and the system temp folder; any other
-    absolute path left becomes ``<path>``."""
+    the operating system, which may hold an absolute path): the data and project folders and the system
+    temp folder (where the app's private folders live by default); any other absolute path left (a
+    park folder or Gradio cache set elsewhere) becomes ``<path>``."""
     text = str(text)
-    folders = [*private_files.placeholders(),
-               (config.SESSIONS_ROOT, "<sessions>"), (config.CHECKPOINT_DIR, "<checkpoints>"),
+    folders = [(config.SESSIONS_ROOT, "<sessions>"), (config.CHECKPOINT_DIR, "<checkpoints>"),
                (config.SAVED_ROOT, "<saved>"), (config.PROJECT_ROOT, "<project>"), (tempfile.gettempdir(), "<temp>")]
     forms = []
     for folder, shown in folders:

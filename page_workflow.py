@@ -37,7 +37,7 @@ from page_common import (
     whole_number,
 )
 from page_outputs import attention_outputs, display_outputs
-from private_files import UnsafeFolderError, check_folder, private_folder
+from private_files import UnsafeFolderError
 from record_session import RecordingRefused, RecordingTicket, record_session
 from recording_robot import RecordingLimitError
 from run_export import write_export
@@ -264,7 +264,7 @@ def export_results(user: UserState) -> str:
     """A zip of this tab's views (PNG), metric history (CSV), configuration (JSON) and a README.txt.
 
     It is written, 0600 and under a new name only, into a folder of its own inside the app's private
-    export folder (``export_folder``); Gradio then copies it into its own cache to hand it out."""
+    export folder (``user.exports``, shared by the tabs); Gradio then copies it into its own cache to hand it out."""
     c = user.controller
     if not c.has_model:
         raise gr.Error("Nothing to export yet: run the world model first.")
@@ -277,7 +277,7 @@ def export_results(user: UserState) -> str:
     name = f"cwm_export_step{status.model_step}_iteration{status.model_iteration}.zip"
     folder = None
     try:
-        root = export_folder()
+        root = user.exports.path()
         _remove_old_exports(root)
         folder = Path(tempfile.mkdtemp(prefix="export-", dir=root))  # 0700, a name nobody else can guess
         return str(write_export(folder / name, export_pictures(user), c.history, cfg, meta))
@@ -286,26 +286,6 @@ def export_results(user: UserState) -> str:
             shutil.rmtree(folder, ignore_errors=True)
         text = hide_paths(e) if isinstance(e, UnsafeFolderError) else os_error_text(e)
         raise gr.Error(f"Could not write the export: {text}.") from None
-
-
-_export_root: Path | None = None
-_export_lock = threading.Lock()
-
-
-def export_folder() -> Path:
-    """The app's private export folder: made at the first export with an unguessable name and mode 0700
-    inside the system temp folder (refused when another account could change that), made again when it
-    has gone or is no longer this user's own, deleted when the process ends."""
-    global _export_root
-    with _export_lock:
-        if _export_root is not None:
-            try:
-                return check_folder(_export_root, "the export folder", create=False)
-            except UnsafeFolderError:
-                _export_root = None  # gone (a temp cleaner) or not ours any more: never used again
-        parent = check_folder(tempfile.gettempdir(), "the system temp folder ($TMPDIR) for exports", shared=True)
-        _export_root = private_folder(parent, "cwm-exports-", "<exports>")
-        return _export_root
 
 
 def _remove_old_exports(folder: Path, older_than_s: float = 3600.0) -> None:

@@ -9,25 +9,25 @@ file or folder in its place. So:
   ``UnsafeFolderError``, a sentence naming the setting. A folder the app only makes its own private
   folder in (``shared=True``) may also be a sticky, root-owned shared folder such as ``/tmp``;
 - ``private_folder(parent, prefix)``: a new folder with an unguessable name, mode 0700
-  (``tempfile.mkdtemp``), removed when the process ends (``remove_at_exit``);
+  (``tempfile.mkdtemp``); whoever makes it deletes it;
+- ``PrivateFolder``: such a folder inside the (checked) system temp folder, made on first use, made
+  again when it has gone, deleted by ``close()`` (the app's ``main()`` calls it on exit, SIGTERM and
+  SIGINT included) or by its finalizer (the object dropped, or the process ending). Each owner holds
+  its own: nothing here is a process-wide registry;
 - ``create_private_file(path)``: a new file, mode 0600, never following a symlink and never opening
-  a name that exists (``O_CREAT | O_EXCL | O_NOFOLLOW``);
-- ``remove_private_folders()``: removes the folders made by ``private_folder`` (the app's ``main()``
-  calls it on exit, SIGTERM and SIGINT included; ``atexit`` covers the other ends);
-- ``placeholders()``: each folder made here or named with ``show_as`` with the short name a message
-  shows instead of its path.
+  a name that exists (``O_CREAT | O_EXCL | O_NOFOLLOW``).
 
 Standard library only.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import stat
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import BinaryIO
 
@@ -148,55 +148,74 @@ def readable_by_others(folder: str | os.PathLike) -> bool:
 # private folders and files
 
 
-_made: set[Path] = set()  # private folders this process made: removed at its end
-_shown: dict[Path, str] = {}  # folders the app writes into -> the placeholder messages show instead
-_lock = threading.Lock()
-
-
-def private_folder(parent: str | os.PathLike, prefix: str, placeholder: str = "<temp>") -> Path:
+def private_folder(parent: str | os.PathLike, prefix: str) -> Path:
     """A new folder with an unguessable name inside ``parent`` (checked by the caller with
-    ``check_folder(shared=True)``), mode 0700, deleted by ``remove_private_folders`` (at the latest
-    when the process ends). Messages show ``placeholder`` instead of its path."""
+    ``check_folder(shared=True)``), mode 0700. The caller deletes it."""
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    with _lock:
-        _made.add(folder)
-        _shown[folder] = placeholder
+    os.chmod(folder, PRIVATE_DIR_MODE)
     return folder
 
 
-def show_as(folder: str | os.PathLike, placeholder: str) -> None:
-    """Show ``placeholder`` instead of ``folder`` in messages (a folder the app writes into but did not make)."""
-    with _lock:
-        _shown.setdefault(Path(folder), placeholder)
+class PrivateFolder:
+    """A private folder (``private_folder``) inside the system temp folder, made on the first ``path()``.
+
+    ``path()`` checks it again each time: one that has gone (a temp cleaner) or that is no longer this
+    user's own is never used again, and a new one is made. ``close()`` deletes every folder it made
+    that is still this user's own; its finalizer does the same when the object is dropped or the
+    process ends.
+
+    Args:
+        prefix: the start of the folder's name (``cwm-exports-``).
+        what: the folder it is made in, in words, for ``UnsafeFolderError`` (``"the system temp folder
+            ($TMPDIR) for exports"``).
+        parent: where to make it (default: the system temp folder, as ``tempfile.gettempdir()`` says
+            at the first ``path()``).
+    """
+
+    def __init__(self, prefix: str, what: str, parent: str | os.PathLike | None = None):
+        self.prefix, self.what, self.parent = prefix, what, parent
+        self._lock = threading.Lock()
+        self._current: Path | None = None
+        self._made: list[Path] = []  # shared with the finalizer
+        self._finalizer = weakref.finalize(self, _remove_own_folders, self._made)
+
+    def path(self) -> Path:
+        """The folder, checked (made when missing, or when the last one is gone or not ours any more).
+
+        Raises:
+            UnsafeFolderError: the folder it would be made in could be changed by another account.
+        """
+        with self._lock:
+            if self._current is not None:
+                try:
+                    return check_folder(self._current, self.what, create=False)
+                except UnsafeFolderError:
+                    self._current = None  # gone or not ours any more: never used again
+            parent = self.parent if self.parent is not None else tempfile.gettempdir()
+            parent = check_folder(parent, self.what, shared=True)
+            self._current = private_folder(parent, self.prefix)
+            self._made.append(self._current)
+            return self._current
+
+    def close(self) -> None:
+        """Delete the folders made here (their files included); safe to call more than once."""
+        with self._lock:
+            self._current = None
+            self._finalizer()
 
 
-def placeholders() -> list[tuple[Path, str]]:
-    """(folder, placeholder) of every folder registered here, longest path first (replace in that order)."""
-    with _lock:
-        pairs = list(_shown.items())
-    return sorted(pairs, key=lambda pair: len(str(pair[0])), reverse=True)
-
-
-def forget_private_folder(folder: str | os.PathLike) -> None:
-    """Delete one folder ``private_folder`` made, now (its owner is done with it)."""
-    folder = Path(folder)
-    with _lock:
-        if folder not in _made:
-            return
-        _made.discard(folder)
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def remove_private_folders() -> None:
-    """Delete every folder ``private_folder`` made (their files included); safe to call more than once."""
-    with _lock:
-        made = list(_made)
-        _made.clear()
-    for folder in made:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-atexit.register(remove_private_folders)
+def _remove_own_folders(folders: list[Path]) -> None:
+    """Delete each folder of ``folders`` that is still a folder of this user's own (never one another
+    account made in its place after it had gone)."""
+    uid = os.geteuid()
+    while folders:
+        folder = folders.pop()
+        try:
+            st = os.lstat(folder)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def create_private_file(path: str | os.PathLike) -> BinaryIO:

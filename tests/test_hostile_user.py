@@ -187,6 +187,32 @@ def test_the_app_creates_its_park_folder_0700_and_accepts_a_shared_sticky_temp_f
         ModelPool(folder=open_folder)
 
 
+@needs_second_account
+def test_a_tensorboard_folder_another_account_can_write_is_refused_at_start(hostile_dir, shared_tmp, tmp_path):
+    # the same rule for the app's other folder outside saved/ (issue 23's CWM_TENSORBOARD_DIR)
+    done = _start_and_wait({"CWM_TENSORBOARD_DIR": str(hostile_dir), "TMPDIR": str(shared_tmp)}, tmp_path)
+    assert done is not None, "the app started with a TensorBoard folder another account can write"
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "Refusing the TensorBoard folder ($CWM_TENSORBOARD_DIR)" in done.stderr
+    assert not list(hostile_dir.iterdir())
+
+
+def test_a_private_folder_is_made_0700_made_again_when_gone_and_deleted_by_its_owner(tmp_path):
+    owner = private_files.PrivateFolder("cwm-test-", "the test folder", parent=tmp_path)
+    first = owner.path()
+    assert stat.S_IMODE(first.stat().st_mode) == 0o700 and owner.path() == first
+    shutil.rmtree(first)  # a temp cleaner
+    second = owner.path()
+    assert second != first and second.is_dir()
+    (second / "file").write_bytes(b"x")
+    owner.close()
+    assert not second.exists()
+    dropped = private_files.PrivateFolder("cwm-test-", "the test folder", parent=tmp_path)
+    made = dropped.path()
+    del dropped  # its finalizer deletes the folder (also at the process's end)
+    assert not made.exists()
+
+
 # -----------------------------------------------------------------------------
 # 2. exports
 
@@ -218,7 +244,6 @@ def test_exports_go_only_into_folders_the_app_made_privately(shared_tmp, tmp_pat
     planted = shared_tmp / "cwm-exports"
     as_nobody("mkdir", "-m", "0777", str(planted))
     monkeypatch.setattr(tempfile, "tempdir", str(shared_tmp))
-    monkeypatch.setattr(page_workflow, "_export_root", None)
     user = _exporting_user(tmp_path, monkeypatch)
     zip_path = Path(page_workflow.export_results(user))
     assert not list(planted.iterdir()) and planted not in zip_path.parents
@@ -235,7 +260,6 @@ def test_exports_go_only_into_folders_the_app_made_privately(shared_tmp, tmp_pat
 
 
 def test_a_failed_export_says_why_without_a_server_path(tmp_path, monkeypatch):
-    monkeypatch.setattr(page_workflow, "_export_root", None)
     user = _exporting_user(tmp_path, monkeypatch)
 
     def full_disk(path, *args, **kwargs):
@@ -247,7 +271,7 @@ def test_a_failed_export_says_why_without_a_server_path(tmp_path, monkeypatch):
     message = str(info.value)
     assert "Could not write the export: the disk is full" in message
     assert tempfile.gettempdir() not in message and str(tmp_path) not in message
-    assert not [p for p in page_workflow.export_folder().iterdir()]  # its half-made folder went too
+    assert not [p for p in user.exports.path().iterdir()]  # its half-made folder went too
 
 
 # -----------------------------------------------------------------------------
