@@ -209,14 +209,18 @@ class AppConfig:
     max_resident_models: int = 4  # models kept in memory at once; beyond that the least recently used idle one is parked
     park_sweep_s: float = 15.0  # how often idle models are looked for
     malloc_arenas: int = 2  # ($CWM_MALLOC_ARENAS) glibc malloc arenas (MALLOC_ARENA_MAX); 0 keeps glibc's default (8 per core)
-    park_dir: str | None = None  # ($CWM_PARK_DIR) where parked models go (default: the system temp folder; avoid a RAM-backed tmpfs)
+    park_dir: str | None = None  # ($CWM_PARK_DIR) where parked models go (default: the system temp folder; avoid a RAM-backed tmpfs); the app makes a private 0700 folder inside and refuses one another account could change
+    park_retry_s: float = 60.0  # a model whose parking failed (a full disk) is not tried again for this long; each cause is logged once
     dot_window: int = 50  # predictions in the rolling 'within 3 px' share of the Dot found graph
     default_quantile: float = 95.0  # attention filter: keep connections above this percentile (strongest 5%)
     max_rollout_steps: int = 20  # longest open-loop rollout the Analysis section imagines
     default_rollout_steps: int = 5  # its Steps box default
     max_canvas_steps: int = 200  # most optimizer steps one single-canvas training may take
     default_canvas_steps: int = 50  # its Steps box default
-    max_record_steps: int = 10_000  # longest recording the page starts (about 20 MB of PNG frames)
+    max_record_steps: int = 10_000  # longest recording the page starts (about 40 MB of PNG frames)
+    max_recordings: int = 2  # recordings the page runs at once, all tabs together (one per tab)
+    record_orphan_s: float = 10.0  # a recording whose page has not asked for its progress this long (a client gone without a word) stops
+    record_budget_bytes: int = 1 * 2**30  # ($CWM_RECORD_BUDGET_MB) the sessions folder stops growing through page recordings at this size; 0: the page records nothing
     history_snapshots: int = 500  # run-history pictures kept per tab (thinned evenly when full)
     history_bytes: int = 100 * 2**20  # and at most this many bytes of them (zlib-compressed frames)
     history_play_frames: int = 60  # Play steps through at most this many of them (evenly spread)
@@ -232,14 +236,16 @@ class AppConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AppConfig:
         """The defaults with ``CWM_IDLE_PARK_S``, ``CWM_TORCH_THREADS``, ``CWM_MALLOC_ARENAS``, ``CWM_PARK_DIR``
-        and ``CWM_TENSORBOARD_DIR`` applied."""
+        ``CWM_TENSORBOARD_DIR`` and ``CWM_RECORD_BUDGET_MB`` (mebibytes) applied."""
         env = os.environ if environ is None else environ
         app = cls()
+        budget = env.get("CWM_RECORD_BUDGET_MB")
         return replace(app, idle_park_s=float(env.get("CWM_IDLE_PARK_S", app.idle_park_s)),
                        torch_threads=int(env.get("CWM_TORCH_THREADS", app.torch_threads)),
                        malloc_arenas=int(env.get("CWM_MALLOC_ARENAS", app.malloc_arenas)),
                        park_dir=env.get("CWM_PARK_DIR") or None,
-                       tensorboard_dir=env.get("CWM_TENSORBOARD_DIR") or None)
+                       tensorboard_dir=env.get("CWM_TENSORBOARD_DIR") or None,
+                       record_budget_bytes=app.record_budget_bytes if not budget else max(0, int(float(budget) * 2**20)))
 
 
 # -----------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from page_outputs import (
     attention_picker,
     checkpoint_markdown,
     iteration_span,
+    lost_model_markdown,
     training_view_outputs,
     two_series,
 )
@@ -76,6 +77,14 @@ def _model_line(step: int | None, iteration: int | None) -> str:
 def _model_now(c: RunController) -> str:
     status = c.status()
     return _model_line(status.model_step, status.model_iteration)
+
+
+def _with_notice(outputs: tuple, c: RunController) -> tuple:
+    """``outputs`` whose last one (the markdown) begins with what the tab must be told about its model:
+    that it was lost while parked and a fresh one answers (in words; until a load or reset)."""
+    if c.origin is None or c.origin.kind != "lost":
+        return outputs
+    return (*outputs[:-1], f"{lost_model_markdown(c)}\n\n{outputs[-1]}")
 
 
 def counterfactual_outputs(cf, model_line: str) -> tuple:
@@ -171,7 +180,7 @@ def counterfactual(frame_index: Any, user: UserState) -> tuple:
         cf = user.controller.counterfactual(t)
     except (ValueError, SessionError) as e:
         raise gr.Error(f"Cannot compare actions at frame {t}: {hide_paths(e)}") from None
-    return counterfactual_outputs(cf, _model_now(user.controller))
+    return _with_notice(counterfactual_outputs(cf, _model_now(user.controller)), user.controller)
 
 
 def rollout(frame_index: Any, k: Any, user: UserState) -> tuple:
@@ -182,7 +191,7 @@ def rollout(frame_index: Any, k: Any, user: UserState) -> tuple:
         ro = user.controller.rollout(t, steps, APP.max_rollout_steps)
     except (ValueError, SessionError) as e:
         raise gr.Error(f"Cannot roll out from frame {t}: {hide_paths(e)}") from None
-    return rollout_outputs(ro, _model_now(user.controller))
+    return _with_notice(rollout_outputs(ro, _model_now(user.controller)), user.controller)
 
 
 def session_names() -> gr.Dropdown:
@@ -198,7 +207,8 @@ def evaluate_session(session_choice: Any, user: UserState) -> tuple[str, pd.Data
         ev = user.controller.evaluate(session, APP.evaluation_batch)
     except (ValueError, SessionError) as e:
         raise gr.Error(f"Cannot evaluate session {session_choice}: {hide_paths(e)}") from None
-    return evaluation_outputs(ev)
+    text, scatter = evaluation_outputs(ev)
+    return _with_notice((scatter, text), user.controller)[::-1]
 
 
 def canvas_outputs(user: UserState, t: int, total: int, curve: list[dict], final: bool) -> tuple:

@@ -134,6 +134,8 @@ def checkpoint_markdown(c: RunController) -> str:
         parts = [f"**Checkpoint:** loaded {shown} at step {origin.step} (iteration {origin.iteration})."]
     elif origin.kind == "reset":
         parts = [f"**Model reset:** a fresh, untrained model; its first run saves to {shown} as usual."]
+    elif origin.kind == "lost":
+        parts = [lost_model_markdown(c) + f" Its first run saves to {shown} as usual."]
     elif origin.kind == "refused":
         parts = [f"**Checkpoint refused:** {markdown_escape(hide_paths(origin.reason))}. Training a fresh model "
                  "instead; the refused file is kept beside it under a new name when this model first saves."]
@@ -152,6 +154,14 @@ def checkpoint_markdown(c: RunController) -> str:
         parts.append(f"**Note:** another tab saved {shown} after this tab last loaded or saved it; this tab's next "
                      "run will save over it. Save a named checkpoint (section 8) to keep both.")
     return "\n\n".join(parts)
+
+
+def lost_model_markdown(c: RunController) -> str:
+    """What the tab is told while its model descends from one made after its parked model was lost
+    (``origin.kind == "lost"``): in words, no path; it stays until a checkpoint is loaded or the model reset."""
+    return (f"**This tab's model was lost:** {markdown_escape(c.origin.reason)}. A fresh, untrained model took its "
+            "place (not the shared checkpoint, which may hold another tab's model), and this tab's run history "
+            "was lost with it.")
 
 
 def progress_markdown(status: RunStatus) -> str:

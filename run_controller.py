@@ -15,6 +15,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,9 +29,11 @@ from autoencoder_concat_predictor_world_model import (
     AutoencoderConcatPredictorWorldModel,
     ReplayRobot,
 )
+from atomic_files import max_saved_name_bytes
 from checkpoints import CheckpointError, FileIdentity, RefusedFiles
 from config import LOGGER_NAME, AppConfig, AutoencoderConcatPredictorWorldModelConfig
 from model_pool import ModelPool, return_freed_memory
+from private_files import create_private_file
 from run_history import RunSnapshots
 from session_explorer_lib import SessionError, check_name
 from validation import whole_number
@@ -53,8 +56,9 @@ LOG = logging.getLogger(f"{LOGGER_NAME}.engine")  # a child of the app's logger:
 
 @dataclass(frozen=True)
 class CheckpointOrigin:
-    """Where a controller's model came from: ``kind`` is "fresh" (no file), "loaded", "refused" or
-    "reset" (a fresh model asked for by the user, whatever the files hold)."""
+    """Where a controller's model came from: ``kind`` is "fresh" (no file), "loaded", "refused",
+    "reset" (a fresh model asked for by the user, whatever the files hold) or "lost" (the tab's parked
+    model could not be reloaded: a fresh model took its place, ``reason`` says why in words)."""
 
     kind: str
     path: Path
@@ -165,6 +169,7 @@ class RunController:
         self._unsaved = True  # trained since it was loaded or last saved (a run of 0 iterations saves nothing)
         self._released = False  # the tab is gone: nothing is created, reloaded or saved any more
         self._park_file: Path | None = None
+        self._park_cleanup: weakref.finalize | None = None  # deletes the parked file if this controller is dropped
         self._parked_counters: tuple[int, int] | None = None  # (step, iteration) of a parked model
         self._parked_robot: tuple | None = None  # (session, index, episode_boundary) of a parked replay
         self._shared_seen: FileIdentity | None = None  # the shared checkpoint as this tab last loaded or saved it
@@ -341,6 +346,12 @@ class RunController:
         """``<checkpoint folder>/<name>.pth`` for a name that follows the session-name rule and is
         not the shared checkpoint's; ValueError naming the problem otherwise."""
         folder = self.checkpoint_path.parent
+        longest = max_saved_name_bytes(folder) - len(".pth")  # the temp file it is written through must fit too
+        size = len(name.encode("utf-8", "surrogatepass")) if isinstance(name, str) else 0
+        if size > longest:
+            raise ValueError(f"Invalid checkpoint name {name[:40]!r}...: it is {size} bytes long, and a checkpoint "
+                             f"name may be at most {longest} bytes (the file and the temporary copy it is written "
+                             "through must fit the file system's limit on name length)")
         check_name(name, "checkpoint")
         if name == self.checkpoint_path.stem:
             raise ValueError(f"Invalid checkpoint name {name!r}: it is the shared checkpoint every run saves to")
@@ -384,9 +395,7 @@ class RunController:
         nothing deleted on disk; its first run saves to the shared checkpoint as usual."""
         with self._not_running():
             with self._lock:
-                if self._park_file is not None:
-                    self._park_file.unlink(missing_ok=True)
-                    self._park_file = self._parked_robot = self._parked_counters = None
+                self._delete_park_file()
                 robot = ReplayRobot(self.session, start_index=self.start_frame) if self.session is not None else None
                 self._wm = AutoencoderConcatPredictorWorldModel(robot, device=self.device, config=self.config)
                 self.origin = CheckpointOrigin("reset", self.checkpoint_path)
@@ -666,7 +675,7 @@ class RunController:
             raise RuntimeError("this controller was released (its tab is gone)")
         if self._wm is None:
             self._wm = self._unpark() if self._park_file is not None else self._create()
-            self._park_file = self._parked_robot = self._parked_counters = None  # only now: has_model stays True
+            self._delete_park_file()  # only now: has_model stays True
         self.touch()
         return self._wm
 
@@ -708,7 +717,8 @@ class RunController:
     def park(self, folder: str | os.PathLike) -> bool:
         """Save the model to a private file in ``folder`` and free it; False when it is running,
         absent, busy or cannot be written. A run that a cancel closed is finished first. Any later
-        call that needs the model reloads it."""
+        call that needs the model reloads it. The file goes when the model is reloaded or reset,
+        when the tab is released and when this controller is dropped."""
         if not self._run_lock.acquire(blocking=False):
             return False
         if not self._lock.acquire(blocking=False):  # never wait here: the caller may hold another controller's lock
@@ -723,13 +733,19 @@ class RunController:
             state = wm.training_state()
             robot = wm.robot
             replay = (robot.session, robot.index, robot.episode_boundary) if isinstance(robot, ReplayRobot) else None
-            torch.save(state, path)  # tensors and plain data, read back with weights_only: no code runs
+            with create_private_file(path) as f:  # 0600, a new name only, never through a planted link
+                torch.save(state, f)  # tensors and plain data, read back with weights_only: no code runs
         except Exception as e:  # a full disk or a vanished folder: the model simply stays in memory
-            path.unlink(missing_ok=True)
-            LOG.warning("could not park an idle model: %s", e)
+            if not isinstance(e, FileExistsError):  # a file we did not make is left alone
+                path.unlink(missing_ok=True)
+            if self._pool is not None:
+                self._pool.park_failed(self, e)  # logged once per cause, retried later
+            else:
+                LOG.warning("could not park an idle model: %s", getattr(e, "strerror", None) or type(e).__name__)
             return False
         else:
             self._park_file, self._parked_robot = path, replay
+            self._park_cleanup = weakref.finalize(self, _remove_quietly, path)  # a controller dropped unreleased
             self._parked_counters = (wm.step, wm.iteration)
             self._wm, self._attention = None, None
             drop_cache = getattr(self.session, "drop_cache", None)
@@ -741,25 +757,48 @@ class RunController:
             self._lock.release()
             self._run_lock.release()
 
+    def _delete_park_file(self) -> None:
+        """Forget the parked file (if any), then delete it. Call under ``_lock``."""
+        path, cleanup = self._park_file, self._park_cleanup
+        self._park_file = self._parked_robot = self._parked_counters = self._park_cleanup = None
+        if cleanup is not None:
+            cleanup()  # deletes the file, once
+        elif path is not None:
+            _remove_quietly(path)
+
     def _unpark(self) -> AutoencoderConcatPredictorWorldModel:
-        """The parked model, as it was; a fresh model (with a note in ``status().problem``) when the
-        parked file cannot be read back."""
+        """The parked model, as it was. When the parked file cannot be read back (deleted, damaged,
+        replaced) a fresh model takes its place: never the shared checkpoint, which may hold another
+        tab's model. ``origin`` then says "lost" and why, ``status().problem`` says so in a sentence,
+        and the run history (of the lost model) is cleared."""
         path, replay = self._park_file, self._parked_robot
-        robot = None if replay is None else ReplayRobot(replay[0], start_index=replay[1])
-        if robot is not None:
-            robot.episode_boundary = replay[2]
-        wm = AutoencoderConcatPredictorWorldModel(robot, device=self.device, config=self.config)
+
+        def robot() -> ReplayRobot | None:
+            if replay is None:
+                return None
+            r = ReplayRobot(replay[0], start_index=replay[1])
+            r.episode_boundary = replay[2]
+            return r
+
+        wm = AutoencoderConcatPredictorWorldModel(robot(), device=self.device, config=self.config)
         try:
             wm.load_training_state(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:
-            LOG.warning("could not reload a parked model: %s", e)
-            self._problem = f"this tab's model could not be reloaded after it was set aside while idle ({e}); a new one was made"
-            self.history.clear()
-            self.snapshots.clear()
-            self._park_file = None
-            return self._create()
+            why = ("its parked copy (the file it was set aside in while the tab was idle) was deleted"
+                   if isinstance(e, FileNotFoundError) else
+                   "its parked copy (the file it was set aside in while the tab was idle) was damaged or replaced "
+                   "and could not be read")
+            LOG.warning("could not reload a parked model (%s); the tab gets a fresh model", type(e).__name__)
+            wm = AutoencoderConcatPredictorWorldModel(robot(), device=self.device, config=self.config)  # untouched
+            self.origin = CheckpointOrigin("lost", self.checkpoint_path, reason=why)
+            self._problem = (f"this tab's model could not be reloaded: {why}. A fresh, untrained model took its "
+                             "place (not the shared checkpoint, which may hold another tab's model) and this tab's "
+                             "run history was lost")
+            self.saved, self._unsaved, self._runs_started, self._refused = None, True, 0, None
+            self._forget_history()
+            return wm
         finally:
-            path.unlink(missing_ok=True)
+            self._delete_park_file()
         LOG.info("reloaded a parked model (step %d, iteration %d)", wm.step, wm.iteration)
         return wm
 
@@ -774,12 +813,15 @@ class RunController:
     def _drop(self) -> None:
         with self._lock:
             self._wm, self._attention, self._attention_canvas, self.session = None, None, None, None
-            if self._park_file is not None:
-                self._park_file.unlink(missing_ok=True)
-                self._park_file = self._parked_robot = self._parked_counters = None
+            self._delete_park_file()
         if self._pool is not None:
             self._pool.forget(self)
 
+
+def _remove_quietly(path: Path) -> None:
+    """Delete a parked file; one already gone (or a vanished folder) is fine."""
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def _default_checkpoint_path() -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # every module of the engine: nothing here may import the page's libraries
 ENGINE = ("autoencoder_concat_predictor_world_model", "run_controller", "model_pool", "run_history", "checkpoints",
-          "frame_metrics", "atomic_files", "validation", "world_model_analysis", "run_export", "session_explorer_lib",
+          "frame_metrics", "atomic_files", "private_files", "validation", "world_model_analysis", "run_export", "session_explorer_lib",
           "config", "toroidal_dot_robot", "toroidal_action_selectors", "recording_robot", "record_session",
           "models", "models.autoencoder_concat_predictor", "models.masked_autoencoder_vit", "models.cuda_graphs",
           "tensorboard_log")
