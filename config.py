@@ -95,7 +95,7 @@ class AutoencoderConcatPredictorWorldModelConfig:
     decoder_depth: int = 5  # decoder blocks (the attention explorer shows layers 0-4)
     decoder_num_heads: int = 4  # decoder attention heads (the attention explorer shows heads 0-3)
     mlp_ratio: float = 2.0  # MLP hidden width / token width in every block; below the usual 4, so an iteration is cheap
-    decoder_position: str = "canvas"  # decoder position code: "canvas" (2-D sin-cos over the canvas) or "torus" (also each patch's column round its frame and its slot, so look-ups wrap at frame edges)
+    decoder_position: str = "canvas"  # decoder position code: "canvas" (2-D sin-cos over the canvas) or "torus" (also each patch's column round its frame and its slot, so look-ups wrap at frame edges; a decoder >= 64 wide) ($CWM_DECODER_POSITION)
     decoder_mode: str = "cross_self"  # "cross_self": the 196 masked tokens are the decoder's only queries, over visible + masked keys (CrossMAE); "self": the MAE decoder, every token a query; "cross", "cross_mlp": visible keys only
 
     # optimisation -----------------------------------------------------------
@@ -141,9 +141,11 @@ class AutoencoderConcatPredictorWorldModelConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AutoencoderConcatPredictorWorldModelConfig:
-        """The defaults with ``CWM_CPU_PRECISION``, ``CWM_CUDA_PRECISION`` and ``CWM_CUDA_GRAPHS`` applied."""
+        """The defaults with ``CWM_DECODER_POSITION``, ``CWM_CPU_PRECISION``, ``CWM_CUDA_PRECISION`` and
+        ``CWM_CUDA_GRAPHS`` applied."""
         env = os.environ if environ is None else environ
-        return cls(cpu_precision=env.get("CWM_CPU_PRECISION", cls.cpu_precision),
+        return cls(decoder_position=env.get("CWM_DECODER_POSITION", cls.decoder_position),
+                   cpu_precision=env.get("CWM_CPU_PRECISION", cls.cpu_precision),
                    cuda_precision=env.get("CWM_CUDA_PRECISION", cls.cuda_precision),
                    cuda_graphs=env.get("CWM_CUDA_GRAPHS", "1") != "0")
 

@@ -41,9 +41,11 @@ from record_session import record_session  # noqa: E402
 from session_explorer_lib import SessionError  # noqa: E402
 from toroidal_dot_robot import ToroidalDotRobot  # noqa: E402
 
-# a tiny world model (the default canvas, narrow and shallow blocks): fast enough for unit tests
+# a tiny world model (the default canvas, narrow and shallow blocks): fast enough for unit tests; the
+# torus position code needs a decoder at least 64 wide, so it keeps the canvas code
 TINY = AutoencoderConcatPredictorWorldModelConfig(
     embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
+    decoder_position="canvas",
 )
 
 

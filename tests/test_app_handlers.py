@@ -360,7 +360,8 @@ def test_a_redraw_checks_its_quantile_once(loaded, monkeypatch):
 
 
 def test_attention_controls_follow_the_configured_decoder_depth_and_heads(env):
-    small = dataclasses.replace(page_common.MODEL_CFG, embed_dim=32, decoder_embed_dim=32, decoder_depth=3, decoder_num_heads=2)
+    small = dataclasses.replace(page_common.MODEL_CFG, embed_dim=32, decoder_embed_dim=32, decoder_depth=3, decoder_num_heads=2,
+                                decoder_position="canvas")
     demo = app.build_demo(config=small)
     ids = {b.elem_id for b in demo.blocks.values() if isinstance(b, gr.Checkbox)}
     assert ids == {"attn-layer-0", "attn-layer-1", "attn-layer-2", "attn-head-0", "attn-head-1"}

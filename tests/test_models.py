@@ -401,19 +401,20 @@ def test_a_torus_position_code_makes_the_first_look_up_wrap_round_the_frame_edge
     # the default offsets (-0.5, 0.5, 1.5, 2.5): heads 2 and 3 look where a moved dot came from.
     # From the first column of the masked slot (canvas column 29) that place is past the left edge:
     # on the torus it is the right edge of the previous frame (columns 26-27, slot 1), not slot 0.
-    canvas = _first_block_look_ups(AutoencoderConcatPredictorWorldModelConfig(), 7, 29)
+    canvas = _first_block_look_ups(AutoencoderConcatPredictorWorldModelConfig(decoder_position="canvas"), 7, 29)
     torus = _first_block_look_ups(AutoencoderConcatPredictorWorldModelConfig(decoder_position="torus"), 7, 29)
     assert canvas[2:] == [(7, 13), (7, 12)]  # the canvas code runs on into frame t-2's right edge
     assert torus[2:] == [(7, 27), (7, 26)]
     assert torus[:2] == canvas[:2] == [(7, 15), (7, 14)]  # "stay" heads: the same place in frame t-1
     # away from the edge both codes look at the same places
     assert _first_block_look_ups(AutoencoderConcatPredictorWorldModelConfig(decoder_position="torus"), 3, 36) == \
-        _first_block_look_ups(AutoencoderConcatPredictorWorldModelConfig(), 3, 36)
+        _first_block_look_ups(AutoencoderConcatPredictorWorldModelConfig(decoder_position="canvas"), 3, 36)
 
 
 def test_the_decoder_position_code_is_part_of_the_architecture():
     cfg = AutoencoderConcatPredictorWorldModelConfig()
     assert "decoder_position" not in cfg.architecture()  # canvas: checkpoints from before still load
-    assert dataclasses.replace(cfg, decoder_position="torus").architecture()["decoder_position"] == "torus"
+    torus = AutoencoderConcatPredictorWorldModelConfig.from_env({"CWM_DECODER_POSITION": "torus"})
+    assert torus.architecture()["decoder_position"] == "torus"
     with pytest.raises(ValueError, match="decoder_position must be 'canvas' or 'torus', got 'ring'"):
         TargetedMAEWrapper(dataclasses.replace(TINY, decoder_position="ring"))
