@@ -37,6 +37,7 @@ import config
 from checkpoints import CheckpointError
 from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig, ToroidalDotConfig, with_overrides
 from frame_metrics import latest_dot_found_share
+from private_files import UnsafeFolderError, check_folder
 from run_controller import RunController
 from run_export import history_csv
 from session_explorer_lib import SessionError, check_name, load_session
@@ -172,7 +173,11 @@ def prepare(args: argparse.Namespace, app: AppConfig, model_cfg: AutoencoderConc
     csv_path = args.metrics_csv or Path(config.SAVED_ROOT) / "runs" / f"{stamp}-{label}" / "metrics.csv"
     board = None
     if args.tensorboard is not None:
-        board = TensorBoardLog(args.tensorboard, label, images_every=args.tensorboard_images_every,
+        try:  # the same rule as the app's folders outside saved/: 0700 when made, refused when another account could change it
+            folder = check_folder(args.tensorboard, "the --tensorboard folder")
+        except UnsafeFolderError as e:
+            raise UsageError(f"--tensorboard: {e}") from None
+        board = TensorBoardLog(folder, label, images_every=args.tensorboard_images_every,
                                flush_s=app.tensorboard_flush_s, dot_window=app.dot_window)
         try:
             board.open()

@@ -152,6 +152,16 @@ def test_a_bad_flag_value_exits_with_status_2_and_one_line_naming_it(saved, flag
     assert says in done.stderr
 
 
+def test_a_tensorboard_folder_others_may_write_to_is_refused_in_one_line(saved, tmp_path):
+    open_folder = tmp_path / "tb-open"
+    open_folder.mkdir()
+    open_folder.chmod(0o777)  # any local account could plant or swap run folders in it
+    done = train(saved, "--session", SESSION, "--iterations", "3", "--set", *TINY_SET, "--tensorboard", str(open_folder))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "--tensorboard: " in done.stderr
+    assert list(open_folder.iterdir()) == []  # no run folder was made in it
+
+
 def test_ctrl_c_stops_after_the_current_iteration_and_leaves_a_checkpoint_that_loads(tmp_path):
     saved, log = tmp_path / "saved", tmp_path / "stderr.txt"
     env = {**os.environ, "CWM_SAVED_ROOT": str(saved)}
