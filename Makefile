@@ -7,11 +7,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test test-fast browser bench clean-venv
+.PHONY: run test test-fast browser bench train sweep tensorboard clean-venv
 
-$(STAMP): requirements.txt requirements-test.txt
+# The stamp is older than any requirements file edited since the last install, so make reinstalls.
+$(STAMP): requirements.txt requirements-test.txt requirements-sweep.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt -r requirements-test.txt -r requirements-sweep.txt
 	@touch $(STAMP)
 
 # Debian's Chromium drives the browser tests (Playwright cannot download its own browser here).
@@ -34,6 +35,19 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_world_model.py --quick
+
+# The headless trainer: make train ARGS="--session NAME --iterations 200 --tensorboard runs"
+train: $(STAMP)
+	$(PY) train_world_model.py $(ARGS)
+
+# The learning sweep on a local Ray cluster: make sweep ARGS="--seeds 11 22 --threads-list 1 --seconds 60"
+sweep: $(STAMP)
+	$(PY) benchmarks/bench_learning.py --matrix $(ARGS)
+
+# TensorBoard over the trainer's and the app's logs: make tensorboard LOGDIR=runs
+LOGDIR ?= runs
+tensorboard: $(STAMP)
+	$(PY) -m tensorboard.main --logdir $(LOGDIR)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -16,9 +16,33 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 
+PID_DIGITS = 7  # Linux process ids stay below 2**22 = 4194304
+TEMP_NAME_EXTRA_BYTES = len("." + "." + "0" * PID_DIGITS + "_" + "0" * 8 + ".tmp")  # what temp_name adds to a name
+DEFAULT_NAME_MAX = 255  # longest file name in bytes on common file systems (ext4, xfs, btrfs, tmpfs)
+
+
 def temp_name(path: Path) -> Path:
-    """A temp file name beside ``path`` that no other writer picks (``.NAME.<pid>_<random>.tmp``)."""
+    """A temp file name beside ``path`` that no other writer picks (``.NAME.<pid>_<random>.tmp``): at most
+    ``TEMP_NAME_EXTRA_BYTES`` bytes longer than ``path``'s name."""
     return path.with_name(f".{path.name}.{os.getpid()}_{uuid.uuid4().hex[:8]}.tmp")
+
+
+def name_max(folder: str | os.PathLike) -> int:
+    """The longest file name (bytes) the file system of ``folder`` (or of the nearest existing folder
+    above it) takes; ``DEFAULT_NAME_MAX`` where it cannot be asked."""
+    folder = Path(folder)
+    for candidate in (folder, *folder.parents):
+        try:
+            return int(os.pathconf(candidate, "PC_NAME_MAX"))
+        except (OSError, ValueError):
+            continue
+    return DEFAULT_NAME_MAX
+
+
+def max_saved_name_bytes(folder: str | os.PathLike) -> int:
+    """The longest name (bytes, extension included) ``write_atomic`` can save in ``folder``: its temp
+    file's name must fit the file system's limit too."""
+    return min(name_max(folder), DEFAULT_NAME_MAX) - TEMP_NAME_EXTRA_BYTES
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None], fsync: bool = True,

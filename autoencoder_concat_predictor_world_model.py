@@ -73,6 +73,32 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), where bf16 matmuls run several
+    times faster than fp32 ones."""
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so looked up defensively
+    return bool(is_amx and is_amx())
+
+
+def cpu_uses_bf16(cpu_precision: str) -> bool:
+    """Whether a CPU model trains and predicts under bf16 autocast for the setting ``cpu_precision``."""
+    return cpu_precision == "bf16" or (cpu_precision == "auto" and cpu_has_amx())
+
+
+def compute_path(device: torch.device | str, cfg: AutoencoderConcatPredictorWorldModelConfig) -> str:
+    """How a model on ``device`` with ``cfg`` computes, in words: device, precision, CUDA graphs or threads."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        graphs = "CUDA graphs" if cfg.cuda_graphs and cfg.mask_ratio >= 1.0 else "eager"
+        return f"cuda, {'bf16 autocast' if cfg.cuda_precision == 'bf16' else 'fp32'}, {graphs}"
+    if device.type == "cpu":
+        amx = "this CPU has AMX" if cpu_has_amx() else "no AMX on this CPU"
+        precision = "bf16 autocast" if cpu_uses_bf16(cfg.cpu_precision) else "fp32"
+        threads = torch.get_num_threads()
+        return f"cpu, {precision} (cpu_precision={cfg.cpu_precision}; {amx}), {threads} torch thread{'s' * (threads != 1)}"
+    return f"{device.type}, fp32"
+
+
 def get_lr(step: int, cfg: AutoencoderConcatPredictorWorldModelConfig) -> float:
     """Learning rate at an optimizer step: linear warm-up, then cosine decay to ``min_lr``."""
     if step < cfg.warmup_steps:
@@ -247,11 +273,14 @@ class AutoencoderConcatPredictorWorldModel:
 
         if cfg.cuda_precision not in ("bf16", "fp32"):
             raise ValueError(f"cuda_precision must be 'bf16' or 'fp32', got {cfg.cuda_precision!r}")
+        if cfg.cpu_precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"cpu_precision must be 'auto', 'bf16' or 'fp32', got {cfg.cpu_precision!r}")
         seed_everything(cfg.seed)
         self.model = TargetedMAEWrapper(cfg).to(self.device)
         self.optimizer = configure_optimizer(self.model, cfg)
         cuda = self.device.type == "cuda"
-        self.autocast_dtype = torch.bfloat16 if cuda and cfg.cuda_precision == "bf16" else None  # None: fp32
+        bf16 = cfg.cuda_precision == "bf16" if cuda else cpu_uses_bf16(cfg.cpu_precision)
+        self.autocast_dtype = torch.bfloat16 if bf16 and self.device.type in ("cuda", "cpu") else None  # None: fp32
         self.use_graphs = cuda and cfg.cuda_graphs and cfg.mask_ratio >= 1.0  # random masks change shapes' contents
         self._graphs: dict[str, GraphedCall] = {}  # "train" (the loop's batch), "predict" (one canvas)
         self._foreground_weight = torch.zeros((), device=self.device)  # the loss weight as a tensor a graph can read
@@ -289,10 +318,10 @@ class AutoencoderConcatPredictorWorldModel:
         return lr
 
     def _autocast(self):
-        """bf16 autocast on CUDA unless fp32 is configured; a no-op on the CPU."""
+        """bf16 autocast where the device's precision setting asks for it; otherwise a no-op (fp32)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
 
     def _forget_graphs(self) -> None:
         """Drop the recorded graphs (after the optimizer state was replaced: they point at the old one)."""

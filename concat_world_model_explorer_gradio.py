@@ -10,7 +10,8 @@ functions that tests import and call) and its layout builder:
 1. ``page_sessions.py``: session and frames;
 2-5. ``page_run.py``: run the world model, training views, prediction views, metric graphs;
 6. ``page_attention.py``: decoder attention, and one patch's attention;
-7. ``page_analysis.py``: analysis (counterfactuals, rollouts, evaluation, single-canvas training);
+7. ``page_analysis.py``: analysis (counterfactuals, rollouts, evaluation, single-canvas training), and
+   ``page_play.py``: play the model with your own actions, compare two models;
 8. ``page_workflow.py``: your work (recording, run history, named checkpoints, reset, export);
 
 on top of ``page_outputs.py`` (what every section shows of a tab's model after changing it) and
@@ -20,15 +21,17 @@ This file is the entry. ``build_demo()`` makes the model pool and the tab regist
 sections out in page order and wires every component to its handler (event options, API names,
 concurrency groups and cancellations are all set here, in ``_wire`` and its two helpers). ``main()``
 reads the settings from the environment once (``config.from_env()``,
-``server_guard.configure_from_env()``) and passes them down, records demo sessions when
+``server_guard.configure_from_env()``) and passes them down, checks the folders the app writes into
+outside ``saved/`` and gives Gradio a private cache (``private_temp_folders``), records demo sessions when
 the sessions folder has no loadable one and serves the page (``launch``, behind ``server_guard``'s
-upload refusal and, with ``--auth``, its login guard). Importing it launches nothing and reads no
-setting.
+upload refusal and, with ``--auth``, its login guard); on exit (SIGTERM and Ctrl-C included) it deletes
+the parked models and its private folders. Importing it launches nothing and reads no setting.
 
 Endpoints (``api_name``, tests and tools call them): section 1 ``/refresh_sessions``,
 ``/load_session``, ``/update_frame``, ``/jump_to_frame``; section 2 ``/run_world_model`` (a
 generator), ``/stop``; section 6 ``/update_attention_viz``, ``/patch_attention``; section 7
-``/counterfactual``, ``/rollout``, ``/evaluate_session``, ``/train_single_canvas`` (a generator);
+``/counterfactual``, ``/rollout``, ``/evaluate_session``, ``/train_single_canvas`` (a generator),
+``/play_start``, ``/play``, ``/compare_models``;
 section 8 ``/record_session`` (a generator), ``/browse_history``, ``/save_checkpoint``,
 ``/load_checkpoint``, ``/reset_model``, ``/export``. Usage::
 
@@ -42,7 +45,9 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -52,6 +57,7 @@ from starlette.middleware import Middleware
 
 import config
 import server_guard
+from autoencoder_concat_predictor_world_model import compute_path, default_device
 from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig
 from model_pool import ModelPool, limit_malloc_arenas
 from page_analysis import (
@@ -75,7 +81,22 @@ from page_attention import (
     pick_patch,
     update_attention_viz,
 )
-from page_common import APP, LOG, MODEL_CFG, TabRegistry, UserState, release_user
+from page_play import (
+    check_compare_models,
+    check_play,
+    check_play_start,
+    check_play_step,
+    check_play_typed,
+    compare_models,
+    play,
+    play_move,
+    play_section,
+    play_start,
+    play_stay,
+    play_typed,
+    refresh_compare_lists,
+)
+from page_common import APP, LOG, MODEL_CFG, TabRegistry, UserState, export_folder, release_user
 from page_outputs import RUN_OUTPUT_KEYS
 from page_run import check_run_world_model, metrics_section, run_section, run_world_model, stop_run, views_sections
 from page_sessions import (
@@ -88,6 +109,7 @@ from page_sessions import (
     session_section,
     update_frame,
 )
+from private_files import PrivateFolder, UnsafeFolderError, check_folder, readable_by_others
 from page_workflow import (
     browse_history,
     check_browse_history,
@@ -103,7 +125,7 @@ from page_workflow import (
     save_checkpoint,
     workflow_section,
 )
-from record_session import record_session
+from record_session import RecordingGate, record_session
 from server_guard import MAX_UPLOAD_BYTES, LoginDelay, LoginGuard, UploadRefusal, never_served_paths
 from session_explorer_lib import scan_sessions
 
@@ -122,7 +144,7 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
 # layout and wiring
 
 
-def _wire(demo: gr.Blocks, registry: TabRegistry, user: gr.State, c: dict[str, Any]) -> None:
+def _wire(demo: gr.Blocks, registry: TabRegistry, user: gr.State, c: dict[str, Any], app: AppConfig = APP) -> None:
     """Connect the page's components (``c``, by name) to the handlers and name the API endpoints."""
     run_outputs = [c[key] for key in RUN_OUTPUT_KEYS]
     refresh_outputs = [c["session_dropdown"], c["broken_md"]]
@@ -150,8 +172,10 @@ def _wire(demo: gr.Blocks, registry: TabRegistry, user: gr.State, c: dict[str, A
                                    concurrency_id="model",
                                    concurrency_limit=4, show_progress="minimal", show_progress_on=[c["progress"]])
     canvas_event = _wire_analysis(demo, user, c)
-    _wire_workflow(demo, user, c, run_event)
-    c["stop_btn"].click(stop_run, [user], run_outputs, api_name="stop", cancels=[run_event, canvas_event],
+    _wire_play(demo, user, c)
+    record_event = _wire_workflow(demo, user, c, run_event, app)
+    # Stop also ends the tab's recording: the cancel closes its handler, and stop_run stops it for API clients
+    c["stop_btn"].click(stop_run, [user], run_outputs, api_name="stop", cancels=[run_event, canvas_event, record_event],
                         concurrency_limit=None, show_progress="hidden")
     controls = [c["quantile"], *c["layer_boxes"], *c["head_boxes"], c["aggregation"], c["viz_type"]]
     gr.on([control.change for control in controls], update_attention_viz, [*controls, user],
@@ -160,8 +184,9 @@ def _wire(demo: gr.Blocks, registry: TabRegistry, user: gr.State, c: dict[str, A
           trigger_mode="always_last", concurrency_limit=None, show_progress="hidden")
 
 
-def _wire_workflow(demo: gr.Blocks, user: gr.State, c: dict[str, Any], run_event) -> None:
-    """Connect section 8 (the checkpoint list is reread when the page opens and after every run's save)."""
+def _wire_workflow(demo: gr.Blocks, user: gr.State, c: dict[str, Any], run_event, app: AppConfig = APP):
+    """Connect section 8 (the checkpoint list is reread when the page opens and after every run's save);
+    returns the recording event (Stop cancels it)."""
     listing = [c["ckpt_md"], c["ckpt_choice"]]
     demo.load(list_checkpoints, [user], listing, api_visibility="private")
     run_event.then(list_checkpoints, [user], listing, api_visibility="private")
@@ -184,10 +209,12 @@ def _wire_workflow(demo: gr.Blocks, user: gr.State, c: dict[str, Any], run_event
     c["export_btn"].click(export_results, [user], [c["export_file"]], api_name="export", preprocess=False,
                           show_progress="hidden")
     record_inputs = [c[k] for k in ("record_pattern", "record_steps", "record_seed", "record_radius", "record_move")]
-    c["record_btn"].click(record_new_session, record_inputs, [c["record_md"], c["session_dropdown"], c["eval_session"]],
-                          api_name="record_session", preprocess=False, validator=check_record_new_session,
-                          concurrency_id="record", concurrency_limit=2,
-                          show_progress="minimal", show_progress_on=[c["record_md"]])
+    # the tab's state is an input (not part of the API): one recording per tab, the gate's limits for all
+    return c["record_btn"].click(record_new_session, [*record_inputs, user],
+                                 [c["record_md"], c["session_dropdown"], c["eval_session"]], api_name="record_session",
+                                 preprocess=False, validator=check_record_new_session,
+                                 concurrency_id="record", concurrency_limit=app.max_recordings,
+                                 show_progress="minimal", show_progress_on=[c["record_md"]])
 
 
 def _wire_analysis(demo: gr.Blocks, user: gr.State, c: dict[str, Any]):
@@ -215,6 +242,25 @@ def _wire_analysis(demo: gr.Blocks, user: gr.State, c: dict[str, Any]):
                                  show_progress_on=[c["canvas_progress"]])
 
 
+def _wire_play(demo: gr.Blocks, user: gr.State, c: dict[str, Any]) -> None:
+    """Connect play and compare: Reset is ``/play_start``, Enter in the actions box ``/play``; the
+    Stay, Move and Play buttons also start a play at frame t when none is going."""
+    frame, typed = c["analysis_frame"], c["play_typed"]
+    quick = dict(preprocess=False, concurrency_id="analysis", concurrency_limit=2)
+    shown = [c[key] for key in ("play_imagined", "play_truth", "play_strip", "play_table", "play_info")]
+    # each validator refuses a bad input before the handler runs: the play's pictures stay as they were
+    c["play_reset"].click(play_start, [frame, user], shown, api_name="play_start", validator=check_play_start, **quick)
+    typed.submit(play, [typed, user], shown, api_name="play", validator=check_play, **quick)
+    c["play_typed_btn"].click(play_typed, [frame, typed, user], shown, api_visibility="private",
+                              validator=check_play_typed, **quick)
+    c["play_stay"].click(play_stay, [frame, user], shown, api_visibility="private", validator=check_play_step, **quick)
+    c["play_move"].click(play_move, [frame, user], shown, api_visibility="private", validator=check_play_step, **quick)
+    lists = [c["compare_a"], c["compare_b"], c["compare_session"]]
+    gr.on([demo.load, c["refresh_btn"].click], refresh_compare_lists, [user], lists, api_visibility="private")
+    c["compare_btn"].click(compare_models, [*lists, user], [c[k] for k in ("compare_md", "compare_plot", "compare_top", "compare_top_md")],
+                           api_name="compare_models", validator=check_compare_models, show_progress_on=[c["compare_md"]], **quick)
+
+
 def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, cache_frequency_s: int = 600,
                cache_age_s: int = 3600, app: AppConfig = APP) -> gr.Blocks:
     """Declare the page and wire the handlers; launches nothing.
@@ -223,19 +269,31 @@ def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, c
         config: the world model's settings (the attention controls follow its decoder depth and heads).
         cache_frequency_s: how often Gradio sweeps its image cache.
         cache_age_s: cached image files older than this are deleted.
-        app: the server's settings (the model pool's parking is read from it).
+        app: the server's settings (the model pool's parking and the recording limits are read from it).
+
+    Raises:
+        private_files.UnsafeFolderError: the park folder is one another account could change.
+
+    The page's ``demo`` carries ``model_pool`` and ``exports`` (a ``PrivateFolder``): whoever serves it
+    closes both when it stops.
     """
-    registry = TabRegistry()
+    # before Gradio's first component: the pool refuses a park folder another account could change
+    pool = ModelPool(app.idle_park_s, app.max_resident_models, min(app.park_sweep_s, app.idle_park_s / 2), app.park_dir,
+                     app.park_retry_s)
+    recordings = RecordingGate(app.max_recordings, app.record_budget_bytes)
+    exports = export_folder()  # made at the first export, deleted by main() (or its finalizer) at the end
+    registry = TabRegistry(recordings)
     with gr.Blocks(title="Concat World Model Explorer", delete_cache=(cache_frequency_s, cache_age_s)) as demo:
-        pool = ModelPool(app.idle_park_s, app.max_resident_models, min(app.park_sweep_s, app.idle_park_s / 2), app.park_dir)
-        user = gr.State(UserState(pool, config), delete_callback=release_user)
+        demo.model_pool, demo.exports = pool, exports  # main() closes them when the server stops: their files go
+        user = gr.State(UserState(pool, config, tensorboard_dir=app.tensorboard_dir, recordings=recordings,
+                                  exports=exports), delete_callback=release_user)
         gr.Markdown(
             "# Concat World Model Explorer\nLoad a recorded toroidal-dot session, scrub its frames, run the "
             "canvas-inpainting world model and explore why it predicts what it does.", elem_id="app-title")
 
         c = {**session_section(), **run_section(), **views_sections(), **metrics_section(config),
-             **attention_section(config), **analysis_section(), **workflow_section()}
-        _wire(demo, registry, user, c)
+             **attention_section(config), **analysis_section(), **play_section(), **workflow_section()}
+        _wire(demo, registry, user, c, app)
     return demo
 
 
@@ -337,8 +395,59 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, block: bool = True) -> gr.
     return demo
 
 
+def private_temp_folders(environ: dict | None = None) -> tuple[Path, PrivateFolder | None]:
+    """Check the folders the app writes into outside ``saved/`` and give Gradio a private cache.
+
+    The system temp folder (where the app makes its private export and, by default, park and cache
+    folders) must be one no other account can change (``/tmp``, sticky and root's, is fine). Gradio's
+    cache is ``$GRADIO_TEMP_DIR`` when set (created 0700 when missing; refused when another account
+    could change it), else a new private folder (0700, an unguessable name) that this sets as
+    ``GRADIO_TEMP_DIR`` before any Gradio component reads it.
+
+    Returns:
+        Gradio's cache folder, and the ``PrivateFolder`` that made it (None when ``GRADIO_TEMP_DIR`` was
+        set): the caller closes it when the app ends, which deletes the cache.
+
+    Raises:
+        private_files.UnsafeFolderError: a folder another account could change, said in one sentence.
+    """
+    env = os.environ if environ is None else environ
+    check_folder(tempfile.gettempdir(), "the system temp folder ($TMPDIR)", shared=True)
+    given = env.get("GRADIO_TEMP_DIR")
+    owner = None
+    if given:
+        cache = check_folder(given, "Gradio's cache folder ($GRADIO_TEMP_DIR)")
+        if readable_by_others(cache):
+            LOG.warning("Gradio's cache folder ($GRADIO_TEMP_DIR) can be read by other accounts: the pictures "
+                        "the app draws are readable there (exports are written 0600); make it mode 0700")
+    else:
+        owner = PrivateFolder("cwm-gradio-", "the system temp folder ($TMPDIR) for Gradio's cache")
+        cache = owner.path()
+        env["GRADIO_TEMP_DIR"] = str(cache)
+    if environ is None:
+        point_gradio_at(cache)
+    return cache, owner
+
+
+def point_gradio_at(cache: Path) -> None:
+    """Some Gradio modules read ``GRADIO_TEMP_DIR`` once, when imported (before ``main()`` runs), into a
+    ``DEFAULT_TEMP_DIR`` of their own; the server's routes make a folder there at launch. Point every
+    one already imported at ``cache`` too, so nothing lands in ``$TMPDIR/gradio`` (a folder another
+    account may have made first)."""
+    for name, module in list(sys.modules.items()):
+        if (name == "gradio" or name.startswith("gradio.")) and isinstance(getattr(module, "DEFAULT_TEMP_DIR", None), str):
+            module.DEFAULT_TEMP_DIR = str(cache)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so that Gradio closes its server and the
+    parked models and private folders are deleted on the way out."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the flags, record demo sessions when needed and serve the app; returns the exit code."""
+    """Parse the flags, check the folders the app writes into, record demo sessions when needed and serve
+    the app; returns the exit code. On exit (SIGTERM and Ctrl-C included) the parked models, the export
+    folder and the app's own Gradio cache are deleted."""
     args = build_parser().parse_args(argv)
     refusal = share_refusal(args)
     if refusal:
@@ -346,13 +455,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     app, model_config = config.from_env()  # the environment is read here, once
     server_guard.configure_from_env()
-    if app.malloc_arenas:
-        limit_malloc_arenas(app.malloc_arenas)  # before the worker threads exist: freed models' memory goes back
-    torch.set_num_threads(app.torch_threads or max(1, min(4, (os.cpu_count() or 1) - 1)))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     LOG.setLevel(logging.INFO)
-    ensure_demo_sessions()
-    launch(build_demo(model_config, app=app), args)
+    demo, gradio_cache, signalled = None, None, []
+
+    def on_sigterm(signum, frame) -> None:  # Gradio's block_thread swallows the interrupt: remember it
+        signalled.append(signum)
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        _, gradio_cache = private_temp_folders()
+        if app.tensorboard_dir:  # each tab's run folder goes in it: 0700, refused when another account could change it
+            tensorboard = check_folder(app.tensorboard_dir, "the TensorBoard folder ($CWM_TENSORBOARD_DIR)")
+            print(f"TensorBoard logs: one run folder per tab in {tensorboard} "
+                  f"(tensorboard --logdir {tensorboard})", flush=True)
+        if app.malloc_arenas:
+            limit_malloc_arenas(app.malloc_arenas)  # before the worker threads exist: freed models' memory goes back
+        torch.set_num_threads(app.torch_threads or max(1, min(4, (os.cpu_count() or 1) - 1)))
+        print(f"Training on {compute_path(default_device(), model_config)}", flush=True)
+        ensure_demo_sessions()
+        demo = build_demo(model_config, app=app)
+        launch(demo, args)
+        if signalled:
+            return 143
+    except UnsafeFolderError as e:
+        print(f"concat_world_model_explorer_gradio.py: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        return 143 if isinstance(e, _Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if demo is not None:
+            demo.model_pool.close()
+            demo.exports.close()
+        if gradio_cache is not None:
+            gradio_cache.close()
     return 0
 
 

@@ -11,10 +11,12 @@ once, which applies ``CWM_SAVED_ROOT`` and returns the app and model settings bu
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 # -----------------------------------------------------------------------------
 # paths
@@ -93,6 +95,7 @@ class AutoencoderConcatPredictorWorldModelConfig:
     decoder_depth: int = 5  # decoder blocks (the attention explorer shows layers 0-4)
     decoder_num_heads: int = 4  # decoder attention heads (the attention explorer shows heads 0-3)
     mlp_ratio: float = 2.0  # MLP hidden width / token width in every block; below the usual 4, so an iteration is cheap
+    decoder_position: str = "canvas"  # decoder position code: "canvas" (2-D sin-cos over the canvas) or "torus" (also each patch's column round its frame and its slot, so look-ups wrap at frame edges; a decoder >= 64 wide) ($CWM_DECODER_POSITION)
     decoder_mode: str = "cross_self"  # "cross_self": the 196 masked tokens are the decoder's only queries, over visible + masked keys (CrossMAE); "self": the MAE decoder, every token a query; "cross", "cross_mlp": visible keys only
 
     # optimisation -----------------------------------------------------------
@@ -127,7 +130,8 @@ class AutoencoderConcatPredictorWorldModelConfig:
     quality_gate: bool = False  # off by default: one optimizer step per iteration keeps the loop live
     quality_gate_max_steps: int = 20  # cap on extra steps one iteration may spend with the gate on
 
-    # device execution (a CPU always runs fp32, eagerly) ---------------------------
+    # device execution ------------------------------------------------------------
+    cpu_precision: str = "fp32"  # on a CPU: "fp32", "bf16" autocast over fp32 master weights, or "auto" (bf16 where the CPU has AMX) ($CWM_CPU_PRECISION)
     cuda_precision: str = "bf16"  # on CUDA: "bf16" autocast over fp32 master weights, or "fp32" ($CWM_CUDA_PRECISION)
     cuda_graphs: bool = True  # on CUDA: replay the loop's training step and prediction as CUDA graphs ($CWM_CUDA_GRAPHS=0: off)
     cuda_graph_warmup: int = 3  # eager steps (on a side stream) before a graph is recorded, as CUDA graph capture asks
@@ -137,9 +141,12 @@ class AutoencoderConcatPredictorWorldModelConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AutoencoderConcatPredictorWorldModelConfig:
-        """The defaults with ``CWM_CUDA_PRECISION`` and ``CWM_CUDA_GRAPHS`` applied."""
+        """The defaults with ``CWM_DECODER_POSITION``, ``CWM_CPU_PRECISION``, ``CWM_CUDA_PRECISION`` and
+        ``CWM_CUDA_GRAPHS`` applied."""
         env = os.environ if environ is None else environ
-        return cls(cuda_precision=env.get("CWM_CUDA_PRECISION", cls.cuda_precision),
+        return cls(decoder_position=env.get("CWM_DECODER_POSITION", cls.decoder_position),
+                   cpu_precision=env.get("CWM_CPU_PRECISION", cls.cpu_precision),
+                   cuda_precision=env.get("CWM_CUDA_PRECISION", cls.cuda_precision),
                    cuda_graphs=env.get("CWM_CUDA_GRAPHS", "1") != "0")
 
     # derived sizes --------------------------------------------------------------
@@ -177,7 +184,8 @@ class AutoencoderConcatPredictorWorldModelConfig:
             "decoder_depth": self.decoder_depth,
             "decoder_num_heads": self.decoder_num_heads,
             "mlp_ratio": self.mlp_ratio,
-        } | ({"decoder_mode": self.decoder_mode} if self.decoder_mode != "self" else {})  # older checkpoints: self
+        } | ({"decoder_mode": self.decoder_mode} if self.decoder_mode != "self" else {}) | (  # older checkpoints: self
+            {"decoder_position": self.decoder_position} if self.decoder_position != "canvas" else {})  # and canvas
 
 
 # -----------------------------------------------------------------------------
@@ -203,7 +211,8 @@ class AppConfig:
     max_resident_models: int = 4  # models kept in memory at once; beyond that the least recently used idle one is parked
     park_sweep_s: float = 15.0  # how often idle models are looked for
     malloc_arenas: int = 2  # ($CWM_MALLOC_ARENAS) glibc malloc arenas (MALLOC_ARENA_MAX); 0 keeps glibc's default (8 per core)
-    park_dir: str | None = None  # ($CWM_PARK_DIR) where parked models go (default: the system temp folder; avoid a RAM-backed tmpfs)
+    park_dir: str | None = None  # ($CWM_PARK_DIR) where parked models go (default: the system temp folder; avoid a RAM-backed tmpfs); the app makes a private 0700 folder inside and refuses one another account could change
+    park_retry_s: float = 60.0  # a model whose parking failed (a full disk) is not tried again for this long; each cause is logged once
     dot_window: int = 50  # predictions in the rolling 'within 3 px' share of the Dot found graph
     error_window: int = 10  # predictions in the rolling means of the Prediction error graph (its strong lines)
     default_quantile: float = 95.0  # attention filter: keep connections above this percentile (strongest 5%)
@@ -211,23 +220,74 @@ class AppConfig:
     default_rollout_steps: int = 5  # its Steps box default
     max_canvas_steps: int = 200  # most optimizer steps one single-canvas training may take
     default_canvas_steps: int = 50  # its Steps box default
-    max_record_steps: int = 10_000  # longest recording the page starts (about 20 MB of PNG frames)
+    max_record_steps: int = 10_000  # longest recording the page starts (about 40 MB of PNG frames)
+    max_recordings: int = 2  # recordings the page runs at once, all tabs together (one per tab)
+    record_orphan_s: float = 10.0  # a recording whose page has not asked for its progress this long (a client gone without a word) stops
+    record_budget_bytes: int = 1 * 2**30  # ($CWM_RECORD_BUDGET_MB) the sessions folder stops growing through page recordings at this size; 0: the page records nothing
     history_snapshots: int = 500  # run-history pictures kept per tab (thinned evenly when full)
     history_bytes: int = 100 * 2**20  # and at most this many bytes of them (zlib-compressed frames)
     history_play_frames: int = 60  # Play steps through at most this many of them (evenly spread)
     evaluation_batch: int = 16  # canvases per forward pass when a whole session is evaluated (bounds its activation memory)
+    max_play_steps: int = 50  # most actions one play (from frame t to Reset) may take, typed or pressed; bounds its frames in memory
+    compare_top_frames: int = 5  # transitions shown where two compared models disagree most
     demo_sessions: tuple[str, ...] = ("always_move", "alternate", "double_move")  # recorded when none exist
     demo_session_steps: int = 200  # steps in each demo session
+    tensorboard_dir: str | None = None  # ($CWM_TENSORBOARD_DIR) TensorBoard logs go here, one run folder per tab; None: off
+    tensorboard_images_every: int = 50  # TensorBoard: the current, predicted and error pictures every this many iterations
+    tensorboard_flush_s: float = 10.0  # TensorBoard: logged values reach the disk at least this often
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AppConfig:
-        """The defaults with ``CWM_IDLE_PARK_S``, ``CWM_TORCH_THREADS``, ``CWM_MALLOC_ARENAS`` and ``CWM_PARK_DIR`` applied."""
+        """The defaults with ``CWM_IDLE_PARK_S``, ``CWM_TORCH_THREADS``, ``CWM_MALLOC_ARENAS``, ``CWM_PARK_DIR``
+        ``CWM_TENSORBOARD_DIR`` and ``CWM_RECORD_BUDGET_MB`` (mebibytes) applied."""
         env = os.environ if environ is None else environ
         app = cls()
+        budget = env.get("CWM_RECORD_BUDGET_MB")
         return replace(app, idle_park_s=float(env.get("CWM_IDLE_PARK_S", app.idle_park_s)),
                        torch_threads=int(env.get("CWM_TORCH_THREADS", app.torch_threads)),
                        malloc_arenas=int(env.get("CWM_MALLOC_ARENAS", app.malloc_arenas)),
-                       park_dir=env.get("CWM_PARK_DIR") or None)
+                       park_dir=env.get("CWM_PARK_DIR") or None,
+                       tensorboard_dir=env.get("CWM_TENSORBOARD_DIR") or None,
+                       record_budget_bytes=app.record_budget_bytes if not budget else max(0, int(float(budget) * 2**20)))
+
+
+# -----------------------------------------------------------------------------
+# overrides typed on a command line
+
+
+def with_overrides(cfg, items: Sequence[str]):
+    """``cfg`` (any of the dataclasses above) with ``FIELD=VALUE`` overrides applied, for experiments
+    from a command line. VALUE is JSON (``32``, ``0.5``, ``true``, ``[1, 2]``, ``null``), or plain
+    text for a text field; it must have the field's type (a whole number for an int field).
+
+    Raises:
+        ValueError: naming the item that is not FIELD=VALUE, names no field, or has a wrong value.
+    """
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"{item!r} is not FIELD=VALUE with a field of {type(cfg).__name__} (see config.py)")
+        current = getattr(cfg, key)
+        try:
+            value = text if isinstance(current, str) else json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"{item!r}: {text!r} is not a JSON value") from None
+        changes[key] = _typed(key, value, current)
+    return replace(cfg, **changes)
+
+
+def _typed(key: str, value, current):
+    """``value`` as the type of the field's ``current`` value; ValueError when it is not one."""
+    if current is None or isinstance(current, str):
+        return value  # optional fields take any JSON value; text fields take the text
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    kinds = {bool: (bool,), int: (int,), float: (int, float)}.get(type(current), (type(current),))
+    if isinstance(value, bool) != isinstance(current, bool) or not isinstance(value, kinds):
+        raise ValueError(f"{key} must be {type(current).__name__} like {json.dumps(current)}, got {json.dumps(value)}")
+    return type(current)(value)
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Frame and dot metrics of uint8 frames (numpy only).
 
 ``frame_mse`` compares pixels on the 0-1 scale; the dot metrics find the white dot's centre on the
-torus (a circular mean per axis) and measure how far a predicted dot is from the true one.
+torus (a circular mean per axis), measure how far a predicted dot is from the true one and how often
+the latest predictions put it within ``WITHIN_PX`` (the "dot found" share).
 """
 
 from __future__ import annotations
@@ -72,3 +73,30 @@ def dot_error(predicted: np.ndarray, actual: np.ndarray) -> float | None:
     dot, None when the actual frame has none."""
     error = float(dot_errors(predicted[None], actual[None])[0])
     return None if math.isnan(error) else error
+
+
+def dot_found_shares(errors: np.ndarray, window: int) -> np.ndarray:
+    """Per scored prediction, the share (0-1) of the last ``window`` predictions whose dot landed within
+    ``WITHIN_PX`` of the true one (no predicted dot, inf, counts as a miss): the moment the model finds the dot.
+
+    Args:
+        errors: float (n,) the dot errors of the scored predictions, in order.
+
+    Returns:
+        float64 (n,) the rolling share after each of them.
+    """
+    hit = np.asarray(errors, dtype=np.float64) <= WITHIN_PX  # (n,) inf compares False
+    csum = np.concatenate([[0.0], np.cumsum(hit)])  # (n+1,)
+    n = np.arange(1, len(hit) + 1)
+    return (csum[n] - csum[np.maximum(n - window, 0)]) / np.minimum(n, window)  # (n,) rolling mean
+
+
+def latest_dot_found_share(history: list[dict], window: int) -> float | None:
+    """``dot_found_shares`` after the latest scored prediction of a metric history (None before any)."""
+    errors = []
+    for r in reversed(history):  # only the latest ``window`` scored rows are read
+        if r.get("dot_error") is not None:
+            errors.append(r["dot_error"])
+            if len(errors) == window:
+                break
+    return float(dot_found_shares(errors[::-1], window)[-1]) if errors else None

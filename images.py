@@ -19,6 +19,15 @@ def enlarge(image: np.ndarray, factor: int) -> np.ndarray:
     return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)  # (H*f, W*f, ...)
 
 
+def amplify_error(error: np.ndarray | None) -> tuple[np.ndarray | None, float]:
+    """Stretch a uint8 |prediction - actual| map so its largest difference is white; returns (image, gain)."""
+    if error is None:
+        return None, 1.0
+    peak = int(error.max())
+    gain = 255.0 / peak if peak > 0 else 1.0
+    return np.clip(error.astype(np.float32) * gain, 0, 255).astype(np.uint8), gain
+
+
 def panel_grid(panels: list[np.ndarray] | np.ndarray, columns: int, gap: int = 6) -> np.ndarray:
     """Equal-sized uint8 panels (h, w, 3) in reading order, ``columns`` to a row, white gaps between
     them; blank cells of the last row stay white.

@@ -44,6 +44,7 @@ from page_outputs import (
     attention_picker,
     checkpoint_markdown,
     chosen_patch_outputs,
+    lost_model_markdown,
     training_view_outputs,
     two_series,
 )
@@ -82,6 +83,14 @@ def _model_line(step: int | None, iteration: int | None) -> str:
 def _model_now(c: RunController) -> str:
     status = c.status()
     return _model_line(status.model_step, status.model_iteration)
+
+
+def _with_notice(outputs: tuple, c: RunController) -> tuple:
+    """``outputs`` whose last one (the markdown) begins with what the tab must be told about its model:
+    that it was lost while parked and a fresh one answers (in words; until a load or reset)."""
+    if c.origin is None or c.origin.kind != "lost":
+        return outputs
+    return (*outputs[:-1], f"{lost_model_markdown(c)}\n\n{outputs[-1]}")
 
 
 def counterfactual_outputs(cf, model_line: str) -> tuple:
@@ -182,7 +191,7 @@ def counterfactual(frame_index: Any, user: UserState) -> tuple:
         cf = user.controller.counterfactual(t)
     except (ValueError, SessionError) as e:
         raise refusal(f"Cannot compare actions at frame {t}: {hide_paths(e)}") from None
-    return counterfactual_outputs(cf, _model_now(user.controller))
+    return _with_notice(counterfactual_outputs(cf, _model_now(user.controller)), user.controller)
 
 
 def _rollout_steps(k: Any) -> int:
@@ -202,7 +211,7 @@ def rollout(frame_index: Any, k: Any, user: UserState) -> tuple:
         ro = user.controller.rollout(t, steps, APP.max_rollout_steps)
     except (ValueError, SessionError) as e:
         raise refusal(f"Cannot roll out from frame {t}: {hide_paths(e)}") from None
-    return rollout_outputs(ro, _model_now(user.controller))
+    return _with_notice(rollout_outputs(ro, _model_now(user.controller)), user.controller)
 
 
 def session_names() -> gr.Dropdown:
@@ -224,7 +233,7 @@ def evaluate_session(session_choice: Any, user: UserState) -> tuple[str, pd.Data
     except (ValueError, SessionError) as e:
         raise refusal(f"Cannot evaluate session {session_choice}: {hide_paths(e)}") from None
     text, frame = evaluation_outputs(ev)
-    return text, *graph_updates(user, [frame], height=EVAL_PLOT_HEIGHT)
+    return _with_notice((*graph_updates(user, [frame], height=EVAL_PLOT_HEIGHT), text), user.controller)[::-1]
 
 
 def canvas_outputs(user: UserState, t: int, total: int, curve: list[dict], final: bool) -> tuple:

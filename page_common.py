@@ -11,9 +11,12 @@ Imports no other page module.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import numbers
+import re
+import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -28,10 +31,13 @@ import validation
 from attention_viz import VIZ_LINES
 from checkpoints import RefusedFiles
 from model_pool import ModelPool
+from private_files import PrivateFolder
+from record_session import RecordingGate
 from run_controller import RunController
 from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig
-from images import enlarge
+from images import amplify_error, enlarge  # noqa: F401 (amplify_error: the sections import it from here)
 from session_explorer_lib import Session, SessionError, load_session as load_session_from_disk, resolve_session_dir
+from tensorboard_log import TensorBoardLog
 
 # -----------------------------------------------------------------------------
 # constants
@@ -60,40 +66,61 @@ class UserState:
     """
 
     def __init__(self, pool: ModelPool | None = None, config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG,
-                 refused_files: RefusedFiles | None = None):
+                 refused_files: RefusedFiles | None = None, tensorboard_dir: str | None = None,
+                 recordings: RecordingGate | None = None, exports: PrivateFolder | None = None):
         self.pool = pool
         self.refused_files = refused_files if refused_files is not None else RefusedFiles()  # shared by the tabs
+        self.tensorboard_dir = tensorboard_dir  # each tab logs its runs to a run folder of its own here (None: off)
+        self.recordings = recordings if recordings is not None else RecordingGate(  # shared by the tabs
+            APP.max_recordings, APP.record_budget_bytes)
+        self.exports = exports if exports is not None else export_folder()  # shared by the tabs
         self.controller = RunController(
             config=config, refused_files=self.refused_files, pool=pool,
             run_lock_wait_s=APP.run_lock_wait_s, stop_grace_s=APP.stop_grace_s,
             history_snapshots=APP.history_snapshots, history_bytes=APP.history_bytes)
+        if tensorboard_dir:  # the folder is made at the tab's first run
+            self.controller.iteration_hook = TensorBoardLog(tensorboard_dir, "tab", APP.tensorboard_images_every,
+                                                            APP.tensorboard_flush_s, APP.dot_window)
         layers, heads = tuple(range(config.decoder_depth)), tuple(range(config.decoder_num_heads))
         self.attention_controls = (APP.default_quantile, layers, heads, "mean", VIZ_LINES)
         self.selected_patch: tuple[int, int] | None = None  # (row, col) whose attention section 6 shows
         self.graph_redraws = 0  # graph updates sent to this tab (see graph_updates)
 
     def __deepcopy__(self, memo) -> UserState:
-        return UserState(self.pool, self.controller.config, self.refused_files)
+        return UserState(self.pool, self.controller.config, self.refused_files, self.tensorboard_dir, self.recordings,
+                         self.exports)
+
+
+def export_folder() -> PrivateFolder:
+    """The private folder exports are written in (``cwm-exports-*``, 0700, inside the system temp folder)."""
+    return PrivateFolder("cwm-exports-", "the system temp folder ($TMPDIR) for exports")
 
 
 def release_user(user: UserState | None) -> None:
-    """Stop the tab's run and drop its model (the ``gr.State`` delete callback; never blocks)."""
+    """Stop the tab's run and its recording and drop its model (the ``gr.State`` delete callback; never blocks)."""
     if not isinstance(user, UserState):
         return
+    if user.recordings.stop(user):
+        LOG.info("stopped the recording of a closed tab (the frames recorded so far are kept)")
     c = user.controller
     if c.has_model:
         name = c.session.name if c.session is not None else "no session"
         LOG.info("freed the world model of a closed tab (%d iterations run, last session: %s)", len(c.history), name)
     c.release()
+    if isinstance(c.iteration_hook, TensorBoardLog):
+        c.iteration_hook.close()
 
 
 class TabRegistry:
     """Maps open browser tabs to their ``UserState`` so ``demo.unload`` can free a closed tab's model
-    at once instead of an hour later (when Gradio deletes the state of a closed session)."""
+    at once instead of an hour later (when Gradio deletes the state of a closed session), and stops
+    the recordings of any closed connection (an API client's too: Gradio keeps the state of a client
+    that never received it, and calls no delete callback for it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, recordings: RecordingGate | None = None) -> None:
         self._users: weakref.WeakValueDictionary[str, UserState] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
+        self.recordings = recordings
 
     def register(self, user: UserState, request: gr.Request) -> UserState:
         """Page-load handler: remember this tab's state (and hand it back so Gradio tracks it)."""
@@ -103,9 +130,11 @@ class TabRegistry:
         return user
 
     def release(self, request: gr.Request) -> None:
-        """Unload handler: the tab closed, free its model now."""
+        """Unload handler: the tab (or API client) closed: stop its recordings and free its model now."""
         if request is None or not request.session_hash:
             return
+        if self.recordings is not None and self.recordings.stop_session(request.session_hash):
+            LOG.info("stopped the recording of a closed connection (the frames recorded so far are kept)")
         with self._lock:
             user = self._users.pop(request.session_hash, None)
         release_user(user)
@@ -199,15 +228,6 @@ def upscale(image: np.ndarray | None, factor: int = FRAME_UPSCALE) -> np.ndarray
     return enlarge(image, factor)  # (H*f, W*f, 3)
 
 
-def amplify_error(error: np.ndarray | None) -> tuple[np.ndarray | None, float]:
-    """Stretch an |prediction - actual| map so its largest difference is white; returns (image, gain)."""
-    if error is None:
-        return None, 1.0
-    peak = int(error.max())
-    gain = 255.0 / peak if peak > 0 else 1.0
-    return np.clip(error.astype(np.float32) * gain, 0, 255).astype(np.uint8), gain
-
-
 def format_value(value: float | None, digits: int = 5) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}g}"
 
@@ -226,15 +246,36 @@ def display_path(path: Path) -> str:
         return hide_paths(path)
 
 
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.<>~:/-])/[^\s'\"<>|,;:)]+")  # what is left of a server path after the folders
+
+
 def hide_paths(text: Any) -> str:
-    """``text`` with the server's data and project folders replaced by short names (for messages
-    that quote an error from the operating system, which may hold an absolute path)."""
+    """``text`` with the server's folders replaced by short names (for messages that quote an error from
+    the operating system, which may hold an absolute path): the data and project folders and the system
+    temp folder (where the app's private folders live by default); any other absolute path left (a
+    park folder or Gradio cache set elsewhere) becomes ``<path>``."""
     text = str(text)
-    for folder, shown in ((config.SESSIONS_ROOT, "<sessions>"), (config.CHECKPOINT_DIR, "<checkpoints>"),
-                          (config.SAVED_ROOT, "<saved>"), (config.PROJECT_ROOT, "<project>")):
-        for form in sorted({str(Path(folder)), str(Path(folder).resolve())}, key=len, reverse=True):
+    folders = [(config.SESSIONS_ROOT, "<sessions>"), (config.CHECKPOINT_DIR, "<checkpoints>"),
+               (config.SAVED_ROOT, "<saved>"), (config.PROJECT_ROOT, "<project>"), (tempfile.gettempdir(), "<temp>")]
+    forms = []
+    for folder, shown in folders:
+        forms.extend((form, shown) for form in {str(Path(folder)), str(Path(folder).resolve())})
+    for form, shown in sorted(forms, key=lambda pair: len(pair[0]), reverse=True):
+        if len(form) > 1:  # never "/" alone
             text = text.replace(form, shown)
-    return text
+    return _ABSOLUTE_PATH.sub("<path>", text)
+
+
+def os_error_text(error: OSError) -> str:
+    """An operating-system error as a sentence fragment for the page: what went wrong (its ``strerror``)
+    and the file's folder as a placeholder, never the server's path."""
+    what = error.strerror or type(error).__name__
+    if error.errno == errno.ENAMETOOLONG:
+        what = "the name is too long for the file system"
+    elif error.errno == errno.ENOSPC:
+        what = "the disk is full"
+    where = hide_paths(error.filename) if error.filename else ""
+    return f"{what}" + (f" ({where})" if where else "")
 
 
 def series_anchors(colours: dict[str, str]) -> pd.DataFrame:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from attention_draw import draw_attention, patch_picker_image, render_patch_attention
-from frame_metrics import WITHIN_PX
+from frame_metrics import dot_found_shares
 from run_controller import RunController, RunStatus
 from page_common import (
     APP,
@@ -122,8 +122,7 @@ def dot_found_rows(history: list[dict], window: int) -> list[dict]:
     """Per scored prediction, the share (%) of the last ``window`` predictions whose dot landed within
     3 px of the true one (no predicted dot counts as a miss): the moment the model finds the dot."""
     scored = [r for r in history if r.get("dot_error") is not None]
-    hit = np.array([r["dot_error"] <= WITHIN_PX for r in scored], dtype=np.float64)  # (n,) inf compares False
-    share = 100.0 * _rolling_mean(hit, window)  # (n,)
+    share = 100.0 * dot_found_shares([r["dot_error"] for r in scored], window)  # (n,)
     return [{"iteration": r["iteration"], "within_3px_share": float(v)} for r, v in zip(scored, share)]
 
 
@@ -209,6 +208,8 @@ def checkpoint_markdown(c: RunController) -> str:
         parts = [f"**Checkpoint:** loaded {shown} at step {origin.step} (iteration {origin.iteration})."]
     elif origin.kind == "reset":
         parts = [f"**Model reset:** a fresh, untrained model; its first run saves to {shown} as usual."]
+    elif origin.kind == "lost":
+        parts = [lost_model_markdown(c) + f" Its first run saves to {shown} as usual."]
     elif origin.kind == "refused":
         parts = [f"**Checkpoint refused:** {markdown_escape(hide_paths(origin.reason))}. Training a fresh model "
                  "instead; the refused file is kept beside it under a new name when this model first saves."]
@@ -227,6 +228,14 @@ def checkpoint_markdown(c: RunController) -> str:
         parts.append(f"**Note:** another tab saved {shown} after this tab last loaded or saved it; this tab's next "
                      "run will save over it. Save a named checkpoint (section 8) to keep both.")
     return "\n\n".join(parts)
+
+
+def lost_model_markdown(c: RunController) -> str:
+    """What the tab is told while its model descends from one made after its parked model was lost
+    (``origin.kind == "lost"``): in words, no path; it stays until a checkpoint is loaded or the model reset."""
+    return (f"**This tab's model was lost:** {markdown_escape(c.origin.reason)}. A fresh, untrained model took its "
+            "place (not the shared checkpoint, which may hold another tab's model), and this tab's run history "
+            "was lost with it.")
 
 
 def progress_markdown(status: RunStatus) -> str:

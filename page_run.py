@@ -109,12 +109,17 @@ def check_run_world_model(num_iterations: Any, user: UserState) -> list[dict]:
 
 
 def stop_run(user: UserState) -> tuple:
-    """Ask the tab's run to stop after its current iteration, wait for it, then show the final state."""
+    """Ask the tab's run (and its recording, if one is going) to stop after the current iteration
+    (action), wait for the run to end, then show the final state."""
+    recording = user.recordings.stop(user)  # its own handler then says what was kept
     answer = user.controller.stop(APP.stop_wait_s)
+    skip = (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 1)
     if answer == "stopping":
-        return ("**Stopping:** the run ends after its current iteration.",) + (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 1)
+        return ("**Stopping:** the run ends after its current iteration.",) + skip
+    if answer == "idle" and recording:
+        return ("**Stopped the recording** (section 8): the frames recorded so far are kept as a session.",) + skip
     if answer == "idle" and not user.controller.has_model:
-        return ("_Nothing is running._",) + (gr.skip(),) * (len(RUN_OUTPUT_KEYS) - 1)
+        return ("_Nothing is running._",) + skip
     return display_outputs(user, final=True)
 
 

@@ -31,12 +31,15 @@ from page_common import (
     display_path,
     hide_paths,
     image_block,
+    os_error_text,
     refusal,
     validated,
     whole_number,
 )
 from page_outputs import NO_HISTORY, attention_outputs, display_outputs, history_outputs
-from record_session import record_session
+from private_files import UnsafeFolderError
+from record_session import RecordingRefused, RecordingTicket, record_session
+from recording_robot import RecordingLimitError
 from run_export import write_export
 from session_explorer_lib import format_timestamp, markdown_escape, scan_sessions
 from toroidal_action_selectors import PATTERN_NAMES
@@ -108,6 +111,8 @@ def save_checkpoint(name: Any, user: UserState) -> tuple[str, gr.Dropdown]:
         saved = c.save_named(name)
     except (ValueError, CheckpointError) as e:
         raise refusal(f"Cannot save checkpoint {markdown_escape(name)[:60]}: {hide_paths(e)}") from None
+    except OSError as e:
+        raise refusal(f"Cannot save checkpoint {markdown_escape(name)[:60]}: {os_error_text(e)}.") from None
     text = f"**Saved** {code_span(saved.path.name)} (step {saved.step}, iteration {saved.iteration}).\n\n"
     return text + checkpoints_markdown(c), checkpoint_choices(c, name)
 
@@ -121,6 +126,8 @@ def load_checkpoint(name: Any, user: UserState) -> tuple:
         raise refusal("A run is in progress in this tab: press Stop or wait for it to finish.") from None
     except (ValueError, CheckpointError) as e:
         raise refusal(f"Cannot load checkpoint {markdown_escape(name)[:60]}: {hide_paths(e)}") from None
+    except OSError as e:
+        raise refusal(f"Cannot load checkpoint {markdown_escape(name)[:60]}: {os_error_text(e)}.") from None
     text = f"**Loaded** {code_span(name + '.pth')} (step {origin.step}, iteration {origin.iteration}).\n\n"
     return (text + checkpoints_markdown(c), *display_outputs(user, final=True))
 
@@ -143,16 +150,27 @@ def list_checkpoints(user: UserState) -> tuple[str, gr.Dropdown]:
 # recording a session from the page
 
 
-def _record_in_background(args: tuple, progress: dict) -> threading.Thread:
-    """Run ``record_session`` on a thread; ``progress`` receives 'done', then 'path' or 'error'."""
+def _record_in_background(args: tuple, progress: dict, ticket: RecordingTicket) -> threading.Thread:
+    """Run ``record_session`` on a thread; ``progress`` receives 'done', then 'path' or 'error'. The
+    thread frees the ticket's place when the recording has really ended, and stops the recording when
+    nobody has read ``progress['read']`` (the monotonic time its page last asked) for ``APP.record_orphan_s``:
+    a client that went away without a cancel leaves its handler suspended, never closed."""
     pattern, steps, seed, radius, move = args
+
+    def report(done: int, total: int) -> None:
+        progress["done"] = done
+        if time.monotonic() - progress["read"] > APP.record_orphan_s:
+            ticket.stop.set()
 
     def work() -> None:
         try:
             progress["path"] = record_session(pattern, steps, seed, dot_radius=radius, move_pixels=move,
-                                              progress=lambda done, total: progress.__setitem__("done", done))
+                                              max_bytes=ticket.allowance, stop=ticket.stop, count_blocks=True,
+                                              progress=report)
         except Exception as e:  # reported to the page; a partial recording is kept and marked stopped
             progress["error"] = e
+        finally:
+            ticket.done()
 
     thread = threading.Thread(target=work, name="record-session", daemon=True)
     thread.start()
@@ -165,27 +183,63 @@ RECORD_CHECKS = (  # pattern, steps, seed, dot radius, move pixels: each returns
     lambda v: whole_number(v, "Move pixels", 0, 223))
 
 
-def check_record_new_session(*values: Any) -> list[dict]:
-    """Validator of ``record_new_session``: each setting under its own box."""
-    return validated(*(functools.partial(check, value) for check, value in zip(RECORD_CHECKS, values)))
+def check_record_new_session(pattern: Any, steps: Any, seed: Any, dot_radius: Any, move_pixels: Any,
+                             user: UserState | None = None) -> list[dict]:
+    """Validator of ``record_new_session``: each setting under its own box (nothing to check in the tab's state)."""
+    values = (pattern, steps, seed, dot_radius, move_pixels)
+    return validated(*(functools.partial(check, value) for check, value in zip(RECORD_CHECKS, values)), None)
 
 
-def record_new_session(pattern: Any, steps: Any, seed: Any, dot_radius: Any, move_pixels: Any):
+def record_new_session(pattern: Any, steps: Any, seed: Any, dot_radius: Any, move_pixels: Any, user: UserState,
+                       request: gr.Request = None):
     """Record a new session with ``record_session.py``'s code (a fresh folder, never over another),
-    streaming progress; then refresh the session lists with it selected."""
+    streaming progress; then refresh the session lists with it selected.
+
+    One recording per tab and ``APP.max_recordings`` on the server at once, within the disk budget
+    (``RecordingGate``). The recording stops after its current action, its session kept (valid,
+    marked stopped, listed), when the client cancels (this generator is closed), when the tab presses
+    Stop (``stop_run``) or its connection closes (``TabRegistry.release``, by the connection's id from
+    ``request``; ``release_user`` when its state goes), when nobody has asked for its progress for
+    ``APP.record_orphan_s`` (a client gone without a word), or when it reaches the budget.
+    """
     args = tuple(check(value) for check, value in zip(RECORD_CHECKS, (pattern, steps, seed, dot_radius, move_pixels)))
-    progress = {"done": 0}
-    thread = _record_in_background(args, progress)
-    while thread.is_alive():
-        thread.join(APP.update_interval_s)
-        yield f"**Recording:** {progress['done']}/{args[1]} actions ({args[0]}, seed {args[2]})", gr.skip(), gr.skip()
-    if "error" in progress:
-        raise refusal(f"The recording failed: {hide_paths(progress['error'])}")
-    name = progress["path"].name
+    # Gradio can close this handler only once it has handed out an update (a cancel that comes sooner
+    # leaves it suspended, never closed): so nothing is taken or started before the first one
+    yield f"**Recording:** starting ({args[0]}, seed {args[2]})", gr.skip(), gr.skip()
+    try:
+        ticket = user.recordings.start(user, args[1], getattr(request, "session_hash", None))
+    except RecordingRefused as e:
+        raise refusal(str(e)) from None
+    progress = {"done": 0, "read": time.monotonic()}
+    thread = _record_in_background(args, progress, ticket)
+    try:
+        while thread.is_alive():
+            thread.join(APP.update_interval_s)
+            yield f"**Recording:** {progress['done']}/{args[1]} actions ({args[0]}, seed {args[2]})", gr.skip(), gr.skip()
+            progress["read"] = time.monotonic()  # the page asked for more: someone is still there
+    finally:
+        if thread.is_alive():  # closed by a cancel or a client gone: the recording ends after its current action
+            ticket.stop.set()
+    error = progress.get("error")
+    if error is not None and not isinstance(error, RecordingLimitError):
+        raise refusal(f"The recording failed: {hide_paths(error)}")
+    path = progress["path"] if error is None else error.session_dir
+    name = path.name
     names = [s.name for s in scan_sessions() if s.ok]
-    done = (f"**Recorded** session {code_span(name)}: {args[1] + 1} frames, pattern {args[0]}, seed {args[2]}, "
-            f"dot radius {args[3]} px, move {args[4]} px. It is selected above: press Load session.")
-    yield done, gr.Dropdown(choices=names, value=name), gr.Dropdown(choices=names, value=name)
+    selected = name if name in names else None
+    frames = progress["done"] + 1
+    settings = f"pattern {args[0]}, seed {args[2]}, dot radius {args[3]} px, move {args[4]} px"
+    if error is not None:
+        done = (f"**Recording stopped at the disk budget** for recordings from this page: session {code_span(name)} "
+                f"keeps its {frames} frames ({settings}); it is selected above. Delete sessions you no longer need to "
+                "record more.")
+    elif frames < args[1] + 1:
+        done = (f"**Recording stopped** after {frames - 1} of {args[1]} actions: session {code_span(name)} keeps its "
+                f"{frames} frames ({settings}). It is selected above: press Load session.")
+    else:
+        done = (f"**Recorded** session {code_span(name)}: {frames} frames, {settings}. It is selected above: "
+                "press Load session.")
+    yield done, gr.Dropdown(choices=names, value=selected), gr.Dropdown(choices=names, value=selected)
 
 
 # -----------------------------------------------------------------------------
@@ -242,7 +296,10 @@ def export_pictures(user: UserState) -> dict[str, tuple[np.ndarray | None, str]]
 
 
 def export_results(user: UserState) -> str:
-    """A zip of this tab's views (PNG), metric history (CSV), configuration (JSON) and a README.txt."""
+    """A zip of this tab's views (PNG), metric history (CSV), configuration (JSON) and a README.txt.
+
+    It is written, 0600 and under a new name only, into a folder of its own inside the app's private
+    export folder (``user.exports``, shared by the tabs); Gradio then copies it into its own cache to hand it out."""
     c = user.controller
     if not c.has_model:
         raise refusal("Nothing to export yet: run the world model first.")
@@ -252,25 +309,25 @@ def export_results(user: UserState) -> str:
             "model_iteration": status.model_iteration, "iterations_in_history": len(c.history),
             "checkpoint": None if c.origin is None else f"{c.origin.kind} {display_path(c.origin.path)}",
             "exported_at": format_timestamp(time.time())}
-    folder = Path(tempfile.gettempdir()) / "cwm-exports"
-    _remove_old_exports(folder)
-    folder = Path(tempfile.mkdtemp(prefix="export-", dir=_private_folder(folder)))
     name = f"cwm_export_step{status.model_step}_iteration{status.model_iteration}.zip"
-    return str(write_export(folder / name, export_pictures(user), c.history, cfg, meta))
-
-
-def _private_folder(folder: Path) -> Path:
-    folder.mkdir(mode=0o700, exist_ok=True)
-    return folder
+    folder = None
+    try:
+        root = user.exports.path()
+        _remove_old_exports(root)
+        folder = Path(tempfile.mkdtemp(prefix="export-", dir=root))  # 0700, a name nobody else can guess
+        return str(write_export(folder / name, export_pictures(user), c.history, cfg, meta))
+    except (OSError, UnsafeFolderError) as e:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        text = hide_paths(e) if isinstance(e, UnsafeFolderError) else os_error_text(e)
+        raise gr.Error(f"Could not write the export: {text}.") from None
 
 
 def _remove_old_exports(folder: Path, older_than_s: float = 3600.0) -> None:
     """Exports are handed to Gradio's cache at once; the copies here are cleaned up after an hour."""
-    if not folder.is_dir():
-        return
     for old in folder.glob("export-*"):
         try:
-            if time.time() - old.stat().st_mtime > older_than_s:
+            if time.time() - old.lstat().st_mtime > older_than_s:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError:
             pass

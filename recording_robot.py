@@ -128,6 +128,8 @@ class SessionWriter:
         pattern: the action pattern that drives the recording (``None`` if unknown).
         shard_size: events per ``events_shard_NNN.jsonl`` file.
         max_session_bytes: stop (never delete) before the files written would exceed this many bytes; None = no limit.
+        count_blocks: count each file as the whole file-system blocks it takes (what ``du`` shows; a small
+            frame file takes a 4 KB block) instead of its size, so ``max_session_bytes`` bounds the disk used.
         frame_format: ``'png'`` (lossless, the default) or ``'jpg'``.
         fsync_frames: also fsync each frame (survives power loss, slower); a flush is always done.
 
@@ -149,6 +151,7 @@ class SessionWriter:
         max_session_bytes: int | None = _RECORDING.max_session_bytes,
         frame_format: str = _RECORDING.frame_format,
         fsync_frames: bool = False,
+        count_blocks: bool = False,
     ) -> None:
         check_name(session_name, "session", root)
         if not isinstance(shard_size, int) or shard_size < 1:
@@ -177,8 +180,9 @@ class SessionWriter:
         self._shard_file: io.BufferedWriter | None = None
         self._events_in_shard = 0
         self._shards_created = 0
-        self._data_bytes = 0  # bytes of frames and event lines written
-        self._meta_bytes = 0  # size of session_meta.json as last written
+        self._data_bytes = 0  # bytes of frames and event lines written (frames in whole blocks when counting blocks)
+        self._meta_bytes = 0  # size of session_meta.json as last written (likewise)
+        self._block = 1  # the file-system block size when counting blocks
         self._closed = False
         self._meta: dict[str, Any] = {
             "session_name": session_name,
@@ -200,6 +204,11 @@ class SessionWriter:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RecordingError(f"Cannot create the sessions folder {self.root}: {e.strerror or e}") from e
+        if count_blocks:
+            try:
+                self._block = max(1, os.statvfs(self.root).f_frsize)
+            except (OSError, AttributeError):
+                self._block = 4096
         try:
             self.path.mkdir()  # exclusive: an existing session is never touched
         except FileExistsError as e:
@@ -247,7 +256,8 @@ class SessionWriter:
 
     @property
     def bytes_written(self) -> int:
-        """Bytes of the files this writer created: frames, event shards and metadata."""
+        """Bytes of the files this writer created: frames, event shards and metadata (with ``count_blocks``
+        at least the disk they take: every file rounded up to whole blocks)."""
         return self._data_bytes + self._meta_bytes
 
     # ---- recording ---------------------------------------------------------------
@@ -269,10 +279,10 @@ class SessionWriter:
         data = _encode_frame(frame, self.frame_format)
         rel_path = f"{FRAMES_DIRNAME}/{FRAME_TEMPLATE.format(self._num_frames, self.frame_format)}"
         line = self._event_line("observation", {"frame_path": rel_path})
-        self._reserve(len(data) + len(line))
+        self._reserve(self._on_disk(len(data)) + self._line_bytes(line))
         # the frame is complete on disk before the event naming it exists (crash safety)
         self._guarded(lambda: write_atomic(self.path / rel_path, data, fsync=self.fsync_frames), rel_path)
-        self._data_bytes += len(data)
+        self._data_bytes += self._on_disk(len(data))
         self._append_event(line)
         self._num_frames += 1
         return self._next_step - 1
@@ -293,7 +303,7 @@ class SessionWriter:
         """
         self._check_open()
         line = self._event_line("action", action_dict(action))
-        self._reserve(len(line))
+        self._reserve(self._line_bytes(line))
         self._append_event(line)
         self._num_actions += 1
         return self._next_step - 1
@@ -359,7 +369,18 @@ class SessionWriter:
         self._stop(f"size limit of {limit} bytes reached")
         raise RecordingLimitError(message, self.path)
 
+    def _on_disk(self, nbytes: int) -> int:
+        """A file of ``nbytes`` as counted: its size, or with ``count_blocks`` the whole blocks it takes."""
+        return -(-nbytes // self._block) * self._block
+
+    def _line_bytes(self, line: bytes) -> int:
+        """An event line as counted: with ``count_blocks`` one that opens a shard file adds the part
+        block the file may end in (so a shard of L bytes counts at least the blocks it takes)."""
+        return len(line) + (self._block - 1 if self._shard_file is None else 0)
+
     def _append_event(self, line: bytes) -> None:
+        counted = self._line_bytes(line)
+
         def write() -> None:
             if self._shard_file is None:
                 name = SHARD_TEMPLATE.format(self._shard_index)
@@ -369,7 +390,7 @@ class SessionWriter:
             self._shard_file.flush()  # a killed process loses at most this one line
 
         self._guarded(write, SHARD_TEMPLATE.format(self._shard_index))
-        self._data_bytes += len(line)
+        self._data_bytes += counted
         self._next_step += 1
         self._events_in_shard += 1
         if self._events_in_shard >= self.shard_size:
@@ -395,7 +416,7 @@ class SessionWriter:
             self._meta["end_time"] = _now_iso()
         data = (_dumps(self._meta, indent=2) + "\n").encode("utf-8")
         write_atomic(self.path / META_FILENAME, data, fsync=True)
-        self._meta_bytes = len(data)
+        self._meta_bytes = self._on_disk(len(data))
 
     def _guarded(self, write: Callable[[], None], what: str) -> None:
         try:

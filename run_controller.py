@@ -15,6 +15,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,21 +29,36 @@ from autoencoder_concat_predictor_world_model import (
     AutoencoderConcatPredictorWorldModel,
     ReplayRobot,
 )
+from atomic_files import max_saved_name_bytes
 from checkpoints import CheckpointError, FileIdentity, RefusedFiles
 from config import LOGGER_NAME, AppConfig, AutoencoderConcatPredictorWorldModelConfig
 from model_pool import ModelPool, return_freed_memory
+from private_files import create_private_file
 from run_history import RunSnapshots
 from session_explorer_lib import SessionError, check_name
 from validation import whole_number
-from world_model_analysis import counterfactual, evaluate_session, rollout, single_canvas_steps, training_canvas
+from world_model_analysis import (
+    Comparison,
+    Play,
+    compare_models,
+    counterfactual,
+    evaluate_session,
+    play_actions,
+    play_steps,
+    rollout,
+    single_canvas_steps,
+    start_play,
+    training_canvas,
+)
 
 LOG = logging.getLogger(f"{LOGGER_NAME}.engine")  # a child of the app's logger: its level applies
 
 
 @dataclass(frozen=True)
 class CheckpointOrigin:
-    """Where a controller's model came from: ``kind`` is "fresh" (no file), "loaded", "refused" or
-    "reset" (a fresh model asked for by the user, whatever the files hold)."""
+    """Where a controller's model came from: ``kind`` is "fresh" (no file), "loaded", "refused",
+    "reset" (a fresh model asked for by the user, whatever the files hold) or "lost" (the tab's parked
+    model could not be reloaded: a fresh model took its place, ``reason`` says why in words)."""
 
     kind: str
     path: Path
@@ -90,9 +106,10 @@ class RunController:
 
     - the model is created at the first run, from the checkpoint file when that is compatible; a file
       it refuses is set aside (never overwritten) before this model's first save;
-    - ``run(total)`` replays the session from ``start_frame`` and yields each iteration's metrics; a
-      Stop (``stop()``, the stop event) ends it after the current iteration; every run ends with
-      ``finish`` (atomic checkpoint save, decoder attention captured once);
+    - ``run(total)`` replays the session from ``start_frame`` and yields each iteration's metrics
+      (``run_live`` drives a live robot instead); a Stop (``stop()``, the stop event) ends it after
+      the current iteration; every run ends with ``finish`` (atomic checkpoint save, decoder
+      attention captured once); ``iteration_hook``, when set, sees every iteration's metrics;
     - ``park()`` saves an idle model to a private temporary file and frees it; any later call that
       needs the model reloads it (``ModelPool`` decides when).
 
@@ -128,6 +145,9 @@ class RunController:
         self.origin: CheckpointOrigin | None = None  # set when the model is created
         self.saved: CheckpointSave | None = None  # the latest save
         self.attention_at: tuple[int, int] | None = None  # (iteration, step) the attention was captured at
+        # called as hook(controller, metrics) in the run's thread after each loop iteration is recorded
+        # (a TensorBoard log, say); None costs the run nothing
+        self.iteration_hook: Callable[[RunController, dict], None] | None = None
         self.stop_event = threading.Event()
         self._stop_requested_at = -math.inf  # monotonic time of the latest stop request
         self._run_lock = threading.Lock()  # one run at a time (released by whichever thread ends it)
@@ -150,10 +170,12 @@ class RunController:
         self._unsaved = True  # trained since it was loaded or last saved (a run of 0 iterations saves nothing)
         self._released = False  # the tab is gone: nothing is created, reloaded or saved any more
         self._park_file: Path | None = None
+        self._park_cleanup: weakref.finalize | None = None  # deletes the parked file if this controller is dropped
         self._parked_counters: tuple[int, int] | None = None  # (step, iteration) of a parked model
         self._parked_robot: tuple | None = None  # (session, index, episode_boundary) of a parked replay
         self._shared_seen: FileIdentity | None = None  # the shared checkpoint as this tab last loaded or saved it
         self._attention_canvas: np.ndarray | None = None  # to recapture attention after a reload
+        self._play: Play | None = None  # the latest open-loop play (frames in memory, at most a few MB)
         self.last_used = time.monotonic()
         self._pool = pool
         if pool is not None:
@@ -255,12 +277,82 @@ class RunController:
         """Every transition of ``session`` (any session, not only the loaded one), batched."""
         return evaluate_session(self.analysis_model(), session, batch_size)
 
+    # -- play and compare (never train the model) -------------------------------------
+
+    def play_start(self, frame_index: int) -> Play:
+        """Begin a new open-loop play from frame t of the loaded session (``world_model_analysis.start_play``);
+        it replaces the one before. Needs no model yet."""
+        self._play = start_play(self._need_session(), frame_index, self.config)
+        return self._play
+
+    def current_play(self) -> Play | None:
+        """The play going on the loaded session, or None (none begun, or another session loaded since)."""
+        play = self._play
+        return play if play is not None and play.session is self.session else None
+
+    def play(self, actions: str, max_steps: int) -> Play:
+        """Continue the play with ``actions`` (a string of 0/1), each imagined by this tab's model fed
+        its own predictions, beside the simulated world. Waits ``run_lock_wait_s`` for a model a
+        run is using (between two iterations it is free), then refuses.
+
+        Raises:
+            ValueError: no play on the loaded session, bad actions, or more than ``max_steps`` in the play
+                (nothing changes). RunBusyError: the model stayed busy.
+        """
+        play = self.current_play()
+        if play is None:
+            raise ValueError("no play has begun on the loaded session: start one from frame t first")
+        play_actions(actions, play, max_steps)  # a bad request is refused at once, busy model or not
+        wm = self.analysis_model()
+        if not wm.lock.acquire(timeout=self.run_lock_wait_s):
+            raise RunBusyError("the model is busy (a run is using it)")
+        try:  # the lock also keeps two presses of this tab from stepping the play at once
+            return play_steps(wm, play, play_actions(actions, play, max_steps))
+        finally:
+            wm.lock.release()
+
+    def compare(self, name_a: str | None, name_b: str | None, session, batch_size: int = 32, top: int = 5,
+                progress: Callable[[int, int], None] | None = None) -> Comparison:
+        """Two models on every transition of ``session`` (``world_model_analysis.compare_models``): a named
+        checkpoint each, or None for a copy of this tab's model as it is now (a run may go on training
+        it meanwhile). Neither is this tab's model afterwards; nothing is saved.
+
+        Raises:
+            ValueError: a bad name (the ``named_checkpoint_path`` rule). CheckpointError: no such
+                checkpoint, or a file refused (damaged, another architecture).
+        """
+        paths = [None if name is None else self._existing_checkpoint(name) for name in (name_a, name_b)]
+        models = [self._model_to_compare(path) for path in paths]
+        names = tuple("this tab's model" if name is None else name for name in (name_a, name_b))
+        return compare_models(*models, session, names, batch_size, top, progress)
+
+    def _existing_checkpoint(self, name: str) -> Path:
+        path = self.named_checkpoint_path(name)
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint named {name}")
+        return path
+
+    def _model_to_compare(self, path: Path | None) -> AutoencoderConcatPredictorWorldModel:
+        """A model of its own: loaded from ``path``, or (None) a copy of this tab's model."""
+        wm = AutoencoderConcatPredictorWorldModel(None, device=self.device, config=self.config)
+        if path is None:
+            wm.load_training_state(self.analysis_model().training_state())  # taken under the model's lock
+        else:
+            wm.load_checkpoint(path)
+        return wm
+
     # -- named checkpoints, reset ----------------------------------------------
 
     def named_checkpoint_path(self, name: str) -> Path:
         """``<checkpoint folder>/<name>.pth`` for a name that follows the session-name rule and is
         not the shared checkpoint's; ValueError naming the problem otherwise."""
         folder = self.checkpoint_path.parent
+        longest = max_saved_name_bytes(folder) - len(".pth")  # the temp file it is written through must fit too
+        size = len(name.encode("utf-8", "surrogatepass")) if isinstance(name, str) else 0
+        if size > longest:
+            raise ValueError(f"Invalid checkpoint name {name[:40]!r}...: it is {size} bytes long, and a checkpoint "
+                             f"name may be at most {longest} bytes (the file and the temporary copy it is written "
+                             "through must fit the file system's limit on name length)")
         check_name(name, "checkpoint")
         if name == self.checkpoint_path.stem:
             raise ValueError(f"Invalid checkpoint name {name!r}: it is the shared checkpoint every run saves to")
@@ -289,9 +381,7 @@ class RunController:
         Raises:
             ValueError: a bad name. CheckpointError: no such file, or a file refused. RunBusyError.
         """
-        path = self.named_checkpoint_path(name)
-        if not path.is_file():
-            raise CheckpointError(f"no checkpoint named {name}")
+        path = self._existing_checkpoint(name)
         with self._not_running():
             with self._lock:
                 wm = self._resident()
@@ -306,9 +396,7 @@ class RunController:
         nothing deleted on disk; its first run saves to the shared checkpoint as usual."""
         with self._not_running():
             with self._lock:
-                if self._park_file is not None:
-                    self._park_file.unlink(missing_ok=True)
-                    self._park_file = self._parked_robot = self._parked_counters = None
+                self._delete_park_file()
                 robot = ReplayRobot(self.session, start_index=self.start_frame) if self.session is not None else None
                 self._wm = AutoencoderConcatPredictorWorldModel(robot, device=self.device, config=self.config)
                 self.origin = CheckpointOrigin("reset", self.checkpoint_path)
@@ -374,6 +462,20 @@ class RunController:
         """
         return self._drive(total, lambda wm: wm.run_iter(total, self.stop_event), replay=True)
 
+    def run_live(self, total: int, robot, action_selector: Callable) -> Iterator[dict | None]:
+        """Run ``total`` iterations on a live robot (a ``ToroidalDotRobot``, say) that ``action_selector``
+        drives; no session is needed. The same run as ``run`` otherwise (history, Stop, finish); the
+        model continues the robot where the last run left it when it is the same robot.
+
+        Raises (at the first ``next``): RunBusyError as ``run`` does.
+        """
+        def work(wm: AutoencoderConcatPredictorWorldModel) -> Iterator[dict]:
+            if wm.robot is not robot:
+                wm.attach_robot(robot, action_selector)
+            return wm.run_iter(total, self.stop_event)
+
+        return self._drive(total, work, replay=False, loop=True)
+
     def train_single_canvas(self, frame_index: int, steps: int) -> Iterator[dict | None]:
         """``steps`` optimizer steps on the training canvas ending in frame ``frame_index`` alone (the
         "can it fit one example" check). A run like ``run`` (one at a time, Stop ends it, finish saves
@@ -437,9 +539,12 @@ class RunController:
                     self._handed_over = False
                     self._run_lock.release()
 
-    def _drive(self, total: int, work: Callable, replay: bool) -> Iterator[dict | None]:
-        """The body of every run: ``work(wm)`` yields the steps; ``replay`` marks a loop run."""
-        self._need_session()
+    def _drive(self, total: int, work: Callable, replay: bool, loop: bool | None = None) -> Iterator[dict | None]:
+        """The body of every run: ``work(wm)`` yields the steps; ``replay``: it replays the session;
+        ``loop`` (default: ``replay``): its steps are loop iterations, kept in the history."""
+        loop = replay if loop is None else loop
+        if replay:
+            self._need_session()
         if not self._run_lock.acquire(timeout=self.run_lock_wait_s):
             raise RunBusyError("a run is already in progress")
         # a Stop older than the grace is stale; a newer one (this run was still queued) or one sent
@@ -462,12 +567,14 @@ class RunController:
             yield None
             try:
                 for metrics in work(wm):
-                    if replay:
-                        if getattr(wm.robot, "episode_boundary", False):  # this action ended the recording
+                    if loop:
+                        if replay and getattr(wm.robot, "episode_boundary", False):  # this action ended the recording
                             metrics["replay_looped"] = True  # the next iteration replays its frame 0
                         self.history.append(metrics)
                         if self.snapshots.wants(metrics["iteration"]):
                             self.snapshots.add(metrics, wm.get_prediction_views(canvas=False))
+                        if self.iteration_hook is not None:
+                            self.iteration_hook(self, metrics)
                     self._done += 1
                     self._unsaved = True
                     yield metrics
@@ -571,7 +678,7 @@ class RunController:
             raise RuntimeError("this controller was released (its tab is gone)")
         if self._wm is None:
             self._wm = self._unpark() if self._park_file is not None else self._create()
-            self._park_file = self._parked_robot = self._parked_counters = None  # only now: has_model stays True
+            self._delete_park_file()  # only now: has_model stays True
         self.touch()
         return self._wm
 
@@ -613,7 +720,8 @@ class RunController:
     def park(self, folder: str | os.PathLike) -> bool:
         """Save the model to a private file in ``folder`` and free it; False when it is running,
         absent, busy or cannot be written. A run that a cancel closed is finished first. Any later
-        call that needs the model reloads it."""
+        call that needs the model reloads it. The file goes when the model is reloaded or reset,
+        when the tab is released and when this controller is dropped."""
         if not self._run_lock.acquire(blocking=False):
             return False
         if not self._lock.acquire(blocking=False):  # never wait here: the caller may hold another controller's lock
@@ -628,13 +736,19 @@ class RunController:
             state = wm.training_state()
             robot = wm.robot
             replay = (robot.session, robot.index, robot.episode_boundary) if isinstance(robot, ReplayRobot) else None
-            torch.save(state, path)  # tensors and plain data, read back with weights_only: no code runs
+            with create_private_file(path) as f:  # 0600, a new name only, never through a planted link
+                torch.save(state, f)  # tensors and plain data, read back with weights_only: no code runs
         except Exception as e:  # a full disk or a vanished folder: the model simply stays in memory
-            path.unlink(missing_ok=True)
-            LOG.warning("could not park an idle model: %s", e)
+            if not isinstance(e, FileExistsError):  # a file we did not make is left alone
+                path.unlink(missing_ok=True)
+            if self._pool is not None:
+                self._pool.park_failed(self, e)  # logged once per cause, retried later
+            else:
+                LOG.warning("could not park an idle model: %s", getattr(e, "strerror", None) or type(e).__name__)
             return False
         else:
             self._park_file, self._parked_robot = path, replay
+            self._park_cleanup = weakref.finalize(self, _remove_quietly, path)  # a controller dropped unreleased
             self._parked_counters = (wm.step, wm.iteration)
             self._wm, self._attention = None, None
             drop_cache = getattr(self.session, "drop_cache", None)
@@ -646,25 +760,48 @@ class RunController:
             self._lock.release()
             self._run_lock.release()
 
+    def _delete_park_file(self) -> None:
+        """Forget the parked file (if any), then delete it. Call under ``_lock``."""
+        path, cleanup = self._park_file, self._park_cleanup
+        self._park_file = self._parked_robot = self._parked_counters = self._park_cleanup = None
+        if cleanup is not None:
+            cleanup()  # deletes the file, once
+        elif path is not None:
+            _remove_quietly(path)
+
     def _unpark(self) -> AutoencoderConcatPredictorWorldModel:
-        """The parked model, as it was; a fresh model (with a note in ``status().problem``) when the
-        parked file cannot be read back."""
+        """The parked model, as it was. When the parked file cannot be read back (deleted, damaged,
+        replaced) a fresh model takes its place: never the shared checkpoint, which may hold another
+        tab's model. ``origin`` then says "lost" and why, ``status().problem`` says so in a sentence,
+        and the run history (of the lost model) is cleared."""
         path, replay = self._park_file, self._parked_robot
-        robot = None if replay is None else ReplayRobot(replay[0], start_index=replay[1])
-        if robot is not None:
-            robot.episode_boundary = replay[2]
-        wm = AutoencoderConcatPredictorWorldModel(robot, device=self.device, config=self.config)
+
+        def robot() -> ReplayRobot | None:
+            if replay is None:
+                return None
+            r = ReplayRobot(replay[0], start_index=replay[1])
+            r.episode_boundary = replay[2]
+            return r
+
+        wm = AutoencoderConcatPredictorWorldModel(robot(), device=self.device, config=self.config)
         try:
             wm.load_training_state(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:
-            LOG.warning("could not reload a parked model: %s", e)
-            self._problem = f"this tab's model could not be reloaded after it was set aside while idle ({e}); a new one was made"
-            self.history.clear()
-            self.snapshots.clear()
-            self._park_file = None
-            return self._create()
+            why = ("its parked copy (the file it was set aside in while the tab was idle) was deleted"
+                   if isinstance(e, FileNotFoundError) else
+                   "its parked copy (the file it was set aside in while the tab was idle) was damaged or replaced "
+                   "and could not be read")
+            LOG.warning("could not reload a parked model (%s); the tab gets a fresh model", type(e).__name__)
+            wm = AutoencoderConcatPredictorWorldModel(robot(), device=self.device, config=self.config)  # untouched
+            self.origin = CheckpointOrigin("lost", self.checkpoint_path, reason=why)
+            self._problem = (f"this tab's model could not be reloaded: {why}. A fresh, untrained model took its "
+                             "place (not the shared checkpoint, which may hold another tab's model) and this tab's "
+                             "run history was lost")
+            self.saved, self._unsaved, self._runs_started, self._refused = None, True, 0, None
+            self._forget_history()
+            return wm
         finally:
-            path.unlink(missing_ok=True)
+            self._delete_park_file()
         LOG.info("reloaded a parked model (step %d, iteration %d)", wm.step, wm.iteration)
         return wm
 
@@ -679,12 +816,15 @@ class RunController:
     def _drop(self) -> None:
         with self._lock:
             self._wm, self._attention, self._attention_canvas, self.session = None, None, None, None
-            if self._park_file is not None:
-                self._park_file.unlink(missing_ok=True)
-                self._park_file = self._parked_robot = self._parked_counters = None
+            self._delete_park_file()
         if self._pool is not None:
             self._pool.forget(self)
 
+
+def _remove_quietly(path: Path) -> None:
+    """Delete a parked file; one already gone (or a vanished folder) is fine."""
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def _default_checkpoint_path() -> Path:

@@ -2,7 +2,9 @@
 configuration and architecture as JSON, and a README.txt naming every file.
 
 Pure file writing (numpy, Pillow, the standard library): the app gathers what to export and this
-module lays it out, so a script can export the same way.
+module lays it out, so a script can export the same way. The zip is a new file readable by the
+server's user only (``private_files.create_private_file``: 0600, never an existing name, never
+through a symlink).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from private_files import create_private_file
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -45,7 +49,8 @@ def write_export(path: str | Path, pictures: dict[str, tuple[np.ndarray, str]], 
     """Write the export zip.
 
     Args:
-        path: the zip to write (replaced if it exists).
+        path: the zip to write: a new name (an existing file or symlink there raises ``FileExistsError``
+            and is left alone); created 0600.
         pictures: file stem -> (uint8 (H, W, 3) picture, one-line description); None pictures are skipped.
         history: one metrics dict per iteration.
         config: the model configuration (JSON-serialisable), architecture included.
@@ -57,7 +62,7 @@ def write_export(path: str | Path, pictures: dict[str, tuple[np.ndarray, str]], 
     path = Path(path)
     lines = ["Concat World Model Explorer export", "",
              *(f"{key}: {value}" for key, value in meta.items()), "", "Files:"]
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    with create_private_file(path) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for stem, (image, description) in pictures.items():
             if image is None:
                 lines.append(f"  ({stem}.png: not available yet, {description})")

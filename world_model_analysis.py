@@ -3,6 +3,9 @@
 - ``counterfactual``: frame t+1 as the model predicts it under every action, beside the recorded one;
 - ``rollout``: k steps imagined open-loop from frame t (each prediction fed back as history);
 - ``evaluate_session``: every transition of a session in batches, summarised for stays and moves;
+- ``start_play`` / ``play_steps``: the user's own actions imagined open loop from frame t, beside the
+  world's truth (the toroidal dot simulated from frame t's state with the same actions);
+- ``compare_models``: two models on every transition of one session, and where they disagree most;
 - ``single_canvas_steps``: the one exception, optimizer steps on one canvas (can it fit one example?).
 
 Frame t of a session is predicted from the canvas ``[f(t-K+2)][a]...[f(t)][a(t)][blank]`` (K =
@@ -13,18 +16,19 @@ Nothing here imports gradio or matplotlib; the app turns the results into pictur
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 
 from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel
-from frame_metrics import WITHIN_PX, dot_errors, frame_mses
+from frame_metrics import WITHIN_PX, dot_centroid, dot_centroids, dot_errors, frame_mses
 from models import build_canvas, build_prediction_canvases
-from toroidal_dot_robot import ACTION_SPACE, STAY, parse_action
-from validation import whole_number
+from toroidal_dot_robot import ACTION_SPACE, STAY, ToroidalDotRobot, parse_action
+from validation import is_int, whole_number
 
 ACTIONS = tuple(parse_action(a) for a in ACTION_SPACE)  # (0, 1): stay, move right
 
@@ -185,25 +189,225 @@ class Evaluation:
         }
 
 
-def evaluate_session(wm: AutoencoderConcatPredictorWorldModel, session, batch_size: int = 32) -> Evaluation:
-    """Predict every next frame of ``session`` in batches (no gradient, no training, no state change)."""
-    cfg = wm.config
+def _transition_canvases(session, t: np.ndarray, acts: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """The prediction canvases of transitions t -> t+1 and the frames they use.
+
+    Args:
+        t: int64 (b,) frame indices; acts: int64 (n-1,) the action after every frame of the session.
+
+    Returns:
+        (uint8 (b, H, Wc, 3) canvases, uint8 (b, K, H, W, 3) their history frames, then frame t+1).
+    """
+    idx = history_indices(t, cfg)  # (b, K-1)
+    frames = _frames(session, np.concatenate([idx, t[:, None] + 1], axis=1))  # (b, K, H, W, 3)
+    return build_prediction_canvases(frames[:, :-1], acts[idx], cfg.separator_width), frames
+
+
+def evaluate_models(models: list[AutoencoderConcatPredictorWorldModel], session, batch_size: int = 32,
+                    progress: Callable[[int, int], None] | None = None) -> list[Evaluation]:
+    """Predict every next frame of ``session`` with each model, in chunks of ``batch_size`` transitions
+    (each chunk's frames are read once for all models); no gradient, no training, no state change.
+
+    Args:
+        models: models of the same canvas settings.
+        progress: called as ``progress(transitions_done, transitions)`` after each chunk.
+    """
+    cfg = models[0].config
     start = time.perf_counter()
     first, last = prediction_frames(session, cfg)
     t = np.arange(first, last + 1)  # (T,)
     acts = _actions(session, np.arange(_size(session) - 1))  # (n-1,)
-    idx = history_indices(t, cfg)  # (T, K-1)
-    mse, copy, dot = (np.empty(len(t)) for _ in range(3))
+    mse, dot = np.empty((len(models), len(t))), np.empty((len(models), len(t)))  # (M, T) each
+    copy = np.empty(len(t))  # (T,)
     for i in range(0, len(t), batch_size):  # chunks bound the memory: frames, canvases, activations
         rows = slice(i, i + batch_size)
-        needed = np.concatenate([idx[rows], t[rows, None] + 1], axis=1)  # (b, K) history frames, then the next
-        frames = _frames(session, needed)  # (b, K, H, W, 3)
-        canvases = build_prediction_canvases(frames[:, :-1], acts[idx[rows]], cfg.separator_width)  # (b, H, Wc, 3)
-        predicted = wm.predict_slots(canvases, batch_size)  # (b, H, W, 3)
+        canvases, frames = _transition_canvases(session, t[rows], acts, cfg)  # (b, H, Wc, 3), (b, K, H, W, 3)
         actual = frames[:, -1]  # (b, H, W, 3)
-        mse[rows], dot[rows] = frame_mses(predicted, actual), dot_errors(predicted, actual)
+        for m, wm in enumerate(models):
+            predicted = wm.predict_slots(canvases, batch_size)  # (b, H, W, 3)
+            mse[m, rows], dot[m, rows] = frame_mses(predicted, actual), dot_errors(predicted, actual)
         copy[rows] = frame_mses(frames[:, -2], actual)  # frame t repeated
-    return Evaluation(_name(session), t, acts[t], mse, copy, dot, wm.step, wm.iteration, time.perf_counter() - start)
+        if progress is not None:
+            progress(min(i + batch_size, len(t)), len(t))
+    seconds = time.perf_counter() - start
+    return [Evaluation(_name(session), t, acts[t], mse[m], copy, dot[m], wm.step, wm.iteration, seconds)
+            for m, wm in enumerate(models)]
+
+
+def evaluate_session(wm: AutoencoderConcatPredictorWorldModel, session, batch_size: int = 32) -> Evaluation:
+    """Predict every next frame of ``session`` in batches (no gradient, no training, no state change)."""
+    return evaluate_models([wm], session, batch_size)[0]
+
+
+# -----------------------------------------------------------------------------
+# play: the user's actions, imagined open loop, beside the world's truth
+
+
+def world_at(session, t: int) -> ToroidalDotRobot:
+    """The toroidal dot world in the state frame ``t`` shows: the dot where the frame has it (its
+    centre on the torus, to the pixel), the radius and move distance from the session's metadata.
+
+    Raises:
+        ValueError: the metadata lacks the radius or move distance (older recordings), the frame is
+            not square, or it shows no dot.
+    """
+    meta = getattr(session, "metadata", None) or {}
+    missing = [key for key in ("dot_radius", "move_pixels") if not is_int(meta.get(key))]
+    if missing:
+        raise ValueError(f"the metadata of session {_name(session)} lacks {' and '.join(missing)} (an older "
+                         "recording), so the world's truth cannot be simulated")
+    frame = session.frame(t)
+    H, W = frame.shape[:2]
+    if H != W:
+        raise ValueError(f"frame {t} is {W}x{H}: the toroidal dot world is square")
+    centre = dot_centroid(frame)
+    if centre is None:
+        raise ValueError(f"frame {t} of session {_name(session)} shows no dot, so the world's state cannot be read from it")
+    x, y = (round(c) % W for c in centre)
+    return ToroidalDotRobot(W, meta["dot_radius"], meta["move_pixels"], start=(x, y))
+
+
+def simulate(world: ToroidalDotRobot, actions) -> np.ndarray:
+    """The frames the world shows after each action (the robot's own logic), uint8 (k, H, W, 3)."""
+    frames = []
+    for action in actions:  # the world steps one action at a time
+        world.execute_action(int(action))
+        frames.append(world.get_observation())
+    return np.stack(frames)
+
+
+def true_frames(session, t: int, actions) -> np.ndarray:
+    """Frames t+1..t+k of the world simulated from frame ``t``'s state under ``actions``: uint8 (k, H, W, 3)."""
+    return simulate(world_at(session, t), actions)
+
+
+def play_frames(session, cfg) -> tuple[int, int]:
+    """The frames a play may start from: (first, last) = (K-1, n-1)."""
+    return cfg.canvas_history_size - 1, _size(session) - 1
+
+
+@dataclass
+class Play:
+    """An open-loop play from frame t of a session with the user's actions.
+
+    history: the K-1 newest frames the model sees next (recorded at first, then its own predictions),
+    history_actions: the K-2 actions after all but the newest of them; world: the simulated truth;
+    start, start_truth: uint8 (H, W, 3) recorded and simulated frame t. Per step (the lists grow by
+    one per action): actions, imagined and truth (uint8 (H, W, 3)), mse and dot_error (inf: no dot
+    imagined).
+    """
+
+    session: object
+    frame_index: int
+    world: ToroidalDotRobot
+    history: list
+    history_actions: list
+    start: np.ndarray
+    start_truth: np.ndarray
+    actions: list = field(default_factory=list)
+    imagined: list = field(default_factory=list)
+    truth: list = field(default_factory=list)
+    mse: list = field(default_factory=list)
+    dot_error: list = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.actions)
+
+    def dot_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Dot centres (x, y) per step, float64 (k, 2) each: the truth's, the imagined (NaN: no dot)."""
+        if not self.steps:
+            return np.zeros((0, 2)), np.zeros((0, 2))
+        return dot_centroids(np.stack(self.truth)), dot_centroids(np.stack(self.imagined))
+
+
+def start_play(session, t: int, cfg) -> Play:
+    """A new play from frame ``t`` (``play_frames``); needs no model. ValueError naming the problem."""
+    first, last = play_frames(session, cfg)
+    t = whole_number(t, "Frame index", first, last)
+    world = world_at(session, t)
+    idx = history_indices(np.array([t]), cfg)[0]  # (K-1,)
+    history = list(_frames(session, idx))  # K-1 frames, oldest first
+    return Play(session, t, world, history, list(_actions(session, idx[:-1])), history[-1], world.get_observation())
+
+
+def play_actions(actions, play: Play, max_steps: int) -> np.ndarray:
+    """``actions`` (a string of 0 = stay and 1 = move right; spaces ignored) as int64 (k,), when the
+    play can take them all (at most ``max_steps`` in a play); ValueError naming the problem otherwise."""
+    text = "".join(actions.split()) if isinstance(actions, str) else None
+    if not text or len(text) > max_steps or set(text) - {"0", "1"}:
+        raise ValueError(f"Actions must be 1-{max_steps} characters, each 0 (stay) or 1 (move right) "
+                         f"(got {str(actions)[:60]!r})")
+    if play.steps + len(text) > max_steps:
+        raise ValueError(f"this play has {play.steps} of its {max_steps} steps; {len(text)} more would pass "
+                         "that: start again from frame t")
+    return np.frombuffer(text.encode(), np.uint8).astype(np.int64) - ord("0")  # (k,)
+
+
+def play_steps(wm: AutoencoderConcatPredictorWorldModel, play: Play, actions: np.ndarray) -> Play:
+    """Imagine one frame per action (each prediction fed back as history) and step the world alike."""
+    cfg = wm.config
+    for action in actions:  # sequential by nature: each step reads the previous step's output
+        acts = np.array([*play.history_actions, action])  # (K-1,)
+        canvas = build_prediction_canvases(np.stack(play.history)[None], acts[None], cfg.separator_width)  # (1, H, Wc, 3)
+        frame = wm.predict_slots(canvas)[0]  # (H, W, 3)
+        play.history, play.history_actions = [*play.history[1:], frame], [int(a) for a in acts[1:]]  # one slot on
+        play.imagined.append(frame)
+        play.actions.append(int(action))
+    new = play.imagined[-len(actions):]
+    truth = simulate(play.world, actions)  # (k, H, W, 3)
+    play.truth.extend(truth)
+    play.mse.extend(frame_mses(np.stack(new), truth))
+    play.dot_error.extend(dot_errors(np.stack(new), truth))
+    return play
+
+
+# -----------------------------------------------------------------------------
+# two models on the same frames
+
+
+@dataclass
+class Comparison:
+    """Two models (A, B) on every transition of one session.
+
+    evaluations: ``evaluate_models``'s for A and B; disagreement: float64 (T,) |dot error A - dot
+    error B| (a missing dot counts as ``no_dot_px``, the torus's largest distance; 0 where the actual
+    frame has no dot); top: int64 (m,) the transitions where they disagree most (dot errors, then MSE; only those
+    that differ at all), with top_predictions uint8 (2, m, H, W, 3) (A's, B's) and top_actual uint8
+    (m, H, W, 3) the recorded frames t+1.
+    """
+
+    names: tuple[str, str]
+    evaluations: tuple[Evaluation, Evaluation]
+    no_dot_px: float
+    disagreement: np.ndarray
+    top: np.ndarray
+    top_predictions: np.ndarray
+    top_actual: np.ndarray
+    seconds: float
+
+
+def compare_models(wm_a: AutoencoderConcatPredictorWorldModel, wm_b: AutoencoderConcatPredictorWorldModel, session,
+                   names: tuple[str, str] = ("A", "B"), batch_size: int = 32, top: int = 5,
+                   progress: Callable[[int, int], None] | None = None) -> Comparison:
+    """Evaluate both models on every transition (``evaluate_models``: batched, chunked) and predict
+    again the ``top`` transitions where they disagree most, for their pictures."""
+    start = time.perf_counter()
+    ev = evaluate_models([wm_a, wm_b], session, batch_size, progress)
+    H, W = wm_a.config.frame_size
+    far = math.hypot(H / 2, W / 2)  # the largest distance on the torus
+    dots = np.nan_to_num(np.stack([ev[0].dot_error, ev[1].dot_error]), nan=0.0, posinf=far)  # (2, T)
+    disagreement = np.abs(dots[0] - dots[1])  # (T,)
+    mse_gap = np.abs(ev[0].mse - ev[1].mse)  # (T,)
+    order = np.lexsort((-mse_gap, -disagreement))  # most different first
+    chosen = order[(disagreement[order] > 0) | (mse_gap[order] > 0)][:top]  # (m,)
+    predictions, actual = np.zeros((2, 0, H, W, 3), np.uint8), np.zeros((0, H, W, 3), np.uint8)
+    if len(chosen):
+        acts = _actions(session, np.arange(_size(session) - 1))  # (n-1,)
+        canvases, frames = _transition_canvases(session, ev[0].frame_index[chosen], acts, wm_a.config)
+        predictions = np.stack([wm.predict_slots(canvases, batch_size) for wm in (wm_a, wm_b)])  # (2, m, H, W, 3)
+        actual = frames[:, -1]  # (m, H, W, 3)
+    return Comparison(names, (ev[0], ev[1]), far, disagreement, chosen, predictions, actual, time.perf_counter() - start)
 
 
 # -----------------------------------------------------------------------------

@@ -12,12 +12,17 @@ JSON object. Not part of the test suite.
     python benchmarks/bench_learning.py --patterns always_move --sources live --seconds 60
     python benchmarks/bench_learning.py --matrix --seeds 11 22 33 --threads-list 1 2   # the grid of docs/LEARNING.md
 
-``--matrix`` runs every cell of patterns x seeds x sources x thread counts, each cell in its own
-process (``--jobs`` of them at once; by default as many as the cores allow at that thread count,
-so two 1-thread cells share the 2-core machine, one core each), appends each finished cell to
-``benchmarks/out/learning_matrix.jsonl``, prints one JSON object with every cell's last-100
-summary and the worst cell per pattern, and draws the learning curves to
-``benchmarks/out/learning_matrix.png`` (matplotlib, never inside the server).
+``--matrix`` runs every cell of patterns x seeds x sources x thread counts as a Ray task in a
+fresh worker process; each cell asks Ray for as many CPUs as it uses threads, so cells never fight
+for cores (two 1-thread cells share the 2-core machine, one core each; ``--jobs`` caps the cells
+at once). ``ray.init()`` starts a local cluster sized to this machine (``--cpus`` sizes it);
+``--address`` joins an existing cluster instead, whose nodes get this folder's code (the Python
+packages must be installed there). Each finished cell is appended to
+``benchmarks/out/learning_matrix.jsonl`` as it arrives; at the end one JSON object with every
+cell's last-100 summary and the worst cell per pattern is printed and the learning curves are
+drawn to ``benchmarks/out/learning_matrix.png`` (matplotlib, never inside the server).
+
+    python benchmarks/bench_learning.py --matrix --address 10.0.0.5:6379 --seeds 11 22 33 44 55
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel, ReplayRobot  # noqa: E402
-from config import AutoencoderConcatPredictorWorldModelConfig, ToroidalDotConfig  # noqa: E402
+from config import AutoencoderConcatPredictorWorldModelConfig, ToroidalDotConfig, with_overrides  # noqa: E402
 from frame_metrics import WITHIN_PX  # noqa: E402
 from toroidal_action_selectors import make_selector  # noqa: E402
 from toroidal_dot_robot import ToroidalDotRobot  # noqa: E402
@@ -46,6 +51,9 @@ from toroidal_dot_robot import ToroidalDotRobot  # noqa: E402
 PATTERNS = ("always_move", "alternate", "double_move")
 MATRIX_PATTERNS = ("always_move", "alternate", "double_move", "random")
 OUT_DIR = Path(os.environ.get("CWM_BENCH_OUT") or Path(__file__).resolve().parent / "out")  # logs and pictures
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_OBJECT_STORE_BYTES = 200 * 2**20  # a local cluster's shared object store: cells hand back small dicts only
+CODE_EXCLUDES = [".git", ".venv", "saved", "benchmarks/out"]  # not shipped to a joined cluster's nodes
 
 
 def window_summary(records: list[dict]) -> dict:
@@ -106,22 +114,16 @@ def run_one(pattern: str, source: str, seconds: float, max_iterations: int, ever
 
 
 def _config(overrides_text: list[str]) -> tuple[AutoencoderConcatPredictorWorldModelConfig, dict]:
-    cfg = AutoencoderConcatPredictorWorldModelConfig.from_env()
-    overrides = {}
-    for item in overrides_text:
-        key, value = item.split("=", 1)
-        current = getattr(cfg, key)
-        if isinstance(current, str):
-            overrides[key] = value
-        elif current is None:  # optional fields: take the JSON value as it is
-            overrides[key] = json.loads(value)
-        else:
-            overrides[key] = type(current)(json.loads(value))
-    return dataclasses.replace(cfg, **overrides), overrides
+    """The environment's world-model settings with ``FIELD=VALUE`` overrides, and the overrides applied."""
+    try:
+        cfg = with_overrides(AutoencoderConcatPredictorWorldModelConfig.from_env(), overrides_text)
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from None
+    return cfg, {item.split("=", 1)[0]: getattr(cfg, item.split("=", 1)[0]) for item in overrides_text}
 
 
 def _cell(job: dict) -> dict:
-    """One matrix cell in a fresh process: its own thread count, nothing shared with the others."""
+    """One matrix cell in a fresh worker process (a Ray task): its own thread count, nothing shared with the others."""
     torch.set_num_threads(job["threads"])
     cfg, _ = _config(job["set"])
     result = run_one(job["pattern"], job["source"], job["seconds"], job["max_iterations"], job["every"], job["seed"], cfg, job["device"])
@@ -195,29 +197,59 @@ def matrix_report(cells: list[dict], cfg, overrides: dict, seconds: float, paral
     }
 
 
+def start_ray(address: str | None, cpus: int | None) -> int:
+    """Join the cluster at ``address``, or start a local one with ``cpus`` CPUs (default: this machine's);
+    returns the cluster's CPUs."""
+    import ray  # the sweep's one extra dependency (requirements-sweep.txt)
+
+    if address:  # the nodes get this folder's code; the cells import the project's modules from it
+        ray.init(address=address, runtime_env={"working_dir": str(REPO), "excludes": CODE_EXCLUDES})
+    else:  # local workers import the project's modules from this checkout, wherever the driver was started
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def run_cells(jobs: list[dict], limit: int, log: Path) -> list[dict]:
+    """Run the cells as Ray tasks, at most ``limit`` at once, each asking for its thread count in CPUs;
+    each result is appended to ``log`` and reported as it arrives (in finishing order)."""
+    import ray
+
+    cell = ray.remote(max_calls=1)(_cell)  # a fresh worker process per cell, as a cell always had
+    queue, pending, cells = list(jobs), [], []
+    while queue or pending:
+        while queue and len(pending) < limit:
+            job = queue.pop(0)
+            pending.append(cell.options(num_cpus=job["threads"]).remote(job))
+        done, pending = ray.wait(pending, num_returns=1)
+        result = ray.get(done[0])
+        cells.append(result)
+        with open(log, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(f"cell {result['pattern']}/{result['source']}/seed {result['seed']}/{result['threads']}t: "
+              f"{json.dumps(result['last_100'])}", file=sys.stderr, flush=True)
+    return cells
+
+
 def run_matrix(args) -> dict:
-    import multiprocessing as mp
+    import ray
 
     cfg, overrides = _config(args.set)
     patterns = args.patterns if args.patterns != list(PATTERNS) else list(MATRIX_PATTERNS)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    log = OUT_DIR / f"{args.log}.jsonl"
-    cells = []
-    for threads in args.threads_list:  # one thread count at a time, so cells never fight for cores
-        jobs = [{"pattern": p, "seed": seed, "source": src, "threads": threads, "seconds": args.seconds,
-                 "max_iterations": args.max_iterations, "every": args.every, "device": args.device, "set": args.set}
-                for p in patterns for seed in args.seeds for src in args.sources]
-        n_proc = args.jobs or max(1, (os.cpu_count() or 1) // threads)
-        with mp.get_context("spawn").Pool(n_proc, maxtasksperchild=1) as pool:
-            for result in pool.imap_unordered(_cell, jobs):
-                cells.append(result)
-                with open(log, "a") as f:
-                    f.write(json.dumps(result) + "\n")
-                print(f"cell {result['pattern']}/{result['source']}/seed {result['seed']}/{result['threads']}t: "
-                      f"{json.dumps(result['last_100'])}", file=sys.stderr, flush=True)
+    jobs = [{"pattern": p, "seed": seed, "source": src, "threads": threads, "seconds": args.seconds,
+             "max_iterations": args.max_iterations, "every": args.every, "device": args.device, "set": args.set}
+            for threads in args.threads_list for p in patterns for seed in args.seeds for src in args.sources]
+    cpus = start_ray(args.address, args.cpus)
+    try:
+        cells = run_cells(jobs, args.jobs or len(jobs), OUT_DIR / f"{args.log}.jsonl")
+    finally:
+        ray.shutdown()
     plot_matrix(cells, OUT_DIR / f"{args.log}.png")
-    parallel = {str(t): args.jobs or max(1, (os.cpu_count() or 1) // t) for t in args.threads_list}
-    return matrix_report(cells, cfg, overrides, args.seconds, parallel, _device_name(args.device), args.log)
+    parallel = {str(t): min(args.jobs or len(jobs), max(1, cpus // t)) for t in args.threads_list}  # cells at once
+    report = matrix_report(cells, cfg, overrides, args.seconds, parallel, _device_name(args.device), args.log)
+    return report | {"ray_cluster": {"address": args.address or "local", "cpus": cpus}}
 
 
 def summarise_log(path: Path) -> dict:
@@ -252,7 +284,11 @@ def main(argv=None) -> None:
     parser.add_argument("--matrix", action="store_true", help="run the grid patterns x seeds x sources x threads")
     parser.add_argument("--seeds", nargs="+", type=int, default=[11, 22, 33], help="matrix: start seeds (never tuned on)")
     parser.add_argument("--threads-list", nargs="+", type=int, default=[1, 2], help="matrix: CPU thread counts")
-    parser.add_argument("--jobs", type=int, default=0, help="matrix: cells at once (0: cores // threads)")
+    parser.add_argument("--jobs", type=int, default=0, help="matrix: at most this many cells at once (0: as many as "
+                        "the cluster's CPUs hold, each cell taking its thread count)")
+    parser.add_argument("--address", default=None, help="matrix: join the Ray cluster at this address (host:6379 or "
+                        "ray://host:10001) instead of starting a local one")
+    parser.add_argument("--cpus", type=int, default=None, help="matrix: CPUs of the local Ray cluster (default: this machine's)")
     parser.add_argument("--log", default="learning_matrix", help="matrix: name of its JSONL log and PNG in benchmarks/out "
                         "(or $CWM_BENCH_OUT)")
     parser.add_argument("--summarise", type=Path, metavar="JSONL", help="report the cells of a matrix log again (runs nothing)")

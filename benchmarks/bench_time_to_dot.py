@@ -149,6 +149,8 @@ def run_cell(job: dict) -> dict:
     """One cell in a fresh process: time from the start of a fresh model's run to the dot."""
     if job["mode"] == "app":
         return app_cell(job)
+    from autoencoder_concat_predictor_world_model import compute_path
+
     torch.set_num_threads(job["threads"])
     cfg, _ = _config(job["set"])
     t_build = time.perf_counter()
@@ -188,7 +190,7 @@ def run_cell(job: dict) -> dict:
     times = np.diff([0.0] + [r["t"] for r in records])
     return {
         "mode": job["mode"], "world": job["world"], "pattern": job["pattern"], "seed": job["seed"],
-        "threads": job["threads"], "set": job["set"],
+        "threads": job["threads"], "set": job["set"], "compute_path": compute_path(job["device"], cfg),
         "iterations_to_dot": None if to_dot is None else to_dot["iteration"],
         "seconds_to_dot": None if to_dot is None else to_dot["seconds"],
         "iterations": n, "seconds": round(total, 2), "build_seconds": round(build_s, 3),

@@ -20,6 +20,7 @@ from models.masked_autoencoder_vit import (
     capture_attention,
     init_column_lookup_attention,
     init_correspondence_attention,
+    init_torus_correspondence_attention,
     patchify,
     patchify_channels_last,
     unpatchify,
@@ -276,6 +277,9 @@ class TargetedMAEWrapper(nn.Module):
     def __init__(self, config: AutoencoderConcatPredictorWorldModelConfig | None = None):
         super().__init__()
         self.config = cfg = config or AutoencoderConcatPredictorWorldModelConfig()
+        if cfg.decoder_position not in ("canvas", "torus"):
+            raise ValueError(f"decoder_position must be 'canvas' or 'torus', got {cfg.decoder_position!r}")
+        pitch = (cfg.frame_size[1] + cfg.separator_width) / cfg.patch_size  # slot pitch in patch columns
         self.mae = MaskedAutoencoderViT(
             img_size=cfg.canvas_size,
             patch_size=cfg.patch_size,
@@ -288,13 +292,17 @@ class TargetedMAEWrapper(nn.Module):
             decoder_num_heads=cfg.decoder_num_heads,
             mlp_ratio=cfg.mlp_ratio,
             decoder_mode=cfg.decoder_mode,
+            decoder_torus=(pitch, cfg.frame_size[1] / cfg.patch_size) if cfg.decoder_position == "torus" else None,
         )
         if cfg.correspondence_init_layers:
             # the same place one slot to the left, plus a few columns either side (see config)
-            pitch = (cfg.frame_size[1] + cfg.separator_width) / cfg.patch_size  # slot pitch in patch columns
-            shifts = [pitch + o for o in cfg.correspondence_offsets]
             for blk in self.mae.decoder_blocks[: cfg.correspondence_init_layers]:
-                init_correspondence_attention(blk.attn, shifts[: blk.attn.num_heads], cfg.correspondence_gain)
+                if cfg.decoder_position == "torus":  # the shift inside the frame, wrapping round its edge
+                    init_torus_correspondence_attention(blk.attn, cfg.correspondence_offsets[: blk.attn.num_heads],
+                                                        cfg.correspondence_gain, cfg.frame_size[1] / cfg.patch_size)
+                else:
+                    shifts = [pitch + o for o in cfg.correspondence_offsets]
+                    init_correspondence_attention(blk.attn, shifts[: blk.attn.num_heads], cfg.correspondence_gain)
             n_action = min(cfg.action_lookup_heads, cfg.decoder_num_heads)
             if n_action and cfg.correspondence_init_layers < cfg.decoder_depth:
                 # the next block: heads that read the separator band between the last two slots (the action)

@@ -43,6 +43,53 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: tuple[int, int], cls_toke
     return emb.astype(np.float32)
 
 
+TORUS_HARMONICS = 4  # frame-periodic column harmonics in a "torus" decoder position embedding
+TORUS_FIRST_FREQUENCY = 10  # column frequencies from this index on are replaced (low ones: nearly flat over a canvas)
+SLOT_PERIOD = 3.0  # the slot code turns once every this many slots
+
+
+def torus_slots(grid_size: tuple[int, int], pitch: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each patch's frame slot and column inside its frame, for a canvas of slots ``pitch`` patch
+    columns apart (a frame plus its separator). A patch straddling a separator counts with the slot
+    it overlaps most; its column may be -0.5 (its left half is separator).
+
+    Returns:
+        slot, column: float64 (gh * gw,) each, row-major like the patch grid.
+    """
+    gh, gw = grid_size
+    cols = np.tile(np.arange(gw, dtype=np.float64), gh)  # (gh*gw,)
+    slot = np.floor((cols + 0.5) / pitch)
+    return slot, cols - pitch * slot
+
+
+def add_torus_position(emb: np.ndarray, grid_size: tuple[int, int], pitch: float, frame_cols: float) -> np.ndarray:
+    """Overwrite some low column frequencies of a 2-D sin-cos embedding (``get_2d_sincos_pos_embed``,
+    no CLS row) with a code of where a patch is *on the torus*: ``TORUS_HARMONICS`` harmonics of its
+    column inside its frame, period ``frame_cols`` (so the right edge of a frame is next to its left
+    edge), and its slot, turning once every ``SLOT_PERIOD`` slots. A look-up "this place in the slot
+    before, a few columns left" is then one rotation of these channels, wrapping round the frame's
+    edge (``init_torus_correspondence_attention``). The high frequencies, rows, and the canvas
+    column code the action look-up reads, are kept.
+
+    Returns:
+        float32 (gh * gw, D), a new array.
+    """
+    D = emb.shape[1]
+    half, quarter = D // 2, D // 4
+    first, last = TORUS_FIRST_FREQUENCY, TORUS_FIRST_FREQUENCY + TORUS_HARMONICS  # harmonics, then the slot
+    if last >= quarter:
+        raise ValueError(f"a torus position embedding needs a width of at least {4 * (last + 1)}, got {D}")
+    slot, col = torus_slots(grid_size, pitch)
+    out = emb.copy()
+    m = np.arange(1, TORUS_HARMONICS + 1, dtype=np.float64)  # (K,) harmonics
+    angles = np.einsum("l,k->lk", col, 2 * np.pi * m / frame_cols)  # (L, K)
+    out[:, half + first : half + last] = np.sin(angles)
+    out[:, half + quarter + first : half + quarter + last] = np.cos(angles)
+    out[:, half + last] = np.sin(2 * np.pi * slot / SLOT_PERIOD)
+    out[:, half + quarter + last] = np.cos(2 * np.pi * slot / SLOT_PERIOD)
+    return out.astype(np.float32)
+
+
 def _1d_sincos(dim: int, pos: np.ndarray) -> np.ndarray:
     omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))  # (dim/2,)
     angles = np.einsum("m,d->md", pos, omega)  # (M, dim/2)
@@ -113,6 +160,48 @@ def init_correspondence_attention(attn: nn.Module, column_shifts: Sequence[float
         Wq[out, row_sin] = Wq[out + 1, row_cos] = 1.0
         Wq[out + 2, col_sin], Wq[out + 2, col_cos] = c, -s  # sin(w(x - shift))
         Wq[out + 3, col_sin], Wq[out + 3, col_cos] = s, c  # cos(w(x - shift))
+    attn.qkv.weight[:D] = (gain * Wq).to(attn.qkv.weight.dtype)
+    attn.qkv.weight[D : 2 * D] = Wk.to(attn.qkv.weight.dtype)
+    if attn.qkv.bias is not None:
+        attn.qkv.bias[: 2 * D] = 0
+
+
+@torch.no_grad()
+def init_torus_correspondence_attention(attn: nn.Module, column_shifts: Sequence[float], gain: float,
+                                        frame_cols: float) -> None:
+    """``init_correspondence_attention`` for a decoder with a torus position embedding
+    (``add_torus_position``): each head starts out attending to the same row, the slot before, and
+    the column ``shift`` to the left *modulo the frame width*, so a dot that left a frame's right
+    edge is looked for at its left edge from the first step. Per head: the 3 highest row
+    frequencies (matched), the ``TORUS_HARMONICS`` column harmonics (rotated by the shift) and the
+    slot code (rotated by one slot), two channels each: 16 channels, the decoder's head width.
+    """
+    D = attn.qkv.in_features
+    H, hd = attn.num_heads, attn.head_dim
+    half, quarter = D // 2, D // 4
+    n_rows = (hd - 2 * TORUS_HARMONICS - 2) // 2
+    if n_rows < 1:
+        raise ValueError(f"a torus look-up needs heads at least {2 * TORUS_HARMONICS + 4} wide, got {hd}")
+    omega_cols = 2 * torch.pi * torch.arange(1, TORUS_HARMONICS + 1, dtype=torch.float64) / frame_cols  # (K,)
+    Wq = torch.zeros(D, D, dtype=torch.float64)
+    Wk = torch.zeros(D, D, dtype=torch.float64)
+    rows = torch.arange(n_rows)
+    torus = TORUS_FIRST_FREQUENCY + torch.arange(TORUS_HARMONICS)  # frequency indices of the harmonics
+    slot = TORUS_FIRST_FREQUENCY + TORUS_HARMONICS
+    for h in range(H):  # a handful of heads
+        o = h * hd
+        out_r = o + 2 * rows  # (n_rows,) sin, cos pairs of the rows: matched as they are
+        Wq[out_r, rows] = Wk[out_r, rows] = 1.0
+        Wq[out_r + 1, rows + quarter] = Wk[out_r + 1, rows + quarter] = 1.0
+        out_c = o + 2 * n_rows + 2 * torch.arange(TORUS_HARMONICS)  # (K,) pairs of the column harmonics
+        angle = torch.cat([omega_cols * column_shifts[h], torch.tensor([2 * torch.pi / SLOT_PERIOD], dtype=torch.float64)])
+        out = torch.cat([out_c, torch.tensor([o + 2 * n_rows + 2 * TORUS_HARMONICS])])  # (K + 1,) harmonics, slot
+        sin_in = half + torch.cat([torus, torch.tensor([slot])])  # (K + 1,) input channels of sin(w x)
+        cos_in = sin_in + quarter
+        c, s = torch.cos(angle), torch.sin(angle)
+        Wk[out, sin_in] = Wk[out + 1, cos_in] = 1.0
+        Wq[out, sin_in], Wq[out, cos_in] = c, -s  # sin(w (x - shift))
+        Wq[out + 1, sin_in], Wq[out + 1, cos_in] = s, c  # cos(w (x - shift))
     attn.qkv.weight[:D] = (gain * Wq).to(attn.qkv.weight.dtype)
     attn.qkv.weight[D : 2 * D] = Wk.to(attn.qkv.weight.dtype)
     if attn.qkv.bias is not None:
@@ -293,11 +382,13 @@ class MaskedAutoencoderViT(nn.Module):
         decoder_num_heads: int = 4,
         mlp_ratio: float = 4.0,
         decoder_mode: str = "self",
+        decoder_torus: tuple[float, float] | None = None,
     ):
         super().__init__()
         if decoder_mode not in DECODER_MODES:
             raise ValueError(f"decoder_mode must be one of {DECODER_MODES}, got {decoder_mode!r}")
         self.decoder_mode = decoder_mode
+        self.decoder_torus = decoder_torus  # (slot pitch, frame width) in patch columns: a torus position code; None: canvas
         self.patch_size = patch_size
         self.in_chans = in_chans
 
@@ -330,9 +421,10 @@ class MaskedAutoencoderViT(nn.Module):
     def initialize_weights(self) -> None:
         """MAE's initialisation: fixed sin-cos positions, xavier linears, small CLS/mask tokens."""
         self.pos_embed.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size, True)).unsqueeze(0))
-        self.decoder_pos_embed.copy_(
-            torch.from_numpy(get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid_size, True)).unsqueeze(0)
-        )
+        dec = get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid_size, True)  # (1 + L, Dd)
+        if self.decoder_torus is not None:
+            dec[1:] = add_torus_position(dec[1:], self.grid_size, *self.decoder_torus)
+        self.decoder_pos_embed.copy_(torch.from_numpy(dec).unsqueeze(0))
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # like nn.Linear, not a conv
         nn.init.normal_(self.cls_token, std=0.02)

@@ -41,9 +41,11 @@ from record_session import record_session  # noqa: E402
 from session_explorer_lib import SessionError  # noqa: E402
 from toroidal_dot_robot import ToroidalDotRobot  # noqa: E402
 
-# a tiny world model (the default canvas, narrow and shallow blocks): fast enough for unit tests
+# a tiny world model (the default canvas, narrow and shallow blocks): fast enough for unit tests; the
+# torus position code needs a decoder at least 64 wide, so it keeps the canvas code
 TINY = AutoencoderConcatPredictorWorldModelConfig(
     embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
+    decoder_position="canvas",
 )
 
 
@@ -133,16 +135,17 @@ class AppServer:
 
 
 def launch_app(saved_root: Path, work_dir: Path, extra_args: tuple[str, ...] = (), env_extra: dict | None = None,
-               cwd: Path = REPO, e2e: bool = True) -> AppServer:
+               cwd: Path = REPO, e2e: bool = True, drop_env: tuple[str, ...] = ()) -> AppServer:
     """Start the app on a free port with its data under ``saved_root``; returns once it answers.
 
     ``cwd`` is the app's working directory (the repository by default, as with ``make run``).
     ``e2e=False`` keeps Gradio's production timings (a closed session's state lives an hour) and
-    glibc's allocator settings from the caller's environment out, for benchmarks.
+    glibc's allocator settings from the caller's environment out, for benchmarks. ``drop_env``: variables
+    left out of the app's environment (``GRADIO_TEMP_DIR``: the app makes its own private cache).
     """
     port = free_port()
     temp = work_dir / "gradio-tmp"
-    temp.mkdir(parents=True, exist_ok=True)
+    temp.mkdir(mode=0o700, parents=True, exist_ok=True)
     env = dict(
         os.environ,
         CWM_SAVED_ROOT=str(saved_root),
@@ -155,6 +158,8 @@ def launch_app(saved_root: Path, work_dir: Path, extra_args: tuple[str, ...] = (
         for name in ("GRADIO_IS_E2E_TEST", "MALLOC_ARENA_MAX"):
             env.pop(name, None)
     env.update(env_extra or {})
+    for name in drop_env:
+        env.pop(name, None)
     log_path = work_dir / f"app-{port}.log"
     cmd = [sys.executable, str(REPO / "concat_world_model_explorer_gradio.py"), "--host", "127.0.0.1",
            "--port", str(port), "--no-browser", *extra_args]
@@ -167,7 +172,7 @@ def launch_app(saved_root: Path, work_dir: Path, extra_args: tuple[str, ...] = (
         stop_process(proc)
         raise
     return AppServer(url=url, proc=proc, log_path=log_path, saved_root=saved_root,
-                     temp_dir=Path(env["GRADIO_TEMP_DIR"]))
+                     temp_dir=Path(env["GRADIO_TEMP_DIR"]) if "GRADIO_TEMP_DIR" in env else None)
 
 
 def record_app_sessions(saved_root: Path) -> Path:

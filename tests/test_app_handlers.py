@@ -35,7 +35,7 @@ SESSION = "handler_alternate"
 FIXED_ENDPOINTS = {"refresh_sessions", "load_session", "update_frame", "jump_to_frame", "run_world_model", "stop",
                    "update_attention_viz", "counterfactual", "rollout", "evaluate_session", "train_single_canvas",
                    "patch_attention", "record_session", "save_checkpoint", "load_checkpoint", "reset_model", "export",
-                   "browse_history"}
+                   "browse_history", "play_start", "play", "compare_models"}
 ALL_ON = (True,) * 9  # 5 layers + 4 heads
 
 
@@ -103,8 +103,8 @@ def test_build_demo_declares_the_fixed_endpoints_without_launching():
     assert run.concurrency_id == "model" and run.concurrency_limit == 4
     images = [b for b in demo.blocks.values() if isinstance(b, gr.Image)]
     # 1 frame + 4 training + 3 prediction + prediction canvas + attention + picker + patch + 2 counterfactual
-    # + actual + rollout + 3 run history
-    assert len(images) == 19 and all(b.format == "png" for b in images)
+    # + actual + rollout + play's imagined, true and strip + the comparison's disagreements + 3 run history
+    assert len(images) == 23 and all(b.format == "png" for b in images)
     assert not any(isinstance(b, gr.Plot) for b in demo.blocks.values())  # native LinePlots only
     assert getattr(demo, "server", None) is None  # nothing was launched
 
@@ -161,8 +161,8 @@ def test_validators_refuse_before_the_handler_runs_naming_the_input_and_log_one_
     assert [r.getMessage() for r in caplog.records] == ["refused: Frame number must be a whole number from 0 to 24 (got 999)."]
     assert all(r.exc_info is None for r in caplog.records)
     assert not page_common.refusal("x").print_exception  # Gradio prints no traceback for it
-    record = page_workflow.check_record_new_session("alternate", 2, 0, 5, 300)  # steps and move refused, each on its box
-    assert [v["is_valid"] for v in record] == [True, False, True, True, False]
+    record = page_workflow.check_record_new_session("alternate", 2, 0, 5, 300, loaded)  # steps and move refused, each on its box
+    assert [v["is_valid"] for v in record] == [True, False, True, True, False, True]
     assert "Steps must be a whole number from 3" in record[1]["message"] and "Move pixels" in record[4]["message"]
     assert [v["is_valid"] for v in page_analysis.check_rollout(0, 99, loaded)] == [False, False, True]
     assert "Load a session first" in page_run.check_run_world_model(5, page_common.UserState())[0]["message"]
@@ -471,7 +471,8 @@ def test_a_redraw_checks_its_quantile_once(loaded, monkeypatch):
 
 
 def test_attention_controls_follow_the_configured_decoder_depth_and_heads(env):
-    small = dataclasses.replace(page_common.MODEL_CFG, embed_dim=32, decoder_embed_dim=32, decoder_depth=3, decoder_num_heads=2)
+    small = dataclasses.replace(page_common.MODEL_CFG, embed_dim=32, decoder_embed_dim=32, decoder_depth=3, decoder_num_heads=2,
+                                decoder_position="canvas")
     demo = app.build_demo(config=small)
     ids = {b.elem_id for b in demo.blocks.values() if isinstance(b, gr.Checkbox)}
     assert ids == {"attn-layer-0", "attn-layer-1", "attn-layer-2", "attn-head-0", "attn-head-1"}

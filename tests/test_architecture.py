@@ -11,9 +11,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # every module of the engine: nothing here may import the page's libraries
 ENGINE = ("autoencoder_concat_predictor_world_model", "run_controller", "model_pool", "run_history", "checkpoints",
-          "frame_metrics", "atomic_files", "validation", "world_model_analysis", "run_export", "session_explorer_lib",
+          "frame_metrics", "atomic_files", "private_files", "validation", "world_model_analysis", "run_export", "session_explorer_lib",
           "config", "toroidal_dot_robot", "toroidal_action_selectors", "recording_robot", "record_session",
-          "models", "models.autoencoder_concat_predictor", "models.masked_autoencoder_vit", "models.cuda_graphs")
+          "models", "models.autoencoder_concat_predictor", "models.masked_autoencoder_vit", "models.cuda_graphs",
+          "tensorboard_log")
 UI_LIBRARIES = ("gradio", "matplotlib")
 
 
@@ -116,7 +117,7 @@ class Watched(dict):
         return super().__contains__(key)
 
 os.environ = Watched(os.environ)
-import config, server_guard, concat_world_model_explorer_gradio
+import config, server_guard, concat_world_model_explorer_gradio, train_world_model
 import %s
 sys.exit(str(sorted({k for k in read if k.startswith("CWM_")})) if any(k.startswith("CWM_") for k in read) else 0)
 """ % ", ".join(ENGINE)

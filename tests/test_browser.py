@@ -379,6 +379,9 @@ def test_record_browse_history_save_and_export(page):
 
     run(page, 6)
     history = page.locator("#history-slider input[type=range]")
+    # the slider's range comes in the same update as "Done", but under load the page may draw it a moment later
+    page.wait_for_function("() => { const e = document.querySelector('#history-slider input[type=range]');"
+                           " return e && Number(e.max) - Number(e.min) === 5; }", timeout=15_000)
     first, last = (int(v) for v in history.evaluate("e => [e.min, e.max]"))
     assert last - first == 5 and history.input_value() == str(last)  # this run's 6 iterations, at the latest
     target = first + 2  # its third iteration looked at frame 2 (the replay started at frame 0)

@@ -380,3 +380,41 @@ def test_world_model_loop_views_and_attention_with_a_cross_decoder(mode):
     assert views["inpainting"].shape == (224, 688, 3) and (views["inpainting"][:, :464] == 0).all()
     capture = wm.capture_decoder_attention()
     assert capture.weights.shape == (2, 4, 603, 603) and capture.prediction.shape == (224, 224, 3)
+
+
+def _first_block_look_ups(cfg, row, col):
+    """Where each head of decoder block 0 looks first, from patch (row, col), at initialisation:
+    the (row, column) its attention weighs most, from the position code alone."""
+    mae = TargetedMAEWrapper(cfg).mae
+    blk = mae.decoder_blocks[0]
+    H = blk.attn.num_heads
+    with torch.no_grad():
+        qkv = blk.attn.qkv(blk.norm1(mae.decoder_pos_embed[0, 1:]))  # (L, 3D)
+    q, k = qkv.reshape(qkv.shape[0], 3, H, -1).unbind(1)[:2]  # (L, H, hd) each
+    gw = mae.grid_size[1]
+    i = row * gw + col
+    weights = torch.einsum("hd,lhd->hl", q[i], k).softmax(-1)  # (H, L)
+    return [(int(j) // gw, int(j) % gw) for j in weights.argmax(-1)]
+
+
+def test_a_torus_position_code_makes_the_first_look_up_wrap_round_the_frame_edge():
+    # the default offsets (-0.5, 0.5, 1.5, 2.5): heads 2 and 3 look where a moved dot came from.
+    # From the first column of the masked slot (canvas column 29) that place is past the left edge:
+    # on the torus it is the right edge of the previous frame (columns 26-27, slot 1), not slot 0.
+    canvas = _first_block_look_ups(AutoencoderConcatPredictorWorldModelConfig(decoder_position="canvas"), 7, 29)
+    torus = _first_block_look_ups(AutoencoderConcatPredictorWorldModelConfig(decoder_position="torus"), 7, 29)
+    assert canvas[2:] == [(7, 13), (7, 12)]  # the canvas code runs on into frame t-2's right edge
+    assert torus[2:] == [(7, 27), (7, 26)]
+    assert torus[:2] == canvas[:2] == [(7, 15), (7, 14)]  # "stay" heads: the same place in frame t-1
+    # away from the edge both codes look at the same places
+    assert _first_block_look_ups(AutoencoderConcatPredictorWorldModelConfig(decoder_position="torus"), 3, 36) == \
+        _first_block_look_ups(AutoencoderConcatPredictorWorldModelConfig(decoder_position="canvas"), 3, 36)
+
+
+def test_the_decoder_position_code_is_part_of_the_architecture():
+    cfg = AutoencoderConcatPredictorWorldModelConfig()
+    assert "decoder_position" not in cfg.architecture()  # canvas: checkpoints from before still load
+    torus = AutoencoderConcatPredictorWorldModelConfig.from_env({"CWM_DECODER_POSITION": "torus"})
+    assert torus.architecture()["decoder_position"] == "torus"
+    with pytest.raises(ValueError, match="decoder_position must be 'canvas' or 'torus', got 'ring'"):
+        TargetedMAEWrapper(dataclasses.replace(TINY, decoder_position="ring"))

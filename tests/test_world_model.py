@@ -275,3 +275,33 @@ def test_a_robot_is_detached_and_attached_with_a_fresh_history():
     wm.attach_robot(robot)
     m = wm.run(1)[0]
     assert m["prediction_error"] is None and m["iteration"] == 4 and len(wm.interleaved_history) == 2
+
+
+def test_cpu_precision_comes_from_the_environment_and_a_bad_value_is_named():
+    assert AutoencoderConcatPredictorWorldModelConfig.from_env({}).cpu_precision == "fp32"
+    assert AutoencoderConcatPredictorWorldModelConfig.from_env({"CWM_CPU_PRECISION": "auto"}).cpu_precision == "auto"
+    with pytest.raises(ValueError, match="cpu_precision must be 'auto', 'bf16' or 'fp32', got 'fp16'"):
+        _tiny_world_model(config=dataclasses.replace(TINY, cpu_precision="fp16"))
+
+
+@pytest.mark.parametrize("has_amx", [False, True])
+def test_auto_cpu_precision_is_bf16_exactly_where_the_cpu_has_amx(monkeypatch, has_amx):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: has_amx)
+    wm = _tiny_world_model(config=dataclasses.replace(TINY, cpu_precision="auto"))
+    assert wm.autocast_dtype == (torch.bfloat16 if has_amx else None)
+    assert _tiny_world_model(config=dataclasses.replace(TINY, cpu_precision="fp32")).autocast_dtype is None
+
+
+def test_a_bf16_model_on_the_cpu_keeps_fp32_weights_and_its_checkpoint_loads_in_fp32(tmp_path):
+    wm = _tiny_world_model(config=dataclasses.replace(TINY, cpu_precision="bf16"))
+    metrics = wm.run(6)
+    assert wm.autocast_dtype == torch.bfloat16 and wm.step == 4
+    assert all(np.isfinite(m["training_loss"]) for m in metrics[2:])
+    assert all(p.dtype == torch.float32 for p in wm.model.parameters())  # master weights, AdamW state in fp32
+    assert wm.last_prediction.dtype == np.uint8 and wm.last_prediction.shape == (224, 224, 3)
+    path = tmp_path / "bf16.pth"
+    wm.save_checkpoint(path)
+    fp32 = _tiny_world_model(config=TINY)
+    fp32.load_checkpoint(path)
+    for a, b in zip(wm.model.parameters(), fp32.model.parameters()):
+        assert torch.equal(a, b)
