@@ -60,6 +60,7 @@ import server_guard
 from autoencoder_concat_predictor_world_model import compute_path, default_device
 from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig
 from model_pool import ModelPool, limit_malloc_arenas
+from page_analysis import SECTION_TITLE as ANALYSIS_TITLE
 from page_analysis import (
     CANVAS_OUTPUT_KEYS,
     analysis_section,
@@ -73,6 +74,7 @@ from page_analysis import (
     session_names,
     train_single_canvas,
 )
+from page_attention import SECTION_TITLE as ATTENTION_TITLE
 from page_attention import (
     attention_section,
     check_patch_attention,
@@ -110,6 +112,7 @@ from page_sessions import (
     update_frame,
 )
 from private_files import PrivateFolder, UnsafeFolderError, check_folder, readable_by_others
+from page_workflow import SECTION_TITLE as WORKFLOW_TITLE
 from page_workflow import (
     browse_history,
     check_browse_history,
@@ -136,6 +139,7 @@ CSS = """
 .pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 #app-title h1 { margin-bottom: 0; }
 .section-title h2 { margin: 0.6em 0 0.1em 0; }
+.section-fold > button span { font-size: 1.5em; font-weight: 600; }
 """
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
 
@@ -291,8 +295,15 @@ def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, c
             "# Concat World Model Explorer\nLoad a recorded toroidal-dot session, scrub its frames, run the "
             "canvas-inpainting world model and explore why it predicts what it does.", elem_id="app-title")
 
-        c = {**session_section(), **run_section(), **views_sections(), **metrics_section(config),
-             **attention_section(config), **analysis_section(), **play_section(), **workflow_section()}
+        c = {**session_section(), **run_section(), **views_sections(), **metrics_section(config)}
+        # the later sections are folded: a newcomer first sees sessions, run, views and graphs; each
+        # fold opens with a click and keeps its outputs up to date while closed
+        with gr.Accordion(ATTENTION_TITLE, open=False, elem_id="fold-attention", elem_classes=["section-fold"]):
+            c.update(attention_section(config))
+        with gr.Accordion(ANALYSIS_TITLE, open=False, elem_id="fold-analysis", elem_classes=["section-fold"]):
+            c.update(analysis_section(), **play_section())
+        with gr.Accordion(WORKFLOW_TITLE, open=False, elem_id="fold-work", elem_classes=["section-fold"]):
+            c.update(workflow_section())
         _wire(demo, registry, user, c, app)
     return demo
 

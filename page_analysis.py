@@ -297,10 +297,12 @@ def train_single_canvas(frame_index: Any, steps: Any, user: UserState):
 # layout
 
 
+SECTION_TITLE = "7. Analysis, play and compare (asks the model; only single-canvas training changes it)"
+
+
 def analysis_section() -> dict[str, Any]:
-    """Section 7: counterfactual actions, open-loop rollouts, whole-session evaluation, single-canvas training."""
-    gr.Markdown("## 7. Analysis (asks this tab's model; only single-canvas training changes it)",
-                elem_classes=["section-title"])
+    """Section 7 (titled ``SECTION_TITLE`` by the fold the page puts it in): counterfactual actions,
+    open-loop rollouts, whole-session evaluation, single-canvas training."""
     frame = gr.Number(value=1, precision=0, label="Frame t of the loaded session (follows the frame slider)",
                       elem_id="analysis-frame")
     gr.Markdown("### What if the other action had been taken?")

@@ -126,10 +126,12 @@ def pick_patch(user: UserState, evt: gr.SelectData) -> tuple:
 # layout
 
 
+SECTION_TITLE = "6. Decoder attention (from the last run; controls redraw without running the model)"
+
+
 def attention_section(cfg: AutoencoderConcatPredictorWorldModelConfig) -> dict[str, Any]:
-    """Section 6: attention controls (one checkbox per decoder layer and head of ``cfg``), picture and statistics."""
-    gr.Markdown("## 6. Decoder attention (from the last run; controls redraw without running the model)",
-                elem_classes=["section-title"])
+    """Section 6 (titled ``SECTION_TITLE`` by the fold the page puts it in): attention controls (one
+    checkbox per decoder layer and head of ``cfg``), picture and statistics."""
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=300):
             quantile = gr.Slider(0, 100, value=APP.default_quantile, step=0.5, elem_id="attn-quantile",

@@ -368,9 +368,12 @@ def _history_block() -> dict[str, Any]:
             "history_md": history_md}
 
 
+SECTION_TITLE = "8. Your work: recording, run history, named checkpoints, reset and export"
+
+
 def workflow_section() -> dict[str, Any]:
-    """Section 8: run history, named checkpoints and reset."""
-    gr.Markdown("## 8. Your work: run history, named checkpoints and reset", elem_classes=["section-title"])
+    """Section 8 (titled ``SECTION_TITLE`` by the fold the page puts it in): recording, run history,
+    named checkpoints, reset and export."""
     record = _record_block()
     history = _history_block()
     gr.Markdown("### Checkpoints")

@@ -106,6 +106,19 @@ def choose(page, elem_id: str, option: str) -> None:
     page.get_by_role("option", name=option).click()
 
 
+FOLDS = ("fold-attention", "fold-analysis", "fold-work")  # sections 6, 7 and 8, closed when the page opens
+
+
+def unfold(page, *folds: str) -> None:
+    """Open the folded sections ``folds`` (all by default), as a user clicks their titles; Gradio
+    renders a fold's contents only once it is open."""
+    for fold in folds or FOLDS:
+        button = page.locator(f"#{fold} > button.label-wrap")
+        if "open" not in (button.get_attribute("class") or "").split():
+            button.click()
+        expect(button).to_have_class(re.compile(r"\bopen\b"))
+
+
 def choose_and_load(page, name: str = ALT) -> None:
     choose(page, "#session-dropdown", name)
     page.locator("#load-btn").click()
@@ -194,6 +207,7 @@ def region_screenshot(page, first, last, path: Path) -> None:
 
 def test_load_scrub_run_and_explore_attention(page):
     choose_and_load(page)
+    unfold(page, "fold-attention")
     info = page.locator("#session-info")
     for text in ("Frames: 41", "Actions: 40", "Start:", "End:", "Robot: ToroidalDotRobot", "Action space:"):
         expect(info).to_contain_text(text)
@@ -255,6 +269,7 @@ def test_pick_a_patch_and_analyse_a_frame(page):
     out = ARTIFACTS / "pick_a_patch"
     out.mkdir(parents=True, exist_ok=True)
     choose_and_load(page)
+    unfold(page)
     run(page, 5)
     assert picture(page, "#pred-canvas").max() > 0
     page.locator("#plot-grad").scroll_into_view_if_needed()
@@ -311,12 +326,13 @@ def test_pick_a_patch_and_analyse_a_frame(page):
     assert line_points(page, "#canvas-plot") >= 5
 
     show_everything(page, ("#cf-0", "#rollout-image", "#eval-plot", "#canvas-plot"))
-    region_screenshot(page, page.get_by_role("heading", name=re.compile(r"^7\. Analysis")),
+    region_screenshot(page, page.locator("#fold-analysis > button"),
                       page.locator("#canvas-plot"), out / "section7-analysis.png")
 
 
 def test_stop_ends_a_long_run(page):
     choose_and_load(page)
+    unfold(page, "fold-attention")
     page.locator("#iterations input").fill("200")
     page.locator("#run-btn").click()
     expect(page.locator("#progress")).to_contain_text(re.compile(r"Running: [1-9]\d*/200"), timeout=RUN_TIMEOUT_MS)
@@ -361,6 +377,7 @@ def test_record_browse_history_save_and_export(page):
     out.mkdir(parents=True, exist_ok=True)
     sessions = page.locator("#session-dropdown input")
     expect(sessions).not_to_have_value("", timeout=30_000)  # the page has listed the sessions: no refresh to come
+    unfold(page, "fold-work")
     choose(page, "#record-pattern", "alternate")
     page.locator("#record-steps input").fill("12")
     page.locator("#record-seed input").fill("3")
@@ -427,7 +444,7 @@ def test_record_browse_history_save_and_export(page):
     for elem_id in ("#history-current", "#history-predicted", "#history-error"):
         page.locator(elem_id).scroll_into_view_if_needed()
         wait_for_pictures(page, elem_id)
-    region_screenshot(page, page.get_by_role("heading", name=re.compile(r"^8\. Your work")),
+    region_screenshot(page, page.locator("#fold-work > button"),
                       page.locator("#export-file"), out / "section8.png")
 
 
@@ -490,6 +507,7 @@ def test_views_follow_the_model_after_a_run_a_reset_and_a_checkpoint_load(page):
     iteration; after Reset no graph holds a point and no view a picture; after a checkpoint load and a
     new run the run history's pictures and text are those of the iteration its slider reads."""
     choose_and_load(page)
+    unfold(page)
     run(page, 5)  # the model may go on from the shared checkpoint: its iterations count from there
     history, slider = page.locator("#history-info"), page.locator("#history-slider input[type=number]")
     last = int(re.search(r"iteration (\d+)$", page.locator("#progress").inner_text()).group(1))
@@ -544,6 +562,7 @@ def test_a_refused_input_leaves_every_output_as_it_was(page):
     out = ARTIFACTS / "trust"
     out.mkdir(parents=True, exist_ok=True)
     choose_and_load(page)
+    unfold(page, "fold-work")
     page.locator("#jump-number input").fill("12")
     page.locator("#jump-btn").click()
     expect(page.locator("#frame-info")).to_contain_text("Frame 12")
@@ -578,3 +597,22 @@ def test_a_refused_input_leaves_every_output_as_it_was(page):
     expect(ckpt_info).to_contain_text("Reset:")
     choose(page, "#ckpt-choice", name)  # nothing covers the dropdown
     assert error_badges(page) == 0
+
+
+def test_the_first_page_shows_sessions_run_views_and_graphs_with_the_later_sections_folded(page):
+    """Before any action the page is sessions, run, views and graphs (about 4,000 px at 1500 x 1000,
+    not 12,500 of mostly empty boxes); attention, analysis/play/compare and your work are folded under
+    their titles and open with a click."""
+    out = ARTIFACTS / "trust"
+    out.mkdir(parents=True, exist_ok=True)
+    expect(page.locator("#session-dropdown input")).not_to_have_value("", timeout=30_000)
+    height = page.evaluate("document.documentElement.scrollHeight")
+    page.screenshot(path=out / "first-page.png", full_page=True)
+    assert height < 5000, f"the first page is {height} px tall"
+    for fold in FOLDS:
+        expect(page.locator(f"#{fold} > button.label-wrap")).not_to_have_class(re.compile(r"\bopen\b"))
+    expect(page.locator("#fold-attention > button")).to_contain_text("6. Decoder attention")
+    expect(page.locator("#attn-image")).to_have_count(0)  # nothing of a fold is drawn while it is closed
+    unfold(page, "fold-attention")
+    expect(page.locator("#attn-image")).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollHeight") > height

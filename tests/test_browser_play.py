@@ -15,6 +15,7 @@ from test_browser import (  # noqa: F401
     page,
     picture,
     region_screenshot,
+    unfold,
 )
 
 pytestmark = pytest.mark.browser
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.browser
 
 def test_press_move_three_times_and_read_the_table(page):
     choose_and_load(page)
+    unfold(page, "fold-analysis")
     page.locator("#frame-slider input[type=range]").fill("4")
     expect(page.locator("#analysis-frame input")).to_have_value("4")
     page.locator("#play-reset-btn").click()
