@@ -119,6 +119,7 @@ from page_workflow import (
     check_load_checkpoint,
     check_record_new_session,
     check_save_checkpoint,
+    export_info,
     export_results,
     list_checkpoints,
     load_checkpoint,
@@ -211,7 +212,8 @@ def _wire_workflow(demo: gr.Blocks, user: gr.State, c: dict[str, Any], run_event
                                show_progress="hidden")
     c["pause_btn"].click(None, None, None, cancels=[play], api_visibility="private")
     c["export_btn"].click(export_results, [user], [c["export_file"]], api_name="export", preprocess=False,
-                          show_progress="hidden")
+                          show_progress="hidden").then(export_info, [user], [c["export_md"]], preprocess=False,
+                                                     api_visibility="private")
     record_inputs = [c[k] for k in ("record_pattern", "record_steps", "record_seed", "record_radius", "record_move")]
     # the tab's state is an input (not part of the API): one recording per tab, the gate's limits for all
     return c["record_btn"].click(record_new_session, [*record_inputs, user],

@@ -85,6 +85,7 @@ class UserState:
         self.attention_controls = (APP.default_quantile, layers, heads, "mean", VIZ_LINES)
         self.selected_patch: tuple[int, int] | None = None  # (row, col) whose attention section 6 shows
         self.graph_redraws = 0  # graph updates sent to this tab (see graph_updates)
+        self.export_note = ""  # what the tab's latest export holds and lacks (page_workflow.export_note)
 
     def __deepcopy__(self, memo) -> UserState:
         return UserState(self.pool, self.controller.config, self.refused_files, self.tensorboard_dir, self.recordings,

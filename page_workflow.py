@@ -19,6 +19,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
+from autoencoder_concat_predictor_world_model import METRIC_KEYS
 from checkpoints import CheckpointError, checkpoint_summaries
 from run_controller import RunBusyError, RunController
 from page_common import (
@@ -295,8 +296,27 @@ def export_pictures(user: UserState) -> dict[str, tuple[np.ndarray | None, str]]
     }
 
 
+def export_note(name: str, pictures: dict[str, tuple[np.ndarray | None, str]], rows: int) -> str:
+    """What an export holds, and what is not in it yet and why (after a checkpoint load or a reset the
+    model has no views, attention or history in this tab until it runs)."""
+    missing = {stem for stem, (image, _) in pictures.items() if image is None}
+    absent = [what for stems, what in (
+        ({s for s in pictures if s.startswith("train_")}, "the four training views (no training step in this tab yet)"),
+        ({s for s in pictures if s.startswith("prediction_")}, "the prediction views (no prediction in this tab yet)"),
+        ({"attention"}, "the attention picture (captured at the end of a run)")) if stems & missing]
+    if not rows:
+        absent.append("metric rows: metrics.csv holds its header only (no iteration run in this tab since the model "
+                      "was loaded, reset or made)")
+    text = (f"**Exported** {code_span(name)}: {len(pictures) - len(missing)} of {len(pictures)} pictures, metrics.csv "
+            f"({rows} rows), config.json, run.json and README.txt.")
+    if absent:
+        text += " **Not in the zip yet:** " + "; ".join(absent) + ". Run the world model, then export again to have them."
+    return text
+
+
 def export_results(user: UserState) -> str:
-    """A zip of this tab's views (PNG), metric history (CSV), configuration (JSON) and a README.txt.
+    """A zip of this tab's views (PNG), metric history (CSV), configuration (JSON) and a README.txt;
+    ``user.export_note`` then says what it holds and what is not in it yet (``export_info`` shows it).
 
     It is written, 0600 and under a new name only, into a folder of its own inside the app's private
     export folder (``user.exports``, shared by the tabs); Gradio then copies it into its own cache to hand it out."""
@@ -315,7 +335,10 @@ def export_results(user: UserState) -> str:
         root = user.exports.path()
         _remove_old_exports(root)
         folder = Path(tempfile.mkdtemp(prefix="export-", dir=root))  # 0700, a name nobody else can guess
-        return str(write_export(folder / name, export_pictures(user), c.history, cfg, meta))
+        pictures, history = export_pictures(user), list(c.history)
+        path = write_export(folder / name, pictures, history, cfg, meta, METRIC_KEYS)
+        user.export_note = export_note(name, pictures, len(history))
+        return str(path)
     except (OSError, UnsafeFolderError) as e:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -331,6 +354,11 @@ def _remove_old_exports(folder: Path, older_than_s: float = 3600.0) -> None:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError:
             pass
+
+
+def export_info(user: UserState) -> str:
+    """The note of the tab's latest export (shown under the file once it is written)."""
+    return user.export_note
 
 
 # -----------------------------------------------------------------------------
@@ -393,5 +421,6 @@ def workflow_section() -> dict[str, Any]:
     with gr.Row():
         export_btn = gr.Button("Export views, metrics and settings (zip)", elem_id="export-btn", scale=1)
         export_file = gr.File(label="Export", elem_id="export-file", interactive=False, scale=2)
-    return {"export_btn": export_btn, "export_file": export_file, "ckpt_name": ckpt_name, "ckpt_save": ckpt_save, "ckpt_choice": ckpt_choice, "ckpt_load": ckpt_load,
+    export_md = gr.Markdown(elem_id="export-info")
+    return {"export_btn": export_btn, "export_file": export_file, "export_md": export_md, "ckpt_name": ckpt_name, "ckpt_save": ckpt_save, "ckpt_choice": ckpt_choice, "ckpt_load": ckpt_load,
             "reset_btn": reset_btn, "ckpt_md": ckpt_md, **history, **record}

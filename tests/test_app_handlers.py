@@ -593,3 +593,34 @@ def test_export_csv_keeps_every_metric_with_missing_values_empty_and_infinities_
     text = history_csv([{"step": 0, "iteration": 1, "dot_error": None},
                         {"iteration": 2, "step": 1, "dot_error": float("inf"), "grad_norm": 0.25}])
     assert text.splitlines() == ["iteration,step,dot_error,grad_norm", "1,0,,", "2,1,inf,0.25"]
+
+
+def test_an_export_right_after_a_checkpoint_load_keeps_the_csv_header_and_says_what_is_missing(loaded):
+    """After a load the model has no views, attention or history in this tab: the zip's metrics.csv
+    still names its columns, and the note under the file says what is not in the zip yet."""
+    import zipfile
+
+    import page_workflow
+    from autoencoder_concat_predictor_world_model import METRIC_KEYS
+    run_all(3, loaded)
+    page_workflow.save_checkpoint("for-export", loaded)
+    page_workflow.load_checkpoint("for-export", loaded)
+    with zipfile.ZipFile(page_workflow.export_results(loaded)) as zf:
+        assert zf.read("metrics.csv").decode().splitlines() == [",".join(METRIC_KEYS)]
+        assert not [n for n in zf.namelist() if n.endswith(".png")]
+    note = page_workflow.export_info(loaded)
+    assert "0 of 8 pictures" in note and "**Not in the zip yet:**" in note
+    for missing in ("training views", "prediction views", "attention picture", "metrics.csv holds its header only"):
+        assert missing in note, missing
+    run_all(4, loaded)  # the first two iterations after a load have no history to predict or train from
+    with zipfile.ZipFile(page_workflow.export_results(loaded)) as zf:
+        rows = zf.read("metrics.csv").decode().splitlines()
+    assert rows[0].startswith(",".join(METRIC_KEYS)) and len(rows) == 5
+    assert "8 of 8 pictures" in page_workflow.export_info(loaded) and "Not in the zip" not in page_workflow.export_info(loaded)
+
+
+def test_a_loop_iteration_records_exactly_the_exported_metric_columns(loaded):
+    from autoencoder_concat_predictor_world_model import METRIC_KEYS
+    run_all(2, loaded)
+    assert tuple(loaded.controller.history[-1])[:len(METRIC_KEYS)] == METRIC_KEYS
+    assert set(loaded.controller.history[-1]) - set(METRIC_KEYS) <= {"replay_looped"}

@@ -535,6 +535,9 @@ def test_views_follow_the_model_after_a_run_a_reset_and_a_checkpoint_load(page):
     choose(page, "#ckpt-choice", name)
     page.locator("#ckpt-load-btn").click()
     expect(page.locator("#ckpt-info")).to_contain_text(f"Loaded {name}.pth")
+    page.locator("#export-btn").click()  # before a run: the page says what the zip lacks
+    expect(page.locator("#export-info")).to_contain_text("Not in the zip yet")
+    expect(page.locator("#export-info")).to_contain_text("metrics.csv holds its header only")
     run(page, 3)
     expect(slider).to_have_value(str(last + 3))  # the loaded model's iterations go on from its checkpoint
     expect(history).to_contain_text(re.compile(rf"\bIteration {last + 3} \|"))
