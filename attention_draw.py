@@ -216,7 +216,7 @@ def render_heatmap(
     A (n_layers, Q, K) matrix is first averaged over its layers (mean, whatever the head
     aggregation was). Rows are the masked query patches in row-major grid order. Columns are the
     visible key patches ordered left to right on the canvas (grid column, then row), so the key
-    regions form contiguous blocks frame t-2 | separator 1 | frame t-1 | separator 2; a 1 px white
+    regions form contiguous blocks frame t-1 | separator 1 | frame t | separator 2; a 1 px white
     line (overwriting the first pixel column of the new block) marks each region change (regions by
     patch centre, see ``patch_regions``). Colours are normalised to the matrix max (0 -> bottom of
     the colour map). Cells outside ``keep`` (below the quantile threshold) are drawn at

@@ -98,7 +98,7 @@ from page_play import (
     play_typed,
     refresh_compare_lists,
 )
-from page_common import APP, LOG, MODEL_CFG, TabRegistry, UserState, export_folder, release_user
+from page_common import APP, LOG, MODEL_CFG, TabRegistry, UserState, display_path, export_folder, release_user
 from page_outputs import RUN_OUTPUT_KEYS
 from page_run import check_run_world_model, metrics_section, run_section, run_world_model, stop_run, views_sections
 from page_sessions import (
@@ -306,6 +306,7 @@ def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, c
             c.update(analysis_section(), **play_section())
         with gr.Accordion(WORKFLOW_TITLE, open=False, elem_id="fold-work", elem_classes=["section-fold"]):
             c.update(workflow_section())
+        gr.Markdown(folders_note(), elem_id="folders-note")
         _wire(demo, registry, user, c, app)
     return demo
 
@@ -388,6 +389,24 @@ def allow_nested_event_loop() -> None:
     nest_asyncio.apply(loop)
 
 
+def folders_line() -> str:
+    """Where sessions and checkpoints are, said once at start (relative to the project folder where they
+    are inside it); the page names folders outside the project ``<sessions>`` and ``<checkpoints>``."""
+    shown = [f"{name} in {display_path(folder)}" + ("" if not display_path(folder).startswith("<") else f" = {folder}")
+             for name, folder in (("sessions", config.SESSIONS_ROOT), ("checkpoints", config.CHECKPOINT_DIR))]
+    return "Folders: " + "; ".join(shown)
+
+
+def folders_note() -> str:
+    """The page's footer: the folders the page's messages name (the terminal line of ``folders_line``
+    gives the full path of one outside the project, which the page never shows)."""
+    sessions, checkpoints = display_path(config.SESSIONS_ROOT), display_path(config.CHECKPOINT_DIR)
+    outside = sessions.startswith("<") or checkpoints.startswith("<")
+    return (f"_Sessions are read from `{sessions}` and checkpoints kept in `{checkpoints}`"
+            + (" (outside the project folder: the terminal that started the app prints where)" if outside
+               else " (inside the project folder)") + "._")
+
+
 def launch(demo: gr.Blocks, args: argparse.Namespace, block: bool = True) -> gr.Blocks:
     """Queue and serve ``demo``; say so when the share tunnel cannot be made and keep serving locally."""
     allow_nested_event_loop()
@@ -396,10 +415,12 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, block: bool = True) -> gr.
     demo.queue(default_concurrency_limit=1)
     guards = (LoginGuard, LoginDelay, UploadRefusal) if args.auth else (UploadRefusal,)  # the first is outermost
     app_kwargs = {"middleware": [Middleware(guard) for guard in guards]}
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.auth,
+    # quiet: Gradio's own lines would tell a user to "set share=True in launch()"; this app's flag is --share
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.auth, quiet=True,
                 inbrowser=should_open_browser(args.no_browser), show_error=True, prevent_thread_lock=True,
                 theme=THEME, css=CSS, blocked_paths=never_served_paths(gr.utils.get_upload_folder()),
                 max_file_size=MAX_UPLOAD_BYTES, app_kwargs=app_kwargs)
+    print(f"Running on local URL: {demo.local_url}" + ("" if args.share else " (--share makes a public link)"), flush=True)
     if args.share and not demo.share_url:
         print(f"Could not create a public share link (is this machine offline?). "
               f"Still serving locally at {demo.local_url}", flush=True)
@@ -487,6 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             limit_malloc_arenas(app.malloc_arenas)  # before the worker threads exist: freed models' memory goes back
         torch.set_num_threads(app.torch_threads or max(1, min(4, (os.cpu_count() or 1) - 1)))
         print(f"Training on {compute_path(default_device(), model_config)}", flush=True)
+        print(folders_line(), flush=True)
         ensure_demo_sessions()
         demo = build_demo(model_config, app=app)
         launch(demo, args)

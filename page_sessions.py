@@ -44,7 +44,8 @@ def frame_markdown(session: Session, index: int) -> str:
     action = session.action_after(index)
     after = "none (the last frame)" if action is None else f"{action} = {ACTION_NAMES.get(action, '?')}"
     return (
-        f"**Frame {index}** of 0-{session.num_frames - 1} | **Step:** {obs['step']} | "
+        f"**Frame {index}** of 0-{session.num_frames - 1} | **Step:** {obs['step']} (the recording counts "
+        "frames and actions in one sequence, so frame n is about step 2n) | "
         f"**Time:** {format_timestamp(obs['timestamp'])} | **Action after it:** {after}"
     )
 

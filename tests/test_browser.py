@@ -219,7 +219,7 @@ def test_load_scrub_run_and_explore_attention(page):
     page.locator("#frame-slider input[type=range]").fill("9")
     expect(page.locator("#frame-info")).to_contain_text("Frame 9")
     expect(page.locator("#jump-number input")).to_have_value("9")  # the Frame number box follows the slider
-    expect(page.locator("#frame-info")).to_contain_text("Step: 18")
+    expect(page.locator("#frame-info")).to_contain_text("Step: 18 (the recording counts frames and actions in one sequence")
     expect(page.locator("#frame-info")).to_contain_text("Action after it: 1 = move right")
     page.locator("#jump-number input").fill("12")
     page.locator("#jump-btn").click()
@@ -558,7 +558,7 @@ def error_badges(page) -> int:
         "els => els.filter(e => e.offsetParent !== null && e.getClientRects().length).length")
 
 
-def test_a_refused_input_leaves_every_output_as_it_was(page):
+def test_a_refused_input_leaves_every_output_as_it_was(page, app_server):
     """Frame 999 and a checkpoint name already taken are refused next to the box they were typed in;
     the frame, slider, frame text and checkpoint list stay as they were, with no "Error" badge over
     them, and the page goes on working (the dropdown stays usable through a Reset)."""
@@ -579,6 +579,9 @@ def test_a_refused_input_leaves_every_output_as_it_was(page):
     page.screenshot(path=out / "jump-999-refused.png")
     assert error_badges(page) == 0
     assert image_src(page, "#frame-image") == src and page.locator("#frame-info").inner_text() == info
+    log = app_server.log()  # the terminal: one line for an ordinary input error, no traceback
+    assert log.count("Frame number must be a whole number from 0 to 40 (got 999)") == 1, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
     expect(page.locator("#frame-slider input[type=number]")).to_have_value("12")
 
     run(page, 1)
@@ -602,7 +605,7 @@ def test_a_refused_input_leaves_every_output_as_it_was(page):
     assert error_badges(page) == 0
 
 
-def test_the_first_page_shows_sessions_run_views_and_graphs_with_the_later_sections_folded(page):
+def test_the_first_page_shows_sessions_run_views_and_graphs_with_the_later_sections_folded(page, app_server):
     """Before any action the page is sessions, run, views and graphs (about 4,000 px at 1500 x 1000,
     not 12,500 of mostly empty boxes); attention, analysis/play/compare and your work are folded under
     their titles and open with a click."""
@@ -612,6 +615,11 @@ def test_the_first_page_shows_sessions_run_views_and_graphs_with_the_later_secti
     height = page.evaluate("document.documentElement.scrollHeight")
     page.screenshot(path=out / "first-page.png", full_page=True)
     assert height < 5000, f"the first page is {height} px tall"
+    # the folder the checkpoint lines name is told once: on the page's foot, and its path in the terminal
+    expect(page.locator("#folders-note")).to_contain_text("checkpoints kept in <checkpoints> (outside the project folder")
+    log = app_server.log()
+    assert f"checkpoints in <checkpoints> = {app_server.saved_root / 'checkpoints' / 'toroidal_dot'}" in log
+    assert "share=True" not in log and "Running on local URL" in log  # the app's --share flag, not Gradio's hint
     for fold in FOLDS:
         expect(page.locator(f"#{fold} > button.label-wrap")).not_to_have_class(re.compile(r"\bopen\b"))
     expect(page.locator("#fold-attention > button")).to_contain_text("6. Decoder attention")
