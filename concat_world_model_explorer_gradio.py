@@ -137,7 +137,8 @@ from session_explorer_lib import scan_sessions
 # constants
 
 CSS = """
-.pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+.pixelated .image-container { padding-top: 36px; box-sizing: border-box; }
+.pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: scale-down; }
 #app-title h1 { margin-bottom: 0; }
 .section-title h2 { margin: 0.6em 0 0.1em 0; }
 .section-fold > button span { font-size: 1.5em; font-weight: 600; }
@@ -289,7 +290,8 @@ def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, c
     recordings = RecordingGate(app.max_recordings, app.record_budget_bytes)
     exports = export_folder()  # made at the first export, deleted by main() (or its finalizer) at the end
     registry = TabRegistry(recordings)
-    with gr.Blocks(title="Concat World Model Explorer", delete_cache=(cache_frequency_s, cache_age_s)) as demo:
+    # fill_width: three 2x frames side by side each get their 448 px on a 1500 px wide window
+    with gr.Blocks(title="Concat World Model Explorer", delete_cache=(cache_frequency_s, cache_age_s), fill_width=True) as demo:
         demo.model_pool, demo.exports = pool, exports  # main() closes them when the server stops: their files go
         user = gr.State(UserState(pool, config, tensorboard_dir=app.tensorboard_dir, recordings=recordings,
                                   exports=exports), delete_callback=release_user)

@@ -45,7 +45,9 @@ from tensorboard_log import TensorBoardLog
 APP = AppConfig()
 MODEL_CFG = AutoencoderConcatPredictorWorldModelConfig()
 FRAME_UPSCALE = 2  # single frames are shown at 2x (nearest neighbour) so a 16 px patch is easy to see
-CANVAS_HEIGHT, FRAME_HEIGHT, ATTENTION_HEIGHT = 260, 470, 480  # display heights in CSS pixels
+LABEL_HEIGHT = 40  # an image's label line above it (the page's CSS keeps labels off the pictures)
+# display heights in CSS pixels: a 2x frame (448 px) and a canvas (224 px) at their own size under their label
+CANVAS_HEIGHT, FRAME_HEIGHT, ATTENTION_HEIGHT = 224 + LABEL_HEIGHT, 448 + LABEL_HEIGHT, 480
 PLOT_HEIGHT = 280  # a metric graph's height in CSS pixels (one more every other update: see graph_updates)
 UNKNOWN_SESSION = "Unknown session: that name is not a session folder in the sessions folder. Press Refresh sessions and choose one from the list."
 NO_SESSION = "Load a session first: choose one in the list and press Load session."

@@ -267,7 +267,7 @@ def prediction_outputs(views: dict | None) -> tuple:
     views = views or {"current": None, "predicted": None, "error": None, "error_mse": None, "canvas": None}
     error, gain = amplify_error(views["error"])
     mse = views["error_mse"]
-    label = f"Prediction error |predicted - actual| (MSE {format_value(mse)}; brightness x{gain:.1f} for visibility)"
+    label = f"Error |predicted - actual| (MSE {format_value(mse)}, x{gain:.1f})"  # one line: the text below says more
     info = (
         f"**Prediction error of the current frame (MSE):** {format_value(mse)}. The error map compares the prediction "
         f"made one iteration earlier with the frame that then arrived; it is amplified x{gain:.1f} so faint "

@@ -156,7 +156,7 @@ def views_sections() -> dict[str, Any]:
     with gr.Row():
         pred_current = image_block("Current frame t (2x)", "pred-current", FRAME_HEIGHT)
         pred_next = image_block("Predicted next frame t+1 (2x)", "pred-next", FRAME_HEIGHT)
-        pred_error = image_block("Prediction error |predicted - actual| (amplified)", "pred-error", FRAME_HEIGHT)
+        pred_error = image_block("Error |predicted - actual| (amplified)", "pred-error", FRAME_HEIGHT)
     prediction_info = gr.Markdown(elem_id="prediction-info")
     pred_canvas = image_block("Prediction canvas: frames t-1 and t with their actions, predicted frame t+1 filled into "
                               "the last slot", "pred-canvas", CANVAS_HEIGHT)

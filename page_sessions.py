@@ -12,6 +12,7 @@ import numpy as np
 
 import config
 from page_common import (
+    FRAME_HEIGHT,
     UserState,
     display_path,
     hide_paths,
@@ -148,7 +149,7 @@ def session_section() -> dict[str, Any]:
             broken_md = gr.Markdown(elem_id="broken-sessions")
             session_info = gr.Markdown("_No session loaded._", elem_id="session-info")
         with gr.Column(scale=1):
-            frame_image = image_block("Frame (shown at 2x)", "frame-image", 470)
+            frame_image = image_block("Frame (shown at 2x)", "frame-image", FRAME_HEIGHT)
             frame_slider = gr.Slider(0, 1, value=0, step=1, label="Frame (the next Run starts its replay here)",
                                      elem_id="frame-slider", interactive=False)
             with gr.Row():

@@ -627,3 +627,32 @@ def test_the_first_page_shows_sessions_run_views_and_graphs_with_the_later_secti
     unfold(page, "fold-attention")
     expect(page.locator("#attn-image")).to_be_visible()
     assert page.evaluate("document.documentElement.scrollHeight") > height
+
+
+def shown_picture(page, elem_id: str) -> tuple[int, int, int, int]:
+    """(top, left, height, width) in CSS pixels of the dark picture an image block shows, read off a
+    screenshot of the block (the frames' black background against the page's light one)."""
+    page.locator(elem_id).scroll_into_view_if_needed()
+    wait_for_pictures(page, elem_id)
+    pixels = element_pixels(page, elem_id)
+    dark = pixels.astype(np.int16).sum(axis=2) < 60  # (H, W)
+    rows, cols = np.flatnonzero(dark.any(axis=1)), np.flatnonzero(dark.any(axis=0))
+    return int(rows[0]), int(cols[0]), int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+def test_frames_are_shown_at_their_own_2x_size_with_their_labels_above_them(page):
+    """A "(2x)" frame is a 448 px picture shown at 448 CSS px (no stretching, no shrinking), a canvas
+    at its 224 px height; each label sits above its picture, never over it."""
+    out = ARTIFACTS / "trust"
+    out.mkdir(parents=True, exist_ok=True)
+    choose_and_load(page)
+    run(page, 3)
+    unfold(page, "fold-attention")
+    for elem_id, size in (("#frame-image", (448, 448)), ("#pred-current", (448, 448)), ("#pred-next", (448, 448)),
+                          ("#pred-canvas", (224, 688)), ("#attn-picker", (448, 448))):
+        top, left, height, width = shown_picture(page, elem_id)
+        assert abs(height - size[0]) <= 2 and abs(width - size[1]) <= 2, (elem_id, height, width)
+        block, label = page.locator(elem_id).bounding_box(), page.locator(f"{elem_id} [data-testid=block-label]").bounding_box()
+        assert label["y"] + label["height"] - block["y"] <= top + 1, f"the label of {elem_id} covers its picture"
+    page.locator("#pred-current").scroll_into_view_if_needed()
+    page.screenshot(path=out / "prediction-views.png")
