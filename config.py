@@ -215,7 +215,7 @@ class AppConfig:
     park_retry_s: float = 60.0  # a model whose parking failed (a full disk) is not tried again for this long; each cause is logged once
     dot_window: int = 50  # predictions in the rolling 'within 3 px' share of the Dot found graph
     error_window: int = 10  # predictions in the rolling means of the Prediction error graph (its strong lines)
-    default_quantile: float = 95.0  # attention filter: keep connections above this percentile (strongest 5%)
+    default_quantile: float = 99.8  # attention filter: keep connections above this percentile (strongest 0.2%: ~800 lines a person can follow)
     max_rollout_steps: int = 20  # longest open-loop rollout the Analysis section imagines
     default_rollout_steps: int = 5  # its Steps box default
     max_canvas_steps: int = 200  # most optimizer steps one single-canvas training may take

@@ -134,8 +134,8 @@ def attention_section(cfg: AutoencoderConcatPredictorWorldModelConfig) -> dict[s
     checkbox per decoder layer and head of ``cfg``), picture and statistics."""
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=300):
-            quantile = gr.Slider(0, 100, value=APP.default_quantile, step=0.5, elem_id="attn-quantile",
-                                 label="Quantile threshold (95 = strongest 5%)")
+            quantile = gr.Slider(0, 100, value=APP.default_quantile, step=0.1, elem_id="attn-quantile",
+                                 label="Quantile threshold (99.8 = strongest 0.2%)")
             colours = ", ".join(f"L{i} {LAYER_COLOUR_NAMES[i % len(LAYER_COLOUR_NAMES)]}" for i in range(cfg.decoder_depth))
             gr.Markdown(f"**Decoder layers** (line colours: {colours})")
             with gr.Row():

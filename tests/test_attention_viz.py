@@ -111,7 +111,8 @@ def test_known_strong_connection_is_kept_and_drawn(capture):
 
     image, stats, _ = _render(capture, quantile=100)
     assert stats["total_connections"] == 1 and stats["per_layer"][STRONG_LAYER] == 1
-    (x0, y0), (x1, y1) = (5.5 * PATCH, 10.5 * PATCH), (35.5 * PATCH, 3.5 * PATCH)  # key, query centres
+    s = ad.LINES_SCALE  # the lines view is drawn at this enlargement
+    (x0, y0), (x1, y1) = (5.5 * PATCH * s, 10.5 * PATCH * s), (35.5 * PATCH * s, 3.5 * PATCH * s)  # key, query centres
     t = np.linspace(0.2, 0.8, 7)
     xs, ys = np.rint(x0 + t * (x1 - x0)).astype(int), np.rint(y0 + t * (y1 - y0)).astype(int)
     on_line = image[ys, xs].astype(int)  # (7, 3)
@@ -172,7 +173,8 @@ def test_render_outputs_are_uint8_rgb(capture, viz):
     image, stats, markdown = _render(capture, viz=viz)
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     if viz == av.VIZ_LINES:
-        assert image.shape[1] == COLS * PATCH and image.shape[0] > ROWS * PATCH  # canvas + legend strip
+        scale = ad.LINES_SCALE  # drawn at the size the page shows it
+        assert image.shape[1] == COLS * PATCH * scale and image.shape[0] > ROWS * PATCH * scale  # canvas + legend strip
 
 
 def _hand_made_capture() -> FakeCapture:
@@ -321,7 +323,7 @@ def test_heatmap_labels_are_drawn_apart_from_each_other_and_the_matrix(capture, 
         bx0, by0, bx1, by1 = label.box
         assert (image[by0:by1, bx0:bx1] < 100).all(axis=2).any(), label
     texts = [label.text for label in layout.labels]
-    assert {"frame t-1", "separator 1", "frame t", "separator 2", "attention weight", "0",
+    assert {"frame t-1", "separator 1", "frame t", "separator 2", "layer-mean weight", "0",
             f"{m.mean(axis=0).max():.3g}", "keys: visible patches of the canvas, left to right",
             "queries: masked slot (predicted frame), row-major"} <= set(texts)
     assert texts[0].startswith("Decoder attention: layers L0, L1 (averaged); heads H0")
@@ -526,3 +528,16 @@ def test_picker_patch_maps_every_patch_centre_and_corner_back_to_its_patch():
 def test_picker_patch_refuses_a_click_outside_the_picture(x, y, message):
     with pytest.raises(ValueError, match=message):
         ad.picker_patch(x, y, (448, 448), 16)
+
+
+def test_the_heatmap_says_its_colour_bar_is_the_layer_mean_and_the_statistics_max_a_single_layers(capture):
+    """The colour bar tops at the largest layer-mean weight, the statistics' max is the largest weight of
+    any one layer: the text names both numbers and which is which."""
+    _, stats, text = _render(capture, quantile=0, layers=[1, 3], viz=av.VIZ_HEATMAP)
+    m = av.decoder_to_encoder(capture.weights, capture.patch_mask, [1, 3], range(4), "mean")
+    peak, top = float(m.mean(axis=0).max()), stats["distribution"]["max"]
+    assert peak < top  # two layers that peak in different cells: the mean is lower
+    note = text.split("\n\n")[0]
+    assert f"from 0 to {av.format_weight(peak)} (the colour bar)" in note
+    assert f"their max, {av.format_weight(top)}, is the largest weight in any one layer" in note
+    assert "Heatmap colours" not in _render(capture, quantile=0, layers=[1, 3], viz=av.VIZ_LINES)[2]

@@ -656,3 +656,9 @@ def test_frames_are_shown_at_their_own_2x_size_with_their_labels_above_them(page
         assert label["y"] + label["height"] - block["y"] <= top + 1, f"the label of {elem_id} covers its picture"
     page.locator("#pred-current").scroll_into_view_if_needed()
     page.screenshot(path=out / "prediction-views.png")
+    # the lines view is drawn at least as large as it is shown: shrunk a little, never stretched
+    page.locator("#attn-image").scroll_into_view_if_needed()
+    wait_for_pictures(page, "#attn-image")
+    drawn, shown = page.locator("#attn-image img").evaluate("i => [i.naturalWidth, i.getBoundingClientRect().width]")
+    assert drawn >= shown, (drawn, shown)
+    expect(page.locator("#attn-quantile input[type=number]")).to_have_value("99.8")
