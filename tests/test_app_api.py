@@ -104,7 +104,7 @@ def test_run_five_iterations_streams_and_fills_every_view(client, app_server):
     assert len(points(final[PLOT_LOSS], "training loss (weighted)")) == 3
     assert len(points(final[PLOT_DOT])) == 3  # one rolling within-3-px share per scored prediction
     assert "MSE" in final[P_ERROR]["label"] and "**Prediction error of the current frame (MSE):**" in final[P_INFO]
-    assert png(final[ATTN_IMAGE]).shape[1] == 688 and "connections" in final[ATTN_STATS]
+    assert png(final[ATTN_IMAGE]).shape[1] == 688 * 2 and "connections" in final[ATTN_STATS]  # the lines view at 2x
     assert "**Saved** to `<checkpoints>/autoencoder.pth`" in final[CHECKPOINT]
     assert str(app_server.saved_root) not in final[CHECKPOINT]  # the page never shows the server's folders
     assert (app_server.saved_root / "checkpoints" / "toroidal_dot" / "autoencoder.pth").is_file()
