@@ -488,6 +488,14 @@ def test_the_error_graph_shows_model_and_baseline_as_two_readable_lines_and_mark
     page.wait_for_function("() => document.querySelectorAll('#plot-error g.mark-line path').length > 4")
     pixels = element_pixels(page, "#plot-error")
     Image.fromarray(pixels).save(out / "plot-error.png")
+    # the data area: where the graph's lines are (the axis labels are grey too)
+    left, top, right, bottom = page.evaluate(
+        "() => { const b = document.querySelector('#plot-error').getBoundingClientRect();"
+        " const r = Array.from(document.querySelectorAll('#plot-error g.mark-line path')).map(p => p.getBoundingClientRect())"
+        ".filter(r => r.width > 0 || r.height > 0);"
+        " return [Math.min(...r.map(x => x.left)) - b.left, Math.min(...r.map(x => x.top)) - b.top,"
+        " Math.max(...r.map(x => x.right)) - b.left, Math.max(...r.map(x => x.bottom)) - b.top]; }")
+    pixels = pixels[int(top):int(bottom) + 1, int(left):int(right) + 1]
     model = colour_mask(pixels, ERROR_COLOURS[SERIES_PREDICTION_MEAN])
     baseline = colour_mask(pixels, ERROR_COLOURS[SERIES_BASELINE_MEAN])
     loop = colour_mask(pixels, LOOP_COLOUR)
