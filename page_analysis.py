@@ -19,6 +19,7 @@ from page_common import (
     APP,
     CANVAS_HEIGHT,
     FRAME_HEIGHT,
+    X_LABEL_ANGLE,
     UserState,
     amplify_error,
     format_px,
@@ -333,7 +334,7 @@ def _evaluation_block() -> dict[str, Any]:
     eval_md = gr.Markdown(elem_id="eval-info")
     eval_plot = gr.ScatterPlot(pd.DataFrame({"frame": [np.nan] * 3, "MSE": [np.nan] * 3, "series": list(EVALUATION_COLOURS)}),
                                x="frame", y="MSE", color="series", color_map=EVALUATION_COLOURS, elem_id="eval-plot",
-                               title="Prediction error per transition (frame t -> t+1)", x_title="frame t",
+                               title="Prediction error per transition (frame t -> t+1)", x_title="frame t", x_label_angle=X_LABEL_ANGLE,
                                y_title="MSE", height=EVAL_PLOT_HEIGHT, show_label=False, label="Prediction error per transition",
                                buttons=["fullscreen", "export"])
     return {"eval_session": eval_session, "eval_btn": eval_btn, "eval_md": eval_md, "eval_plot": eval_plot}

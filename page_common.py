@@ -48,6 +48,7 @@ FRAME_UPSCALE = 2  # single frames are shown at 2x (nearest neighbour) so a 16 p
 LABEL_HEIGHT = 40  # an image's label line above it (the page's CSS keeps labels off the pictures)
 # display heights in CSS pixels: a 2x frame (448 px) and a canvas (224 px) at their own size under their label
 CANVAS_HEIGHT, FRAME_HEIGHT, ATTENTION_HEIGHT = 224 + LABEL_HEIGHT, 448 + LABEL_HEIGHT, 480
+X_LABEL_ANGLE = -40  # degrees: slanted x tick labels never run into each other, even 5-digit ones on a narrow graph
 PLOT_HEIGHT = 280  # a metric graph's height in CSS pixels (one more every other update: see graph_updates)
 UNKNOWN_SESSION = "Unknown session: that name is not a session folder in the sessions folder. Press Refresh sessions and choose one from the list."
 NO_SESSION = "Load a session first: choose one in the list and press Load session."
@@ -350,5 +351,5 @@ def line_plot(label: str, elem_id: str, y_title: str, colours: dict[str, str], y
     return gr.LinePlot(series_anchors(colours), x="iteration", y="value", color="series", color_map=colours,
                        colors_in_legend=[], title=label, label=label, show_label=False,
                        elem_id=elem_id, x_title=x_title, y_title=y_title, height=PLOT_HEIGHT,
-                       x_axis_format="d", y_lim=y_lim,  # "d": whole iterations, so Vega places no ticks between them
+                       x_axis_format="d", x_label_angle=X_LABEL_ANGLE, y_lim=y_lim,  # "d": whole iterations, so Vega places no ticks between them
                        buttons=["fullscreen", "export"])

@@ -21,6 +21,7 @@ from page_common import (
     APP,
     CANVAS_HEIGHT,
     FRAME_HEIGHT,
+    X_LABEL_ANGLE,
     UserState,
     format_px,
     format_value,
@@ -317,7 +318,7 @@ def _compare_block() -> dict[str, Any]:
     plot = gr.ScatterPlot(pd.DataFrame({"frame": [np.nan] * 2, "dot error": [np.nan] * 2, "series": list(COMPARE_COLOURS)}),
                           x="frame", y="dot error", color="series", color_map=COMPARE_COLOURS, elem_id="compare-plot",
                           title="Dot error per transition (frame t -> t+1); no dot drawn: plotted at the largest distance",
-                          x_title="frame t", y_title="dot error (px)", height=300, show_label=False,
+                          x_title="frame t", y_title="dot error (px)", x_label_angle=X_LABEL_ANGLE, height=300, show_label=False,
                           label="Dot error per transition", buttons=["fullscreen", "export"])
     top_image = image_block("Where they disagree most", "compare-top", CANVAS_HEIGHT * 3)
     top_md = gr.Markdown(elem_id="compare-top-info")

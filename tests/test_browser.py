@@ -670,3 +670,90 @@ def test_frames_are_shown_at_their_own_2x_size_with_their_labels_above_them(page
     drawn, shown = page.locator("#attn-image img").evaluate("i => [i.naturalWidth, i.getBoundingClientRect().width]")
     assert drawn >= shown, (drawn, shown)
     expect(page.locator("#attn-quantile input[type=number]")).to_have_value("99.8")
+
+
+# the x axis's tick labels of a Vega (SVG) graph: [text, x of its anchor, angle, width, height], in the
+# graph's own pixels (the width and height before any rotation)
+X_LABELS_JS = """sel => {
+  const axis = Array.from(document.querySelectorAll(sel + ' g.role-axis'))
+    .find(g => (g.getAttribute('aria-label') || '').startsWith('X-axis'));
+  return Array.from(axis.querySelectorAll('g.role-axis-label text')).map(t => {
+    const box = t.getBBox();
+    const m = (t.getAttribute('transform') || '').match(/translate\\(([-\\d.]+),[-\\d.]+\\)(?:\\s*rotate\\(([-\\d.]+)\\))?/);
+    return [t.textContent, +m[1], +(m[2] || 0), box.width, box.height];
+  });
+}"""
+
+
+DIGIT_HEIGHT = 0.55  # of a text box's height
+
+
+def label_gaps(labels: list) -> list[float]:
+    """Free space in pixels between neighbouring tick labels: along the axis for level labels, across
+    the slant for slanted ones (two parallel slanted labels are dx * sin(angle) apart)."""
+    labels = sorted(labels, key=lambda label: label[1])
+    gaps = []
+    for a, b in zip(labels, labels[1:]):
+        dx, slant = b[1] - a[1], abs(np.sin(np.radians(a[2])))  # Vega writes -40 degrees as rotate(320)
+        # a text box is a line high; digits fill about 55% of it (no descenders, cap height ~0.7 em)
+        gaps.append(dx - (a[3] + b[3]) / 2 if slant < 1e-6 else dx * slant - DIGIT_HEIGHT * a[4])
+    return gaps
+
+
+@pytest.mark.parametrize("iterations, width", [(300, 420), (1300, 760), (20000, 420), (20000, 1500)])
+def test_tick_labels_of_a_metric_graph_never_run_into_each_other(browser, iterations, width):
+    """The page's graph builder on a long run in a narrow window: every pair of neighbouring x labels
+    keeps at least 4 px of space between them (level 5-digit labels overlapped at 420 px: "1400016000")."""
+    import gradio as gr
+    import pandas as pd
+
+    from conftest import free_port
+    from page_common import PLOT_HEIGHT, line_plot
+
+    frame = pd.DataFrame({"iteration": np.arange(1, iterations + 1), "value": np.linspace(0, 90, iterations),
+                          "series": "model"})
+    with gr.Blocks() as demo:
+        plot = line_plot("Dot found", "plot", "%", {"model": "#5b4bb7"}, y_lim=[0, 100])
+        # as the app sends graphs: a change of height makes Vega lay the axes out for the data (graph_updates)
+        demo.load(lambda: gr.update(value=frame, height=PLOT_HEIGHT + 1), None, plot)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    context = browser.new_context(viewport={"width": width, "height": 700})
+    try:
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{port}")
+        last = str(iterations)
+        page.wait_for_function(f"n => {{ try {{ return ({X_LABELS_JS})('#plot').some(l => l[0] === n); }}"
+                               " catch (e) { return false; } }", arg=last, timeout=30_000)
+        labels = page.evaluate(X_LABELS_JS, "#plot")
+        page.locator("#plot").screenshot(path=ARTIFACTS / f"tick-labels-{iterations}-at-{width}px.png")
+        gaps = label_gaps(labels)
+        assert min(gaps) >= 4, (labels, gaps)
+    finally:
+        context.close()
+        demo.close()
+
+
+def test_the_evaluation_graph_is_laid_out_when_it_is_first_drawn(page):
+    """Right after Evaluate, without scrolling or resizing: the y labels of the evaluation scatter
+    lie inside the graph (not clipped at its left edge), its legend names the three series, and its
+    x labels keep apart."""
+    from page_analysis import EVALUATION_COLOURS
+
+    choose_and_load(page)
+    unfold(page, "fold-analysis")
+    choose(page, "#eval-session", ALT)
+    page.locator("#eval-btn").click()
+    expect(page.locator("#eval-info")).to_contain_text(f"Session {ALT}", timeout=60_000)
+    page.wait_for_function("() => document.querySelectorAll('#eval-plot g.mark-symbol path').length > 0")
+    page.wait_for_timeout(500)  # the relayout after the data
+    left_of_svg, left_of_labels = page.evaluate(
+        "() => { const svg = document.querySelector('#eval-plot svg.marks').getBoundingClientRect();"
+        " const axis = Array.from(document.querySelectorAll('#eval-plot g.role-axis'))"
+        ".find(g => (g.getAttribute('aria-label') || '').startsWith('Y-axis'));"
+        " const r = Array.from(axis.querySelectorAll('g.role-axis-label text')).map(t => t.getBoundingClientRect().left);"
+        " return [svg.left, Math.min(...r)]; }")
+    assert left_of_labels >= left_of_svg, "the y labels are clipped at the graph's left edge"
+    legend = page.locator("#eval-plot g.role-legend g.role-legend-label text").all_text_contents()
+    assert sorted(legend) == sorted(EVALUATION_COLOURS)
+    assert min(label_gaps(page.evaluate(X_LABELS_JS, "#eval-plot"))) >= 4
