@@ -60,6 +60,7 @@ BELOW_THRESHOLD_DIM = 0.3  # heatmap brightness of cells that no selected layer 
 MIN_LINE_WIDTH, MAX_LINE_WIDTH = 1, 4  # line width in pixels (at scale 1) for the weakest/strongest kept weight
 MIN_LINE_ALPHA, MAX_LINE_ALPHA = 90, 230  # line opacity for the weakest/strongest kept weight
 LEGEND_HEIGHT = 18  # legend strip height in pixels (at scale 1)
+LINES_SCALE = 2  # the lines view is drawn at 2x (1376 px wide): the page shows it about 1000 px wide, never stretched
 COLOUR_BAR_WIDTH = 12  # heatmap colour bar width in pixels
 COLOUR_BAR_LABEL_WIDTH = 52  # room right of the colour bar for its max/0 labels
 
@@ -216,7 +217,7 @@ def render_heatmap(
     A (n_layers, Q, K) matrix is first averaged over its layers (mean, whatever the head
     aggregation was). Rows are the masked query patches in row-major grid order. Columns are the
     visible key patches ordered left to right on the canvas (grid column, then row), so the key
-    regions form contiguous blocks frame t-2 | separator 1 | frame t-1 | separator 2; a 1 px white
+    regions form contiguous blocks frame t-1 | separator 1 | frame t | separator 2; a 1 px white
     line (overwriting the first pixel column of the new block) marks each region change (regions by
     patch centre, see ``patch_regions``). Colours are normalised to the matrix max (0 -> bottom of
     the colour map). Cells outside ``keep`` (below the quantile threshold) are drawn at
@@ -392,11 +393,11 @@ def _y_labels(query_ids: np.ndarray, grid_cols: int, cell: int, height: int) -> 
 
 
 def _bar_labels(peak: float, x: int, height: int) -> list[TextLabel]:
-    """Right of the colour bar: its max at the top, 0 at the bottom, then the vertical title 'attention weight'."""
+    """Right of the colour bar: its max at the top, 0 at the bottom, then the vertical title 'layer-mean weight'."""
     top = TextLabel(format_weight(peak), x, HEATMAP_TOP)
     zero_height = _font(LABEL_SIZE).getbbox("0")[3]
     zero = TextLabel("0", x, max(HEATMAP_TOP + height - zero_height, top.box[3] + 2))
-    title = "attention weight"
+    title = "layer-mean weight"
     length = _font(LABEL_SIZE).getbbox(title)[2]
     title_x = max(top.box[2], zero.box[2]) + 6
     return [top, zero, TextLabel(title, title_x, HEATMAP_TOP + max(0, (height - length) // 2), vertical=True)]
@@ -459,7 +460,7 @@ def label_heatmap(
 
     Top to bottom: the title strip (HEATMAP_TOP px high); the matrix, with the grid-row labels ("row 0", the
     middle and the last row) and the vertical y-axis title in the left margin (HEATMAP_LEFT px wide) and, right
-    of the colour bar, its max, 0 and the vertical title "attention weight"; under the matrix the key region
+    of the colour bar, its max, 0 and the vertical title "layer-mean weight"; under the matrix the key region
     names (two rows of LABEL_ROW px: a name wider than its block goes to the second row with a leader line) and
     the x-axis title. The matrix, the gap and the colour bar are copied unchanged; the picture's own small
     colour-bar labels (its last COLOUR_BAR_LABEL_WIDTH columns) are replaced by larger ones. Matrix cell (i, j)
@@ -546,7 +547,7 @@ def draw_attention(
         canvas = np.asarray(capture.canvas)
         if canvas.shape[:2] != (grid_size[0] * patch_size, grid_size[1] * patch_size):
             raise ValueError(f"Canvas {canvas.shape[:2]} does not match the {grid_size} grid of {patch_size} px patches")
-        image = render_lines(canvas, connections, grid_size, patch_size)
+        image = render_lines(canvas, connections, grid_size, patch_size, scale=LINES_SCALE)
     else:
         keep = (matrix >= matrix.dtype.type(connections.threshold)).any(axis=0)  # (Q, K) kept in some selected layer
         heatmap = render_heatmap(matrix, key_ids, query_ids, grid_size, cell=HEATMAP_CELL, patch_size=patch_size, keep=keep)
@@ -554,7 +555,16 @@ def draw_attention(
         title = heatmap_title(layer_ids, head_ids, agg, q)
         image, _ = label_heatmap(heatmap, key_ids, query_ids, grid_size, title=title, peak=peak, cell=HEATMAP_CELL,
                                  patch_size=patch_size)
+        return image, view.stats, heatmap_scale_note(peak, len(layer_ids), view.stats) + statistics_markdown(view.stats)
     return image, view.stats, statistics_markdown(view.stats)
+
+
+def heatmap_scale_note(peak: float, n_layers: int, stats: dict) -> str:
+    """Why the heatmap's colour bar and the statistics' max differ: the heatmap colours the mean over
+    the selected layers, the statistics count each layer's kept weights on their own."""
+    return (f"_Heatmap colours: the mean over the {n_layers} selected layer(s), from 0 to {format_weight(peak)} (the "
+            f"colour bar). The statistics below count every layer's weights on their own: their max, "
+            f"{format_weight(stats['distribution']['max'])}, is the largest weight in any one layer._\n\n")
 
 
 # -----------------------------------------------------------------------------

@@ -171,9 +171,12 @@ def _gather_heads(weights: np.ndarray, patch_mask: np.ndarray, layers, heads, qu
 
 
 def _region_names(n_slots: int) -> tuple[str, ...]:
+    """Region names as the prediction canvas the attention comes from is labelled: its visible frames
+    are t-k ... t-1, t and its masked slot is where frame t+1 is predicted."""
     names = []
     for slot in range(n_slots):
-        names.append("masked slot" if slot == n_slots - 1 else f"frame t-{n_slots - 1 - slot}")
+        back = n_slots - 2 - slot  # frames before t
+        names.append("masked slot" if slot == n_slots - 1 else f"frame t-{back}" if back else "frame t")
         if slot < n_slots - 1:
             names.append(f"separator {slot + 1}")
     return tuple(names)
@@ -201,7 +204,7 @@ def patch_regions(
 
     Returns:
         (regions, names): int64 (L,) region index per patch (row-major), and the region names, e.g.
-        ("frame t-2", "separator 1", "frame t-1", "separator 2", "masked slot").
+        ("frame t-1", "separator 1", "frame t", "separator 2", "masked slot").
     """
     rows, cols = grid_size
     period = frame_width + separator_width
@@ -689,7 +692,7 @@ def patch_attention(capture: AttentionCapture, row: int, col: int, layer_ids: It
 
 
 def _frame_cols(grid_cols: np.ndarray, regions: np.ndarray, patch_size: int) -> np.ndarray:
-    """Each key's column inside its region: the frame's own patch column holding the patch centre (frame t-1 is
+    """Each key's column inside its region: the frame's own patch column holding the patch centre (frame t is
     offset half a patch on the default canvas, so its grid column 20 is frame column 6); 0 in a separator."""
     slot_x = (grid_cols + 0.5) * patch_size - regions // 2 * (FRAME_WIDTH + SEPARATOR_WIDTH)  # centre x in its slot
     cols = np.clip(slot_x // patch_size, 0, FRAME_WIDTH // patch_size - 1).astype(np.int64)

@@ -148,6 +148,11 @@ _PARKED_FRAMES = ("last_training_canvas", "last_prediction", "last_prediction_ca
                   "last_checked_prediction")
 _PARKED_NUMBERS = ("last_training_loss", "last_training_mse", "last_grad_norm", "last_prediction_error")
 
+# the metrics of one loop iteration, in the order ``run_iter`` records them (the columns of an export's
+# metrics.csv, written even when a history is empty)
+METRIC_KEYS = ("iteration", "step", "prediction_error", "dot_error", "copy_error", "training_loss", "training_mse",
+               "lr", "grad_norm", "iteration_time")
+
 
 # -----------------------------------------------------------------------------
 # replaying a recorded session

@@ -60,24 +60,66 @@ import server_guard
 from autoencoder_concat_predictor_world_model import compute_path, default_device
 from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig
 from model_pool import ModelPool, limit_malloc_arenas
+from page_analysis import SECTION_TITLE as ANALYSIS_TITLE
 from page_analysis import (
     CANVAS_OUTPUT_KEYS,
     analysis_section,
+    check_evaluate_session,
+    check_frame_analysis,
+    check_rollout,
+    check_train_single_canvas,
     counterfactual,
     evaluate_session,
     rollout,
     session_names,
     train_single_canvas,
 )
-from page_attention import attention_section, patch_attention, pick_patch, update_attention_viz
-from page_play import compare_models, play, play_move, play_section, play_start, play_stay, play_typed, refresh_compare_lists
-from page_common import APP, LOG, MODEL_CFG, TabRegistry, UserState, export_folder, release_user
+from page_attention import SECTION_TITLE as ATTENTION_TITLE
+from page_attention import (
+    attention_section,
+    check_patch_attention,
+    check_update_attention_viz,
+    patch_attention,
+    pick_patch,
+    update_attention_viz,
+)
+from page_play import (
+    check_compare_models,
+    check_play,
+    check_play_start,
+    check_play_step,
+    check_play_typed,
+    compare_models,
+    play,
+    play_move,
+    play_section,
+    play_start,
+    play_stay,
+    play_typed,
+    refresh_compare_lists,
+)
+from page_common import APP, LOG, MODEL_CFG, TabRegistry, UserState, display_path, export_folder, release_user
 from page_outputs import RUN_OUTPUT_KEYS
-from page_run import metrics_section, run_section, run_world_model, stop_run, views_sections
-from page_sessions import jump_to_frame, load_session, refresh_sessions, session_section, update_frame
+from page_run import check_run_world_model, metrics_section, run_section, run_world_model, stop_run, views_sections
+from page_sessions import (
+    check_jump_to_frame,
+    check_load_session,
+    check_update_frame,
+    jump_to_frame,
+    load_session,
+    refresh_sessions,
+    session_section,
+    update_frame,
+)
 from private_files import PrivateFolder, UnsafeFolderError, check_folder, readable_by_others
+from page_workflow import SECTION_TITLE as WORKFLOW_TITLE
 from page_workflow import (
     browse_history,
+    check_browse_history,
+    check_load_checkpoint,
+    check_record_new_session,
+    check_save_checkpoint,
+    export_info,
     export_results,
     list_checkpoints,
     load_checkpoint,
@@ -95,9 +137,11 @@ from session_explorer_lib import scan_sessions
 # constants
 
 CSS = """
-.pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+.pixelated .image-container { padding-top: 36px; box-sizing: border-box; }
+.pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: scale-down; }
 #app-title h1 { margin-bottom: 0; }
 .section-title h2 { margin: 0.6em 0 0.1em 0; }
+.section-fold > button span { font-size: 1.5em; font-weight: 600; }
 """
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
 
@@ -116,17 +160,22 @@ def _wire(demo: gr.Blocks, registry: TabRegistry, user: gr.State, c: dict[str, A
     c["refresh_btn"].click(refresh_sessions, None, refresh_outputs, api_name="refresh_sessions")
     c["load_btn"].click(load_session, [c["session_dropdown"], user],
                         [user, c["session_info"], c["frame_slider"], c["frame_image"], c["frame_info"], c["jump_number"]],
-                        api_name="load_session", preprocess=False)
+                        api_name="load_session", preprocess=False, validator=check_load_session, show_progress="hidden")
     c["frame_slider"].change(update_frame, [c["frame_slider"], user], [c["frame_image"], c["frame_info"], c["jump_number"]],
-                             api_name="update_frame", preprocess=False, trigger_mode="always_last",
+                             api_name="update_frame", preprocess=False, validator=check_update_frame, trigger_mode="always_last",
                              concurrency_limit=None, show_progress="hidden")
     jump_inputs, jump_outputs = [c["jump_number"], user], [c["frame_slider"], c["frame_image"], c["frame_info"]]
-    c["jump_btn"].click(jump_to_frame, jump_inputs, jump_outputs, api_name="jump_to_frame", preprocess=False)
-    c["jump_number"].submit(jump_to_frame, jump_inputs, jump_outputs, api_visibility="private", preprocess=False)
+    # a refused input never reaches the handler (validator=): the outputs stay as they were, the message
+    # shows under the input, an API client gets it as a validation error; the handler's own refusals
+    # (a file gone bad since) come as a toast with show_progress="hidden", so no "Error" badge covers them
+    jump = dict(preprocess=False, validator=check_jump_to_frame, show_progress="hidden")
+    c["jump_btn"].click(jump_to_frame, jump_inputs, jump_outputs, api_name="jump_to_frame", **jump)
+    c["jump_number"].submit(jump_to_frame, jump_inputs, jump_outputs, api_visibility="private", **jump)
     # concurrency_id is global across users, so the limit lets several tabs train at once;
     # each tab's own runs are serialised by its controller
     run_event = c["run_btn"].click(run_world_model, [c["iterations"], user], [user, *run_outputs],
-                                   api_name="run_world_model", preprocess=False, concurrency_id="model",
+                                   api_name="run_world_model", preprocess=False, validator=check_run_world_model,
+                                   concurrency_id="model",
                                    concurrency_limit=4, show_progress="minimal", show_progress_on=[c["progress"]])
     canvas_event = _wire_analysis(demo, user, c)
     _wire_play(demo, user, c)
@@ -137,6 +186,7 @@ def _wire(demo: gr.Blocks, registry: TabRegistry, user: gr.State, c: dict[str, A
     controls = [c["quantile"], *c["layer_boxes"], *c["head_boxes"], c["aggregation"], c["viz_type"]]
     gr.on([control.change for control in controls], update_attention_viz, [*controls, user],
           [c["attn_image"], c["attn_stats"]], api_name="update_attention_viz", preprocess=False,
+          validator=check_update_attention_viz,
           trigger_mode="always_last", concurrency_limit=None, show_progress="hidden")
 
 
@@ -146,25 +196,31 @@ def _wire_workflow(demo: gr.Blocks, user: gr.State, c: dict[str, Any], run_event
     listing = [c["ckpt_md"], c["ckpt_choice"]]
     demo.load(list_checkpoints, [user], listing, api_visibility="private")
     run_event.then(list_checkpoints, [user], listing, api_visibility="private")
-    c["ckpt_save"].click(save_checkpoint, [c["ckpt_name"], user], listing, api_name="save_checkpoint", preprocess=False)
+    c["ckpt_save"].click(save_checkpoint, [c["ckpt_name"], user], listing, api_name="save_checkpoint", preprocess=False,
+                         validator=check_save_checkpoint, show_progress="hidden")
     run_outputs = [c[key] for key in RUN_OUTPUT_KEYS]
     c["ckpt_load"].click(load_checkpoint, [c["ckpt_choice"], user], [c["ckpt_md"], *run_outputs],
-                         api_name="load_checkpoint", preprocess=False, concurrency_id="model", concurrency_limit=4)
+                         api_name="load_checkpoint", preprocess=False, validator=check_load_checkpoint,
+                         concurrency_id="model", concurrency_limit=4, show_progress="hidden")
     c["reset_btn"].click(reset_model, [user], [c["ckpt_md"], *run_outputs], api_name="reset_model", preprocess=False,
-                         concurrency_id="model", concurrency_limit=4)
+                         concurrency_id="model", concurrency_limit=4, show_progress="hidden")
     shown = [c["history_current"], c["history_predicted"], c["history_error"], c["history_md"]]
     c["history_slider"].release(browse_history, [c["history_slider"], user], shown, api_name="browse_history",
-                                preprocess=False, trigger_mode="always_last", concurrency_limit=None,
+                                preprocess=False, validator=check_browse_history, trigger_mode="always_last", concurrency_limit=None,
                                 show_progress="hidden")
     play = c["play_btn"].click(play_history, [c["history_slider"], user], [c["history_slider"], *shown],
-                               api_visibility="private", preprocess=False, show_progress="hidden")
+                               api_visibility="private", preprocess=False, validator=check_browse_history,
+                               show_progress="hidden")
     c["pause_btn"].click(None, None, None, cancels=[play], api_visibility="private")
-    c["export_btn"].click(export_results, [user], [c["export_file"]], api_name="export", preprocess=False)
+    c["export_btn"].click(export_results, [user], [c["export_file"]], api_name="export", preprocess=False,
+                          show_progress="hidden").then(export_info, [user], [c["export_md"]], preprocess=False,
+                                                     api_visibility="private")
     record_inputs = [c[k] for k in ("record_pattern", "record_steps", "record_seed", "record_radius", "record_move")]
     # the tab's state is an input (not part of the API): one recording per tab, the gate's limits for all
     return c["record_btn"].click(record_new_session, [*record_inputs, user],
                                  [c["record_md"], c["session_dropdown"], c["eval_session"]], api_name="record_session",
-                                 preprocess=False, concurrency_id="record", concurrency_limit=app.max_recordings,
+                                 preprocess=False, validator=check_record_new_session,
+                                 concurrency_id="record", concurrency_limit=app.max_recordings,
                                  show_progress="minimal", show_progress_on=[c["record_md"]])
 
 
@@ -177,19 +233,19 @@ def _wire_analysis(demo: gr.Blocks, user: gr.State, c: dict[str, Any]):
     frame = c["analysis_frame"]
     quick = dict(preprocess=False, concurrency_id="analysis", concurrency_limit=2)
     c["cf_btn"].click(counterfactual, [frame, user], [*c["cf_pictures"], c["cf_actual"], c["cf_md"]],
-                      api_name="counterfactual", **quick)
+                      api_name="counterfactual", validator=check_frame_analysis, **quick)
     c["rollout_btn"].click(rollout, [frame, c["rollout_k"], user], [c["rollout_image"], c["rollout_table"], c["rollout_md"]],
-                           api_name="rollout", **quick)
+                           api_name="rollout", validator=check_rollout, **quick)
     c["eval_btn"].click(evaluate_session, [c["eval_session"], user], [c["eval_md"], c["eval_plot"]],
-                        api_name="evaluate_session", **quick)
+                        api_name="evaluate_session", validator=check_evaluate_session, **quick)
     patch_outputs = [c["patch_image"], c["patch_md"]]
     c["patch_btn"].click(patch_attention, [c["patch_row"], c["patch_col"], user], [*patch_outputs, c["attn_picker"]],
-                         api_name="patch_attention", **quick)
+                         api_name="patch_attention", validator=check_patch_attention, **quick)
     c["attn_picker"].select(pick_patch, [user], [c["patch_row"], c["patch_col"], c["attn_picker"], *patch_outputs],
                             api_visibility="private", **quick)
     return c["canvas_btn"].click(train_single_canvas, [frame, c["canvas_steps"], user],
                                  [user, *(c[key] for key in CANVAS_OUTPUT_KEYS)], api_name="train_single_canvas",
-                                 preprocess=False, concurrency_id="model", concurrency_limit=4, show_progress="minimal",
+                                 preprocess=False, validator=check_train_single_canvas, concurrency_id="model", concurrency_limit=4, show_progress="minimal",
                                  show_progress_on=[c["canvas_progress"]])
 
 
@@ -199,15 +255,17 @@ def _wire_play(demo: gr.Blocks, user: gr.State, c: dict[str, Any]) -> None:
     frame, typed = c["analysis_frame"], c["play_typed"]
     quick = dict(preprocess=False, concurrency_id="analysis", concurrency_limit=2)
     shown = [c[key] for key in ("play_imagined", "play_truth", "play_strip", "play_table", "play_info")]
-    c["play_reset"].click(play_start, [frame, user], shown, api_name="play_start", **quick)
-    typed.submit(play, [typed, user], shown, api_name="play", **quick)
-    c["play_typed_btn"].click(play_typed, [frame, typed, user], shown, api_visibility="private", **quick)
-    c["play_stay"].click(play_stay, [frame, user], shown, api_visibility="private", **quick)
-    c["play_move"].click(play_move, [frame, user], shown, api_visibility="private", **quick)
+    # each validator refuses a bad input before the handler runs: the play's pictures stay as they were
+    c["play_reset"].click(play_start, [frame, user], shown, api_name="play_start", validator=check_play_start, **quick)
+    typed.submit(play, [typed, user], shown, api_name="play", validator=check_play, **quick)
+    c["play_typed_btn"].click(play_typed, [frame, typed, user], shown, api_visibility="private",
+                              validator=check_play_typed, **quick)
+    c["play_stay"].click(play_stay, [frame, user], shown, api_visibility="private", validator=check_play_step, **quick)
+    c["play_move"].click(play_move, [frame, user], shown, api_visibility="private", validator=check_play_step, **quick)
     lists = [c["compare_a"], c["compare_b"], c["compare_session"]]
     gr.on([demo.load, c["refresh_btn"].click], refresh_compare_lists, [user], lists, api_visibility="private")
     c["compare_btn"].click(compare_models, [*lists, user], [c[k] for k in ("compare_md", "compare_plot", "compare_top", "compare_top_md")],
-                           api_name="compare_models", show_progress_on=[c["compare_md"]], **quick)
+                           api_name="compare_models", validator=check_compare_models, show_progress_on=[c["compare_md"]], **quick)
 
 
 def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, cache_frequency_s: int = 600,
@@ -232,7 +290,8 @@ def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, c
     recordings = RecordingGate(app.max_recordings, app.record_budget_bytes)
     exports = export_folder()  # made at the first export, deleted by main() (or its finalizer) at the end
     registry = TabRegistry(recordings)
-    with gr.Blocks(title="Concat World Model Explorer", delete_cache=(cache_frequency_s, cache_age_s)) as demo:
+    # fill_width: three 2x frames side by side each get their 448 px on a 1500 px wide window
+    with gr.Blocks(title="Concat World Model Explorer", delete_cache=(cache_frequency_s, cache_age_s), fill_width=True) as demo:
         demo.model_pool, demo.exports = pool, exports  # main() closes them when the server stops: their files go
         user = gr.State(UserState(pool, config, tensorboard_dir=app.tensorboard_dir, recordings=recordings,
                                   exports=exports), delete_callback=release_user)
@@ -240,8 +299,16 @@ def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, c
             "# Concat World Model Explorer\nLoad a recorded toroidal-dot session, scrub its frames, run the "
             "canvas-inpainting world model and explore why it predicts what it does.", elem_id="app-title")
 
-        c = {**session_section(), **run_section(), **views_sections(), **metrics_section(config),
-             **attention_section(config), **analysis_section(), **play_section(), **workflow_section()}
+        c = {**session_section(), **run_section(), **views_sections(), **metrics_section(config)}
+        # the later sections are folded: a newcomer first sees sessions, run, views and graphs; each
+        # fold opens with a click and keeps its outputs up to date while closed
+        with gr.Accordion(ATTENTION_TITLE, open=False, elem_id="fold-attention", elem_classes=["section-fold"]):
+            c.update(attention_section(config))
+        with gr.Accordion(ANALYSIS_TITLE, open=False, elem_id="fold-analysis", elem_classes=["section-fold"]):
+            c.update(analysis_section(), **play_section())
+        with gr.Accordion(WORKFLOW_TITLE, open=False, elem_id="fold-work", elem_classes=["section-fold"]):
+            c.update(workflow_section())
+        gr.Markdown(folders_note(), elem_id="folders-note")
         _wire(demo, registry, user, c, app)
     return demo
 
@@ -324,6 +391,24 @@ def allow_nested_event_loop() -> None:
     nest_asyncio.apply(loop)
 
 
+def folders_line() -> str:
+    """Where sessions and checkpoints are, said once at start (relative to the project folder where they
+    are inside it); the page names folders outside the project ``<sessions>`` and ``<checkpoints>``."""
+    shown = [f"{name} in {display_path(folder)}" + ("" if not display_path(folder).startswith("<") else f" = {folder}")
+             for name, folder in (("sessions", config.SESSIONS_ROOT), ("checkpoints", config.CHECKPOINT_DIR))]
+    return "Folders: " + "; ".join(shown)
+
+
+def folders_note() -> str:
+    """The page's footer: the folders the page's messages name (the terminal line of ``folders_line``
+    gives the full path of one outside the project, which the page never shows)."""
+    sessions, checkpoints = display_path(config.SESSIONS_ROOT), display_path(config.CHECKPOINT_DIR)
+    outside = sessions.startswith("<") or checkpoints.startswith("<")
+    return (f"_Sessions are read from `{sessions}` and checkpoints kept in `{checkpoints}`"
+            + (" (outside the project folder: the terminal that started the app prints where)" if outside
+               else " (inside the project folder)") + "._")
+
+
 def launch(demo: gr.Blocks, args: argparse.Namespace, block: bool = True) -> gr.Blocks:
     """Queue and serve ``demo``; say so when the share tunnel cannot be made and keep serving locally."""
     allow_nested_event_loop()
@@ -332,10 +417,12 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, block: bool = True) -> gr.
     demo.queue(default_concurrency_limit=1)
     guards = (LoginGuard, LoginDelay, UploadRefusal) if args.auth else (UploadRefusal,)  # the first is outermost
     app_kwargs = {"middleware": [Middleware(guard) for guard in guards]}
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.auth,
+    # quiet: Gradio's own lines would tell a user to "set share=True in launch()"; this app's flag is --share
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.auth, quiet=True,
                 inbrowser=should_open_browser(args.no_browser), show_error=True, prevent_thread_lock=True,
                 theme=THEME, css=CSS, blocked_paths=never_served_paths(gr.utils.get_upload_folder()),
                 max_file_size=MAX_UPLOAD_BYTES, app_kwargs=app_kwargs)
+    print(f"Running on local URL: {demo.local_url}" + ("" if args.share else " (--share makes a public link)"), flush=True)
     if args.share and not demo.share_url:
         print(f"Could not create a public share link (is this machine offline?). "
               f"Still serving locally at {demo.local_url}", flush=True)
@@ -423,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             limit_malloc_arenas(app.malloc_arenas)  # before the worker threads exist: freed models' memory goes back
         torch.set_num_threads(app.torch_threads or max(1, min(4, (os.cpu_count() or 1) - 1)))
         print(f"Training on {compute_path(default_device(), model_config)}", flush=True)
+        print(folders_line(), flush=True)
         ensure_demo_sessions()
         demo = build_demo(model_config, app=app)
         launch(demo, args)

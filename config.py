@@ -214,7 +214,8 @@ class AppConfig:
     park_dir: str | None = None  # ($CWM_PARK_DIR) where parked models go (default: the system temp folder; avoid a RAM-backed tmpfs); the app makes a private 0700 folder inside and refuses one another account could change
     park_retry_s: float = 60.0  # a model whose parking failed (a full disk) is not tried again for this long; each cause is logged once
     dot_window: int = 50  # predictions in the rolling 'within 3 px' share of the Dot found graph
-    default_quantile: float = 95.0  # attention filter: keep connections above this percentile (strongest 5%)
+    error_window: int = 10  # predictions in the rolling means of the Prediction error graph (its strong lines)
+    default_quantile: float = 99.8  # attention filter: keep connections above this percentile (strongest 0.2%: ~800 lines a person can follow)
     max_rollout_steps: int = 20  # longest open-loop rollout the Analysis section imagines
     default_rollout_steps: int = 5  # its Steps box default
     max_canvas_steps: int = 200  # most optimizer steps one single-canvas training may take

@@ -19,26 +19,32 @@ from page_common import (
     APP,
     CANVAS_HEIGHT,
     FRAME_HEIGHT,
+    X_LABEL_ANGLE,
     UserState,
     amplify_error,
     format_px,
     format_value,
+    graph_updates,
     hide_paths,
     image_block,
     line_plot,
     open_session,
+    refusal,
     require_session,
+    session_folder,
     upscale,
+    validated,
     whole_number,
 )
 from images import panel_grid
 from page_outputs import (
-    LOSS_COLOURS,
+    CANVAS_LOSS_COLOURS,
+    PATCH_KEYS,
     TRAIN_VIEW_KEYS,
     attention_outputs,
     attention_picker,
     checkpoint_markdown,
-    iteration_span,
+    chosen_patch_outputs,
     lost_model_markdown,
     training_view_outputs,
     two_series,
@@ -52,8 +58,9 @@ from world_model_analysis import ACTIONS, Evaluation, prediction_frames
 # what single-canvas training writes: its progress and loss curve, the four training views, then (at the end)
 # the checkpoint status and the attention outputs, recaptured from the changed model
 CANVAS_OUTPUT_KEYS = ("canvas_progress", "canvas_plot", "train_original", "train_masked", "train_inpainting",
-                      "train_composite", "checkpoint", "attn_image", "attn_stats", "attn_picker")
+                      "train_composite", "checkpoint", "attn_image", "attn_stats", "attn_picker", *PATCH_KEYS)
 SERIES_STAY, SERIES_MOVE, SERIES_REPEAT = "model, after stay", "model, after move", "baseline: repeat frame t"
+EVAL_PLOT_HEIGHT = 300  # CSS pixels
 EVALUATION_COLOURS = {SERIES_STAY: "#dc2626", SERIES_MOVE: "#16a34a", SERIES_REPEAT: "#9ca3af"}
 
 
@@ -169,8 +176,13 @@ def _analysis_frame(frame_index: Any, user: UserState) -> int:
     try:
         first, last = prediction_frames(session, user.controller.config)
     except ValueError as e:
-        raise gr.Error(str(e)) from None
+        raise refusal(str(e)) from None
     return whole_number(frame_index, "Frame index", first, last)
+
+
+def check_frame_analysis(frame_index: Any, user: UserState) -> list[dict]:
+    """Validator of ``counterfactual``: a frame t of the loaded session with a frame before and after it."""
+    return validated(lambda: _analysis_frame(frame_index, user), None)
 
 
 def counterfactual(frame_index: Any, user: UserState) -> tuple:
@@ -179,18 +191,27 @@ def counterfactual(frame_index: Any, user: UserState) -> tuple:
     try:
         cf = user.controller.counterfactual(t)
     except (ValueError, SessionError) as e:
-        raise gr.Error(f"Cannot compare actions at frame {t}: {hide_paths(e)}") from None
+        raise refusal(f"Cannot compare actions at frame {t}: {hide_paths(e)}") from None
     return _with_notice(counterfactual_outputs(cf, _model_now(user.controller)), user.controller)
+
+
+def _rollout_steps(k: Any) -> int:
+    return whole_number(k, "Steps k", 1, APP.max_rollout_steps)
+
+
+def check_rollout(frame_index: Any, k: Any, user: UserState) -> list[dict]:
+    """Validator of ``rollout``: frame t and the number of steps, each under its own box."""
+    return validated(lambda: _analysis_frame(frame_index, user), lambda: _rollout_steps(k), None)
 
 
 def rollout(frame_index: Any, k: Any, user: UserState) -> tuple:
     """k open-loop steps from frame t with the recorded actions (never trains)."""
     t = _analysis_frame(frame_index, user)
-    steps = whole_number(k, "Steps k", 1, APP.max_rollout_steps)
+    steps = _rollout_steps(k)
     try:
         ro = user.controller.rollout(t, steps, APP.max_rollout_steps)
     except (ValueError, SessionError) as e:
-        raise gr.Error(f"Cannot roll out from frame {t}: {hide_paths(e)}") from None
+        raise refusal(f"Cannot roll out from frame {t}: {hide_paths(e)}") from None
     return _with_notice(rollout_outputs(ro, _model_now(user.controller)), user.controller)
 
 
@@ -200,15 +221,20 @@ def session_names() -> gr.Dropdown:
     return gr.Dropdown(choices=names, value=names[0] if names else None)
 
 
+def check_evaluate_session(session_choice: Any, user: UserState) -> list[dict]:
+    """Validator of ``evaluate_session``: a name of a folder in the sessions folder."""
+    return validated(lambda: session_folder(session_choice), None)
+
+
 def evaluate_session(session_choice: Any, user: UserState) -> tuple[str, pd.DataFrame]:
     """The tab's model on every transition of a session (any session; batched, never trains)."""
     session = open_session(session_choice)
     try:
         ev = user.controller.evaluate(session, APP.evaluation_batch)
     except (ValueError, SessionError) as e:
-        raise gr.Error(f"Cannot evaluate session {session_choice}: {hide_paths(e)}") from None
-    text, scatter = evaluation_outputs(ev)
-    return _with_notice((scatter, text), user.controller)[::-1]
+        raise refusal(f"Cannot evaluate session {session_choice}: {hide_paths(e)}") from None
+    text, frame = evaluation_outputs(ev)
+    return _with_notice((*graph_updates(user, [frame], height=EVAL_PLOT_HEIGHT), text), user.controller)[::-1]
 
 
 def canvas_outputs(user: UserState, t: int, total: int, curve: list[dict], final: bool) -> tuple:
@@ -221,26 +247,40 @@ def canvas_outputs(user: UserState, t: int, total: int, curve: list[dict], final
         f"**{state}: {len(curve)}/{total}** steps on the canvas ending at frame {t} | masked MSE "
         f"{format_value(curve[0]['mse'] if curve else None)} -> {format_value(last.get('mse'))} | learning rate {format_value(last.get('lr'), 3)} | "
         f"gradient norm {format_value(last.get('grad_norm'), 3)} | model step {last.get('step', 'n/a')}")
-    out["canvas_plot"] = gr.update(value=two_series(curve, LOSS_COLOURS, ("loss", "mse")), x_lim=iteration_span(curve))
+    out["canvas_plot"], = graph_updates(user, [two_series(curve, CANVAS_LOSS_COLOURS, ("loss", "mse"))])
     out.update(zip(TRAIN_VIEW_KEYS, training_view_outputs(c)))
     if final:
         out["checkpoint"] = checkpoint_markdown(c)
         out["attn_image"], out["attn_stats"] = attention_outputs(user)
-        out["attn_picker"] = attention_picker(user)
+        out["attn_picker"] = attention_picker(user, user.selected_patch)
+        out.update(zip(PATCH_KEYS, chosen_patch_outputs(user)))
     return tuple(out[k] for k in CANVAS_OUTPUT_KEYS)
+
+
+def _canvas_frame(frame_index: Any, user: UserState) -> int:
+    """Frame t whose training canvas (frames t-2, t-1, t) single-canvas training fits."""
+    session = require_session(user)
+    first = user.controller.config.canvas_history_size - 1
+    return whole_number(frame_index, "Frame index", first, max(first, session.num_frames - 1))
+
+
+def _canvas_steps(steps: Any) -> int:
+    return whole_number(steps, "Steps", 1, APP.max_canvas_steps)
+
+
+def check_train_single_canvas(frame_index: Any, steps: Any, user: UserState) -> list[dict]:
+    """Validator of ``train_single_canvas``: frame t and the number of steps, each under its own box."""
+    return validated(lambda: _canvas_frame(frame_index, user), lambda: _canvas_steps(steps), None)
 
 
 def train_single_canvas(frame_index: Any, steps: Any, user: UserState):
     """Train this tab's model for ``steps`` (1-200) optimizer steps on the canvas ending at frame t
     alone, streaming the loss curve and the training views; saved like a run; Stop ends it."""
-    session = require_session(user)
-    first = user.controller.config.canvas_history_size - 1
-    t = whole_number(frame_index, "Frame index", first, max(first, session.num_frames - 1))
-    total = whole_number(steps, "Steps", 1, APP.max_canvas_steps)
+    t, total = _canvas_frame(frame_index, user), _canvas_steps(steps)
     try:
         work = user.controller.train_single_canvas(t, total)
     except (ValueError, SessionError) as e:
-        raise gr.Error(f"Cannot train on the canvas ending at frame {t}: {hide_paths(e)}") from None
+        raise refusal(f"Cannot train on the canvas ending at frame {t}: {hide_paths(e)}") from None
     curve, last_yield = [], -math.inf
     try:
         for step in work:
@@ -250,7 +290,7 @@ def train_single_canvas(frame_index: Any, steps: Any, user: UserState):
                 yield (user, *canvas_outputs(user, t, total, curve, final=False))
                 last_yield = time.monotonic()
     except RunBusyError:
-        raise gr.Error("A run is in progress in this tab: press Stop or wait for it to finish.") from None
+        raise refusal("A run is in progress in this tab: press Stop or wait for it to finish.") from None
     yield (user, *canvas_outputs(user, t, total, curve, final=True))
 
 
@@ -258,10 +298,12 @@ def train_single_canvas(frame_index: Any, steps: Any, user: UserState):
 # layout
 
 
+SECTION_TITLE = "7. Analysis, play and compare (asks the model; only single-canvas training changes it)"
+
+
 def analysis_section() -> dict[str, Any]:
-    """Section 7: counterfactual actions, open-loop rollouts, whole-session evaluation, single-canvas training."""
-    gr.Markdown("## 7. Analysis (asks this tab's model; only single-canvas training changes it)",
-                elem_classes=["section-title"])
+    """Section 7 (titled ``SECTION_TITLE`` by the fold the page puts it in): counterfactual actions,
+    open-loop rollouts, whole-session evaluation, single-canvas training."""
     frame = gr.Number(value=1, precision=0, label="Frame t of the loaded session (follows the frame slider)",
                       elem_id="analysis-frame")
     gr.Markdown("### What if the other action had been taken?")
@@ -292,8 +334,8 @@ def _evaluation_block() -> dict[str, Any]:
     eval_md = gr.Markdown(elem_id="eval-info")
     eval_plot = gr.ScatterPlot(pd.DataFrame({"frame": [np.nan] * 3, "MSE": [np.nan] * 3, "series": list(EVALUATION_COLOURS)}),
                                x="frame", y="MSE", color="series", color_map=EVALUATION_COLOURS, elem_id="eval-plot",
-                               title="Prediction error per transition (frame t -> t+1)", x_title="frame t",
-                               y_title="MSE", height=300, show_label=False, label="Prediction error per transition",
+                               title="Prediction error per transition (frame t -> t+1)", x_title="frame t", x_label_angle=X_LABEL_ANGLE,
+                               y_title="MSE", height=EVAL_PLOT_HEIGHT, show_label=False, label="Prediction error per transition",
                                buttons=["fullscreen", "export"])
     return {"eval_session": eval_session, "eval_btn": eval_btn, "eval_md": eval_md, "eval_plot": eval_plot}
 
@@ -307,7 +349,7 @@ def _canvas_block() -> dict[str, Any]:
                                  label=f"Steps (1-{APP.max_canvas_steps})")
         canvas_btn = gr.Button("Train on the canvas ending at frame t", variant="stop", elem_id="canvas-btn")
     canvas_progress = gr.Markdown(elem_id="canvas-progress")
-    canvas_plot = line_plot("Single-canvas training loss", "canvas-plot", "loss", LOSS_COLOURS, x_title="step of this training")
+    canvas_plot = line_plot("Single-canvas training loss", "canvas-plot", "loss", CANVAS_LOSS_COLOURS, x_title="step of this training")
     gr.Markdown("Red: the optimised, dot-weighted loss; orange: the plain masked-patch MSE of that canvas.",
                 elem_id="canvas-legend")
     return {"canvas_steps": canvas_steps, "canvas_btn": canvas_btn, "canvas_progress": canvas_progress,

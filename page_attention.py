@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from attention_draw import picker_patch, render_patch_attention
+from attention_draw import picker_patch
 from attention_viz import AGGREGATIONS, VIZ_LINES, VIZ_TYPES
 from config import AutoencoderConcatPredictorWorldModelConfig
 from page_common import (
@@ -23,10 +23,12 @@ from page_common import (
     choice,
     image_block,
     parse_quantile,
+    refusal,
     selected_indices,
+    validated,
     whole_number,
 )
-from page_outputs import NOTHING_RUN_YET, PICKER_SCALE, attention_outputs, attention_picker
+from page_outputs import NOTHING_RUN_YET, PICK_A_PATCH, PICKER_SCALE, attention_outputs, attention_picker, patch_outputs
 
 # -----------------------------------------------------------------------------
 # constants
@@ -39,6 +41,20 @@ PATCH_ATTENTION_HEIGHT = 760  # one patch's attention: 3 rows of 2 layer panels 
 # handlers
 
 
+def attention_controls_of(quantile: Any, controls: tuple, user: UserState) -> tuple:
+    """The attention controls as (quantile, layers, heads, aggregation, visualization); a refusal
+    naming the first bad one. ``controls``: one checkbox per decoder layer, one per head, the
+    aggregation and the visualization type."""
+    cfg = user.controller.config
+    n_layers, n_heads = cfg.decoder_depth, cfg.decoder_num_heads
+    if len(controls) != n_layers + n_heads + 2:
+        raise refusal(f"Expected {n_layers} layer and {n_heads} head checkboxes, the aggregation and the "
+                      f"visualization type (got {len(controls)} values).")
+    return (parse_quantile(quantile), selected_indices(controls[:n_layers], "Decoder layer"),
+            selected_indices(controls[n_layers:n_layers + n_heads], "Attention head"),
+            choice(controls[-2], AGGREGATIONS, "Aggregation"), choice(controls[-1], VIZ_TYPES, "Visualization type"))
+
+
 def update_attention_viz(quantile: Any, *controls: Any) -> tuple[np.ndarray | None, str]:
     """Redraw the decoder attention from the capture of the last run with new controls.
 
@@ -46,70 +62,80 @@ def update_attention_viz(quantile: Any, *controls: Any) -> tuple[np.ndarray | No
     aggregation, the visualization type and the tab's ``UserState`` last.
     """
     *controls, user = controls
-    cfg = user.controller.config
-    n_layers, n_heads = cfg.decoder_depth, cfg.decoder_num_heads
-    if len(controls) != n_layers + n_heads + 2:
-        raise gr.Error(f"Expected {n_layers} layer and {n_heads} head checkboxes, the aggregation and the "
-                       f"visualization type (got {len(controls)} values).")
-    q = parse_quantile(quantile)
-    layers = selected_indices(controls[:n_layers], "Decoder layer")
-    heads = selected_indices(controls[n_layers:n_layers + n_heads], "Attention head")
-    aggregation = choice(controls[-2], AGGREGATIONS, "Aggregation")
-    viz_type = choice(controls[-1], VIZ_TYPES, "Visualization type")
-    user.attention_controls = (q, layers, heads, aggregation, viz_type)
+    user.attention_controls = attention_controls_of(quantile, tuple(controls), user)
     return attention_outputs(user)
 
 
-def patch_attention_outputs(user: UserState, row: int, col: int) -> tuple[np.ndarray, str]:
-    attention = user.controller.attention
-    if attention is None:
-        raise gr.Error("Run the world model first: patch attention reads the decoder attention captured at the end of a run.")
-    _, layers, heads, aggregation, _ = user.attention_controls
-    if not layers or not heads:
-        raise gr.Error("Select at least one decoder layer and one attention head in section 6.")
-    try:
-        image, _, text = render_patch_attention(attention, row, col, layers, heads, aggregation)
-    except ValueError as e:
-        raise gr.Error(f"Cannot draw the attention of patch ({row}, {col}): {e}") from None
-    return image, text
+def check_update_attention_viz(quantile: Any, *controls: Any) -> list[dict]:
+    """Validator of ``update_attention_viz`` (the page's controls send nothing else; an API client may)."""
+    *controls, user = controls
+    return validated(lambda: attention_controls_of(quantile, tuple(controls), user), *[None] * (len(controls) + 1))
+
+
+def _patch_grid(user: UserState) -> tuple[int, int]:
+    cfg = user.controller.config
+    return cfg.frame_size[0] // cfg.patch_size, cfg.frame_size[1] // cfg.patch_size
+
+
+def _require_capture(user: UserState) -> None:
+    if user.controller.attention is None:
+        raise refusal("Run the world model first: patch attention reads the decoder attention captured at the end of a run.")
+
+
+def patch_of(row: Any, col: Any, user: UserState) -> tuple[int, int]:
+    """(row, col) of a patch of the predicted frame, with a capture to draw it from; a refusal otherwise."""
+    rows, cols = _patch_grid(user)
+    r, c = whole_number(row, "Patch row", 0, rows - 1), whole_number(col, "Patch column", 0, cols - 1)
+    _require_capture(user)
+    return r, c
 
 
 def patch_attention(row: Any, col: Any, user: UserState) -> tuple[np.ndarray, str, np.ndarray]:
     """Where one patch of the predicted frame looks: its attention in each selected decoder layer
     (heads combined with section 6's aggregation), its strongest source patches, and the predicted
     frame with that patch ringed."""
-    cfg = user.controller.config
-    rows, cols = cfg.frame_size[0] // cfg.patch_size, cfg.frame_size[1] // cfg.patch_size
-    r = whole_number(row, "Patch row", 0, rows - 1)
-    c = whole_number(col, "Patch column", 0, cols - 1)
-    return (*patch_attention_outputs(user, r, c), attention_picker(user, (r, c)))
+    r, c = patch_of(row, col, user)
+    image, text = patch_outputs(user, r, c)
+    user.selected_patch = (r, c)  # redrawn from every later capture (page_outputs.chosen_patch_outputs)
+    return image, text, attention_picker(user, (r, c))
+
+
+def check_patch_attention(row: Any, col: Any, user: UserState) -> list[dict]:
+    """Validator of ``patch_attention``: the row and column, each under its own box."""
+    rows, cols = _patch_grid(user)
+    return validated(lambda: (whole_number(row, "Patch row", 0, rows - 1), _require_capture(user)),
+                     lambda: whole_number(col, "Patch column", 0, cols - 1), None)
 
 
 def pick_patch(user: UserState, evt: gr.SelectData) -> tuple:
     """A click on the predicted frame picks the patch under it (the picture is enlarged ``PICKER_SCALE``x)."""
     attention = user.controller.attention
     if attention is None or attention.prediction is None:
-        raise gr.Error("Run the world model first: the predicted frame to click comes from the last run.")
+        raise refusal("Run the world model first: the predicted frame to click comes from the last run.")
     try:
         shown = tuple(PICKER_SCALE * n for n in attention.prediction.shape[:2])  # the enlarged picture's (H, W)
         row, col = picker_patch(evt.index[0], evt.index[1], shown, attention.patch_size, PICKER_SCALE)
     except (ValueError, TypeError, IndexError) as e:
-        raise gr.Error(f"That click is not on a patch of the predicted frame: {e}") from None
-    return (row, col, attention_picker(user, (row, col)), *patch_attention_outputs(user, row, col))
+        raise refusal(f"That click is not on a patch of the predicted frame: {e}") from None
+    image, text = patch_outputs(user, row, col)
+    user.selected_patch = (row, col)
+    return row, col, attention_picker(user, (row, col)), image, text
 
 
 # -----------------------------------------------------------------------------
 # layout
 
 
+SECTION_TITLE = "6. Decoder attention (from the last run; controls redraw without running the model)"
+
+
 def attention_section(cfg: AutoencoderConcatPredictorWorldModelConfig) -> dict[str, Any]:
-    """Section 6: attention controls (one checkbox per decoder layer and head of ``cfg``), picture and statistics."""
-    gr.Markdown("## 6. Decoder attention (from the last run; controls redraw without running the model)",
-                elem_classes=["section-title"])
+    """Section 6 (titled ``SECTION_TITLE`` by the fold the page puts it in): attention controls (one
+    checkbox per decoder layer and head of ``cfg``), picture and statistics."""
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=300):
-            quantile = gr.Slider(0, 100, value=APP.default_quantile, step=0.5, elem_id="attn-quantile",
-                                 label="Quantile threshold (95 = strongest 5%)")
+            quantile = gr.Slider(0, 100, value=APP.default_quantile, step=0.1, elem_id="attn-quantile",
+                                 label="Quantile threshold (99.8 = strongest 0.2%)")
             colours = ", ".join(f"L{i} {LAYER_COLOUR_NAMES[i % len(LAYER_COLOUR_NAMES)]}" for i in range(cfg.decoder_depth))
             gr.Markdown(f"**Decoder layers** (line colours: {colours})")
             with gr.Row():
@@ -144,7 +170,7 @@ def _patch_attention_block(cfg: AutoencoderConcatPredictorWorldModelConfig) -> d
                 patch_row = gr.Number(value=rows // 2, precision=0, label=f"Row (0-{rows - 1})", elem_id="patch-row")
                 patch_col = gr.Number(value=cols // 2, precision=0, label=f"Column (0-{cols - 1})", elem_id="patch-col")
             patch_btn = gr.Button("Show this patch's attention", elem_id="patch-btn")
-            patch_md = gr.Markdown(elem_id="patch-info")
+            patch_md = gr.Markdown(PICK_A_PATCH, elem_id="patch-info")
     patch_image = image_block("Attention of the chosen patch: one canvas per decoder layer (cyan ring = the patch)",
                               "patch-image", PATCH_ATTENTION_HEIGHT)
     return {"attn_picker": attn_picker, "patch_row": patch_row, "patch_col": patch_col, "patch_btn": patch_btn,

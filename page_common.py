@@ -1,7 +1,8 @@
 """Concat World Model Explorer, shared by every page section: per-tab state, input checks, formatting, layout.
 
 - ``UserState`` (what one browser tab owns) and the ``TabRegistry`` that frees a closed tab's model;
-- the input checks every handler runs first (each raises ``gr.Error`` naming the problem);
+- refusals (``refusal``: one log line, no traceback) and the input checks every handler and its
+  validator run first (``validated``);
 - small picture and text helpers (2x frames, amplified error maps, numbers, paths hidden from messages);
 - the image and graph blocks every section's layout is made of.
 
@@ -19,7 +20,7 @@ import tempfile
 import threading
 import weakref
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import gradio as gr
 import numpy as np
@@ -44,7 +45,11 @@ from tensorboard_log import TensorBoardLog
 APP = AppConfig()
 MODEL_CFG = AutoencoderConcatPredictorWorldModelConfig()
 FRAME_UPSCALE = 2  # single frames are shown at 2x (nearest neighbour) so a 16 px patch is easy to see
-CANVAS_HEIGHT, FRAME_HEIGHT, ATTENTION_HEIGHT = 260, 470, 480  # display heights in CSS pixels
+LABEL_HEIGHT = 40  # an image's label line above it (the page's CSS keeps labels off the pictures)
+# display heights in CSS pixels: a 2x frame (448 px) and a canvas (224 px) at their own size under their label
+CANVAS_HEIGHT, FRAME_HEIGHT, ATTENTION_HEIGHT = 224 + LABEL_HEIGHT, 448 + LABEL_HEIGHT, 480
+X_LABEL_ANGLE = -40  # degrees: slanted x tick labels never run into each other, even 5-digit ones on a narrow graph
+PLOT_HEIGHT = 280  # a metric graph's height in CSS pixels (one more every other update: see graph_updates)
 UNKNOWN_SESSION = "Unknown session: that name is not a session folder in the sessions folder. Press Refresh sessions and choose one from the list."
 NO_SESSION = "Load a session first: choose one in the list and press Load session."
 LOG = logging.getLogger(config.LOGGER_NAME)
@@ -81,6 +86,9 @@ class UserState:
                                                             APP.tensorboard_flush_s, APP.dot_window)
         layers, heads = tuple(range(config.decoder_depth)), tuple(range(config.decoder_num_heads))
         self.attention_controls = (APP.default_quantile, layers, heads, "mean", VIZ_LINES)
+        self.selected_patch: tuple[int, int] | None = None  # (row, col) whose attention section 6 shows
+        self.graph_redraws = 0  # graph updates sent to this tab (see graph_updates)
+        self.export_note = ""  # what the tab's latest export holds and lacks (page_workflow.export_note)
 
     def __deepcopy__(self, memo) -> UserState:
         return UserState(self.pool, self.controller.config, self.refused_files, self.tensorboard_dir, self.recordings,
@@ -137,7 +145,34 @@ class TabRegistry:
 
 
 # -----------------------------------------------------------------------------
-# input checks (each raises gr.Error naming the problem; nothing changes before they pass)
+# refusals and input checks (each raises a refusal naming the problem; nothing changes before they pass)
+
+
+def refusal(message: str) -> gr.Error:
+    """The error that refuses a request a person or client can correct (bad input, nothing to act on
+    yet, a run in the way): the page and the API client get ``message``, the terminal one log line
+    (no traceback: it is no fault of the server)."""
+    LOG.info("refused: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
+def validated(*checks: Callable[[], Any] | None) -> list[dict]:
+    """A validator's answer (the ``validator=`` of an event): one ``gr.validate`` per input, in order.
+
+    ``checks[i]`` runs the handler's own check of input i (raising a refusal), None where there is
+    nothing to check (the tab's state). Gradio runs the validator before it queues the event: a
+    refusal leaves every output as it was (no "Error" badges over them), the page shows the message
+    under that input, and an API client gets it as a validation error (HTTP 422). The handler runs
+    the same checks again (for a state that changed in between, and for callers without Gradio)."""
+    answers = []
+    for check in checks:
+        try:
+            if check is not None:
+                check()
+            answers.append(gr.validate(True, ""))
+        except gr.Error as e:
+            answers.append(gr.validate(False, e.message))
+    return answers
 
 
 def _shown(value: Any) -> str:
@@ -153,15 +188,15 @@ def whole_number(value: Any, what: str, low: int, high: int) -> int:
     try:
         return validation.whole_number(value, what, low, high)
     except ValueError as e:
-        raise gr.Error(str(e)) from None
+        raise refusal(str(e)) from None
 
 
 def parse_quantile(value: Any) -> float:
     """Return the attention quantile as a float in [0, 100]; otherwise raise ``gr.Error``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise gr.Error(f"Quantile must be a number from 0 to 100 (got {_shown(value)}).")
+        raise refusal(f"Quantile must be a number from 0 to 100 (got {_shown(value)}).")
     if not 0.0 <= float(value) <= 100.0:
-        raise gr.Error(f"Quantile must be a number from 0 to 100 (got {float(value):g}).")
+        raise refusal(f"Quantile must be a number from 0 to 100 (got {float(value):g}).")
     return float(value)
 
 
@@ -169,20 +204,20 @@ def selected_indices(flags: Sequence[Any], what: str) -> tuple[int, ...]:
     """Indices of the ticked checkboxes; a value that is not true/false raises ``gr.Error``."""
     for i, flag in enumerate(flags):
         if not isinstance(flag, (bool, np.bool_)):
-            raise gr.Error(f"{what} {i} checkbox must be true or false (got {_shown(flag)}).")
+            raise refusal(f"{what} {i} checkbox must be true or false (got {_shown(flag)}).")
     return tuple(i for i, flag in enumerate(flags) if flag)
 
 
 def choice(value: Any, options: Sequence[str], what: str) -> str:
     """``value`` if it is one of ``options``; otherwise raise ``gr.Error`` listing them."""
     if not isinstance(value, str) or value not in options:
-        raise gr.Error(f"{what} must be one of: {', '.join(options)} (got {_shown(value)}).")
+        raise refusal(f"{what} must be one of: {', '.join(options)} (got {_shown(value)}).")
     return value
 
 
 def require_session(user: UserState) -> Session:
     if user.controller.session is None:
-        raise gr.Error(NO_SESSION)
+        raise refusal(NO_SESSION)
     return user.controller.session
 
 
@@ -255,6 +290,17 @@ def series_anchors(colours: dict[str, str]) -> pd.DataFrame:
                          "series": list(colours)})
 
 
+def graph_updates(user: UserState, frames: Sequence[pd.DataFrame], height: int = PLOT_HEIGHT) -> tuple[dict, ...]:
+    """Updates that show new data in graphs and make the browser lay each graph out again.
+
+    Gradio's Vega view fits its axes (label widths, titles, legend) to the data it is first drawn
+    with and keeps that layout when only the data changes: a graph first drawn empty then clips its
+    y labels and drops its axis titles. A change of its size lays it out again, so every other
+    update of a tab's graphs is one pixel taller."""
+    user.graph_redraws += 1
+    return tuple(gr.update(value=frame, height=height + user.graph_redraws % 2) for frame in frames)
+
+
 def format_px(value: float | None) -> str:
     """A dot error for the page: pixels, 'no dot drawn' for a prediction without one, '-' before any."""
     if value is None:
@@ -266,18 +312,23 @@ def format_px(value: float | None) -> str:
 # sessions
 
 
-def open_session(session_choice: Any) -> Session:
-    """The session of that name from the sessions folder; ``gr.Error`` naming the problem otherwise."""
+def session_folder(session_choice: Any) -> Path:
+    """The folder of the session of that name in the sessions folder; a refusal naming the problem otherwise."""
     if session_choice is None or session_choice == "":
-        raise gr.Error("Choose a session in the list first (press Refresh sessions if it is empty).")
+        raise refusal("Choose a session in the list first (press Refresh sessions if it is empty).")
     try:
-        session_dir = resolve_session_dir(session_choice)
+        return resolve_session_dir(session_choice)
     except ValueError:
-        raise gr.Error(UNKNOWN_SESSION) from None
+        raise refusal(UNKNOWN_SESSION) from None
+
+
+def open_session(session_choice: Any) -> Session:
+    """The session of that name from the sessions folder; a refusal naming the problem otherwise."""
+    session_dir = session_folder(session_choice)
     try:
         return load_session_from_disk(session_dir)
     except SessionError as e:
-        raise gr.Error(f"Cannot load session {session_choice}: {hide_paths(e)}") from None
+        raise refusal(f"Cannot load session {session_choice}: {hide_paths(e)}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -290,16 +341,15 @@ def image_block(label: str, elem_id: str, height: int, **kwargs) -> gr.Image:
                     elem_classes=["pixelated"], buttons=["download", "fullscreen"], **kwargs)
 
 
-def line_plot(label: str, elem_id: str, y_title: str, colours: dict[str, str] | None = None,
-              y_lim: list[float] | None = None, x_title: str = "iteration") -> gr.LinePlot:
-    # Gradio sizes the Vega view to the whole block: a block label or a legend would push the axes
-    # out of sight, so the title lives inside the view and the colours are named under the graphs
-    if colours:
-        empty = series_anchors(colours)
-    else:
-        empty = pd.DataFrame({"iteration": pd.Series(dtype="float64"), "value": pd.Series(dtype="float64")})
-    return gr.LinePlot(empty, x="iteration", y="value", color="series" if colours else None, color_map=colours,
-                       colors_in_legend=[] if colours else None, title=label, label=label, show_label=False,
-                       elem_id=elem_id, x_title=x_title, y_title=y_title, height=280,
-                       x_axis_format="d", y_lim=y_lim,  # "d": whole iterations, so Vega places no ticks between them
+def line_plot(label: str, elem_id: str, y_title: str, colours: dict[str, str], y_lim: list[float] | None = None,
+              x_title: str = "iteration") -> gr.LinePlot:
+    """A metric graph: long-format data (iteration, value, series), one colour per series name.
+
+    Gradio sizes the Vega view to the whole block: a block label or a legend would push the axes out
+    of sight, so the title lives inside the view and the colours are named under the graphs. No
+    ``x_lim``, here or in an update (see ``page_outputs.span_point``)."""
+    return gr.LinePlot(series_anchors(colours), x="iteration", y="value", color="series", color_map=colours,
+                       colors_in_legend=[], title=label, label=label, show_label=False,
+                       elem_id=elem_id, x_title=x_title, y_title=y_title, height=PLOT_HEIGHT,
+                       x_axis_format="d", x_label_angle=X_LABEL_ANGLE, y_lim=y_lim,  # "d": whole iterations, so Vega places no ticks between them
                        buttons=["fullscreen", "export"])

@@ -15,7 +15,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from attention_draw import draw_attention, patch_picker_image
+from attention_draw import draw_attention, patch_picker_image, render_patch_attention
 from frame_metrics import dot_found_shares
 from run_controller import RunController, RunStatus
 from page_common import (
@@ -26,7 +26,9 @@ from page_common import (
     display_path,
     format_px,
     format_value,
+    graph_updates,
     hide_paths,
+    refusal,
     series_anchors,
     upscale,
 )
@@ -38,6 +40,8 @@ from session_explorer_lib import markdown_escape
 MAX_PLOT_POINTS = 2000  # longer metric histories are thinned to this many points per series
 MIN_ITERATION_SPAN = 10  # the iteration axis spans at least this many iterations, so its ticks are whole ones
 NO_MODEL_YET = "_No model yet: it is created at the first Run (from the saved checkpoint when there is one)._"
+NO_HISTORY = "No run history yet: run the world model; each run's iterations are kept here."
+PICK_A_PATCH = "_Click a patch of the predicted frame (or enter its row and column) to see where it looks._"
 NOTHING_RUN_YET = "_Nothing to show yet: run the world model once; its decoder attention is captured at the end of every run._"
 
 # the components every run update writes, in order (see display_outputs)
@@ -45,19 +49,45 @@ RUN_OUTPUT_KEYS = (
     "progress", "checkpoint", "train_original", "train_masked", "train_inpainting", "train_composite",
     "pred_current", "pred_next", "pred_error", "prediction_info", "plot_error", "plot_time", "plot_loss",
     "plot_dot", "attn_image", "attn_stats", "frame_slider", "pred_canvas", "plot_lr", "plot_grad", "attn_picker",
-    "history_slider",
+    "history_slider", "history_current", "history_predicted", "history_error", "history_md", "patch_image", "patch_md",
 )
 PICKER_SCALE = 2  # the clickable picture of the predicted frame is shown at this enlargement
 TRAIN_VIEW_KEYS = ("train_original", "train_masked", "train_inpainting", "train_composite")
 PREDICTION_KEYS = ("pred_current", "pred_next", "pred_error", "prediction_info", "pred_canvas")
-SERIES_PREDICTION, SERIES_BASELINE = "model prediction", "baseline: repeat last frame"
-SERIES_LOSS, SERIES_MSE = "training loss (weighted)", "masked-patch MSE"
-SERIES_GRAD, SERIES_CLIP = "gradient norm (before clipping)", "clip threshold"
-ERROR_COLOURS = {SERIES_PREDICTION: "#4f46e5", SERIES_BASELINE: "#9ca3af"}
-LOSS_COLOURS = {SERIES_LOSS: "#dc2626", SERIES_MSE: "#f59e0b"}
-GRAD_COLOURS = {SERIES_GRAD: "#0d9488", SERIES_CLIP: "#9ca3af"}
+HISTORY_KEYS = ("history_current", "history_predicted", "history_error", "history_md")  # section 8's run history
+PATCH_KEYS = ("patch_image", "patch_md")  # section 6's one patch
 PLOT_KEYS = ("plot_error", "plot_time", "plot_loss", "plot_dot", "plot_lr", "plot_grad")  # metric_frames order
 CLIP_SHOWN_FROM = 0.5  # the gradient graph draws the clip threshold once a norm reaches this share of it
+LOOP_MARKS = 24  # the graphs mark at most this many replay loops (the latest)
+
+# series names (shown in the graphs' tooltips) and colours; a graph draws its series in its colour map's order
+SERIES_LOOP = "replay looped to frame 0"  # a vertical mark between the session's last frame and its first
+SERIES_SPAN = "axis span"  # one invisible point that keeps a short history's iteration axis 10 wide
+SERIES_PREDICTION, SERIES_BASELINE = "model prediction", "baseline: repeat last frame"  # one point per prediction
+SERIES_PREDICTION_MEAN = f"model prediction, mean of the last {APP.error_window}"
+SERIES_BASELINE_MEAN = f"baseline, mean of the last {APP.error_window}"
+SERIES_LOSS, SERIES_MSE = "training loss (weighted)", "masked-patch MSE"
+SERIES_GRAD, SERIES_CLIP = "gradient norm (before clipping)", "clip threshold"
+SERIES_TIME, SERIES_DOT, SERIES_LR = "iteration time", "within 3 px", "learning rate"
+LOOP_COLOUR, LINE_COLOUR = "#d946ef", "#4f46e5"
+
+
+def graph_colours(series: dict[str, str], loops: bool = True) -> dict[str, str]:
+    """A graph's colour map, in drawing order: the replay-loop marks (underneath everything), the
+    invisible axis-span point, then ``series``. Every name a graph may draw must be here (Gradio
+    gives a name outside its colour map no colour)."""
+    marks = {f"{SERIES_LOOP} ({k})": LOOP_COLOUR for k in range(1, LOOP_MARKS + 1)} if loops else {}
+    return {**marks, SERIES_SPAN: "transparent", **series}
+
+
+# faint: every prediction (on an alternating session the baseline jumps between 0 and its full error
+# every iteration); strong, drawn over them: their rolling means, so both lines can be read
+ERROR_COLOURS = graph_colours({SERIES_BASELINE: "#d1d5db", SERIES_PREDICTION: "#c7d2fe",
+                               SERIES_BASELINE_MEAN: "#4b5563", SERIES_PREDICTION_MEAN: LINE_COLOUR})
+LOSS_COLOURS = graph_colours({SERIES_LOSS: "#dc2626", SERIES_MSE: "#f59e0b"})
+CANVAS_LOSS_COLOURS = graph_colours({SERIES_LOSS: "#dc2626", SERIES_MSE: "#f59e0b"}, loops=False)
+GRAD_COLOURS = graph_colours({SERIES_GRAD: "#0d9488", SERIES_CLIP: "#9ca3af"})
+TIME_COLOURS, DOT_COLOURS, LR_COLOURS = (graph_colours({name: LINE_COLOUR}) for name in (SERIES_TIME, SERIES_DOT, SERIES_LR))
 
 
 # -----------------------------------------------------------------------------
@@ -74,6 +104,20 @@ def _series(rows: list[dict], key: str, label: str, scale: float = 1.0) -> pd.Da
                          "series": [label] * len(points)})
 
 
+def _rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of each value and the ``window - 1`` before it (fewer at the start). (n,) -> (n,)"""
+    csum = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])  # (n+1,)
+    n = np.arange(1, len(values) + 1)
+    return (csum[n] - csum[np.maximum(n - window, 0)]) / np.minimum(n, window)
+
+
+def rolling_rows(history: list[dict], key: str, window: int) -> list[dict]:
+    """Per iteration that has a finite ``key``, the mean of it over the last ``window`` such iterations."""
+    rows = [r for r in history if r.get(key) is not None and math.isfinite(r[key])]
+    means = _rolling_mean(np.array([r[key] for r in rows], dtype=np.float64), window)
+    return [{"iteration": r["iteration"], key: float(m)} for r, m in zip(rows, means)]
+
+
 def dot_found_rows(history: list[dict], window: int) -> list[dict]:
     """Per scored prediction, the share (%) of the last ``window`` predictions whose dot landed within
     3 px of the true one (no predicted dot counts as a miss): the moment the model finds the dot."""
@@ -82,42 +126,72 @@ def dot_found_rows(history: list[dict], window: int) -> list[dict]:
     return [{"iteration": r["iteration"], "within_3px_share": float(v)} for r, v in zip(scored, share)]
 
 
-def two_series(history: list[dict], colours: dict[str, str], keys: tuple[str, str]) -> pd.DataFrame:
-    (first, second), (a, b) = list(colours), keys
-    return pd.concat([series_anchors(colours), _series(history, a, first), _series(history, b, second)],
-                     ignore_index=True)
+def loop_marks(history: list[dict], low: float, high: float) -> pd.DataFrame:
+    """A vertical line from ``low`` to ``high`` halfway between the iteration that saw a session's last
+    frame and the next one (frame 0 again), for the latest ``LOOP_MARKS`` replay loops: there the next
+    two iterations have no prediction to score and the first does not train."""
+    looped = [r["iteration"] + 0.5 for r in history if r.get("replay_looped")][-LOOP_MARKS:]
+    return pd.DataFrame({"iteration": np.repeat(np.array(looped, dtype=np.float64), 2),
+                         "value": np.tile([low, high], len(looped)).astype(np.float64),
+                         "series": [f"{SERIES_LOOP} ({k})" for k in range(1, len(looped) + 1) for _ in (low, high)]})
+
+
+def span_point(data: pd.DataFrame) -> pd.DataFrame:
+    """An invisible point that widens a history shorter than ``MIN_ITERATION_SPAN`` iterations to that
+    span (Gradio exposes no tick step: a shorter axis gets ticks between whole iterations, labelled
+    1, 2, 2 by the "d" format). A graph never sets ``x_lim`` instead: the browser redraws a graph whose
+    ``x_lim`` and data change together with the old data."""
+    drawn = data.dropna()
+    if drawn.empty or drawn["iteration"].max() - drawn["iteration"].min() >= MIN_ITERATION_SPAN - 1:
+        return data.iloc[:0]
+    first = drawn.iloc[0]
+    return pd.DataFrame({"iteration": [first["iteration"] + MIN_ITERATION_SPAN - 1], "value": [first["value"]],
+                         "series": [SERIES_SPAN]})
+
+
+def graph(colours: dict[str, str], parts: list[pd.DataFrame], history: list[dict] | None = None,
+          y_range: tuple[float, float] | None = None) -> pd.DataFrame:
+    """One graph's long-format data: a null anchor row per name in ``colours`` (see
+    ``series_anchors``), the replay-loop marks of ``history`` (spanning ``y_range``, by default the
+    drawn values), the axis-span point and the ``parts``."""
+    data = pd.concat(parts, ignore_index=True)
+    marks = []
+    if history and not data.empty:
+        low, high = y_range or (float(data["value"].min()), float(data["value"].max()))
+        marks = [loop_marks(history, low, high)]
+    return pd.concat([series_anchors(colours), *marks, span_point(data), data], ignore_index=True)
+
+
+def two_series(rows: list[dict], colours: dict[str, str], keys: tuple[str, str],
+               history: list[dict] | None = None) -> pd.DataFrame:
+    """A graph of two metrics of ``rows``, named after the last two entries of ``colours`` (with the
+    replay loops of ``history`` marked)."""
+    (first, second), (a, b) = list(colours)[-2:], keys
+    return graph(colours, [_series(rows, a, first), _series(rows, b, second)], history)
 
 
 def metric_frames(history: list[dict], grad_clip: float = 0.0) -> tuple[pd.DataFrame, ...]:
-    """Long-format DataFrames for the graphs, in ``PLOT_KEYS`` order: prediction error, iteration time,
-    training loss, the rolling share of predictions that put the dot within 3 px, learning rate and
-    gradient norm (with the clip threshold as a flat line when clipping is on)."""
-    error = two_series(history, ERROR_COLOURS, ("prediction_error", "copy_error"))
-    timing = _series(history, "iteration_time", "iteration time", scale=1000.0)
-    loss = two_series(history, LOSS_COLOURS, ("training_loss", "training_mse"))
-    dot = _series(dot_found_rows(history, APP.dot_window), "within_3px_share", "within 3 px")
-    lr = _series(history, "lr", "learning rate")
+    """Long-format DataFrames for the graphs, in ``PLOT_KEYS`` order: prediction error (every prediction
+    faint, the rolling means strong), iteration time, training loss, the rolling share of predictions
+    that put the dot within 3 px, learning rate and gradient norm (with the clip threshold as a flat
+    line when clipping is on); each marks where the replay looped to the session's first frame."""
+    window = APP.error_window
+    error = graph(ERROR_COLOURS, [
+        _series(history, "copy_error", SERIES_BASELINE), _series(history, "prediction_error", SERIES_PREDICTION),
+        _series(rolling_rows(history, "copy_error", window), "copy_error", SERIES_BASELINE_MEAN),
+        _series(rolling_rows(history, "prediction_error", window), "prediction_error", SERIES_PREDICTION_MEAN)],
+        history)
+    timing = graph(TIME_COLOURS, [_series(history, "iteration_time", SERIES_TIME, scale=1000.0)], history)
+    loss = two_series(history, LOSS_COLOURS, ("training_loss", "training_mse"), history=history)
+    dot = graph(DOT_COLOURS, [_series(dot_found_rows(history, APP.dot_window), "within_3px_share", SERIES_DOT)],
+                history, y_range=(0.0, 100.0))
+    lr = graph(LR_COLOURS, [_series(history, "lr", SERIES_LR)], history)
     norms = [r for r in history if r.get("grad_norm") is not None]
     # the threshold is drawn once norms come near it: far above them it would flatten their line
     near = grad_clip and norms and max(r["grad_norm"] for r in norms) >= CLIP_SHOWN_FROM * grad_clip
     clip = [{"iteration": r["iteration"], "clip": grad_clip} for r in (norms[0], norms[-1])] if near else []
-    grad = pd.concat([series_anchors(GRAD_COLOURS), _series(norms, "grad_norm", SERIES_GRAD),
-                      _series(clip, "clip", SERIES_CLIP)], ignore_index=True)
+    grad = graph(GRAD_COLOURS, [_series(norms, "grad_norm", SERIES_GRAD), _series(clip, "clip", SERIES_CLIP)], history)
     return error, timing, loss, dot, lr, grad
-
-
-def iteration_span(rows: list[dict]) -> list[int]:
-    """An iteration axis at least ``MIN_ITERATION_SPAN`` wide: a shorter one gets ticks between whole
-    iterations (Gradio exposes no tick step), labelled 1, 2, 2 by the "d" format."""
-    first = rows[0]["iteration"] if rows else 1
-    last = rows[-1]["iteration"] if rows else 1
-    return [first, max(last, first + MIN_ITERATION_SPAN - 1)]
-
-
-def plot_updates(history: list[dict], grad_clip: float = 0.0) -> tuple[dict, ...]:
-    """The metric graphs (``PLOT_KEYS`` order) as updates carrying their iteration axis span."""
-    span = iteration_span(history)
-    return tuple(gr.update(value=frame, x_lim=span) for frame in metric_frames(history, grad_clip))
 
 
 # -----------------------------------------------------------------------------
@@ -193,7 +267,7 @@ def prediction_outputs(views: dict | None) -> tuple:
     views = views or {"current": None, "predicted": None, "error": None, "error_mse": None, "canvas": None}
     error, gain = amplify_error(views["error"])
     mse = views["error_mse"]
-    label = f"Prediction error |predicted - actual| (MSE {format_value(mse)}; brightness x{gain:.1f} for visibility)"
+    label = f"Error |predicted - actual| (MSE {format_value(mse)}, x{gain:.1f})"  # one line: the text below says more
     info = (
         f"**Prediction error of the current frame (MSE):** {format_value(mse)}. The error map compares the prediction "
         f"made one iteration earlier with the frame that then arrived; it is amplified x{gain:.1f} so faint "
@@ -217,7 +291,7 @@ def attention_outputs(user: UserState) -> tuple[np.ndarray | None, str]:
     try:
         image, _, summary = draw_attention(attention, quantile, layers, heads, aggregation, viz_type)
     except ValueError as e:
-        raise gr.Error(f"Cannot draw the attention: {e}") from None
+        raise refusal(f"Cannot draw the attention: {e}") from None
     iteration, step = c.attention_at
     return image, f"_Decoder attention captured after iteration {iteration} (model step {step})._\n\n{summary}"
 
@@ -229,6 +303,53 @@ def attention_picker(user: UserState, selected: tuple[int, int] | None = None) -
     if attention is None or attention.prediction is None:
         return None
     return patch_picker_image(attention.prediction, attention.patch_size, PICKER_SCALE, selected)
+
+
+def patch_outputs(user: UserState, row: int, col: int) -> tuple[np.ndarray, str]:
+    """Where patch (``row``, ``col``) of the predicted frame looks, with section 6's layers, heads and
+    aggregation: one canvas per layer and its strongest sources (``PATCH_KEYS`` order)."""
+    attention = user.controller.attention
+    if attention is None:
+        raise refusal("Run the world model first: patch attention reads the decoder attention captured at the end of a run.")
+    _, layers, heads, aggregation, _ = user.attention_controls
+    if not layers or not heads:
+        raise refusal("Select at least one decoder layer and one attention head in section 6.")
+    try:
+        image, _, text = render_patch_attention(attention, row, col, layers, heads, aggregation)
+    except ValueError as e:
+        raise refusal(f"Cannot draw the attention of patch ({row}, {col}): {e}") from None
+    return image, text
+
+
+def chosen_patch_outputs(user: UserState) -> tuple[np.ndarray | None, str]:
+    """The tab's chosen patch redrawn from the latest attention capture, or nothing when no patch was
+    chosen or there is no capture to draw it from (``PATCH_KEYS`` order)."""
+    _, layers, heads, _, _ = user.attention_controls
+    if user.selected_patch is None or user.controller.attention is None or not layers or not heads:
+        return None, PICK_A_PATCH
+    return patch_outputs(user, *user.selected_patch)
+
+
+def history_outputs(c: RunController, iteration: int) -> tuple:
+    """[frame t, predicted frame t+1, error map, metrics] of the kept iteration nearest ``iteration``
+    (``HISTORY_KEYS`` order)."""
+    snap = c.snapshots.nearest(iteration)
+    if snap is None:
+        raise refusal(NO_HISTORY)
+    error, gain = amplify_error(snap.error)
+    m = snap.metrics
+    text = (f"**Iteration {snap.iteration}**" + (f" (the kept one nearest {iteration})" if snap.iteration != iteration else "")
+            + f" | prediction error (MSE): {format_value(snap.error_mse)} | dot error: {format_px(m.get('dot_error'))} | training loss: "
+            f"{format_value(m.get('training_loss'))} | learning rate: {format_value(m.get('lr'), 3)} | gradient norm: "
+            f"{format_value(m.get('grad_norm'), 3)} | model step {m.get('step')}. The error map (x{gain:.1f}) compares the prediction made one iteration "
+            "earlier with this frame.")
+    return upscale(snap.current), upscale(snap.predicted), upscale(error), text
+
+
+def latest_history_outputs(c: RunController) -> tuple:
+    """The run history's latest kept iteration (where ``history_slider`` puts the slider), or nothing."""
+    kept = c.snapshots.iterations
+    return history_outputs(c, kept[-1]) if kept else (None, None, None, f"_{NO_HISTORY}_")
 
 
 def training_view_outputs(c: RunController) -> tuple:
@@ -255,12 +376,14 @@ def display_outputs(user: UserState, final: bool, first: bool = False, views: bo
     out.update((k, v) for k, v in zip(PREDICTION_KEYS, prediction_outputs(c.prediction_views(canvas=views)))
                if views or k != "pred_canvas")
     if views:
-        out.update(zip(PLOT_KEYS, plot_updates(list(c.history), c.config.grad_clip)))  # a copy: a run may append
+        out.update(zip(PLOT_KEYS, graph_updates(user, metric_frames(list(c.history), c.config.grad_clip))))  # a copy: a run may append
     if final:
         out["attn_image"], out["attn_stats"] = attention_outputs(user)
-        out["attn_picker"] = attention_picker(user)
+        out["attn_picker"] = attention_picker(user, user.selected_patch)
+        out.update(zip(PATCH_KEYS, chosen_patch_outputs(user)))
         out["frame_slider"] = gr.Slider(value=c.start_frame)
-        out["history_slider"] = history_slider(c)
+        out["history_slider"] = history_slider(c)  # and the pictures of the iteration it is set to
+        out.update(zip(HISTORY_KEYS, latest_history_outputs(c)))
     return tuple(out[k] for k in RUN_OUTPUT_KEYS)
 
 

@@ -21,19 +21,23 @@ from page_common import (
     APP,
     CANVAS_HEIGHT,
     FRAME_HEIGHT,
+    X_LABEL_ANGLE,
     UserState,
     format_px,
     format_value,
     hide_paths,
     image_block,
     open_session,
+    refusal,
     require_session,
+    session_folder,
     upscale,
+    validated,
     whole_number,
 )
 from run_controller import RunBusyError
 from session_explorer_lib import ACTION_NAMES, SessionError, markdown_escape
-from world_model_analysis import ACTIONS, Comparison, Play, play_frames
+from world_model_analysis import ACTIONS, Comparison, Play, play_actions, play_frames
 
 # -----------------------------------------------------------------------------
 # constants
@@ -94,14 +98,52 @@ def play_outputs(play: Play, model_step: int | None) -> tuple:
 # play: handlers
 
 
+def _play_frame(frame_index: Any, user: UserState) -> int:
+    """Frame t a play may start from (the loaded session's frames K-1 to n-1); a refusal otherwise."""
+    return whole_number(frame_index, "Frame index", *play_frames(require_session(user), user.controller.config))
+
+
+def _play_actions(actions: Any, user: UserState) -> None:
+    """Refuse actions the tab's play cannot take (no play yet, a bad string, past its length)."""
+    current = user.controller.current_play()
+    if current is None:
+        raise refusal("No play has begun on the loaded session: press Reset to frame t first.")
+    try:
+        play_actions(actions, current, APP.max_play_steps)
+    except ValueError as e:
+        raise refusal(f"Cannot play: {e}") from None
+
+
+def check_play_start(frame_index: Any, user: UserState) -> list[dict]:
+    """Validator of ``play_start``: a refused frame leaves the play's pictures as they were."""
+    return validated(lambda: _play_frame(frame_index, user), None)
+
+
+def check_play(actions: Any, user: UserState) -> list[dict]:
+    """Validator of ``play``: the actions under their box."""
+    return validated(lambda: _play_actions(actions, user), None)
+
+
+def check_play_typed(frame_index: Any, actions: Any, user: UserState) -> list[dict]:
+    """Validator of the buttons: frame t when they start a play, the actions when one is going."""
+    going = user.controller.current_play() is not None
+    return validated(None if going else (lambda: _play_frame(frame_index, user)),
+                     (lambda: _play_actions(actions, user)) if going else None, None)
+
+
+def check_play_step(frame_index: Any, user: UserState) -> list[dict]:
+    """Validator of Stay and Move: frame t when they start a play, the play's length when one is going."""
+    going = user.controller.current_play() is not None
+    return validated((lambda: _play_actions("0", user)) if going else (lambda: _play_frame(frame_index, user)), None)
+
+
 def play_start(frame_index: Any, user: UserState) -> tuple:
     """Begin a new play from frame t of the loaded session (the one before is dropped)."""
-    session = require_session(user)
-    t = whole_number(frame_index, "Frame index", *play_frames(session, user.controller.config))
+    t = _play_frame(frame_index, user)
     try:
         play = user.controller.play_start(t)
     except (ValueError, SessionError) as e:
-        raise gr.Error(f"Cannot play from frame {t}: {hide_paths(e)}") from None
+        raise refusal(f"Cannot play from frame {t}: {hide_paths(e)}") from None
     return play_outputs(play, user.controller.status().model_step)
 
 
@@ -110,9 +152,9 @@ def play(actions: Any, user: UserState) -> tuple:
     try:
         current = user.controller.play(actions, APP.max_play_steps)
     except RunBusyError:
-        raise gr.Error(MODEL_BUSY) from None
+        raise refusal(MODEL_BUSY) from None
     except (ValueError, SessionError) as e:
-        raise gr.Error(f"Cannot play: {hide_paths(e)}") from None
+        raise refusal(f"Cannot play: {hide_paths(e)}") from None
     return play_outputs(current, user.controller.status().model_step)
 
 
@@ -210,8 +252,14 @@ def _model_name(name: Any, what: str) -> str | None:
     if name == THIS_TAB:
         return None
     if not isinstance(name, str) or not name.strip():
-        raise gr.Error(f"{what} must be a checkpoint name or {THIS_TAB!r}.")
+        raise refusal(f"{what} must be a checkpoint name or {THIS_TAB!r}.")
     return name.strip()
+
+
+def check_compare_models(name_a: Any, name_b: Any, session_choice: Any, user: UserState) -> list[dict]:
+    """Validator of ``compare_models``: each model name and the session under its own box."""
+    return validated(lambda: _model_name(name_a, "Model A"), lambda: _model_name(name_b, "Model B"),
+                     lambda: session_folder(session_choice), None)
 
 
 def compare_models(name_a: Any, name_b: Any, session_choice: Any, user: UserState, progress=gr.Progress()) -> tuple:
@@ -225,7 +273,7 @@ def compare_models(name_a: Any, name_b: Any, session_choice: Any, user: UserStat
     try:
         cmp = user.controller.compare(*names, session, APP.evaluation_batch, APP.compare_top_frames, report)
     except (ValueError, CheckpointError, SessionError) as e:
-        raise gr.Error(f"Cannot compare: {hide_paths(e)}") from None
+        raise refusal(f"Cannot compare: {hide_paths(e)}") from None
     return comparison_outputs(cmp)
 
 
@@ -270,7 +318,7 @@ def _compare_block() -> dict[str, Any]:
     plot = gr.ScatterPlot(pd.DataFrame({"frame": [np.nan] * 2, "dot error": [np.nan] * 2, "series": list(COMPARE_COLOURS)}),
                           x="frame", y="dot error", color="series", color_map=COMPARE_COLOURS, elem_id="compare-plot",
                           title="Dot error per transition (frame t -> t+1); no dot drawn: plotted at the largest distance",
-                          x_title="frame t", y_title="dot error (px)", height=300, show_label=False,
+                          x_title="frame t", y_title="dot error (px)", x_label_angle=X_LABEL_ANGLE, height=300, show_label=False,
                           label="Dot error per transition", buttons=["fullscreen", "export"])
     top_image = image_block("Where they disagree most", "compare-top", CANVAS_HEIGHT * 3)
     top_md = gr.Markdown(elem_id="compare-top-info")

@@ -23,10 +23,24 @@ from page_common import (
     hide_paths,
     image_block,
     line_plot,
+    refusal,
     require_session,
+    validated,
     whole_number,
 )
-from page_outputs import ERROR_COLOURS, GRAD_COLOURS, LOSS_COLOURS, NO_MODEL_YET, RUN_OUTPUT_KEYS, display_outputs
+from page_outputs import (
+    DOT_COLOURS,
+    ERROR_COLOURS,
+    GRAD_COLOURS,
+    LOOP_MARKS,
+    LOSS_COLOURS,
+    LR_COLOURS,
+    MAX_PLOT_POINTS,
+    NO_MODEL_YET,
+    RUN_OUTPUT_KEYS,
+    TIME_COLOURS,
+    display_outputs,
+)
 
 # -----------------------------------------------------------------------------
 # text
@@ -66,7 +80,7 @@ def run_world_model(num_iterations: Any, user: UserState):
     the session was loaded) ends the run: the iterations done so far are kept and saved, and the run
     fails with a message naming the frame.
     """
-    total = whole_number(num_iterations, "Number of iterations", APP.min_iterations, APP.max_iterations)
+    total = iterations_of(num_iterations)
     require_session(user)
     c = user.controller
     final = None
@@ -78,11 +92,20 @@ def run_world_model(num_iterations: Any, user: UserState):
             else:  # the run has ended; the tab's next run waits until its end is read here
                 final = display_outputs(user, final=True)
     except RunBusyError:
-        raise gr.Error("A run is already in progress in this tab: press Stop or wait for it to finish.") from None
+        raise refusal("A run is already in progress in this tab: press Stop or wait for it to finish.") from None
     yield (user, *(final or display_outputs(user, final=True)))
     status = user.controller.status()
     if status.problem:
-        raise gr.Error(f"The run stopped after {status.done} of {total} iterations: {hide_paths(status.problem)}.")
+        raise refusal(f"The run stopped after {status.done} of {total} iterations: {hide_paths(status.problem)}.")
+
+
+def iterations_of(value: Any) -> int:
+    return whole_number(value, "Number of iterations", APP.min_iterations, APP.max_iterations)
+
+
+def check_run_world_model(num_iterations: Any, user: UserState) -> list[dict]:
+    """Validator of ``run_world_model``: a number of iterations, and a loaded session to replay."""
+    return validated(lambda: (iterations_of(num_iterations), require_session(user)), None)
 
 
 def stop_run(user: UserState) -> tuple:
@@ -133,7 +156,7 @@ def views_sections() -> dict[str, Any]:
     with gr.Row():
         pred_current = image_block("Current frame t (2x)", "pred-current", FRAME_HEIGHT)
         pred_next = image_block("Predicted next frame t+1 (2x)", "pred-next", FRAME_HEIGHT)
-        pred_error = image_block("Prediction error |predicted - actual| (amplified)", "pred-error", FRAME_HEIGHT)
+        pred_error = image_block("Error |predicted - actual| (amplified)", "pred-error", FRAME_HEIGHT)
     prediction_info = gr.Markdown(elem_id="prediction-info")
     pred_canvas = image_block("Prediction canvas: frames t-1 and t with their actions, predicted frame t+1 filled into "
                               "the last slot", "pred-canvas", CANVAS_HEIGHT)
@@ -146,22 +169,28 @@ def metrics_section(cfg: AutoencoderConcatPredictorWorldModelConfig) -> dict[str
     with gr.Row():
         plot_error = line_plot("Prediction error (MSE)", "plot-error", "MSE", ERROR_COLOURS)
         plot_dot = line_plot(f"Dot found: share of the last {APP.dot_window} predictions within 3 px", "plot-dot", "%",
-                             y_lim=[0, 100])
+                             DOT_COLOURS, y_lim=[0, 100])
     with gr.Row():
-        plot_time = line_plot("Iteration time", "plot-time", "milliseconds")
+        plot_time = line_plot("Iteration time", "plot-time", "milliseconds", TIME_COLOURS)
         plot_loss = line_plot("Training loss", "plot-loss", "loss", LOSS_COLOURS)
     with gr.Row():
-        plot_lr = line_plot("Learning rate (warm-up, then cosine decay)", "plot-lr", "learning rate")
+        plot_lr = line_plot("Learning rate (warm-up, then cosine decay)", "plot-lr", "learning rate", LR_COLOURS)
         plot_grad = line_plot(f"Gradient norm per step (clipped at {cfg.grad_clip:g})" if cfg.grad_clip
                               else "Gradient norm per step", "plot-grad", "norm", GRAD_COLOURS)
     gr.Markdown(
-        "**Prediction error:** the model (indigo line) against a baseline that simply repeats the last frame "
-        "(grey line); a model below the baseline has learned the motion. **Dot found:** of the last "
-        f"{APP.dot_window} predictions, the share whose dot centre lies within 3 px of the true one (a prediction "
-        "without a dot counts as a miss); it jumps when the model localises the dot. **Training loss:** the optimised, "
-        "dot-weighted loss (red line) and the plain masked-patch MSE (orange line). **Learning rate:** the "
-        "optimizer's rate at each iteration's step. **Gradient norm:** the total gradient norm of each step before "
-        "clipping (teal line); once norms come within half of the clip threshold it is drawn too (grey line): steps above it were scaled down. Histories longer "
-        "than 2000 points are thinned evenly.", elem_id="plot-legend")
+        f"**Prediction error:** the model (indigo) against a baseline that simply repeats the last frame (dark grey), "
+        f"each the mean of its last {APP.error_window} predictions; the faint lines behind them are the single "
+        "predictions (after a stay the baseline is exact, after a move it misses the whole dot, so on an alternating "
+        "session it jumps between 0 and its full error every iteration). A model below the baseline has learned the "
+        f"motion. **Dot found:** of the last {APP.dot_window} predictions, the share whose dot centre lies within 3 px "
+        "of the true one (a prediction without a dot counts as a miss); it jumps when the model localises the dot. "
+        "**Training loss:** the optimised, dot-weighted loss (red line) and the plain masked-patch MSE (orange line). "
+        "**Learning rate:** the optimizer's rate at each iteration's step. **Gradient norm:** the total gradient norm "
+        "of each step before clipping (teal line); once norms come within half of the clip threshold it is drawn too "
+        "(grey line): steps above it were scaled down. **Pink vertical lines:** the replay reached the session's last "
+        "frame and started again from frame 0; the two iterations after it score no prediction (the model needs two "
+        "frames of history first) and the first of them does not train (hence its near-0 ms iteration time). "
+        f"Histories longer than {MAX_PLOT_POINTS} points are thinned evenly; the latest {LOOP_MARKS} loops are marked.",
+        elem_id="plot-legend")
     return {"plot_error": plot_error, "plot_dot": plot_dot, "plot_time": plot_time, "plot_loss": plot_loss,
             "plot_lr": plot_lr, "plot_grad": plot_grad}

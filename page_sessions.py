@@ -12,13 +12,17 @@ import numpy as np
 
 import config
 from page_common import (
+    FRAME_HEIGHT,
     UserState,
     display_path,
     hide_paths,
     image_block,
     open_session,
+    refusal,
     require_session,
+    session_folder,
     upscale,
+    validated,
     whole_number,
 )
 from session_explorer_lib import (
@@ -41,7 +45,8 @@ def frame_markdown(session: Session, index: int) -> str:
     action = session.action_after(index)
     after = "none (the last frame)" if action is None else f"{action} = {ACTION_NAMES.get(action, '?')}"
     return (
-        f"**Frame {index}** of 0-{session.num_frames - 1} | **Step:** {obs['step']} | "
+        f"**Frame {index}** of 0-{session.num_frames - 1} | **Step:** {obs['step']} (the recording counts "
+        "frames and actions in one sequence, so frame n is about step 2n) | "
         f"**Time:** {format_timestamp(obs['timestamp'])} | **Action after it:** {after}"
     )
 
@@ -50,7 +55,7 @@ def frame_outputs(session: Session, index: int) -> tuple[np.ndarray, str]:
     try:
         image = session.frame(index)
     except SessionError as e:
-        raise gr.Error(f"Cannot show frame {index}: {hide_paths(e)}") from None
+        raise refusal(f"Cannot show frame {index}: {hide_paths(e)}") from None
     return upscale(image), frame_markdown(session, index)
 
 
@@ -89,23 +94,42 @@ def load_session(session_choice: Any, user: UserState) -> tuple:
     return user, info, slider, image, frame_md, 0
 
 
+def check_load_session(session_choice: Any, user: UserState) -> list[dict]:
+    """Validator of ``load_session``: a name of a folder in the sessions folder."""
+    return validated(lambda: session_folder(session_choice), None)
+
+
+def frame_of(value: Any, user: UserState, what: str) -> int:
+    """``value`` as a frame index of the loaded session; a refusal naming ``what`` otherwise."""
+    session = require_session(user)
+    return whole_number(value, what, 0, session.num_frames - 1)
+
+
 def update_frame(frame_index: Any, user: UserState) -> tuple[np.ndarray, str, int]:
     """Show frame ``frame_index`` (the slider) with its step, timestamp and following action; the
     next Run starts there (also when the slider moves during a run)."""
-    session = require_session(user)
-    index = whole_number(frame_index, "Frame index", 0, session.num_frames - 1)
-    image, frame_md = frame_outputs(session, index)
+    index = frame_of(frame_index, user, "Frame index")
+    image, frame_md = frame_outputs(user.controller.session, index)
     user.controller.set_start_frame(index)
     return image, frame_md, index
 
 
+def check_update_frame(frame_index: Any, user: UserState) -> list[dict]:
+    """Validator of ``update_frame``."""
+    return validated(lambda: frame_of(frame_index, user, "Frame index"), None)
+
+
 def jump_to_frame(frame_number: Any, user: UserState) -> tuple:
     """Jump straight to a frame number; moves the slider too."""
-    session = require_session(user)
-    index = whole_number(frame_number, "Frame number", 0, session.num_frames - 1)
-    image, frame_md = frame_outputs(session, index)
+    index = frame_of(frame_number, user, "Frame number")
+    image, frame_md = frame_outputs(user.controller.session, index)
     user.controller.set_start_frame(index)
     return gr.Slider(value=index), image, frame_md
+
+
+def check_jump_to_frame(frame_number: Any, user: UserState) -> list[dict]:
+    """Validator of ``jump_to_frame``: a refused number leaves the frame, slider and text as they were."""
+    return validated(lambda: frame_of(frame_number, user, "Frame number"), None)
 
 
 # -----------------------------------------------------------------------------
@@ -125,7 +149,7 @@ def session_section() -> dict[str, Any]:
             broken_md = gr.Markdown(elem_id="broken-sessions")
             session_info = gr.Markdown("_No session loaded._", elem_id="session-info")
         with gr.Column(scale=1):
-            frame_image = image_block("Frame (shown at 2x)", "frame-image", 470)
+            frame_image = image_block("Frame (shown at 2x)", "frame-image", FRAME_HEIGHT)
             frame_slider = gr.Slider(0, 1, value=0, step=1, label="Frame (the next Run starts its replay here)",
                                      elem_id="frame-slider", interactive=False)
             with gr.Row():

@@ -8,6 +8,7 @@ Endpoints: ``/record_session`` (a generator), ``/browse_history``, ``/save_check
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import tempfile
 import threading
@@ -18,6 +19,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
+from autoencoder_concat_predictor_world_model import METRIC_KEYS
 from checkpoints import CheckpointError, checkpoint_summaries
 from run_controller import RunBusyError, RunController
 from page_common import (
@@ -28,15 +30,14 @@ from page_common import (
     choice,
     code_span,
     display_path,
-    format_px,
-    format_value,
     hide_paths,
     image_block,
     os_error_text,
-    upscale,
+    refusal,
+    validated,
     whole_number,
 )
-from page_outputs import attention_outputs, display_outputs
+from page_outputs import NO_HISTORY, attention_outputs, display_outputs, history_outputs
 from private_files import UnsafeFolderError
 from record_session import RecordingRefused, RecordingTicket, record_session
 from recording_robot import RecordingLimitError
@@ -72,8 +73,36 @@ def checkpoint_choices(c: RunController, value: str | None = None) -> gr.Dropdow
 
 def _checkpoint_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise gr.Error("Checkpoint name must be a non-empty name (letters, digits, - and _ read best).")
+        raise refusal("Checkpoint name must be a non-empty name (letters, digits, - and _ read best).")
     return name.strip()
+
+
+def _named_path(name: str, c: RunController, verb: str) -> Path:
+    try:
+        return c.named_checkpoint_path(name)
+    except ValueError as e:
+        raise refusal(f"Cannot {verb} checkpoint {markdown_escape(name)[:60]}: {hide_paths(e)}") from None
+
+
+def check_save_checkpoint(name: Any, user: UserState) -> list[dict]:
+    """Validator of ``save_checkpoint``: a free, well-formed name and a model to save (a refused name
+    leaves the checkpoint list and its dropdown as they were)."""
+    def check() -> None:
+        shown, c = markdown_escape(_checkpoint_name(name))[:60], user.controller
+        if _named_path(_checkpoint_name(name), c, "save").exists():
+            raise refusal(f"Cannot save checkpoint {shown}: a checkpoint named {shown} already exists: choose another name")
+        if not c.has_model:
+            raise refusal(f"Cannot save checkpoint {shown}: there is no model to save yet: run the world model first")
+    return validated(check, None)
+
+
+def check_load_checkpoint(name: Any, user: UserState) -> list[dict]:
+    """Validator of ``load_checkpoint``: the name of a checkpoint file in the checkpoint folder."""
+    def check() -> None:
+        if not _named_path(_checkpoint_name(name), user.controller, "load").is_file():
+            raise refusal(f"Cannot load checkpoint {markdown_escape(name.strip())[:60]}: no checkpoint named "
+                          f"{markdown_escape(name.strip())[:60]}")
+    return validated(check, None)
 
 
 def save_checkpoint(name: Any, user: UserState) -> tuple[str, gr.Dropdown]:
@@ -82,9 +111,9 @@ def save_checkpoint(name: Any, user: UserState) -> tuple[str, gr.Dropdown]:
     try:
         saved = c.save_named(name)
     except (ValueError, CheckpointError) as e:
-        raise gr.Error(f"Cannot save checkpoint {markdown_escape(name)[:60]}: {hide_paths(e)}") from None
+        raise refusal(f"Cannot save checkpoint {markdown_escape(name)[:60]}: {hide_paths(e)}") from None
     except OSError as e:
-        raise gr.Error(f"Cannot save checkpoint {markdown_escape(name)[:60]}: {os_error_text(e)}.") from None
+        raise refusal(f"Cannot save checkpoint {markdown_escape(name)[:60]}: {os_error_text(e)}.") from None
     text = f"**Saved** {code_span(saved.path.name)} (step {saved.step}, iteration {saved.iteration}).\n\n"
     return text + checkpoints_markdown(c), checkpoint_choices(c, name)
 
@@ -95,11 +124,11 @@ def load_checkpoint(name: Any, user: UserState) -> tuple:
     try:
         origin = c.load_named(name)
     except RunBusyError:
-        raise gr.Error("A run is in progress in this tab: press Stop or wait for it to finish.") from None
+        raise refusal("A run is in progress in this tab: press Stop or wait for it to finish.") from None
     except (ValueError, CheckpointError) as e:
-        raise gr.Error(f"Cannot load checkpoint {markdown_escape(name)[:60]}: {hide_paths(e)}") from None
+        raise refusal(f"Cannot load checkpoint {markdown_escape(name)[:60]}: {hide_paths(e)}") from None
     except OSError as e:
-        raise gr.Error(f"Cannot load checkpoint {markdown_escape(name)[:60]}: {os_error_text(e)}.") from None
+        raise refusal(f"Cannot load checkpoint {markdown_escape(name)[:60]}: {os_error_text(e)}.") from None
     text = f"**Loaded** {code_span(name + '.pth')} (step {origin.step}, iteration {origin.iteration}).\n\n"
     return (text + checkpoints_markdown(c), *display_outputs(user, final=True))
 
@@ -109,7 +138,7 @@ def reset_model(user: UserState) -> tuple:
     try:
         user.controller.reset_model()
     except RunBusyError:
-        raise gr.Error("A run is in progress in this tab: press Stop or wait for it to finish.") from None
+        raise refusal("A run is in progress in this tab: press Stop or wait for it to finish.") from None
     text = "**Reset:** this tab now has a fresh, untrained model; no file was deleted.\n\n"
     return (text + checkpoints_markdown(user.controller), *display_outputs(user, final=True))
 
@@ -149,6 +178,19 @@ def _record_in_background(args: tuple, progress: dict, ticket: RecordingTicket) 
     return thread
 
 
+RECORD_CHECKS = (  # pattern, steps, seed, dot radius, move pixels: each returns the value or refuses it
+    lambda v: choice(v, PATTERN_NAMES, "Pattern"), lambda v: whole_number(v, "Steps", 3, APP.max_record_steps),
+    lambda v: whole_number(v, "Seed", 0, 2**32 - 1), lambda v: whole_number(v, "Dot radius", 1, 50),
+    lambda v: whole_number(v, "Move pixels", 0, 223))
+
+
+def check_record_new_session(pattern: Any, steps: Any, seed: Any, dot_radius: Any, move_pixels: Any,
+                             user: UserState | None = None) -> list[dict]:
+    """Validator of ``record_new_session``: each setting under its own box (nothing to check in the tab's state)."""
+    values = (pattern, steps, seed, dot_radius, move_pixels)
+    return validated(*(functools.partial(check, value) for check, value in zip(RECORD_CHECKS, values)), None)
+
+
 def record_new_session(pattern: Any, steps: Any, seed: Any, dot_radius: Any, move_pixels: Any, user: UserState,
                        request: gr.Request = None):
     """Record a new session with ``record_session.py``'s code (a fresh folder, never over another),
@@ -161,16 +203,14 @@ def record_new_session(pattern: Any, steps: Any, seed: Any, dot_radius: Any, mov
     ``request``; ``release_user`` when its state goes), when nobody has asked for its progress for
     ``APP.record_orphan_s`` (a client gone without a word), or when it reaches the budget.
     """
-    args = (choice(pattern, PATTERN_NAMES, "Pattern"), whole_number(steps, "Steps", 3, APP.max_record_steps),
-            whole_number(seed, "Seed", 0, 2**32 - 1), whole_number(dot_radius, "Dot radius", 1, 50),
-            whole_number(move_pixels, "Move pixels", 0, 223))
+    args = tuple(check(value) for check, value in zip(RECORD_CHECKS, (pattern, steps, seed, dot_radius, move_pixels)))
     # Gradio can close this handler only once it has handed out an update (a cancel that comes sooner
     # leaves it suspended, never closed): so nothing is taken or started before the first one
     yield f"**Recording:** starting ({args[0]}, seed {args[2]})", gr.skip(), gr.skip()
     try:
         ticket = user.recordings.start(user, args[1], getattr(request, "session_hash", None))
     except RecordingRefused as e:
-        raise gr.Error(str(e)) from None
+        raise refusal(str(e)) from None
     progress = {"done": 0, "read": time.monotonic()}
     thread = _record_in_background(args, progress, ticket)
     try:
@@ -183,7 +223,7 @@ def record_new_session(pattern: Any, steps: Any, seed: Any, dot_radius: Any, mov
             ticket.stop.set()
     error = progress.get("error")
     if error is not None and not isinstance(error, RecordingLimitError):
-        raise gr.Error(f"The recording failed: {hide_paths(error)}")
+        raise refusal(f"The recording failed: {hide_paths(error)}")
     path = progress["path"] if error is None else error.session_dir
     name = path.name
     names = [s.name for s in scan_sessions() if s.ok]
@@ -207,29 +247,25 @@ def record_new_session(pattern: Any, steps: Any, seed: Any, dot_radius: Any, mov
 # the run history
 
 
-def history_outputs(c: RunController, iteration: int) -> tuple:
-    """[frame t, predicted frame t+1, error map, metrics] of the kept iteration nearest ``iteration``."""
-    snap = c.snapshots.nearest(iteration)
-    if snap is None:
-        raise gr.Error("No run history yet: run the world model; each run's iterations are kept here.")
-    error, gain = amplify_error(snap.error)
-    m = snap.metrics
-    text = (f"**Iteration {snap.iteration}**" + (f" (the kept one nearest {iteration})" if snap.iteration != iteration else "")
-            + f" | prediction error (MSE): {format_value(snap.error_mse)} | dot error: {format_px(m.get('dot_error'))} | training loss: "
-            f"{format_value(m.get('training_loss'))} | learning rate: {format_value(m.get('lr'), 3)} | gradient norm: "
-            f"{format_value(m.get('grad_norm'), 3)} | model step {m.get('step')}. The error map (x{gain:.1f}) compares the prediction made one iteration "
-            "earlier with this frame.")
-    return upscale(snap.current), upscale(snap.predicted), upscale(error), text
+def _history_iteration(iteration: Any, user: UserState) -> int:
+    if not user.controller.snapshots.iterations:
+        raise refusal(NO_HISTORY)
+    return whole_number(iteration, "Iteration", 0, 10**9)
+
+
+def check_browse_history(iteration: Any, user: UserState) -> list[dict]:
+    """Validator of ``browse_history`` (and Play)."""
+    return validated(lambda: _history_iteration(iteration, user), None)
 
 
 def browse_history(iteration: Any, user: UserState) -> tuple:
     """Frame, prediction, error map and metrics of the kept iteration nearest ``iteration``."""
-    return history_outputs(user.controller, whole_number(iteration, "Iteration", 0, 10**9))
+    return history_outputs(user.controller, _history_iteration(iteration, user))
 
 
 def play_history(iteration: Any, user: UserState):
     """Step the run-history slider from ``iteration`` to the latest kept one, a few per second."""
-    start = whole_number(iteration, "Iteration", 0, 10**9)
+    start = _history_iteration(iteration, user)
     kept = [i for i in user.controller.snapshots.iterations if i >= start] or user.controller.snapshots.iterations
     for i in kept[:: max(1, len(kept) // APP.history_play_frames)]:
         yield (gr.Slider(value=i), *history_outputs(user.controller, i))
@@ -260,14 +296,33 @@ def export_pictures(user: UserState) -> dict[str, tuple[np.ndarray | None, str]]
     }
 
 
+def export_note(name: str, pictures: dict[str, tuple[np.ndarray | None, str]], rows: int) -> str:
+    """What an export holds, and what is not in it yet and why (after a checkpoint load or a reset the
+    model has no views, attention or history in this tab until it runs)."""
+    missing = {stem for stem, (image, _) in pictures.items() if image is None}
+    absent = [what for stems, what in (
+        ({s for s in pictures if s.startswith("train_")}, "the four training views (no training step in this tab yet)"),
+        ({s for s in pictures if s.startswith("prediction_")}, "the prediction views (no prediction in this tab yet)"),
+        ({"attention"}, "the attention picture (captured at the end of a run)")) if stems & missing]
+    if not rows:
+        absent.append("metric rows: metrics.csv holds its header only (no iteration run in this tab since the model "
+                      "was loaded, reset or made)")
+    text = (f"**Exported** {code_span(name)}: {len(pictures) - len(missing)} of {len(pictures)} pictures, metrics.csv "
+            f"({rows} rows), config.json, run.json and README.txt.")
+    if absent:
+        text += " **Not in the zip yet:** " + "; ".join(absent) + ". Run the world model, then export again to have them."
+    return text
+
+
 def export_results(user: UserState) -> str:
-    """A zip of this tab's views (PNG), metric history (CSV), configuration (JSON) and a README.txt.
+    """A zip of this tab's views (PNG), metric history (CSV), configuration (JSON) and a README.txt;
+    ``user.export_note`` then says what it holds and what is not in it yet (``export_info`` shows it).
 
     It is written, 0600 and under a new name only, into a folder of its own inside the app's private
     export folder (``user.exports``, shared by the tabs); Gradio then copies it into its own cache to hand it out."""
     c = user.controller
     if not c.has_model:
-        raise gr.Error("Nothing to export yet: run the world model first.")
+        raise refusal("Nothing to export yet: run the world model first.")
     status = c.status()
     cfg = {**dataclasses.asdict(c.config), "architecture": c.config.architecture()}
     meta = {"session": c.session.name if c.session is not None else None, "model_step": status.model_step,
@@ -280,7 +335,10 @@ def export_results(user: UserState) -> str:
         root = user.exports.path()
         _remove_old_exports(root)
         folder = Path(tempfile.mkdtemp(prefix="export-", dir=root))  # 0700, a name nobody else can guess
-        return str(write_export(folder / name, export_pictures(user), c.history, cfg, meta))
+        pictures, history = export_pictures(user), list(c.history)
+        path = write_export(folder / name, pictures, history, cfg, meta, METRIC_KEYS)
+        user.export_note = export_note(name, pictures, len(history))
+        return str(path)
     except (OSError, UnsafeFolderError) as e:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -296,6 +354,11 @@ def _remove_old_exports(folder: Path, older_than_s: float = 3600.0) -> None:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError:
             pass
+
+
+def export_info(user: UserState) -> str:
+    """The note of the tab's latest export (shown under the file once it is written)."""
+    return user.export_note
 
 
 # -----------------------------------------------------------------------------
@@ -333,9 +396,12 @@ def _history_block() -> dict[str, Any]:
             "history_md": history_md}
 
 
+SECTION_TITLE = "8. Your work: recording, run history, named checkpoints, reset and export"
+
+
 def workflow_section() -> dict[str, Any]:
-    """Section 8: run history, named checkpoints and reset."""
-    gr.Markdown("## 8. Your work: run history, named checkpoints and reset", elem_classes=["section-title"])
+    """Section 8 (titled ``SECTION_TITLE`` by the fold the page puts it in): recording, run history,
+    named checkpoints, reset and export."""
     record = _record_block()
     history = _history_block()
     gr.Markdown("### Checkpoints")
@@ -355,5 +421,6 @@ def workflow_section() -> dict[str, Any]:
     with gr.Row():
         export_btn = gr.Button("Export views, metrics and settings (zip)", elem_id="export-btn", scale=1)
         export_file = gr.File(label="Export", elem_id="export-file", interactive=False, scale=2)
-    return {"export_btn": export_btn, "export_file": export_file, "ckpt_name": ckpt_name, "ckpt_save": ckpt_save, "ckpt_choice": ckpt_choice, "ckpt_load": ckpt_load,
+    export_md = gr.Markdown(elem_id="export-info")
+    return {"export_btn": export_btn, "export_file": export_file, "export_md": export_md, "ckpt_name": ckpt_name, "ckpt_save": ckpt_save, "ckpt_choice": ckpt_choice, "ckpt_load": ckpt_load,
             "reset_btn": reset_btn, "ckpt_md": ckpt_md, **history, **record}

@@ -139,7 +139,8 @@ class RunController:
         self.run_lock_wait_s, self.stop_grace_s = run_lock_wait_s, stop_grace_s
         self.session = None  # the loaded session (session_explorer_lib.Session or alike)
         self.start_frame = 0  # the frame the next run starts its replay from
-        self.history: list[dict] = []  # one metrics dict per iteration, across runs of this model
+        self.history: list[dict] = []  # one metrics dict per iteration, across runs of this model (plus
+        # "replay_looped": True on an iteration whose action ended the recording, so the next saw its frame 0)
         self.snapshots = RunSnapshots(history_snapshots, history_bytes)  # what the page showed, bounded
         self.origin: CheckpointOrigin | None = None  # set when the model is created
         self.saved: CheckpointSave | None = None  # the latest save
@@ -567,6 +568,8 @@ class RunController:
             try:
                 for metrics in work(wm):
                     if loop:
+                        if replay and getattr(wm.robot, "episode_boundary", False):  # this action ended the recording
+                            metrics["replay_looped"] = True  # the next iteration replays its frame 0
                         self.history.append(metrics)
                         if self.snapshots.wants(metrics["iteration"]):
                             self.snapshots.add(metrics, wm.get_prediction_views(canvas=False))

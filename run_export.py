@@ -15,6 +15,7 @@ import json
 import math
 import zipfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -28,10 +29,11 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def history_csv(history: list[dict]) -> str:
-    """One row per iteration, one column per metric (the union of keys, ``iteration`` first); None and
-    non-finite values are written as empty cells and ``inf``/``nan`` as text."""
-    columns = list(dict.fromkeys(key for row in history for key in row))
+def history_csv(history: list[dict], columns: Sequence[str] = ()) -> str:
+    """One row per iteration, one column per metric (``columns`` first, then any other key of the rows;
+    ``iteration`` first); an empty history still has its header. None and non-finite values are written
+    as empty cells and ``inf``/``nan`` as text."""
+    columns = list(dict.fromkeys([*columns, *(key for row in history for key in row)]))
     if "iteration" in columns:
         columns.remove("iteration")
         columns.insert(0, "iteration")
@@ -45,7 +47,7 @@ def history_csv(history: list[dict]) -> str:
 
 
 def write_export(path: str | Path, pictures: dict[str, tuple[np.ndarray, str]], history: list[dict],
-                 config: dict, meta: dict) -> Path:
+                 config: dict, meta: dict, columns: Sequence[str] = ()) -> Path:
     """Write the export zip.
 
     Args:
@@ -55,6 +57,7 @@ def write_export(path: str | Path, pictures: dict[str, tuple[np.ndarray, str]], 
         history: one metrics dict per iteration.
         config: the model configuration (JSON-serialisable), architecture included.
         meta: session, model step and iteration, export time and the like (JSON-serialisable).
+        columns: the metrics.csv columns written even when ``history`` has no row.
 
     Returns:
         ``path``.
@@ -69,7 +72,7 @@ def write_export(path: str | Path, pictures: dict[str, tuple[np.ndarray, str]], 
                 continue
             zf.writestr(f"{stem}.png", _png(image))
             lines.append(f"  {stem}.png: {description} ({image.shape[1]}x{image.shape[0]} px, lossless PNG)")
-        zf.writestr("metrics.csv", history_csv(history))
+        zf.writestr("metrics.csv", history_csv(history, columns))
         lines.append(f"  metrics.csv: the metric history, one row per iteration ({len(history)} rows), every metric")
         zf.writestr("config.json", json.dumps(config, indent=1, default=str))
         lines.append("  config.json: the world model's configuration, architecture included")

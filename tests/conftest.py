@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from gradio_client import Client
-from gradio_client.exceptions import AppError
+from gradio_client.exceptions import AppError, ValidationError
 from PIL import Image
 
 torch.set_num_threads(2)
@@ -251,26 +251,38 @@ def png(path) -> np.ndarray:
 
 
 def points(plot: dict, series: str | None = None) -> list[tuple[float, float]]:
-    """The (iteration, value) points of a LinePlot output (an update carrying the axis span and the
-    value), skipping the null colour-anchor rows."""
+    """The (iteration, value) points of a LinePlot output (or an update carrying it) of one series, or
+    of the metric's own series: the null colour-anchor rows, the invisible axis-span point and the
+    replay-loop marks left out."""
+    from page_outputs import SERIES_LOOP, SERIES_SPAN
+
     plot = plot["value"] if plot.get("__type__") == "update" else plot
     cols = plot["columns"]
     rows = [dict(zip(cols, row)) for row in plot["data"]]
     return [(r["iteration"], r["value"]) for r in rows
-            if r["iteration"] is not None and (series is None or r.get("series") == series)]
+            if r["iteration"] is not None and (r.get("series") == series if series is not None else
+                                               r.get("series") != SERIES_SPAN
+                                               and not str(r.get("series")).startswith(SERIES_LOOP))]
 
 
 def raw_call(client: Client, api_name: str, data_json: str) -> tuple[str, str]:
     """Call an endpoint over plain HTTP in ``client``'s browser session with a hand-written JSON body.
 
     gradio_client refuses to encode NaN and infinities, but any HTTP client can send them, so the
-    app must refuse them too. Returns the (event, data) of the last server-sent event.
+    app must refuse them too. Returns the (event, data) of the last server-sent event, or ("error",
+    its messages) when the event's validator refused the input (HTTP 422, nothing queued).
     """
     body = f'{{"data": {data_json}, "session_hash": {json.dumps(client.session_hash)}}}'.encode()
     base = client.src.rstrip("/") + f"/gradio_api/call{api_name}"
     post = urllib.request.Request(base, data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(post, timeout=30) as response:
-        event_id = json.loads(response.read())["event_id"]
+    try:
+        with urllib.request.urlopen(post, timeout=30) as response:
+            event_id = json.loads(response.read())["event_id"]
+    except urllib.error.HTTPError as e:
+        if e.code != 422:
+            raise
+        detail = json.loads(e.read().decode()).get("detail", [])
+        return "error", "\n".join(d.get("message", "") for d in detail if d.get("is_valid") is False)
     with urllib.request.urlopen(f"{base}/{event_id}", timeout=120) as response:
         lines = response.read().decode().splitlines()
     event = [line[7:] for line in lines if line.startswith("event: ")][-1]
@@ -282,15 +294,24 @@ NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}  # JSON toke
 
 
 def error_of(client: Client, *args, api_name: str) -> str:
-    """The error message of a call that must fail (non-finite floats go over raw HTTP)."""
+    """The error message of a call that must fail (non-finite floats go over raw HTTP); a refusal of
+    the event's validator reads "1 parameter(s) failed validation: - <parameter>: <message>"."""
     if any(isinstance(a, float) and not np.isfinite(a) for a in args):
         items = [NON_FINITE[repr(a)] if isinstance(a, float) and not np.isfinite(a) else json.dumps(a) for a in args]
         event, data = raw_call(client, api_name, "[" + ", ".join(items) + "]")
         assert event == "error", (event, data)
         return data
-    with pytest.raises(AppError) as info:
+    with pytest.raises((AppError, ValidationError)) as info:  # refused in the handler, or by its validator
         client.predict(*args, api_name=api_name)
-    return str(info.value)
+    return refusal_text(info.value)
+
+
+def refusal_text(error: Exception) -> str:
+    """The message of a refused call: an ``AppError``'s text, or the messages of a ``ValidationError``
+    (gradio_client words it "1 parameter(s) failed validation:\\n- <parameter>: <message>")."""
+    if isinstance(error, ValidationError):
+        return "\n".join(line.split(": ", 1)[1] for line in str(error).splitlines()[1:])
+    return str(error)
 
 
 def load(client: Client, name: str = ALT):

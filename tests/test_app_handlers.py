@@ -77,6 +77,12 @@ def out(update: tuple, key: str):
     return value["value"] if key.startswith("plot_") else value
 
 
+def drawn(graph, series: str):
+    """The points of one series of a graph's DataFrame (its null colour-anchor row left out)."""
+    graph = graph.dropna()
+    return graph[graph.series == series]
+
+
 def error_message(fn, *args) -> str:
     with pytest.raises(gr.Error) as info:
         result = fn(*args)
@@ -141,6 +147,40 @@ def test_running_or_scrubbing_before_loading_asks_to_load_first(env):
     assert not user.controller.has_model
 
 
+def test_validators_refuse_before_the_handler_runs_naming_the_input_and_log_one_line(loaded, caplog):
+    """Each refusable input has its event's validator: the refusal is a ``gr.validate`` on that input
+    (Gradio then queues nothing and changes no output), the other inputs are fine; the terminal gets
+    one line, not a traceback."""
+    import page_analysis
+    import page_workflow
+    caplog.set_level("INFO", logger=config.LOGGER_NAME)
+    jump = page_sessions.check_jump_to_frame(999, loaded)
+    assert [v["is_valid"] for v in jump] == [False, True]
+    assert jump[0]["message"] == "Frame number must be a whole number from 0 to 24 (got 999)."
+    assert [v["is_valid"] for v in page_sessions.check_jump_to_frame(12, loaded)] == [True, True]
+    assert [r.getMessage() for r in caplog.records] == ["refused: Frame number must be a whole number from 0 to 24 (got 999)."]
+    assert all(r.exc_info is None for r in caplog.records)
+    assert not page_common.refusal("x").print_exception  # Gradio prints no traceback for it
+    record = page_workflow.check_record_new_session("alternate", 2, 0, 5, 300, loaded)  # steps and move refused, each on its box
+    assert [v["is_valid"] for v in record] == [True, False, True, True, False, True]
+    assert "Steps must be a whole number from 3" in record[1]["message"] and "Move pixels" in record[4]["message"]
+    assert [v["is_valid"] for v in page_analysis.check_rollout(0, 99, loaded)] == [False, False, True]
+    assert "Load a session first" in page_run.check_run_world_model(5, page_common.UserState())[0]["message"]
+    assert "Run the world model first" in page_attention.check_patch_attention(3, 3, loaded)[0]["message"]
+    assert "no model to save yet" in page_workflow.check_save_checkpoint("fine-name", loaded)[0]["message"]
+
+
+def test_a_checkpoint_name_already_taken_is_refused_by_the_validator(loaded):
+    import page_workflow
+    run_all(1, loaded)
+    page_workflow.save_checkpoint("taken", loaded)
+    answer = page_workflow.check_save_checkpoint(" taken ", loaded)
+    assert not answer[0]["is_valid"] and "a checkpoint named taken already exists" in answer[0]["message"]
+    assert page_workflow.check_save_checkpoint("free", loaded)[0]["is_valid"]
+    assert page_workflow.check_load_checkpoint("taken", loaded)[0]["is_valid"]
+    assert "no checkpoint named nope" in page_workflow.check_load_checkpoint("nope", loaded)[0]["message"]
+
+
 # -----------------------------------------------------------------------------
 # sessions and frames
 
@@ -185,12 +225,13 @@ def test_run_streams_progress_saves_a_checkpoint_and_captures_attention(loaded, 
     assert env.is_file() and "**Saved**" in out(final, "checkpoint")
     assert c.attention is not None and "connections" in out(final, "attn_stats")
     error, timing, loss = out(final, "plot_error"), out(final, "plot_time"), out(final, "plot_loss")
-    assert timing["iteration"].notna().sum() == 4
-    assert final[1 + page_outputs.RUN_OUTPUT_KEYS.index("plot_time")]["x_lim"] == [1, 10]  # whole-number ticks for a short run
-    assert error[error.series == page_outputs.SERIES_PREDICTION]["iteration"].notna().sum() == 2  # from iteration 3 on
-    assert loss[loss.series == page_outputs.SERIES_LOSS]["iteration"].notna().sum() == 2
-    dot = out(final, "plot_dot")  # one share per scored prediction, in percent
-    assert dot["iteration"].notna().sum() == 2 and dot["value"].between(0, 100).all()
+    assert len(drawn(timing, page_outputs.SERIES_TIME)) == 4
+    span = drawn(timing, page_outputs.SERIES_SPAN)  # one invisible point: whole-number ticks for a short run
+    assert list(span["iteration"]) == [10]
+    assert len(drawn(error, page_outputs.SERIES_PREDICTION)) == 2  # from iteration 3 on
+    assert len(drawn(loss, page_outputs.SERIES_LOSS)) == 2
+    dot = drawn(out(final, "plot_dot"), page_outputs.SERIES_DOT)  # one share per scored prediction, in percent
+    assert len(dot) == 2 and dot["value"].between(0, 100).all()
     for key in ("train_original", "train_composite", "pred_current"):
         assert out(final, key).max() > 0
     assert out(final, "frame_slider").value == 4  # the next run continues where this one stopped
@@ -222,6 +263,76 @@ def test_dot_found_graph_is_the_rolling_share_within_3px_and_a_missing_dot_is_a_
     assert page_outputs.dot_found_rows([{"iteration": 1, "dot_error": None}], window=50) == []
 
 
+def test_the_error_graph_draws_each_prediction_faint_and_their_rolling_means_over_them():
+    """On an alternating session the baseline is exact after a stay and wrong after a move: its
+    points jump every iteration, its rolling mean is a flat line that can be read over the model's."""
+    history = [{"iteration": i, "prediction_error": 0.002, "copy_error": 0.0032 * (i % 2)} for i in range(1, 41)]
+    error = page_outputs.metric_frames(history)[0]
+    raw, mean = drawn(error, page_outputs.SERIES_BASELINE), drawn(error, page_outputs.SERIES_BASELINE_MEAN)
+    assert len(raw) == len(mean) == 40 and set(raw["value"]) == {0.0, 0.0032}
+    window = page_common.APP.error_window
+    assert np.allclose(mean["value"].iloc[window - 1:], 0.0016)  # a full window of an even length: half the error
+    assert np.allclose(drawn(error, page_outputs.SERIES_PREDICTION_MEAN)["value"], 0.002)
+    colours = list(page_outputs.ERROR_COLOURS)  # the drawing order: the means last, over the faint points
+    assert colours[-2:] == [page_outputs.SERIES_BASELINE_MEAN, page_outputs.SERIES_PREDICTION_MEAN]
+    assert page_outputs.ERROR_COLOURS[page_outputs.SERIES_BASELINE_MEAN] != page_outputs.ERROR_COLOURS[
+        page_outputs.SERIES_PREDICTION_MEAN]
+
+
+def test_a_run_past_the_sessions_end_marks_where_the_replay_looped_in_every_graph(loaded):
+    """The 25-frame session ends after iteration 25 (frame 24): that iteration is flagged, and every
+    graph draws a vertical mark at 25.5 across its values; the two iterations after it score nothing."""
+    final = run_all(28, loaded)[-1]
+    history = loaded.controller.history
+    assert [m["iteration"] for m in history if m.get("replay_looped")] == [25]
+    assert [m["iteration"] for m in history if m["prediction_error"] is None] == [1, 2, 26, 27]
+    for key in page_outputs.PLOT_KEYS:
+        mark = drawn(out(final, key), f"{page_outputs.SERIES_LOOP} (1)")
+        assert list(mark["iteration"]) == [25.5, 25.5], key
+    error = out(final, "plot_error").dropna()
+    mark = drawn(error, f"{page_outputs.SERIES_LOOP} (1)")
+    assert list(mark["value"]) == [error["value"].min(), error["value"].max()]  # from the lowest value to the highest
+    assert list(drawn(out(final, "plot_dot"), f"{page_outputs.SERIES_LOOP} (1)")["value"]) == [0.0, 100.0]
+    assert all(f"{page_outputs.SERIES_LOOP} (1)" in colours for colours in (
+        page_outputs.ERROR_COLOURS, page_outputs.TIME_COLOURS, page_outputs.GRAD_COLOURS))
+
+
+def test_only_the_latest_replay_loops_are_marked():
+    history = [{"iteration": i, "iteration_time": 0.1, "replay_looped": i % 3 == 0 or None} for i in range(1, 200)]
+    timing = page_outputs.metric_frames(history)[1]
+    marks = timing.dropna()[timing.dropna().series.str.startswith(page_outputs.SERIES_LOOP)]
+    assert len(marks) == 2 * page_outputs.LOOP_MARKS and marks["iteration"].max() == 198.5
+
+
+def test_after_a_run_the_run_history_shows_its_last_iteration_and_reset_clears_every_view(loaded):
+    """The run history's slider, pictures and text are written together at the end of a run (the
+    last kept iteration: the run's last prediction); a reset clears graphs, views and history."""
+    import page_workflow
+    final = run_all(4, loaded)[-1]
+    c = loaded.controller
+    assert out(final, "history_slider").value == 4 and out(final, "history_md").startswith("**Iteration 4** |")
+    np.testing.assert_array_equal(out(final, "history_predicted"), page_common.upscale(c.snapshots.nearest(4).predicted))
+    np.testing.assert_array_equal(out(final, "history_predicted"), out(final, "pred_next"))  # the run's last prediction
+    reset = page_workflow.reset_model(loaded)[1:]
+    shown = dict(zip(page_outputs.RUN_OUTPUT_KEYS, reset))
+    for key in page_outputs.PLOT_KEYS:
+        assert shown[key]["value"].dropna().empty, key  # no point left of the old model's history
+    for key in (*page_outputs.TRAIN_VIEW_KEYS, "pred_current", "pred_next", "attn_image", "attn_picker", "patch_image",
+                "history_current", "history_predicted", "history_error"):
+        value = shown[key]
+        assert (value["value"] if isinstance(value, dict) else value) is None, key
+    assert "No run history yet" in shown["history_md"] and shown["history_slider"].interactive is False
+
+
+def test_a_chosen_patch_is_redrawn_from_the_next_runs_attention(loaded):
+    import page_attention
+    run_all(3, loaded)
+    first, _, _ = page_attention.patch_attention(4, 9, loaded)
+    final = run_all(3, loaded)[-1]
+    assert out(final, "patch_md").startswith(page_attention.patch_attention(4, 9, loaded)[1][:40])
+    assert out(final, "patch_image") is not None and out(final, "patch_image").shape == first.shape
+
+
 def test_history_is_kept_across_runs_and_a_new_session_keeps_the_model(loaded):
     run_all(2, loaded)
     model = loaded.controller.world_model()
@@ -230,7 +341,7 @@ def test_history_is_kept_across_runs_and_a_new_session_keeps_the_model(loaded):
     page_sessions.load_session(SESSION, loaded)
     final = run_all(1, loaded)[-1]
     assert loaded.controller.world_model() is model and len(loaded.controller.history) == 4
-    assert out(final, "plot_time")["iteration"].notna().sum() == 4
+    assert len(drawn(out(final, "plot_time"), page_outputs.SERIES_TIME)) == 4
 
 
 def test_stop_ends_the_run_within_one_iteration(loaded):
@@ -430,12 +541,13 @@ def test_learning_rate_and_gradient_graphs_plot_training_iterations_and_the_clip
     rows = [{"iteration": 1, "lr": None, "grad_norm": None}, {"iteration": 2, "lr": 1e-4, "grad_norm": 0.02},
             {"iteration": 3, "lr": 2e-4, "grad_norm": 0.03}]
     *_, lr, grad = page_outputs.metric_frames(rows, grad_clip=1.0)
+    lr = drawn(lr, page_outputs.SERIES_LR)
     assert list(lr["iteration"]) == [2, 3] and list(lr["value"]) == [1e-4, 2e-4]
-    drawn = grad.dropna()
-    assert list(drawn["series"]) == [page_outputs.SERIES_GRAD] * 2  # norms far below the threshold: no clip line
+    lines = grad.dropna()
+    lines = lines[lines.series != page_outputs.SERIES_SPAN]
+    assert list(lines["series"]) == [page_outputs.SERIES_GRAD] * 2  # norms far below the threshold: no clip line
     rows.append({"iteration": 4, "lr": 3e-4, "grad_norm": 0.7})
-    drawn = page_outputs.metric_frames(rows, grad_clip=1.0)[-1].dropna()
-    clip = drawn[drawn["series"] == page_outputs.SERIES_CLIP]
+    clip = drawn(page_outputs.metric_frames(rows, grad_clip=1.0)[-1], page_outputs.SERIES_CLIP)
     assert list(clip["iteration"]) == [2, 4] and list(clip["value"]) == [1.0, 1.0]  # across the trained iterations
     assert page_outputs.SERIES_CLIP not in set(page_outputs.metric_frames(rows, grad_clip=0.0)[-1].dropna()["series"])  # clipping off
 
@@ -481,3 +593,34 @@ def test_export_csv_keeps_every_metric_with_missing_values_empty_and_infinities_
     text = history_csv([{"step": 0, "iteration": 1, "dot_error": None},
                         {"iteration": 2, "step": 1, "dot_error": float("inf"), "grad_norm": 0.25}])
     assert text.splitlines() == ["iteration,step,dot_error,grad_norm", "1,0,,", "2,1,inf,0.25"]
+
+
+def test_an_export_right_after_a_checkpoint_load_keeps_the_csv_header_and_says_what_is_missing(loaded):
+    """After a load the model has no views, attention or history in this tab: the zip's metrics.csv
+    still names its columns, and the note under the file says what is not in the zip yet."""
+    import zipfile
+
+    import page_workflow
+    from autoencoder_concat_predictor_world_model import METRIC_KEYS
+    run_all(3, loaded)
+    page_workflow.save_checkpoint("for-export", loaded)
+    page_workflow.load_checkpoint("for-export", loaded)
+    with zipfile.ZipFile(page_workflow.export_results(loaded)) as zf:
+        assert zf.read("metrics.csv").decode().splitlines() == [",".join(METRIC_KEYS)]
+        assert not [n for n in zf.namelist() if n.endswith(".png")]
+    note = page_workflow.export_info(loaded)
+    assert "0 of 8 pictures" in note and "**Not in the zip yet:**" in note
+    for missing in ("training views", "prediction views", "attention picture", "metrics.csv holds its header only"):
+        assert missing in note, missing
+    run_all(4, loaded)  # the first two iterations after a load have no history to predict or train from
+    with zipfile.ZipFile(page_workflow.export_results(loaded)) as zf:
+        rows = zf.read("metrics.csv").decode().splitlines()
+    assert rows[0].startswith(",".join(METRIC_KEYS)) and len(rows) == 5
+    assert "8 of 8 pictures" in page_workflow.export_info(loaded) and "Not in the zip" not in page_workflow.export_info(loaded)
+
+
+def test_a_loop_iteration_records_exactly_the_exported_metric_columns(loaded):
+    from autoencoder_concat_predictor_world_model import METRIC_KEYS
+    run_all(2, loaded)
+    assert tuple(loaded.controller.history[-1])[:len(METRIC_KEYS)] == METRIC_KEYS
+    assert set(loaded.controller.history[-1]) - set(METRIC_KEYS) <= {"replay_looped"}

@@ -111,7 +111,8 @@ def test_known_strong_connection_is_kept_and_drawn(capture):
 
     image, stats, _ = _render(capture, quantile=100)
     assert stats["total_connections"] == 1 and stats["per_layer"][STRONG_LAYER] == 1
-    (x0, y0), (x1, y1) = (5.5 * PATCH, 10.5 * PATCH), (35.5 * PATCH, 3.5 * PATCH)  # key, query centres
+    s = ad.LINES_SCALE  # the lines view is drawn at this enlargement
+    (x0, y0), (x1, y1) = (5.5 * PATCH * s, 10.5 * PATCH * s), (35.5 * PATCH * s, 3.5 * PATCH * s)  # key, query centres
     t = np.linspace(0.2, 0.8, 7)
     xs, ys = np.rint(x0 + t * (x1 - x0)).astype(int), np.rint(y0 + t * (y1 - y0)).astype(int)
     on_line = image[ys, xs].astype(int)  # (7, 3)
@@ -130,7 +131,7 @@ def test_heatmap_puts_the_strong_cell_at_its_grid_position(capture):
     col = 5 * 14 + 10  # keys left to right: grid column 5 of 29 visible columns, row 10
     top_colour = np.rint(np.asarray(ad.matplotlib.colormaps["viridis"](1.0)[:3]) * 255).astype(np.uint8)
     np.testing.assert_array_equal(matrix[row * cell + 1, col * cell + 1], top_colour)
-    # region changes: frame t-2 (columns 0-13) | separator 1 (14) | frame t-1 (15-27) | separator 2 (28)
+    # region changes: frame t-1 (columns 0-13) | separator 1 (14) | frame t (15-27) | separator 2 (28)
     white = np.flatnonzero((matrix == 255).all(axis=(0, 2)))
     np.testing.assert_array_equal(white, np.array([14, 15, 28]) * 14 * cell)
     assert (image[top - 1, left:left + 406 * cell] == 255).all()  # the title strip ends just above the matrix
@@ -138,7 +139,7 @@ def test_heatmap_puts_the_strong_cell_at_its_grid_position(capture):
 
 def test_patch_regions_follow_patch_centres():
     regions, names = av.patch_regions((ROWS, COLS), PATCH)
-    assert names == ("frame t-2", "separator 1", "frame t-1", "separator 2", "masked slot")
+    assert names == ("frame t-1", "separator 1", "frame t", "separator 2", "masked slot")
     by_column = regions.reshape(ROWS, COLS)[0]  # (cols,)
     assert (by_column[:14] == 0).all() and by_column[14] == 1 and (by_column[15:28] == 2).all()
     assert by_column[28] == 3 and (by_column[29:] == 4).all()
@@ -172,12 +173,13 @@ def test_render_outputs_are_uint8_rgb(capture, viz):
     image, stats, markdown = _render(capture, viz=viz)
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     if viz == av.VIZ_LINES:
-        assert image.shape[1] == COLS * PATCH and image.shape[0] > ROWS * PATCH  # canvas + legend strip
+        scale = ad.LINES_SCALE  # drawn at the size the page shows it
+        assert image.shape[1] == COLS * PATCH * scale and image.shape[0] > ROWS * PATCH * scale  # canvas + legend strip
 
 
 def _hand_made_capture() -> FakeCapture:
     """One patch row of the real 43 columns, 2 layers x 2 heads, all weights 0 but four (grid ids, CLS excluded):
-    layer 0 query 30 -> key 5 (frame t-2): heads 0.8 and 0.4, mean 0.6; layer 1 query 40 -> key 20 (frame t-1):
+    layer 0 query 30 -> key 5 (frame t-1): heads 0.8 and 0.4, mean 0.6; layer 1 query 40 -> key 20 (frame t):
     head 1 0.5, mean 0.25; layer 1 query 35 -> key 14 (separator 1): head 0 0.3, mean 0.15."""
     weights = np.zeros((2, 2, 1 + COLS, 1 + COLS), np.float32)
     for layer, head, query, key, w in [(0, 0, 30, 5, 0.8), (0, 1, 30, 5, 0.4), (1, 1, 40, 20, 0.5), (1, 0, 35, 14, 0.3)]:
@@ -197,7 +199,7 @@ def test_statistics_of_a_hand_made_attention_are_exact():
     assert stats["weight_sum"] == pytest.approx(1.0)
     assert stats["per_layer"] == {0: 1, 1: 2} and stats["per_head"] == {0: 2, 1: 1}
     assert stats["region_share"] == pytest.approx(
-        {"frame t-2": 0.6, "separator 1": 0.15, "frame t-1": 0.25, "separator 2": 0.0, "masked slot": 0.0})
+        {"frame t-1": 0.6, "separator 1": 0.15, "frame t": 0.25, "separator 2": 0.0, "masked slot": 0.0})
     d = stats["distribution"]
     assert (d["min"], d["median"], d["max"]) == pytest.approx((0.15, 0.25, 0.6))
     assert (stats["n_queries"], stats["n_keys"]) == (14, 29)
@@ -321,7 +323,7 @@ def test_heatmap_labels_are_drawn_apart_from_each_other_and_the_matrix(capture, 
         bx0, by0, bx1, by1 = label.box
         assert (image[by0:by1, bx0:bx1] < 100).all(axis=2).any(), label
     texts = [label.text for label in layout.labels]
-    assert {"frame t-2", "separator 1", "frame t-1", "separator 2", "attention weight", "0",
+    assert {"frame t-1", "separator 1", "frame t", "separator 2", "layer-mean weight", "0",
             f"{m.mean(axis=0).max():.3g}", "keys: visible patches of the canvas, left to right",
             "queries: masked slot (predicted frame), row-major"} <= set(texts)
     assert texts[0].startswith("Decoder attention: layers L0, L1 (averaged); heads H0")
@@ -333,10 +335,10 @@ def test_heatmap_region_labels_rows_ticks_and_leaders_sit_where_they_belong(capt
     bottom = top + 196 * cell
     labels = {label.text: label for label in layout.labels}
     centre = lambda label: (label.box[0] + label.box[2]) / 2  # noqa: E731
-    assert abs(centre(labels["frame t-2"]) - (left + 14 * block / 2)) <= 1  # columns 0-13
-    assert abs(centre(labels["frame t-1"]) - (left + 21.5 * block)) <= 1  # columns 15-27
-    first_row = labels["frame t-2"].y
-    assert labels["frame t-1"].y == first_row and labels["separator 1"].y == labels["separator 2"].y > first_row
+    assert abs(centre(labels["frame t-1"]) - (left + 14 * block / 2)) <= 1  # columns 0-13
+    assert abs(centre(labels["frame t"]) - (left + 21.5 * block)) <= 1  # columns 15-27
+    first_row = labels["frame t-1"].y
+    assert labels["frame t"].y == first_row and labels["separator 1"].y == labels["separator 2"].y > first_row
     for name, column in (("separator 1", 14), ("separator 2", 28)):  # one grid column each: too narrow for the name
         x = left + int((column + 0.5) * block)
         leader = next(line for line in layout.leaders if line[0] == (x, bottom))
@@ -361,8 +363,8 @@ CANVAS_GREY, PREDICTION_RGB = 100, (10, 200, 30)
 
 def _patch_capture(prediction: bool = True) -> FakeCapture:
     """Real grid, 2 layers x 2 heads, every weight 0 but these from query P_QUERY (grid row, col -> weight):
-    layer 1, both heads: (4, 20) 1.0 (frame t-1). Layer 0, head 0 / head 1 (mean): (13, 27) 0.3 / 0.5 (0.4, frame
-    t-1), (0, 0) 0.6 / 0.1 (0.35, frame t-2), (9, 28) 0.1 / 0.4 (0.25, separator 2)."""
+    layer 1, both heads: (4, 20) 1.0 (frame t). Layer 0, head 0 / head 1 (mean): (13, 27) 0.3 / 0.5 (0.4, frame
+    t-1), (0, 0) 0.6 / 0.1 (0.35, frame t-1), (9, 28) 0.1 / 0.4 (0.25, separator 2)."""
     weights = np.zeros((2, 2, N, N), np.float32)
     weights[1, :, 1 + P_QUERY, 1 + 4 * COLS + 20] = 1.0
     for (r, c), (w0, w1) in {(13, 27): (0.3, 0.5), (0, 0): (0.6, 0.1), (9, 28): (0.1, 0.4)}.items():
@@ -388,12 +390,12 @@ def test_patch_sources_name_the_strongest_keys_by_region_and_in_frame_position()
     _, sources, markdown = ad.render_patch_attention(_patch_capture(), P_ROW, P_COL, [0, 1], [0, 1], "mean")
     rows = [(s["layer"], s["rank"], s["region"], s["row"], s["col"], s["grid_row"], s["grid_col"]) for s in sources]
     assert rows == [
-        (0, 1, "frame t-1", 13, 13, 13, 27), (0, 2, "frame t-2", 0, 0, 0, 0), (0, 3, "separator 2", 9, 0, 9, 28),
-        (1, 1, "frame t-1", 4, 6, 4, 20), (1, 2, "frame t-2", 0, 0, 0, 0), (1, 3, "frame t-2", 0, 1, 0, 1),
-    ]  # frame t-1 starts half a patch into grid column 14: grid column 20's centre lies in its frame column 6
+        (0, 1, "frame t", 13, 13, 13, 27), (0, 2, "frame t-1", 0, 0, 0, 0), (0, 3, "separator 2", 9, 0, 9, 28),
+        (1, 1, "frame t", 4, 6, 4, 20), (1, 2, "frame t-1", 0, 0, 0, 0), (1, 3, "frame t-1", 0, 1, 0, 1),
+    ]  # frame t starts half a patch into grid column 14: grid column 20's centre lies in its frame column 6
     assert [s["weight"] for s in sources] == pytest.approx([0.4, 0.35, 0.25, 1.0, 0.0, 0.0])
     assert markdown.startswith("### Patch (row 2, col 5) of the predicted frame, heads H0, H1 combined by mean\n")
-    assert "| L1 | 1 | frame t-1 | 4 | 6 | 1 |" in markdown and "| L0 | 3 | separator 2 | 9 | 0 | 0.25 |" in markdown
+    assert "| L1 | 1 | frame t | 4 | 6 | 1 |" in markdown and "| L0 | 3 | separator 2 | 9 | 0 | 0.25 |" in markdown
     _, top_one, _ = ad.render_patch_attention(_patch_capture(), P_ROW, P_COL, [1], [1], "max", top_k=1)
     assert [(s["layer"], s["grid_row"], s["grid_col"], s["weight"]) for s in top_one] == [(1, 4, 20, 1.0)]
 
@@ -526,3 +528,16 @@ def test_picker_patch_maps_every_patch_centre_and_corner_back_to_its_patch():
 def test_picker_patch_refuses_a_click_outside_the_picture(x, y, message):
     with pytest.raises(ValueError, match=message):
         ad.picker_patch(x, y, (448, 448), 16)
+
+
+def test_the_heatmap_says_its_colour_bar_is_the_layer_mean_and_the_statistics_max_a_single_layers(capture):
+    """The colour bar tops at the largest layer-mean weight, the statistics' max is the largest weight of
+    any one layer: the text names both numbers and which is which."""
+    _, stats, text = _render(capture, quantile=0, layers=[1, 3], viz=av.VIZ_HEATMAP)
+    m = av.decoder_to_encoder(capture.weights, capture.patch_mask, [1, 3], range(4), "mean")
+    peak, top = float(m.mean(axis=0).max()), stats["distribution"]["max"]
+    assert peak < top  # two layers that peak in different cells: the mean is lower
+    note = text.split("\n\n")[0]
+    assert f"from 0 to {av.format_weight(peak)} (the colour bar)" in note
+    assert f"their max, {av.format_weight(top)}, is the largest weight in any one layer" in note
+    assert "Heatmap colours" not in _render(capture, quantile=0, layers=[1, 3], viz=av.VIZ_LINES)[2]

@@ -5,13 +5,25 @@ from __future__ import annotations
 
 import pytest
 
-from test_browser import ARTIFACTS, browser, choose_and_load, expect, page, picture, region_screenshot  # noqa: F401
+from test_browser import (  # noqa: F401
+    ARTIFACTS,
+    browser,
+    choose_and_load,
+    error_badges,
+    expect,
+    image_src,
+    page,
+    picture,
+    region_screenshot,
+    unfold,
+)
 
 pytestmark = pytest.mark.browser
 
 
 def test_press_move_three_times_and_read_the_table(page):
     choose_and_load(page)
+    unfold(page, "fold-analysis")
     page.locator("#frame-slider input[type=range]").fill("4")
     expect(page.locator("#analysis-frame input")).to_have_value("4")
     page.locator("#play-reset-btn").click()
@@ -32,3 +44,13 @@ def test_press_move_three_times_and_read_the_table(page):
     out.mkdir(parents=True, exist_ok=True)
     region_screenshot(page, page.get_by_role("heading", name="Play the model", exact=False),
                       page.locator("#play-info"), out / "section7-play.png")
+
+    # a refused action string is answered under its box; the play's pictures, table and text stay
+    text, truth = info.inner_text(), image_src(page, "#play-truth")
+    page.locator("#play-actions textarea").fill("12")
+    page.locator("#play-actions textarea").press("Enter")
+    expect(page.locator("#play-actions")).to_contain_text("Actions must be 1-50 characters")
+    page.wait_for_timeout(1000)  # time for a late update to arrive, were there one
+    assert error_badges(page) == 0
+    assert info.inner_text() == text and image_src(page, "#play-truth") == truth
+    expect(rows).to_have_count(3)

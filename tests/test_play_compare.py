@@ -262,3 +262,21 @@ def test_bad_comparisons_are_refused_and_change_nothing(user):
     for args, expected in cases:
         assert expected in _message(page_play.compare_models, *args, user), args
     assert sorted(p.name for p in folder.iterdir()) == files and c.status().model_step == step
+
+
+def test_play_and_compare_validators_refuse_before_the_handler_runs(user):
+    """Each refusal a person can make in section 7 is answered by the event's validator (so Gradio
+    queues nothing and the play's pictures keep what they showed), under the box it came from."""
+    n = user.controller.session.num_frames
+    start = page_play.check_play_start(999, user)
+    assert [v["is_valid"] for v in start] == [False, True]
+    assert f"Frame index must be a whole number from 2 to {n - 1}" in start[0]["message"]
+    assert "No play has begun" in page_play.check_play("1", user)[0]["message"]
+    assert [v["is_valid"] for v in page_play.check_play_step(999, user)] == [False, True]  # no play: frame t is checked
+    page_play.play_start(3, user)
+    assert [v["is_valid"] for v in page_play.check_play("12", user)] == [False, True]
+    assert [v["is_valid"] for v in page_play.check_play_step(999, user)] == [True, True]  # going: frame t is not used
+    assert [v["is_valid"] for v in page_play.check_play_typed(999, "2", user)] == [True, False, True]
+    assert [v["is_valid"] for v in page_play.check_play_typed(999, "1", user)] == [True, True, True]
+    assert [v["is_valid"] for v in page_play.check_compare_models(None, THIS_TAB, "nope", user)] == [False, True, False, True]
+    assert [v["is_valid"] for v in page_play.check_compare_models(THIS_TAB, THIS_TAB, "alternate", user)] == [True] * 4

@@ -34,7 +34,7 @@ from pathlib import Path
 import gradio
 import numpy as np
 import pytest
-from gradio_client.exceptions import AppError
+from gradio_client.exceptions import AppError, ValidationError
 from PIL import Image
 
 import concat_world_model_explorer_gradio as app
@@ -42,7 +42,7 @@ import page_common
 import server_guard
 from conftest import (
     ALL_ON, ALT, ALT_FRAMES, AUTH_PASSWORD, AUTH_USER, HEATMAP, LINES, MOVE, REPO, connect, error_of, free_port,
-    launch_app, load, png, points, run, stop_process,
+    launch_app, load, png, points, refusal_text, run, stop_process,
 )
 from record_session import record_session
 from suite_census import assert_suite_collected
@@ -123,8 +123,8 @@ def outcome(fn, *args, **kwargs) -> tuple[str, object]:
     """("ok", result) or ("error", message) of a call that may be refused."""
     try:
         return "ok", fn(*args, **kwargs)
-    except AppError as e:
-        return "error", str(e)
+    except (AppError, ValidationError) as e:
+        return "error", refusal_text(e)
 
 
 def iteration_of(progress: str) -> int:
