@@ -813,9 +813,17 @@ class AutoencoderConcatPredictorWorldModel:
         Only plain tensors and containers are unpickled (``weights_only=True``), so a file cannot
         run code. A file that is missing, corrupt, of another architecture or without weights
         raises ``CheckpointError`` and leaves the live model and optimizer untouched.
+
+        A file that differs from ``config`` only in fields a new model can take on
+        (``config.ADOPTED_FROM_CHECKPOINT``: the decoder's position code and mode, which change no
+        weight) is loaded into a model and optimizer built with the file's values, which then
+        replace this model's; ``config`` holds those values from then on, so later saves record them.
         """
         path = Path(path) if path is not None else config.CHECKPOINT_PATH
         payload = read_checkpoint(path)
+        adopted = self.config.adopting(payload.get("architecture") if isinstance(payload, dict) else None)
+        if adopted != self.config:
+            return self._load_into_new_model(payload, path, adopted)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         model_state, optim_state = validate_payload(payload, path, self.config.architecture(),
                                                     self.model.state_dict(), params)
@@ -834,4 +842,28 @@ class AutoencoderConcatPredictorWorldModel:
                 self._forget_graphs()
                 self.step, self.iteration = backup[2], backup[3]
                 raise CheckpointError(f"{path.name} does not fit this model: {str(e)[:200]}") from e
+        return {"path": str(path), "step": self.step, "iteration": self.iteration}
+
+    def _load_into_new_model(self, payload: dict, path: Path, cfg: AutoencoderConcatPredictorWorldModelConfig) -> dict:
+        """Load a checkpoint into a new model and optimizer built with ``cfg`` (the file's decoder code),
+        then put them in this model's place; a refused file changes nothing here."""
+        try:
+            with torch.random.fork_rng(devices=[]):  # the new model's initial weights leave the seeded streams alone
+                model = TargetedMAEWrapper(cfg).to(self.device)
+        except ValueError as e:  # a file that claims a decoder code no model of its sizes can have
+            raise CheckpointError(f"{path.name} records a decoder this model cannot be built with: {str(e)[:200]}") from e
+        optimizer = configure_optimizer(model, cfg)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        model_state, optim_state = validate_payload(payload, path, cfg.architecture(), model.state_dict(), params)
+        try:
+            model.load_state_dict(model_state, strict=True)
+            if optim_state is not None:
+                optimizer.load_state_dict(optim_state)
+        except Exception as e:
+            raise CheckpointError(f"{path.name} does not fit this model: {str(e)[:200]}") from e
+        with self.lock:
+            self.config, self.model, self.optimizer = cfg, model, optimizer
+            self._forget_graphs()  # they were recorded on the replaced model
+            self.step = int(payload.get("step", 0))
+            self.iteration = int(payload.get("iteration", 0))
         return {"path": str(path), "step": self.step, "iteration": self.iteration}

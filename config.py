@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Mapping, Sequence
 
 # -----------------------------------------------------------------------------
@@ -67,6 +68,11 @@ class RecordingConfig:
 
 # -----------------------------------------------------------------------------
 # world model
+
+# architecture fields a model made for a checkpoint takes on from the file (they change no weight: the decoder's
+# fixed position code and which tokens its blocks compute), each with the value a file that does not record it
+# was trained with (such files are older than the field)
+ADOPTED_FROM_CHECKPOINT = MappingProxyType({"decoder_position": "canvas", "decoder_mode": "self"})
 
 
 @dataclass(frozen=True)
@@ -184,8 +190,21 @@ class AutoencoderConcatPredictorWorldModelConfig:
             "decoder_depth": self.decoder_depth,
             "decoder_num_heads": self.decoder_num_heads,
             "mlp_ratio": self.mlp_ratio,
-        } | ({"decoder_mode": self.decoder_mode} if self.decoder_mode != "self" else {}) | (  # older checkpoints: self
-            {"decoder_position": self.decoder_position} if self.decoder_position != "canvas" else {})  # and canvas
+        } | {name: getattr(self, name) for name, older in ADOPTED_FROM_CHECKPOINT.items()  # only when not what
+             if getattr(self, name) != older}  # the older checkpoints (without the field) were trained with
+
+    def adopting(self, architecture) -> AutoencoderConcatPredictorWorldModelConfig:
+        """The settings of a model made for a checkpoint of ``architecture`` (what the file records): these,
+        with the file's values of the ``ADOPTED_FROM_CHECKPOINT`` fields when the file differs from these
+        settings in those fields alone; these unchanged otherwise (the file is then refused as another
+        architecture)."""
+        if not isinstance(architecture, dict):
+            return self
+        fixed = {k: v for k, v in self.architecture().items() if k not in ADOPTED_FROM_CHECKPOINT}
+        if {k: v for k, v in architecture.items() if k not in ADOPTED_FROM_CHECKPOINT} != fixed:
+            return self
+        adopted = replace(self, **{name: architecture.get(name, older) for name, older in ADOPTED_FROM_CHECKPOINT.items()})
+        return self if adopted == self else adopted
 
 
 # -----------------------------------------------------------------------------

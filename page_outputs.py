@@ -205,7 +205,7 @@ def checkpoint_markdown(c: RunController) -> str:
         return NO_MODEL_YET
     shown = f"`{display_path(origin.path)}`"
     if origin.kind == "loaded":
-        parts = [f"**Checkpoint:** loaded {shown} at step {origin.step} (iteration {origin.iteration})."]
+        parts = [f"**Checkpoint:** loaded {shown} at step {origin.step} (iteration {origin.iteration}){origin.note}."]
     elif origin.kind == "reset":
         parts = [f"**Model reset:** a fresh, untrained model; its first run saves to {shown} as usual."]
     elif origin.kind == "lost":

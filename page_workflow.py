@@ -129,7 +129,7 @@ def load_checkpoint(name: Any, user: UserState) -> tuple:
         raise refusal(f"Cannot load checkpoint {markdown_escape(name)[:60]}: {hide_paths(e)}") from None
     except OSError as e:
         raise refusal(f"Cannot load checkpoint {markdown_escape(name)[:60]}: {os_error_text(e)}.") from None
-    text = f"**Loaded** {code_span(name + '.pth')} (step {origin.step}, iteration {origin.iteration}).\n\n"
+    text = f"**Loaded** {code_span(name + '.pth')} (step {origin.step}, iteration {origin.iteration}){origin.note}.\n\n"
     return (text + checkpoints_markdown(c), *display_outputs(user, final=True))
 
 
@@ -324,7 +324,8 @@ def export_results(user: UserState) -> str:
     if not c.has_model:
         raise refusal("Nothing to export yet: run the world model first.")
     status = c.status()
-    cfg = {**dataclasses.asdict(c.config), "architecture": c.config.architecture()}
+    model_cfg = c.model_config  # with the decoder code a loaded checkpoint gave the model
+    cfg = {**dataclasses.asdict(model_cfg), "architecture": model_cfg.architecture()}
     meta = {"session": c.session.name if c.session is not None else None, "model_step": status.model_step,
             "model_iteration": status.model_iteration, "iterations_in_history": len(c.history),
             "checkpoint": None if c.origin is None else f"{c.origin.kind} {display_path(c.origin.path)}",

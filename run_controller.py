@@ -18,6 +18,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Callable, Iterator
 
 import numpy as np
@@ -31,7 +32,7 @@ from autoencoder_concat_predictor_world_model import (
 )
 from atomic_files import max_saved_name_bytes
 from checkpoints import CheckpointError, FileIdentity, RefusedFiles
-from config import LOGGER_NAME, AppConfig, AutoencoderConcatPredictorWorldModelConfig
+from config import ADOPTED_FROM_CHECKPOINT, LOGGER_NAME, AppConfig, AutoencoderConcatPredictorWorldModelConfig
 from model_pool import ModelPool, return_freed_memory
 from private_files import create_private_file
 from run_history import RunSnapshots
@@ -53,6 +54,9 @@ from world_model_analysis import (
 
 LOG = logging.getLogger(f"{LOGGER_NAME}.engine")  # a child of the app's logger: its level applies
 
+# how messages name the settings a model takes on from its checkpoint (``config.ADOPTED_FROM_CHECKPOINT``)
+ADOPTED_WORDS = MappingProxyType({"decoder_position": "decoder position code", "decoder_mode": "decoder mode"})
+
 
 @dataclass(frozen=True)
 class CheckpointOrigin:
@@ -65,6 +69,20 @@ class CheckpointOrigin:
     step: int = 0
     iteration: int = 0
     reason: str = ""  # why the file was refused
+    adopted: tuple[tuple[str, str], ...] = ()  # (field, value) the loaded model took from the file, where the tab's settings differ
+
+    @property
+    def note(self) -> str:
+        """" (decoder position code: canvas, from the file)" when the model took settings from the file
+        that differ from the tab's; "" otherwise. For the messages that say what was loaded."""
+        return adopted_note(self.adopted)
+
+
+def adopted_note(adopted: tuple[tuple[str, str], ...]) -> str:
+    """A short clause naming the settings a model took from its checkpoint (see ``CheckpointOrigin.adopted``)."""
+    if not adopted:
+        return ""
+    return " (" + "; ".join(f"{ADOPTED_WORDS.get(k, k)}: {v}" for k, v in adopted) + ", from the file)"
 
 
 @dataclass(frozen=True)
@@ -105,7 +123,9 @@ class RunController:
     """One tab's run lifecycle, for a page or a script: its session, its world model, its runs.
 
     - the model is created at the first run, from the checkpoint file when that is compatible; a file
-      it refuses is set aside (never overwritten) before this model's first save;
+      it refuses is set aside (never overwritten) before this model's first save; a model loaded from a
+      file takes on the file's decoder position code and mode (``config.ADOPTED_FROM_CHECKPOINT``) and
+      keeps them (``model_config``) until the tab resets it, which gives a model of ``config`` again;
     - ``run(total)`` replays the session from ``start_frame`` and yields each iteration's metrics
       (``run_live`` drives a live robot instead); a Stop (``stop()``, the stop event) ends it after
       the current iteration; every run ends with ``finish`` (atomic checkpoint save, decoder
@@ -118,7 +138,8 @@ class RunController:
             read when the controller is made); named checkpoints live beside it.
         refused_files: the refused checkpoint files of that folder, shared by its tabs (default: this
             controller's own).
-        config: the world model's settings.
+        config: the world model's settings (a model loaded from a checkpoint may differ in the fields
+            ``config.ADOPTED_FROM_CHECKPOINT`` names: see ``model_config``).
         device: torch device (default: CUDA when present).
         pool: the ``ModelPool`` that parks idle models (None: models stay in memory).
         run_lock_wait_s: how long ``run`` waits for a previous run to wind down.
@@ -173,6 +194,7 @@ class RunController:
         self._park_cleanup: weakref.finalize | None = None  # deletes the parked file if this controller is dropped
         self._parked_counters: tuple[int, int] | None = None  # (step, iteration) of a parked model
         self._parked_robot: tuple | None = None  # (session, index, episode_boundary) of a parked replay
+        self._parked_config: AutoencoderConcatPredictorWorldModelConfig | None = None  # the parked model's settings
         self._shared_seen: FileIdentity | None = None  # the shared checkpoint as this tab last loaded or saved it
         self._attention_canvas: np.ndarray | None = None  # to recapture attention after a reload
         self._play: Play | None = None  # the latest open-loop play (frames in memory, at most a few MB)
@@ -250,6 +272,20 @@ class RunController:
         """The model itself (reloaded when parked), for analysis code and tests; None before the first run."""
         return self._model_if_any()
 
+    @property
+    def model_config(self) -> AutoencoderConcatPredictorWorldModelConfig:
+        """The settings of this tab's model (never reloads a parked one): ``config``, except for the decoder
+        code a model loaded from a checkpoint took from its file; ``config`` before there is a model."""
+        with self._lock:
+            if self._wm is not None:
+                return self._wm.config
+            return self._parked_config or self.config
+
+    def _adopted(self, wm: AutoencoderConcatPredictorWorldModel) -> tuple[tuple[str, str], ...]:
+        """The settings ``wm`` took from its checkpoint where they differ from this tab's ``config``."""
+        return tuple((name, getattr(wm.config, name)) for name in ADOPTED_FROM_CHECKPOINT
+                     if getattr(wm.config, name) != getattr(self.config, name))
+
     def _need_session(self):
         if self.session is None:
             raise ValueError("no session is loaded")
@@ -315,7 +351,8 @@ class RunController:
                 progress: Callable[[int, int], None] | None = None) -> Comparison:
         """Two models on every transition of ``session`` (``world_model_analysis.compare_models``): a named
         checkpoint each, or None for a copy of this tab's model as it is now (a run may go on training
-        it meanwhile). Neither is this tab's model afterwards; nothing is saved.
+        it meanwhile). Neither is this tab's model afterwards; nothing is saved. A model whose decoder
+        code differs from this tab's settings (taken from its file) has that said after its name.
 
         Raises:
             ValueError: a bad name (the ``named_checkpoint_path`` rule). CheckpointError: no such
@@ -323,7 +360,8 @@ class RunController:
         """
         paths = [None if name is None else self._existing_checkpoint(name) for name in (name_a, name_b)]
         models = [self._model_to_compare(path) for path in paths]
-        names = tuple("this tab's model" if name is None else name for name in (name_a, name_b))
+        names = tuple(("this tab's model" if name is None else name) + adopted_note(self._adopted(wm))
+                      for name, wm in zip((name_a, name_b), models))
         return compare_models(*models, session, names, batch_size, top, progress)
 
     def _existing_checkpoint(self, name: str) -> Path:
@@ -333,12 +371,17 @@ class RunController:
         return path
 
     def _model_to_compare(self, path: Path | None) -> AutoencoderConcatPredictorWorldModel:
-        """A model of its own: loaded from ``path``, or (None) a copy of this tab's model."""
-        wm = AutoencoderConcatPredictorWorldModel(None, device=self.device, config=self.config)
-        if path is None:
-            wm.load_training_state(self.analysis_model().training_state())  # taken under the model's lock
-        else:
+        """A model of its own: loaded from ``path`` (with the file's decoder code), or (None) a copy of
+        this tab's model."""
+        if path is not None:
+            wm = AutoencoderConcatPredictorWorldModel(None, device=self.device, config=self.config)
             wm.load_checkpoint(path)
+            return wm
+        source = self.analysis_model()
+        with source.lock:  # its settings and state as one (a load may replace both)
+            cfg, state = source.config, source.training_state()
+        wm = AutoencoderConcatPredictorWorldModel(None, device=self.device, config=cfg)
+        wm.load_training_state(state)
         return wm
 
     # -- named checkpoints, reset ----------------------------------------------
@@ -374,7 +417,8 @@ class RunController:
         return CheckpointSave(True, path, wm.step, wm.iteration)
 
     def load_named(self, name: str) -> CheckpointOrigin:
-        """Load ``<name>.pth`` into this tab's model (not during a run). Another architecture or a
+        """Load ``<name>.pth`` into this tab's model (not during a run), taking on the file's decoder
+        code (``origin.adopted`` names it where it differs from ``config``). Another architecture or a
         damaged file raises ``CheckpointError`` with the model untouched; after a load the metric
         history and run history (another model's) are cleared and the views start afresh.
 
@@ -387,12 +431,14 @@ class RunController:
                 wm = self._resident()
                 info = wm.load_checkpoint(path)
                 wm.forget_views()
-                self.origin = CheckpointOrigin("loaded", path, info["step"], info["iteration"])
+                self.origin = CheckpointOrigin("loaded", path, info["step"], info["iteration"],
+                                               adopted=self._adopted(wm))
                 self._forget_history()
                 return self.origin
 
     def reset_model(self) -> None:
-        """A fresh, untrained model for this tab (not during a run): metric and run history cleared,
+        """A fresh, untrained model of this tab's ``config`` (not during a run; a decoder code taken
+        from a loaded file is dropped, as a new tab's model would be): metric and run history cleared,
         nothing deleted on disk; its first run saves to the shared checkpoint as usual."""
         with self._not_running():
             with self._lock:
@@ -692,7 +738,7 @@ class RunController:
             return wm
         try:
             info = wm.load_checkpoint(path)
-            self.origin = CheckpointOrigin("loaded", path, info["step"], info["iteration"])
+            self.origin = CheckpointOrigin("loaded", path, info["step"], info["iteration"], adopted=self._adopted(wm))
             self._unsaved = False
             self._shared_seen = identity
         except CheckpointError as e:
@@ -749,7 +795,7 @@ class RunController:
         else:
             self._park_file, self._parked_robot = path, replay
             self._park_cleanup = weakref.finalize(self, _remove_quietly, path)  # a controller dropped unreleased
-            self._parked_counters = (wm.step, wm.iteration)
+            self._parked_counters, self._parked_config = (wm.step, wm.iteration), wm.config
             self._wm, self._attention = None, None
             drop_cache = getattr(self.session, "drop_cache", None)
             if drop_cache is not None:
@@ -764,6 +810,7 @@ class RunController:
         """Forget the parked file (if any), then delete it. Call under ``_lock``."""
         path, cleanup = self._park_file, self._park_cleanup
         self._park_file = self._parked_robot = self._parked_counters = self._park_cleanup = None
+        self._parked_config = None
         if cleanup is not None:
             cleanup()  # deletes the file, once
         elif path is not None:
@@ -774,7 +821,7 @@ class RunController:
         replaced) a fresh model takes its place: never the shared checkpoint, which may hold another
         tab's model. ``origin`` then says "lost" and why, ``status().problem`` says so in a sentence,
         and the run history (of the lost model) is cleared."""
-        path, replay = self._park_file, self._parked_robot
+        path, replay, parked_config = self._park_file, self._parked_robot, self._parked_config or self.config
 
         def robot() -> ReplayRobot | None:
             if replay is None:
@@ -783,7 +830,7 @@ class RunController:
             r.episode_boundary = replay[2]
             return r
 
-        wm = AutoencoderConcatPredictorWorldModel(robot(), device=self.device, config=self.config)
+        wm = AutoencoderConcatPredictorWorldModel(robot(), device=self.device, config=parked_config)  # its own decoder code
         try:
             wm.load_training_state(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:

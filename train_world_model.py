@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {AppConfig.tensorboard_images_every}; 0: none)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                    help="override world-model settings of config.py for this run, e.g. --set embed_dim=32 decoder_depth=2 "
-                        "(a checkpoint loads only into its own architecture)")
+                        "(a checkpoint loads only into its own architecture; its decoder position code and mode "
+                        "are taken from the file)")
     return p
 
 
@@ -212,7 +213,7 @@ def _start_model(c: RunController, args: argparse.Namespace) -> None:
 def origin_line(c: RunController) -> str:
     o = c.origin
     if o.kind == "loaded":
-        return f"Model: {o.path.name} (step {o.step}, iteration {o.iteration})"
+        return f"Model: {o.path.name} (step {o.step}, iteration {o.iteration}){o.note}"
     if o.kind == "refused":
         return (f"Model: new; the shared checkpoint {o.path.name} was refused ({o.reason}); it is kept aside "
                 f"under another name at the first save")
