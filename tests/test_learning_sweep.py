@@ -10,7 +10,7 @@ import sys
 
 from conftest import REPO
 
-TINY_SET = ["embed_dim=32", "num_heads=2", "decoder_embed_dim=32", "decoder_depth=2"]  # a tiny model
+TINY_SET = ["embed_dim=32", "num_heads=2", "decoder_embed_dim=32", "decoder_depth=2", "decoder_position=canvas"]  # a tiny model
 
 
 def test_two_cells_run_as_ray_tasks_and_are_logged_and_summarised(tmp_path):
@@ -24,7 +24,8 @@ def test_two_cells_run_as_ray_tasks_and_are_logged_and_summarised(tmp_path):
     assert summary["ray_cluster"] == {"address": "local", "cpus": 2}  # the local cluster the cells ran on
     assert summary["benchmark"] == "learning_matrix" and summary["cells"] == 2
     assert summary["parallel_cells"] == {"1": 2}  # two 1-CPU cells at once on the two-CPU cluster
-    assert summary["config_overrides"] == {"embed_dim": 32, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 2}
+    assert summary["config_overrides"] == {"embed_dim": 32, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 2,
+                                           "decoder_position": "canvas"}
     assert sorted(c["source"] for c in summary["all"]) == ["live", "replay"]
     assert all(c["iterations"] == 4 and c["last_100"]["n"] == 2 for c in summary["all"])  # 2 scored predictions each
     logged = [json.loads(line) for line in (tmp_path / "sweep.jsonl").read_text().splitlines()]

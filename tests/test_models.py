@@ -332,6 +332,7 @@ def test_cross_decoder_blocks_equal_timm_blocks_over_keys_and_queries():
 def test_cross_decoder_attention_capture_keeps_the_viewers_layout(mode):
     import attention_viz as av
 
+    torch.manual_seed(0)  # the initial look-ups' sharpness depends on the random weights
     model = TargetedMAEWrapper(dataclasses.replace(AutoencoderConcatPredictorWorldModelConfig(), decoder_mode=mode)).eval()
     imgs = torch.rand(1, 3, 224, 688)
     mask = model.default_mask()
@@ -348,10 +349,17 @@ def test_cross_decoder_attention_capture_keeps_the_viewers_layout(mode):
         assert (w[:, :, :, 1:][..., mask] == 0).all()  # masked tokens are no keys
     # block 0 starts out reading one slot back: a query at (row 5, column 35) looks ~14.5 columns left
     q = 1 + 5 * 43 + 35
-    cols = (w[0, :, q, 1:].argmax(-1) % 43).tolist()
-    assert cols == [21, 20, 19, 18] and (w[0, :, q, 1:].argmax(-1) // 43 == 5).all()
-    # block 1's first head starts out on the action band's columns
-    assert 27 <= int(w[1, 0, q, 1:].argmax()) % 43 <= 28
+    assert (w[0, :, q, 1:].argmax(-1) % 43).tolist() == [21, 20, 19, 18]
+    # ... on its own row: random content moves a few (head, query) pairs a row off (~13% here, ~5% on
+    # black frames with a dot, with either position code)
+    queries = torch.arange(1, 604)[rows]  # (196,) token index of each masked query
+    on_row = w[0][:, rows, 1:].argmax(-1) // 43 == (queries - 1) // 43  # (heads, 196)
+    assert on_row.float().mean() > 0.8
+    # block 1's first head starts out reading the action band (patch columns 27-28): on average over
+    # the masked queries far more than the ~5% of its weight uniform attention would put there (how
+    # much varies with the random initialisation, 0.2-1.0 over seeds with either position code)
+    band = w[1, 0][rows][:, 1:].reshape(196, 14, 43)[..., 27:29].sum((-2, -1))  # (196,)
+    assert band.mean() > 0.2
     out = av.decoder_to_encoder(w.numpy(), mask.numpy(), [0, 4], [0, 3], "mean")
     assert out.shape == (2, 196, 406) and np.isfinite(out).all()
 
@@ -413,8 +421,8 @@ def test_a_torus_position_code_makes_the_first_look_up_wrap_round_the_frame_edge
 
 def test_the_decoder_position_code_is_part_of_the_architecture():
     cfg = AutoencoderConcatPredictorWorldModelConfig()
-    assert "decoder_position" not in cfg.architecture()  # canvas: checkpoints from before still load
-    torus = AutoencoderConcatPredictorWorldModelConfig.from_env({"CWM_DECODER_POSITION": "torus"})
-    assert torus.architecture()["decoder_position"] == "torus"
+    assert cfg.decoder_position == "torus" and cfg.architecture()["decoder_position"] == "torus"
+    canvas = AutoencoderConcatPredictorWorldModelConfig.from_env({"CWM_DECODER_POSITION": "canvas"})
+    assert "decoder_position" not in canvas.architecture()  # as in checkpoints from before the field
     with pytest.raises(ValueError, match="decoder_position must be 'canvas' or 'torus', got 'ring'"):
         TargetedMAEWrapper(dataclasses.replace(TINY, decoder_position="ring"))

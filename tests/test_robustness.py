@@ -697,7 +697,7 @@ for line in sys.stdin:
 class _Saver:
     def __init__(self) -> None:
         tiny = {f: getattr(TINY, f) for f in ("embed_dim", "depth", "num_heads", "decoder_embed_dim",
-                                               "decoder_depth", "decoder_num_heads")}
+                                               "decoder_depth", "decoder_num_heads", "decoder_position")}
         self.process = subprocess.Popen(
             [sys.executable, "-c", _SAVER % {"tiny": tiny, "marker": MARKER_PARAM}], cwd=REPO,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

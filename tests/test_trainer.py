@@ -35,8 +35,8 @@ SESSION = "trainer_alternate"
 ITERATIONS = 12  # predictions are scored from iteration 3 on
 IMAGES_EVERY = 5
 # the tiny model as the trainer's --set flags: the fields where TINY differs from the defaults
-TINY_SET = [f"{f.name}={json.dumps(getattr(TINY, f.name))}" for f in dataclasses.fields(TINY)
-            if getattr(TINY, f.name) != getattr(AutoencoderConcatPredictorWorldModelConfig(), f.name)]
+TINY_SET = [f"{f.name}={v if isinstance(v := getattr(TINY, f.name), str) else json.dumps(v)}"  # text as it is
+            for f in dataclasses.fields(TINY) if getattr(TINY, f.name) != getattr(AutoencoderConcatPredictorWorldModelConfig(), f.name)]
 
 
 def train(saved: Path, *flags: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
