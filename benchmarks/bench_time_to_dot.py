@@ -88,7 +88,7 @@ def app_cell(job: dict) -> dict:
     from gradio_client import Client
 
     from conftest import launch_app, stop_process
-    from page_outputs import RUN_OUTPUT_KEYS
+    from page_outputs import RUN_OUTPUT_KEYS, SERIES_DOT
     from record_session import record_session
 
     if job["set"]:
@@ -115,7 +115,10 @@ def app_cell(job: dict) -> dict:
                 if not plot or not plot.get("data"):
                     continue
                 rows = [dict(zip(plot["columns"], r)) for r in plot["data"]]
-                shares = [(r["iteration"], r["value"] / 100.0) for r in rows if r.get("iteration") is not None]
+                shares = [(r["iteration"], r["value"] / 100.0) for r in rows  # the dot line, not its colour anchor
+                          if r.get("series") == SERIES_DOT and r.get("iteration") is not None and r.get("value") is not None]
+                if not shares:
+                    continue
                 n = max(n, int(shares[-1][0]))
                 curve.append({"iteration": n, "seconds": round(elapsed, 2), "within_3px_50": round(shares[-1][1], 3)})
                 full = [it for k, (it, share) in enumerate(shares) if k + 1 >= WINDOW and share >= SHARE]
