@@ -10,6 +10,7 @@ captured once), keeps the metric and picture history, answers analysis questions
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import os
@@ -157,10 +158,12 @@ def in_compute_thread(threads: int | None, fn: Callable, *args):
     result: list = []
     failed: list[BaseException] = []
 
+    context = contextvars.copy_context()  # what the caller's context holds (Gradio's progress tracker) goes along
+
     def work() -> None:
         use_threads(threads)
         try:
-            result.append(fn(*args))
+            result.append(context.run(fn, *args))
         except BaseException as e:  # raised in the caller's thread
             failed.append(e)
 
