@@ -85,8 +85,10 @@ def cpu_uses_bf16(cpu_precision: str) -> bool:
     return cpu_precision == "bf16" or (cpu_precision == "auto" and cpu_has_amx())
 
 
-def compute_path(device: torch.device | str, cfg: AutoencoderConcatPredictorWorldModelConfig) -> str:
-    """How a model on ``device`` with ``cfg`` computes, in words: device, precision, CUDA graphs or threads."""
+def compute_path(device: torch.device | str, cfg: AutoencoderConcatPredictorWorldModelConfig,
+                 threads: int | None = None) -> str:
+    """How a model on ``device`` with ``cfg`` computes, in words: device, precision, CUDA graphs or
+    ``threads`` (default: the calling thread's torch threads)."""
     device = torch.device(device)
     if device.type == "cuda":
         graphs = "CUDA graphs" if cfg.cuda_graphs and cfg.mask_ratio >= 1.0 else "eager"
@@ -94,7 +96,7 @@ def compute_path(device: torch.device | str, cfg: AutoencoderConcatPredictorWorl
     if device.type == "cpu":
         amx = "this CPU has AMX" if cpu_has_amx() else "no AMX on this CPU"
         precision = "bf16 autocast" if cpu_uses_bf16(cfg.cpu_precision) else "fp32"
-        threads = torch.get_num_threads()
+        threads = threads or torch.get_num_threads()
         return f"cpu, {precision} (cpu_precision={cfg.cpu_precision}; {amx}), {threads} torch thread{'s' * (threads != 1)}"
     return f"{device.type}, fp32"
 

@@ -294,12 +294,12 @@ def build_demo(config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, c
     with gr.Blocks(title="Concat World Model Explorer", delete_cache=(cache_frequency_s, cache_age_s), fill_width=True) as demo:
         demo.model_pool, demo.exports = pool, exports  # main() closes them when the server stops: their files go
         user = gr.State(UserState(pool, config, tensorboard_dir=app.tensorboard_dir, recordings=recordings,
-                                  exports=exports), delete_callback=release_user)
+                                  exports=exports, threads=app.run_threads()), delete_callback=release_user)
         gr.Markdown(
             "# Concat World Model Explorer\nLoad a recorded toroidal-dot session, scrub its frames, run the "
             "canvas-inpainting world model and explore why it predicts what it does.", elem_id="app-title")
 
-        c = {**session_section(), **run_section(), **views_sections(), **metrics_section(config)}
+        c = {**session_section(), **run_section(config, app.run_threads()), **views_sections(), **metrics_section(config)}
         # the later sections are folded: a newcomer first sees sessions, run, views and graphs; each
         # fold opens with a click and keeps its outputs up to date while closed
         with gr.Accordion(ATTENTION_TITLE, open=False, elem_id="fold-attention", elem_classes=["section-fold"]):
@@ -508,8 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"(tensorboard --logdir {tensorboard})", flush=True)
         if app.malloc_arenas:
             limit_malloc_arenas(app.malloc_arenas)  # before the worker threads exist: freed models' memory goes back
-        torch.set_num_threads(app.torch_threads or max(1, min(4, (os.cpu_count() or 1) - 1)))
-        print(f"Training on {compute_path(default_device(), model_config)}", flush=True)
+        torch.set_num_threads(1)  # the server's own threads; runs and batched analyses use app.run_threads() (run_controller.use_threads)
+        print(f"Training on {compute_path(default_device(), model_config, app.run_threads())}", flush=True)
         print(folders_line(), flush=True)
         ensure_demo_sessions()
         demo = build_demo(model_config, app=app)

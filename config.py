@@ -220,9 +220,9 @@ class AppConfig:
     min_iterations: int = 1  # smallest Run request
     max_iterations: int = 500  # largest Run request (spec: 1-500)
     default_iterations: int = 20  # Run box default
-    torch_threads: int = 0  # torch CPU threads of the server ($CWM_TORCH_THREADS); 0: one core fewer than the machine has (the page's work gets a core), 1-4
-    run_views_every: int = 4  # while a run goes, the training views, prediction canvas and graphs are redrawn every this many updates (the progress and predicted frame every update)
-    update_interval_s: float = 0.25  # the page shows a running Run's latest state this often; the training never waits for it
+    torch_threads: int = 0  # torch CPU threads of a run, or of a batched analysis, each in a thread of its own; the server's other threads compute with one ($CWM_TORCH_THREADS); 0: every core on a machine of 1 or 2 (measured: 2 threads beat 1 in the page on 2 cores), one core fewer on a bigger one (the page's work gets a core), at most 4
+    run_views_every: int = 6  # while a run goes, the training views, prediction canvas and graphs are redrawn every this many updates (the progress and predicted frame every update): every 3 s
+    update_interval_s: float = 0.5  # the page shows a running Run's latest state this often; the training never waits for it, but the page's and browser's work per update takes CPU from it (docs/SPEED.md, "The page's share")
     run_lock_wait_s: float = 5.0  # a Run waits this long for the tab's previous run to wind down
     stop_wait_s: float = 30.0  # Stop waits this long for the run to end so it can show the final state
     stop_grace_s: float = 1.0  # a Stop that finds nothing running also stops a Run that starts within this long (still queued)
@@ -254,6 +254,11 @@ class AppConfig:
     tensorboard_dir: str | None = None  # ($CWM_TENSORBOARD_DIR) TensorBoard logs go here, one run folder per tab; None: off
     tensorboard_images_every: int = 50  # TensorBoard: the current, predicted and error pictures every this many iterations
     tensorboard_flush_s: float = 10.0  # TensorBoard: logged values reach the disk at least this often
+
+    def run_threads(self) -> int:
+        """``torch_threads``, or for 0: this machine's cores when it has 1 or 2, else one core fewer (at most 4)."""
+        cores = os.cpu_count() or 1
+        return self.torch_threads or min(4, cores if cores <= 2 else cores - 1)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AppConfig:

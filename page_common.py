@@ -70,7 +70,8 @@ class UserState:
 
     def __init__(self, pool: ModelPool | None = None, config: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG,
                  refused_files: RefusedFiles | None = None, tensorboard_dir: str | None = None,
-                 recordings: RecordingGate | None = None, exports: PrivateFolder | None = None):
+                 recordings: RecordingGate | None = None, exports: PrivateFolder | None = None,
+                 threads: int | None = None):
         self.pool = pool
         self.refused_files = refused_files if refused_files is not None else RefusedFiles()  # shared by the tabs
         self.tensorboard_dir = tensorboard_dir  # each tab logs its runs to a run folder of its own here (None: off)
@@ -80,7 +81,7 @@ class UserState:
         self.controller = RunController(
             config=config, refused_files=self.refused_files, pool=pool,
             run_lock_wait_s=APP.run_lock_wait_s, stop_grace_s=APP.stop_grace_s,
-            history_snapshots=APP.history_snapshots, history_bytes=APP.history_bytes)
+            history_snapshots=APP.history_snapshots, history_bytes=APP.history_bytes, threads=threads)
         if tensorboard_dir:  # the folder is made at the tab's first run
             self.controller.iteration_hook = TensorBoardLog(tensorboard_dir, "tab", APP.tensorboard_images_every,
                                                             APP.tensorboard_flush_s, APP.dot_window)
@@ -92,7 +93,7 @@ class UserState:
 
     def __deepcopy__(self, memo) -> UserState:
         return UserState(self.pool, self.controller.config, self.refused_files, self.tensorboard_dir, self.recordings,
-                         self.exports)
+                         self.exports, self.controller.threads)
 
 
 def export_folder() -> PrivateFolder:

@@ -46,14 +46,17 @@ from page_outputs import (
 # text
 
 
-def training_settings_markdown(cfg: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG) -> str:
-    """The training settings in use, from ``config.py``."""
+def training_settings_markdown(cfg: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG,
+                               threads: int | None = None) -> str:
+    """The training settings in use, from ``config.py``; ``threads``: a run's torch CPU threads
+    (default: the calling thread's)."""
     h, w = cfg.canvas_size
     gate = (
         f"on (train until masked MSE < {cfg.canvas_inpainting_threshold:g}, at most {cfg.quality_gate_max_steps} steps)"
         if cfg.quality_gate else "off (one optimizer step per iteration)"
     )
-    device = "CUDA" if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    threads = threads or torch.get_num_threads()
+    device = "CUDA" if torch.cuda.is_available() else f"CPU ({threads} thread{'s' * (threads != 1)} for a run)"
     return "\n".join([
         f"- **Canvas:** {h}x{w} px ({cfg.canvas_history_size} frames, {cfg.separator_width} px separators), "
         f"{cfg.patch_size} px patches, grid {cfg.grid_size[0]}x{cfg.grid_size[1]}; training masks {cfg.mask_ratio:.0%} of the last slot, prediction all of it",
@@ -127,8 +130,9 @@ def stop_run(user: UserState) -> tuple:
 # layout
 
 
-def run_section() -> dict[str, Any]:
-    """Section 2: iterations, Run and Stop, progress and checkpoint status."""
+def run_section(cfg: AutoencoderConcatPredictorWorldModelConfig = MODEL_CFG, threads: int | None = None) -> dict[str, Any]:
+    """Section 2: iterations, Run and Stop, progress and checkpoint status, the training settings of
+    ``cfg`` (runs computing with ``threads`` torch threads)."""
     gr.Markdown("## 2. Run the world model", elem_classes=["section-title"])
     with gr.Row():
         iterations = gr.Number(value=APP.default_iterations, precision=0, elem_id="iterations",
@@ -138,7 +142,7 @@ def run_section() -> dict[str, Any]:
     progress = gr.Markdown("_Not run yet._", elem_id="progress")
     checkpoint = gr.Markdown(NO_MODEL_YET, elem_id="checkpoint-info")
     with gr.Accordion("Training settings (from config.py)", open=False):
-        gr.Markdown(training_settings_markdown(), elem_id="training-settings")
+        gr.Markdown(training_settings_markdown(cfg, threads), elem_id="training-settings")
     return {"iterations": iterations, "run_btn": run_btn, "stop_btn": stop_btn, "progress": progress, "checkpoint": checkpoint}
 
 

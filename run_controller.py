@@ -10,6 +10,7 @@ captured once), keeps the metric and picture history, answers analysis questions
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import os
@@ -119,6 +120,61 @@ class RunBusyError(RuntimeError):
     """A run is already going in this controller."""
 
 
+# torch keeps one count for the whole process, which a thread takes at its first parallel operation,
+# besides the count of each thread; ``use_threads`` changes the process's count for a moment only, under this
+_TORCH_COUNT_LOCK = threading.Lock()
+
+
+def use_threads(threads: int | None) -> None:
+    """Give the calling thread ``threads`` torch CPU threads and leave every other thread's as it is
+    (None: change nothing).
+
+    With torch's OpenMP backend each thread computes with a count of its own and keeps a team of
+    OpenMP workers for as long as it lives. When the process holds more such workers than the machine
+    has cores, libgomp stops letting idle ones spin and every parallel region then waits for a
+    sleeping worker to wake: an iteration cost 1.3x its time on 2 cores while another thread of the
+    process kept a team (docs/SPEED.md, "One team of torch threads"). So the server's own threads
+    compute with one thread, and only a run's worker, or a batched analysis's thread, with more.
+
+    ``torch.set_num_threads`` also sets the count that threads not yet computing will take, so that one
+    is put back (by a helper thread, whose own count ends with it) before this returns.
+    """
+    if not threads:
+        return
+    with _TORCH_COUNT_LOCK:
+        inherited = torch.get_num_threads()  # this thread takes the process's count now, if not yet
+        torch.set_num_threads(threads)
+        restore = threading.Thread(target=torch.set_num_threads, args=(inherited,), name="torch-count")
+        restore.start()
+        restore.join()
+
+
+def in_compute_thread(threads: int | None, fn: Callable, *args):
+    """``fn(*args)`` in a new thread that computes with ``threads`` torch threads (see ``use_threads``);
+    returns its result or raises its error here. The thread, and its team of workers, end with the call.
+    None: ``fn(*args)`` in the calling thread."""
+    if not threads:
+        return fn(*args)
+    result: list = []
+    failed: list[BaseException] = []
+
+    context = contextvars.copy_context()  # what the caller's context holds (Gradio's progress tracker) goes along
+
+    def work() -> None:
+        use_threads(threads)
+        try:
+            result.append(context.run(fn, *args))
+        except BaseException as e:  # raised in the caller's thread
+            failed.append(e)
+
+    worker = threading.Thread(target=work, name="compute", daemon=True)
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0]
+    return result[0]
+
+
 class RunController:
     """One tab's run lifecycle, for a page or a script: its session, its world model, its runs.
 
@@ -152,11 +208,15 @@ class RunController:
                  refused_files: RefusedFiles | None = None,
                  device: torch.device | str | None = None, pool: ModelPool | None = None,
                  run_lock_wait_s: float = AppConfig.run_lock_wait_s, stop_grace_s: float = AppConfig.stop_grace_s,
-                 history_snapshots: int = AppConfig.history_snapshots, history_bytes: int = AppConfig.history_bytes):
+                 history_snapshots: int = AppConfig.history_snapshots, history_bytes: int = AppConfig.history_bytes,
+                 threads: int | None = None):
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else _default_checkpoint_path()
         self.refused_files = refused_files if refused_files is not None else RefusedFiles()
         self.config = config or AutoencoderConcatPredictorWorldModelConfig()
         self.device = device
+        # torch CPU threads of this controller's runs and batched analyses, which each compute in a thread of
+        # their own (see ``in_compute_thread``); None: that thread's default (its creator's count)
+        self.threads = threads
         self.run_lock_wait_s, self.stop_grace_s = run_lock_wait_s, stop_grace_s
         self.session = None  # the loaded session (session_explorer_lib.Session or alike)
         self.start_frame = 0  # the frame the next run starts its replay from
@@ -311,7 +371,7 @@ class RunController:
 
     def evaluate(self, session, batch_size: int = 32):
         """Every transition of ``session`` (any session, not only the loaded one), batched."""
-        return evaluate_session(self.analysis_model(), session, batch_size)
+        return in_compute_thread(self.threads, evaluate_session, self.analysis_model(), session, batch_size)
 
     # -- play and compare (never train the model) -------------------------------------
 
@@ -362,7 +422,7 @@ class RunController:
         models = [self._model_to_compare(path) for path in paths]
         names = tuple(("this tab's model" if name is None else name) + adopted_note(self._adopted(wm))
                       for name, wm in zip((name_a, name_b), models))
-        return compare_models(*models, session, names, batch_size, top, progress)
+        return in_compute_thread(self.threads, compare_models, *models, session, names, batch_size, top, progress)
 
     def _existing_checkpoint(self, name: str) -> Path:
         path = self.named_checkpoint_path(name)
@@ -558,6 +618,7 @@ class RunController:
         done = threading.Event()
 
         def drain() -> None:
+            use_threads(self.threads)
             try:
                 for item in steps:
                     latest[0] = item

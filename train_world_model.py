@@ -153,8 +153,8 @@ def prepare(args: argparse.Namespace, app: AppConfig, model_cfg: AutoencoderConc
         raise UsageError(f"--set: {e}") from None
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: this machine has no CUDA device (use --device cpu)")
-    torch.set_num_threads(args.threads)
-    c = RunController(config=cfg, device=args.device)
+    torch.set_num_threads(1)  # this thread only samples the run; the run's worker computes with args.threads
+    c = RunController(config=cfg, device=args.device, threads=args.threads)
     if args.save_as is not None:
         _check_free_name(c, args.save_as)
     robot = selector = None

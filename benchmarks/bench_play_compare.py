@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed comparisons")
     args = parser.parse_args(argv)
     app, _ = config.from_env()
-    torch.set_num_threads(app.torch_threads or max(1, min(4, (os.cpu_count() or 1) - 1)))  # as the app sets it
+    torch.set_num_threads(app.run_threads())  # as the app computes a batched analysis (in a thread with that many)
     with tempfile.TemporaryDirectory(prefix="bench-play-") as tmp:
         config.use_saved_root(Path(tmp) / "saved")
         record_session("random", args.frames - 1, 5, name=SESSION, root=config.SESSIONS_ROOT)

@@ -14,7 +14,7 @@ from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorW
 from checkpoints import CheckpointError, RefusedFiles, checkpoint_summaries
 from conftest import TINY, FakeSession
 from model_pool import ModelPool
-from run_controller import RunBusyError, RunController
+from run_controller import RunBusyError, RunController, in_compute_thread
 from run_history import RunSnapshots
 from toroidal_dot_robot import ToroidalDotRobot
 
@@ -533,6 +533,47 @@ def test_a_sleeping_consumer_does_not_slow_a_streamed_run(tmp_path):
     awake, asleep = min(spans[0.0]), min(spans[0.5])
     # waiting for the consumer would add about 0.5 s per iteration, 7.5 s over the 15 gaps
     assert asleep < 1.5 * awake + 2.0, spans
+
+
+def test_a_streamed_run_computes_with_the_controller_s_threads_and_leaves_the_caller_s_count_alone(tmp_path):
+    """The page's threads compute with one torch thread and a run's worker with ``threads``: the count
+    is set per thread, so the run neither takes the page's count nor leaves its own behind, and a
+    thread started during the run still gets the process's count (only the worker keeps a team of
+    OpenMP workers: two such teams on two cores slow each other's parallel regions down)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        c = controller(tmp_path, threads=2)
+        seen, later = [], []
+        c.iteration_hook = lambda controller, metrics: seen.append(torch.get_num_threads())
+        samples = c.stream(c.run(4), every_s=0.01)
+        next(samples)
+        probe = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        probe.start()
+        probe.join()
+        list(samples)
+        assert seen == [2, 2, 2, 2]  # every iteration of the run, in its worker
+        assert torch.get_num_threads() == 1 and later == [1]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_batched_analysis_computes_in_a_thread_of_its_own_with_the_controller_s_threads(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert in_compute_thread(3, torch.get_num_threads) == 3 and torch.get_num_threads() == 1
+        assert in_compute_thread(None, threading.get_ident) == threading.get_ident()  # None: right here
+        with pytest.raises(ValueError, match="bad frame"):  # its error is raised in the caller's thread
+            in_compute_thread(2, lambda: (_ for _ in ()).throw(ValueError("bad frame")))
+        c = controller(tmp_path, threads=2)
+        run(c, 3)
+        evaluation = c.evaluate(FakeSession(n=12))
+        assert torch.get_num_threads() == 1
+        direct = RunController(checkpoint_path=tmp_path / "autoencoder.pth", config=TINY, device="cpu")
+        assert np.allclose(evaluation.mse, direct.evaluate(FakeSession(n=12)).mse)  # the same answer
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_closing_a_streamed_run_stops_it_and_the_worker_still_finishes_it(tmp_path):

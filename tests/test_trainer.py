@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import config
@@ -77,9 +78,14 @@ def trained(saved) -> subprocess.CompletedProcess:
 def test_the_trainers_csv_is_the_page_exports_for_the_same_seeded_run(trained, saved, tmp_path, monkeypatch):
     monkeypatch.setattr(config, "SESSIONS_ROOT", saved / "sessions" / "toroidal_dot")
     monkeypatch.setattr(config, "CHECKPOINT_PATH", tmp_path / "checkpoints" / "autoencoder.pth")
-    user = page_common.UserState(config=TINY)
+    user = page_common.UserState(config=TINY, threads=2)  # as the trainer (--threads 2) and the server compute:
     page_sessions.load_session(SESSION, user)
-    list(page_run.run_world_model(ITERATIONS, user))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the run's set-up in the caller's thread with one, its iterations with 2
+    try:
+        list(page_run.run_world_model(ITERATIONS, user))
+    finally:
+        torch.set_num_threads(before)
     with zipfile.ZipFile(page_workflow.export_results(user)) as zf:
         exported = zf.read("metrics.csv").decode()
     written = (saved.parent / "out" / "metrics.csv").read_text()
