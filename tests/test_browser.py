@@ -132,12 +132,24 @@ def run(page, iterations: int) -> None:
 
 
 def wait_for_pictures(page, elem_id: str = "") -> None:
-    """Wait until the pictures of ``elem_id`` (at least one), or every picture of the page, have loaded."""
-    page.wait_for_function(
-        "sel => { const imgs = Array.from(document.querySelectorAll(sel ? sel + ' img' : 'img'));"
-        " return (!sel || imgs.length > 0) && imgs.every(i => !i.src || (i.complete && i.naturalWidth > 0)); }",
-        arg=elem_id, timeout=15_000,
-    )
+    """Wait until the pictures of ``elem_id`` (at least one), or every picture of the page, have loaded;
+    on a timeout, name the pictures still missing and what their addresses answer."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            "sel => { const imgs = Array.from(document.querySelectorAll(sel ? sel + ' img' : 'img'));"
+            " return (!sel || imgs.length > 0) && imgs.every(i => !i.src || (i.complete && i.naturalWidth > 0)); }",
+            arg=elem_id, timeout=30_000,
+        )
+    except PlaywrightTimeout:
+        missing = page.evaluate(
+            "sel => Array.from(document.querySelectorAll(sel ? sel + ' img' : 'img'))"
+            ".filter(i => i.src && !(i.complete && i.naturalWidth > 0))"
+            ".map(i => ({owner: (i.closest('[id]') || {}).id, src: i.src, complete: i.complete}))", elem_id)
+        for m in missing:
+            m["status"] = page.request.get(m["src"]).status
+        pytest.fail(f"pictures not loaded after 30 s: {missing}")
 
 
 def show_everything(page, elem_ids=("#frame-image", *VIEWS, "#plot-time", "#attn-image", "#attn-stats")) -> None:
