@@ -262,19 +262,21 @@ def progress_markdown(status: RunStatus) -> str:
 
 
 def prediction_outputs(views: dict | None) -> tuple:
-    """Current frame, predicted next frame, amplified error map (with its label), a summary and the
-    prediction canvas (``PREDICTION_KEYS`` order)."""
+    """Current frame, predicted next frame, amplified error map, a summary (the error's MSE and
+    amplification) and the prediction canvas (``PREDICTION_KEYS`` order).
+
+    Only values change, never a component's label or other settings: Gradio rebuilds a component's
+    settings and API description for every update that changes one (about 15 ms of the server's
+    time each, twice a second during a run, taken from the training on a small machine)."""
     views = views or {"current": None, "predicted": None, "error": None, "error_mse": None, "canvas": None}
     error, gain = amplify_error(views["error"])
     mse = views["error_mse"]
-    label = f"Error |predicted - actual| (MSE {format_value(mse)}, x{gain:.1f})"  # one line: the text below says more
     info = (
         f"**Prediction error of the current frame (MSE):** {format_value(mse)}. The error map compares the prediction "
         f"made one iteration earlier with the frame that then arrived; it is amplified x{gain:.1f} so faint "
         "differences show. _Predicted next frame_ is the model's guess for the frame after the current one."
     )
-    return (upscale(views["current"]), upscale(views["predicted"]), gr.update(value=upscale(error), label=label), info,
-            views["canvas"])
+    return upscale(views["current"]), upscale(views["predicted"]), upscale(error), info, views["canvas"]
 
 
 def attention_outputs(user: UserState) -> tuple[np.ndarray | None, str]:
