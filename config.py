@@ -221,8 +221,8 @@ class AppConfig:
     max_iterations: int = 500  # largest Run request (spec: 1-500)
     default_iterations: int = 20  # Run box default
     torch_threads: int = 0  # torch CPU threads of a run, or of a batched analysis, each in a thread of its own; the server's other threads compute with one ($CWM_TORCH_THREADS); 0: every core on a machine of 1 or 2 (measured: 2 threads beat 1 in the page on 2 cores), one core fewer on a bigger one (the page's work gets a core), at most 4
-    run_views_every: int = 6  # while a run goes, the training views, prediction canvas and graphs are redrawn every this many updates (the progress and predicted frame every update): every 3 s
-    update_interval_s: float = 0.5  # the page shows a running Run's latest state this often; the training never waits for it, but the page's and browser's work per update takes CPU from it (docs/SPEED.md, "The page's share")
+    run_views_every: int = 3  # while a run goes, the training views, prediction canvas and graphs are redrawn every this many updates (the progress and predicted frame every update): every 3 s
+    update_interval_s: float = 1.0  # the page shows a running Run's latest state this often; the training never waits for it, but each update's work in the server and the browser takes CPU from it (Chromium, 2 cores, Run 300: 49.8 s at 0.5 s, 46.9 s at 1 s; docs/SPEED.md, "The page's share")
     run_lock_wait_s: float = 5.0  # a Run waits this long for the tab's previous run to wind down
     stop_wait_s: float = 30.0  # Stop waits this long for the run to end so it can show the final state
     stop_grace_s: float = 1.0  # a Stop that finds nothing running also stops a Run that starts within this long (still queued)

@@ -267,7 +267,7 @@ def prediction_outputs(views: dict | None) -> tuple:
 
     Only values change, never a component's label or other settings: Gradio rebuilds a component's
     settings and API description for every update that changes one (about 15 ms of the server's
-    time each, twice a second during a run, taken from the training on a small machine)."""
+    time each, with every update of a run, taken from the training on a small machine)."""
     views = views or {"current": None, "predicted": None, "error": None, "error_mse": None, "canvas": None}
     error, gain = amplify_error(views["error"])
     mse = views["error_mse"]

@@ -76,7 +76,7 @@ def training_settings_markdown(cfg: AutoencoderConcatPredictorWorldModelConfig =
 
 
 def run_world_model(num_iterations: Any, user: UserState):
-    """Train for ``num_iterations`` (1-500) on the loaded session, showing its progress a few times a second.
+    """Train for ``num_iterations`` (1-500) on the loaded session, showing its progress once a second.
 
     The training runs in its own thread at full speed; the page shows its latest state every
     ``update_interval_s`` and never makes it wait. A frame that cannot be read (changed on disk after
