@@ -133,12 +133,17 @@ def run(page, iterations: int) -> None:
 
 def wait_for_pictures(page, elem_id: str = "") -> None:
     """Wait until the pictures of ``elem_id`` (at least one), or every picture of the page, have loaded;
-    on a timeout, name the pictures still missing and what their addresses answer."""
+    on a timeout, name the pictures still missing and what their addresses answer.
+
+    Gradio's pictures load lazily: one whose address changed while it was far off screen (the run
+    history's, after a run started further down) is not fetched until it is scrolled to, so the
+    pictures waited for are switched to eager loading first."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     try:
         page.wait_for_function(
             "sel => { const imgs = Array.from(document.querySelectorAll(sel ? sel + ' img' : 'img'));"
+            " imgs.forEach(i => { if (i.loading === 'lazy') i.loading = 'eager'; });"
             " return (!sel || imgs.length > 0) && imgs.every(i => !i.src || (i.complete && i.naturalWidth > 0)); }",
             arg=elem_id, timeout=30_000,
         )
