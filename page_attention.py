@@ -27,6 +27,7 @@ from page_common import (
     selected_indices,
     validated,
     whole_number,
+    written_once,
 )
 from page_outputs import NOTHING_RUN_YET, PICK_A_PATCH, PICKER_SCALE, attention_outputs, attention_picker, patch_outputs
 
@@ -162,9 +163,9 @@ def _patch_attention_block(cfg: AutoencoderConcatPredictorWorldModelConfig) -> d
                 "enter its row and column. Layers, heads and aggregation follow the controls above.")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=300):
-            attn_picker = gr.Image(format="png", label="Predicted frame of the last run: click a patch",  # lossless
-                                   elem_id="attn-picker", height=FRAME_HEIGHT, type="numpy", interactive=False,
-                                   elem_classes=["pixelated"], buttons=["fullscreen"])
+            attn_picker = written_once(gr.Image(format="png", label="Predicted frame of the last run: click a patch",
+                                                elem_id="attn-picker", height=FRAME_HEIGHT, type="numpy",
+                                                interactive=False, elem_classes=["pixelated"], buttons=["fullscreen"]))
         with gr.Column(scale=3):
             with gr.Row():
                 patch_row = gr.Number(value=rows // 2, precision=0, label=f"Row (0-{rows - 1})", elem_id="patch-row")

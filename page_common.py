@@ -12,10 +12,14 @@ Imports no other page module.
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import logging
 import math
 import numbers
+import os
 import re
+import secrets
 import tempfile
 import threading
 import weakref
@@ -25,9 +29,12 @@ from typing import Any, Callable, Sequence
 import gradio as gr
 import numpy as np
 import pandas as pd
+from gradio.data_classes import ImageData
+from PIL import Image
 
 import config
 import validation
+from atomic_files import write_atomic
 from attention_viz import VIZ_LINES
 from checkpoints import RefusedFiles
 from model_pool import ModelPool
@@ -336,10 +343,56 @@ def open_session(session_choice: Any) -> Session:
 # layout blocks
 
 
+def written_once(block: gr.Image) -> gr.Image:
+    """``block`` (a ``gr.Image``), its uint8 pictures from now on each written once, whole.
+
+    ``gr.Image`` writes every picture it outputs again, in place (truncate, then write), under a name
+    made from its PNG bytes. When an update carries a picture the page already shows (a frame that
+    did not change, the same view in a second tab), a browser fetching that file at that moment gets
+    it half-written: a broken picture, and "Too little data for declared Content-Length" with a
+    traceback in the terminal. Here a picture's file appears under its final name only whole
+    (``write_atomic``: a temp file renamed into place) and is never written again: a picture already
+    in the cache is handed out as it is, without being encoded again (its time renewed, as Gradio does
+    for its copies, since ``delete_cache`` ages files by ctime). Anything else (None, a path, a float
+    array) goes to Gradio's own ``postprocess``. The block keeps its class (a subclass of a Gradio
+    component makes Gradio write a ``.pyi`` copy of its module beside it): only this instance's
+    ``postprocess`` is replaced.
+    """
+    salt = secrets.token_bytes(16)  # file names nobody can work out from a picture they know
+    gradio_postprocess = block.postprocess
+
+    def postprocess(value: Any) -> ImageData | None:
+        if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim in (2, 3):
+            return ImageData(path=str(png_once(value, Path(block.GRADIO_CACHE), salt)), orig_name="image.png")
+        return gradio_postprocess(value)
+
+    block.postprocess = postprocess
+    return block
+
+
+def png_once(picture: np.ndarray, cache: Path, salt: bytes) -> Path:
+    """The PNG file of ``picture`` (uint8, (H, W) or (H, W, C)) in ``cache``: written atomically the
+    first time, its time renewed afterwards. The name hashes the pixels, their shape and ``salt``."""
+    key = hashlib.blake2b(repr(picture.shape).encode(), key=salt, digest_size=20)
+    key.update(np.ascontiguousarray(picture).data)
+    path = cache / f"picture-{key.hexdigest()}" / "image.png"
+    try:
+        os.utime(path)
+        return path
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png = io.BytesIO()
+    Image.fromarray(picture).save(png, format="PNG")
+    write_atomic(path, png.getvalue(), fsync=False)  # a cache: whole or absent, no need to survive a power cut
+    return path
+
+
 def image_block(label: str, elem_id: str, height: int, **kwargs) -> gr.Image:
     # a fixed height keeps the block from collapsing while its (lazy-loaded) picture is off screen
-    return gr.Image(label=label, elem_id=elem_id, height=height, format="png", type="numpy", interactive=False,
-                    elem_classes=["pixelated"], buttons=["download", "fullscreen"], **kwargs)
+    return written_once(gr.Image(label=label, elem_id=elem_id, height=height, format="png", type="numpy",
+                                 interactive=False, elem_classes=["pixelated"], buttons=["download", "fullscreen"],
+                                 **kwargs))
 
 
 def line_plot(label: str, elem_id: str, y_title: str, colours: dict[str, str], y_lim: list[float] | None = None,

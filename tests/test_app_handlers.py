@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
+from PIL import Image
 
 import concat_world_model_explorer_gradio as app
 import attention_viz
@@ -105,8 +106,47 @@ def test_build_demo_declares_the_fixed_endpoints_without_launching():
     # 1 frame + 4 training + 3 prediction + prediction canvas + attention + picker + patch + 2 counterfactual
     # + actual + rollout + play's imagined, true and strip + the comparison's disagreements + 3 run history
     assert len(images) == 23 and all(b.format == "png" for b in images)
+    picture = np.zeros((8, 8, 3), np.uint8)
+    for block in images:  # each writes a picture once: shown again, the same file, not written again
+        first = Path(block.postprocess(picture).path)
+        first.write_bytes(b"left as it was")
+        assert Path(block.postprocess(picture.copy()).path) == first and first.read_bytes() == b"left as it was"
     assert not any(isinstance(b, gr.Plot) for b in demo.blocks.values())  # native LinePlots only
     assert getattr(demo, "server", None) is None  # nothing was launched
+
+
+def test_a_picture_shown_again_is_never_served_half_written(tmp_path):
+    """An update that carries a picture the page already shows (a frame that did not change) must
+    not rewrite the file a browser may be fetching at that moment: every read of the handed-out file,
+    taken while the same picture is output again and again, is the whole PNG of those pixels. (Gradio's
+    own gr.Image rewrites it in place: against it this test reads an empty file within the first second.)"""
+    block = page_common.image_block("Frame", "frame-under-test", 100)
+    block.GRADIO_CACHE = str(tmp_path)
+    picture = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    path = Path(block.postprocess(picture).path)
+    whole = path.read_bytes()
+    stop, handed_out = threading.Event(), set()
+
+    def show_again() -> None:
+        while not stop.is_set():
+            handed_out.add(block.postprocess(picture.copy()).path)
+    writer = threading.Thread(target=show_again)
+    writer.start()
+    reads = 0
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            assert path.read_bytes() == whole
+            reads += 1
+    finally:
+        stop.set()
+        writer.join()
+    assert reads > 100 and handed_out == {str(path)}  # same pixels, same file
+    assert np.array_equal(np.asarray(Image.open(path)), picture)
+    other = picture.copy()
+    other[0, 0, 0] ^= 1  # one value differs: another file
+    assert Path(block.postprocess(other).path) != path
+    assert block.postprocess(None) is None
 
 
 def test_a_run_leaves_no_model_in_the_modules_globals_and_never_loads_pyplot(loaded):
