@@ -130,6 +130,7 @@ from page_workflow import (
     workflow_section,
 )
 from record_session import RecordingGate, record_session
+from run_controller import reproducible_mkl
 from server_guard import MAX_UPLOAD_BYTES, LoginDelay, LoginGuard, UploadRefusal, never_served_paths
 from session_explorer_lib import scan_sessions
 
@@ -506,6 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tensorboard = check_folder(app.tensorboard_dir, "the TensorBoard folder ($CWM_TENSORBOARD_DIR)")
             print(f"TensorBoard logs: one run folder per tab in {tensorboard} "
                   f"(tensorboard --logdir {tensorboard})", flush=True)
+        reproducible_mkl(app.mkl_cbwr)  # before any tensor work: a Run's worker sums as the bare loop does
         if app.malloc_arenas:
             limit_malloc_arenas(app.malloc_arenas)  # before the worker threads exist: freed models' memory goes back
         torch.set_num_threads(1)  # the server's own threads; runs and batched analyses use app.run_threads() (run_controller.use_threads)

@@ -125,6 +125,20 @@ class RunBusyError(RuntimeError):
 _TORCH_COUNT_LOCK = threading.Lock()
 
 
+def reproducible_mkl(mode: str) -> None:
+    """Ask MKL for sums that do not depend on the thread computing them: ``$MKL_CBWR`` = ``mode``
+    (``AppConfig.mkl_cbwr``), unless the environment already names a mode ("": MKL's default).
+
+    MKL's sgemm (inside the attention backward, among others) otherwise takes a path that depends on
+    the alignment of the calling thread's memory, so the same iteration computed by a run's worker
+    thread and by the main thread differed in the last bits and the runs parted after ~27 iterations
+    (docs/SPEED.md, "An app run and a bare run of the same cell are not bit-identical"). MKL reads the
+    variable at its first call: call this at start, before any tensor work.
+    """
+    if mode:
+        os.environ.setdefault("MKL_CBWR", mode)
+
+
 def use_threads(threads: int | None) -> None:
     """Give the calling thread ``threads`` torch CPU threads and leave every other thread's as it is
     (None: change nothing).

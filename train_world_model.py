@@ -38,7 +38,7 @@ from checkpoints import CheckpointError
 from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig, ToroidalDotConfig, with_overrides
 from frame_metrics import latest_dot_found_share
 from private_files import UnsafeFolderError, check_folder
-from run_controller import RunController
+from run_controller import RunController, reproducible_mkl
 from run_export import history_csv
 from session_explorer_lib import SessionError, check_name, load_session
 from tensorboard_log import TensorBoardLog
@@ -316,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     app, model_cfg = config.from_env()  # the environment is read here, once
+    reproducible_mkl(app.mkl_cbwr)  # before any tensor work: the run's worker sums as the main thread does
     try:
         plan = prepare(args, app, model_cfg)
         print(origin_line(plan.controller), flush=True)

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from bench_common import machine_info, report  # noqa: E402
+from bench_common import machine_info, report, same_sums  # noqa: E402
 from bench_time_to_dot import cpu_info  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "bf16_linear")
@@ -148,6 +148,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed iterations of each model first")
     parser.add_argument("--attention-repeats", type=int, default=30, help="timed calls per attention variant")
     args = parser.parse_args(argv)
+    same_sums()  # before any tensor work
     torch.set_num_threads(args.threads)
     out = {"benchmark": "cpu_precision", **machine_info(), "cpu": cpu_info(), "threads": args.threads,
            "bf16_autocast_supported": torch.backends.mkldnn.is_available(),

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import torch  # noqa: E402
-from bench_common import machine_info, report  # noqa: E402
+from bench_common import machine_info, report, same_sums  # noqa: E402
 from conftest import launch_app, stop_process  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
@@ -80,6 +80,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed evaluations per setting")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64], help="engine batch sizes to time")
     args = parser.parse_args(argv)
+    same_sums()  # before any tensor work
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
         saved_root = Path(tmp) / "saved"

@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel, ReplayRobot  # noqa: E402
+from bench_common import same_sums  # noqa: E402
 from config import AutoencoderConcatPredictorWorldModelConfig, ToroidalDotConfig, with_overrides  # noqa: E402
 from frame_metrics import WITHIN_PX  # noqa: E402
 from toroidal_action_selectors import make_selector  # noqa: E402
@@ -183,6 +184,7 @@ def matrix_report(cells: list[dict], cfg, overrides: dict, seconds: float, paral
         "benchmark": "learning_matrix",
         "device": device,
         "torch": torch.__version__,
+        "mkl_cbwr": os.environ.get("MKL_CBWR", ""),
         "seconds_per_cell": seconds,
         "parallel_cells": parallel,
         "config_overrides": overrides,
@@ -293,6 +295,7 @@ def main(argv=None) -> None:
                         "(or $CWM_BENCH_OUT)")
     parser.add_argument("--summarise", type=Path, metavar="JSONL", help="report the cells of a matrix log again (runs nothing)")
     args = parser.parse_args(argv)
+    same_sums()  # before any tensor work
     if args.summarise:
         print(json.dumps(summarise_log(args.summarise), indent=1))
         return
@@ -309,6 +312,7 @@ def main(argv=None) -> None:
         "device": _device_name(args.device),
         "threads": args.threads,
         "torch": torch.__version__,
+        "mkl_cbwr": os.environ.get("MKL_CBWR", ""),
         "config_overrides": overrides,
         "config": {k: v for k, v in dataclasses.asdict(cfg).items()},
         "all_targets_met": all(r["last_100"]["target_met"] for r in runs),

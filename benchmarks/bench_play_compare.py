@@ -36,7 +36,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from bench_common import machine_info, report  # noqa: E402
+from bench_common import machine_info, report, same_sums  # noqa: E402
 from bench_time_to_dot import cpu_info  # noqa: E402
 
 import config  # noqa: E402
@@ -89,6 +89,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed presses of Move in one play (at most 48)")
     parser.add_argument("--repeats", type=int, default=3, help="timed comparisons")
     args = parser.parse_args(argv)
+    same_sums()  # before any tensor work
     app, _ = config.from_env()
     torch.set_num_threads(app.run_threads())  # as the app computes a batched analysis (in a thread with that many)
     with tempfile.TemporaryDirectory(prefix="bench-play-") as tmp:

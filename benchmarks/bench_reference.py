@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_common import machine_info, report  # noqa: E402
+from bench_common import machine_info, report, same_sums  # noqa: E402
 from bench_time_to_dot import cpu_info  # noqa: E402
 
 DEFAULT_REFERENCE = Path("/work/.mirror/ih+developmental-robot-movement/repo")  # bare git mirror of the reference
@@ -234,6 +234,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
     parser.add_argument("--device", default="cpu", help="torch device of both sides")
     args = parser.parse_args(argv)
+    same_sums()  # before any tensor work
     if args.warmup < MIN_WARMUP:
         parser.error(f"--warmup must be at least {MIN_WARMUP}: the first timed iteration must be a full one on both sides")
     if args.rounds < 1 or args.iterations < 1:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from bench_common import machine_info, report  # noqa: E402
+from bench_common import machine_info, report, same_sums  # noqa: E402
 from bench_time_to_dot import cpu_info  # noqa: E402
 
 PLACEMENTS = ("main", "second_team", "one_team")
@@ -76,6 +76,7 @@ def main(argv=None) -> None:
     parser.add_argument("--iterations", type=int, default=60, help="timed iterations per placement and round")
     parser.add_argument("--placement", choices=PLACEMENTS, help=argparse.SUPPRESS)  # one child process
     args = parser.parse_args(argv)
+    same_sums()  # before any tensor work
     if args.placement:
         print(placement(args.placement, args.threads, args.iterations))
         return

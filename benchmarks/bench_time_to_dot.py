@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the ap
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_common import OUT_DIR, machine_info, report  # noqa: E402
+from bench_common import OUT_DIR, machine_info, report, same_sums  # noqa: E402
 from bench_learning import MATRIX_PATTERNS, _config, window_summary  # noqa: E402
 
 WINDOW = 50  # predictions in the rolling window
@@ -310,6 +310,7 @@ def main(argv=None) -> None:
     parser.add_argument("--log", default="time_to_dot", help="name of the JSONL log and PNG in benchmarks/out")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
+    same_sums()  # before any tensor work
     mode = "app" if args.app else "bare"
     args.jobs = args.jobs or max(1, (os.cpu_count() or 1) // args.threads)
     cfg, overrides = _config(args.set)

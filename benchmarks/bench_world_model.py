@@ -57,7 +57,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils import flop_counter  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from bench_common import machine_info, report  # noqa: E402
+from bench_common import machine_info, report, same_sums  # noqa: E402
 
 BASELINE_COMMIT = "fdc8bbe"  # the project before the speed work (spec-sized model, batch of 1)
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
@@ -291,6 +291,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds of that comparison (default 3, quick 1)")
     parser.add_argument("--skip-app", action="store_true", help="core loop only (no gradio needed)")
     args = parser.parse_args(argv)
+    same_sums()  # before any tensor work
     if args.precision:
         os.environ["CWM_CUDA_PRECISION"] = args.precision  # read by config.from_env() here and in the app's main()
     torch.set_num_threads(args.threads)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_common import machine_info, report  # noqa: E402
+from bench_common import machine_info, report, same_sums  # noqa: E402
 from bench_learning import _config  # noqa: E402
 from bench_time_to_dot import WITHIN_PX, cpu_info  # noqa: E402
 
@@ -42,6 +42,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="config overrides")
     args = parser.parse_args(argv)
+    same_sums()  # before any tensor work
     torch.set_num_threads(args.threads)
 
     from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel, compute_path

@@ -36,8 +36,9 @@ if str(REPO) not in sys.path:
 
 import pytest  # noqa: E402
 
-from config import AutoencoderConcatPredictorWorldModelConfig  # noqa: E402
+from config import AppConfig, AutoencoderConcatPredictorWorldModelConfig  # noqa: E402
 from record_session import record_session  # noqa: E402
+from run_controller import reproducible_mkl  # noqa: E402
 from session_explorer_lib import SessionError  # noqa: E402
 from toroidal_dot_robot import ToroidalDotRobot  # noqa: E402
 
@@ -47,6 +48,8 @@ TINY = AutoencoderConcatPredictorWorldModelConfig(
     embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
     decoder_position="canvas",
 )
+
+reproducible_mkl(AppConfig().mkl_cbwr)  # as the app's and the trainer's main: before any tensor work
 
 
 class FakeSession:

@@ -558,6 +558,35 @@ def test_a_streamed_run_computes_with_the_controller_s_threads_and_leaves_the_ca
         torch.set_num_threads(before)
 
 
+def test_a_run_in_the_worker_takes_exactly_the_main_thread_s_path_with_the_real_model(tmp_path):
+    """The page's Run (the controller's worker thread) and the bare loop in the main thread compute the
+    same iterations bit for bit, so a seed's run in the page is the run a script gets. MKL's sgemm
+    depends on the thread's memory unless ``$MKL_CBWR`` asks for STRICT (``reproducible_mkl``, which
+    conftest calls as the app's and the trainer's main do): without it these parted at iteration 27."""
+    from config import AutoencoderConcatPredictorWorldModelConfig
+    from toroidal_action_selectors import make_selector
+
+    cfg, iterations = AutoencoderConcatPredictorWorldModelConfig(), 32
+
+    def robot():
+        return ToroidalDotRobot(img_size=cfg.frame_size[0], seed=11, move_pixels=27, dot_radius=5)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        bare = AutoencoderConcatPredictorWorldModel(robot(), action_selector=make_selector("random", 11),
+                                                    device="cpu", config=cfg)
+        in_main = [bare.run_one_iteration()["prediction_error"] for _ in range(iterations)]
+        torch.set_num_threads(1)  # as the server's threads
+        c = RunController(tmp_path / "autoencoder.pth", config=cfg, device="cpu", threads=2)
+        list(c.stream(c.run_live(iterations, robot(), make_selector("random", 11)), 0.5))
+        in_worker = [h["prediction_error"] for h in c.history]
+    finally:
+        torch.set_num_threads(before)
+    parted = next((i for i, (a, b) in enumerate(zip(in_main, in_worker)) if a != b), None)
+    assert len(in_worker) == iterations and parted is None, f"parted at iteration {parted}"
+
+
 def test_a_batched_analysis_computes_in_a_thread_of_its_own_with_the_controller_s_threads(tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
