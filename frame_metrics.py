@@ -91,12 +91,22 @@ def dot_found_shares(errors: np.ndarray, window: int) -> np.ndarray:
     return (csum[n] - csum[np.maximum(n - window, 0)]) / np.minimum(n, window)  # (n,) rolling mean
 
 
-def latest_dot_found_share(history: list[dict], window: int) -> float | None:
-    """``dot_found_shares`` after the latest scored prediction of a metric history (None before any)."""
+def latest_dot_hits(history: list[dict], window: int) -> tuple[int, int] | None:
+    """(hits, scored): of the latest ``window`` scored predictions of a metric history, how many put the
+    dot within ``WITHIN_PX`` of the true one, and how many there are (fewer than ``window`` early on);
+    None before any."""
     errors = []
     for r in reversed(history):  # only the latest ``window`` scored rows are read
         if r.get("dot_error") is not None:
             errors.append(r["dot_error"])
             if len(errors) == window:
                 break
-    return float(dot_found_shares(errors[::-1], window)[-1]) if errors else None
+    if not errors:
+        return None
+    return int(np.count_nonzero(np.asarray(errors, dtype=np.float64) <= WITHIN_PX)), len(errors)
+
+
+def latest_dot_found_share(history: list[dict], window: int) -> float | None:
+    """``dot_found_shares`` after the latest scored prediction of a metric history (None before any)."""
+    hits = latest_dot_hits(history, window)
+    return None if hits is None else hits[0] / hits[1]

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from attention_draw import draw_attention, patch_picker_image, render_patch_attention
-from frame_metrics import dot_found_shares
+from frame_metrics import WITHIN_PX, dot_found_shares, latest_dot_hits
 from run_controller import RunController, RunStatus
 from page_common import (
     APP,
@@ -238,8 +238,10 @@ def lost_model_markdown(c: RunController) -> str:
             "was lost with it.")
 
 
-def progress_markdown(status: RunStatus) -> str:
-    """Progress k/N with the latest prediction error, iteration time and loss, and the model's counters."""
+def progress_markdown(status: RunStatus, dot: tuple[int, int] | None = None) -> str:
+    """Progress k/N with the latest prediction error, iteration time and loss, the model's counters and,
+    given ``dot`` (hits, scored: ``latest_dot_hits``), how many of the latest predictions found the dot,
+    so that the moment it is found shows within a second, not with the next redraw of the graphs."""
     if status.state == "idle":
         if status.model_step is None:
             return "_Not run yet._"
@@ -256,6 +258,9 @@ def progress_markdown(status: RunStatus) -> str:
         f"**iteration time:** {format_value(time_ms, 4)} ms | **training loss:** {format_value(last.get('training_loss'))} | "
         f"model step {step}, iteration {iteration}"
     )
+    if dot is not None:
+        hits, scored = dot
+        text += f" | **dot found:** {hits} of the {'last' if scored == APP.dot_window else 'first'} {scored} within {WITHIN_PX:g} px"
     if status.problem and status.state != "running":
         text += f"\n\n**Run stopped early:** {markdown_escape(hide_paths(status.problem))}"
     return text
@@ -367,7 +372,7 @@ def display_outputs(user: UserState, final: bool, first: bool = False, views: bo
     redrawn)."""
     c = user.controller
     out = dict.fromkeys(RUN_OUTPUT_KEYS, gr.skip())
-    out["progress"] = progress_markdown(c.status())
+    out["progress"] = progress_markdown(c.status(), latest_dot_hits(c.history, APP.dot_window))
     if final or first or not c.has_model:
         out["checkpoint"] = checkpoint_markdown(c)
     if not c.has_model:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import time
@@ -51,6 +52,8 @@ from bench_learning import MATRIX_PATTERNS, _config, window_summary  # noqa: E40
 WINDOW = 50  # predictions in the rolling window
 WITHIN_PX = 3.0  # a prediction counts when its dot is at most this far from the truth
 SHARE = 0.9  # the window's share that counts as "dot found"
+# the progress line of every app update: "... iteration I | **dot found:** H of the last N within 3 px"
+PROGRESS_DOT = re.compile(r"iteration (?P<iteration>\d+) \| \*\*dot found:\*\* (?P<hits>\d+) of the last (?P<scored>\d+) within")
 WORLDS = {  # name -> ToroidalDotRobot keyword arguments (img_size stays the config's)
     "live": {"move_pixels": 27, "dot_radius": 5},
     "move45_r8": {"move_pixels": 45, "dot_radius": 8},
@@ -80,8 +83,9 @@ def app_cell(job: dict) -> dict:
     """The same cell through the launched app, timed at a client that streams ``/run_world_model`` as
     the page does (every update's pictures downloaded): the cell's world is recorded as a session
     first (the same frames and actions as the live robot of that seed), the client loads it and
-    presses Run (500 iterations, again until the dot or the time limit), and the dot counts when
-    the Dot-found graph of an update that has reached the client first shows 90% over a full window.
+    presses Run (500 iterations, again until the dot or the time limit), and the dot counts when an
+    update that has reached the client first shows 90% over a full window: in its progress line (every
+    update, once a second) or its Dot-found graph (every third), whichever comes first.
     """
     import tempfile
 
@@ -110,6 +114,12 @@ def app_cell(job: dict) -> dict:
             for out in run:
                 elapsed = time.perf_counter() - t0
                 updates += 1
+                seen = PROGRESS_DOT.search(out[progress_at] or "")  # every update: the latest full window's count
+                if seen and int(seen["scored"]) == WINDOW and int(seen["hits"]) >= SHARE * WINDOW:
+                    n = max(n, int(seen["iteration"]))
+                    to_dot = {"iteration": n, "seconds": round(elapsed, 2), "seen_in": "progress"}
+                    run.cancel()
+                    break
                 plot = out[dot_at]
                 plot = plot.get("value", plot) if isinstance(plot, dict) else None
                 if not plot or not plot.get("data"):
@@ -123,7 +133,7 @@ def app_cell(job: dict) -> dict:
                 curve.append({"iteration": n, "seconds": round(elapsed, 2), "within_3px_50": round(shares[-1][1], 3)})
                 full = [it for k, (it, share) in enumerate(shares) if k + 1 >= WINDOW and share >= SHARE]
                 if to_dot is None and full:
-                    to_dot = {"iteration": int(full[0]), "seconds": round(elapsed, 2)}
+                    to_dot = {"iteration": int(full[0]), "seconds": round(elapsed, 2), "seen_in": "graph"}
                     run.cancel()
                     break
             else:
@@ -136,6 +146,7 @@ def app_cell(job: dict) -> dict:
         "mode": "app", "world": job["world"], "pattern": job["pattern"], "seed": job["seed"], "threads": job["threads"],
         "set": job["set"], "iterations_to_dot": None if to_dot is None else to_dot["iteration"],
         "seconds_to_dot": None if to_dot is None else to_dot["seconds"], "iterations": n, "seconds": round(total, 2),
+        "dot_seen_in": None if to_dot is None else to_dot["seen_in"],
         "updates": updates, "updates_per_second": round(updates / max(total, 1e-9), 2),
         "seconds_per_iteration": round(total / max(1, n), 4), "last_100": {}, "curve": curve,
     }

@@ -28,7 +28,8 @@ import page_sessions
 import config
 from autoencoder_concat_predictor_world_model import AutoencoderConcatPredictorWorldModel
 from model_pool import ModelPool
-from run_controller import RunController
+from frame_metrics import latest_dot_hits
+from run_controller import RunController, RunStatus
 from conftest import free_port
 from record_session import record_session
 
@@ -248,6 +249,24 @@ def test_update_frame_and_jump_move_the_start_frame_and_the_frame_number_box(loa
 # running
 
 
+def test_the_progress_line_counts_the_latest_predictions_that_found_the_dot(monkeypatch):
+    """Every update of a run (once a second) says how many of the latest predictions found the dot,
+    so a user sees the moment it is found without waiting for the graphs (redrawn every 3 s)."""
+    window = page_common.APP.dot_window
+    history = [{"dot_error": 9.0}] * 20 + [{"dot_error": None}] * 3 + [{"dot_error": 1.0}] * 46 + [{"dot_error": np.inf}] * 4
+    status = RunStatus("running", 70, 100, "", 70, 70, history[-1])
+    assert "**dot found:** 46 of the last 50 within 3 px" in page_outputs.progress_markdown(status, latest_dot_hits(history, window))
+    assert latest_dot_hits(history[:25], window) == (2, 22)
+    assert "**dot found:** 2 of the first 22 within 3 px" in page_outputs.progress_markdown(status, (2, 22))
+    assert latest_dot_hits([{"dot_error": None}], window) is None
+    assert "dot found" not in page_outputs.progress_markdown(status, None)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_time_to_dot  # its --app mode reads the count from this line: the two must agree
+
+    seen = bench_time_to_dot.PROGRESS_DOT.search(page_outputs.progress_markdown(status, (46, 50)))
+    assert seen and seen.groupdict() == {"iteration": "70", "hits": "46", "scored": "50"}
+
+
 def test_run_streams_progress_saves_a_checkpoint_and_captures_attention(loaded, env):
     started = time.monotonic()
     stamps = []
@@ -259,6 +278,9 @@ def test_run_streams_progress_saves_a_checkpoint_and_captures_attention(loaded, 
     assert out(final, "progress").startswith("**Done: 4/4**")
     c = loaded.controller
     assert len(updates) >= 2 and c.status().done == 4 and not c.running
+    hits = sum(m["dot_error"] <= 3.0 for m in c.history if m["dot_error"] is not None)
+    scored = sum(m["dot_error"] is not None for m in c.history)
+    assert scored >= 1 and f"**dot found:** {hits} of the first {scored} within 3 px" in out(final, "progress")
     longest = max(m["iteration_time"] for m in c.history)
     gaps = np.diff([0.0, *stamps])
     assert gaps.max() <= page_common.APP.update_interval_s + longest + 1.0  # updates arrive on a time budget
