@@ -538,7 +538,7 @@ def test_views_follow_the_model_after_a_run_a_reset_and_a_checkpoint_load(page):
     unfold(page)
     run(page, 5)  # the model may go on from the shared checkpoint: its iterations count from there
     history, slider = page.locator("#history-info"), page.locator("#history-slider input[type=number]")
-    last = int(re.search(r"iteration (\d+)$", page.locator("#progress").inner_text()).group(1))
+    last = int(re.search(r"model step \d+, iteration (\d+)", page.locator("#progress").inner_text()).group(1))
     expect(slider).to_have_value(str(last))
     expect(history).to_contain_text(re.compile(rf"\bIteration {last} \|"))
     expect(page.locator("#history-predicted img")).to_have_count(1)
