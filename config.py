@@ -229,7 +229,7 @@ class AppConfig:
     idle_park_s: float = 300.0  # ($CWM_IDLE_PARK_S) a model unused this long is saved to a temporary file and freed; its tab's next event reloads it
     max_resident_models: int = 4  # models kept in memory at once; beyond that the least recently used idle one is parked
     park_sweep_s: float = 15.0  # how often idle models are looked for
-    mkl_cbwr: str = "AUTO,STRICT"  # MKL's reproducibility mode, set as $MKL_CBWR at start unless the environment has one: with STRICT every thread gets the same sums whatever its memory's alignment, so a run in the page takes exactly the bare loop's iterations (without it the two part after ~27 iterations); no measurable cost (docs/SPEED.md); "" leaves MKL's default
+    mkl_cbwr: str = "AUTO,STRICT"  # MKL's reproducibility mode, set as $MKL_CBWR at start unless the environment has one: with STRICT every thread gets the same sums whatever its memory's alignment, so a run in the page takes exactly the bare loop's iterations (without it the two part after ~27 iterations); no measurable cost at 2 threads, ~8% at 1 (docs/SPEED.md); "" leaves MKL's default
     malloc_arenas: int = 2  # ($CWM_MALLOC_ARENAS) glibc malloc arenas (MALLOC_ARENA_MAX); 0 keeps glibc's default (8 per core)
     park_dir: str | None = None  # ($CWM_PARK_DIR) where parked models go (default: the system temp folder; avoid a RAM-backed tmpfs); the app makes a private 0700 folder inside and refuses one another account could change
     park_retry_s: float = 60.0  # a model whose parking failed (a full disk) is not tried again for this long; each cause is logged once
